@@ -1,0 +1,9 @@
+//! Derived views of a model and its masks: histograms, heatmaps and size estimates.
+
+mod heatmap;
+mod histogram;
+mod sizes;
+
+pub use heatmap::{HeatmapView, heatmap};
+pub use histogram::{Histogram, HistogramSplit, histogram, split_histogram, all_histograms};
+pub use sizes::{SizeReport, size_report};

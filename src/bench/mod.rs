@@ -1,0 +1,151 @@
+//! `prunescope bench interactive`: the interactive path on a synthetic model with
+//! GPT-2-small's shapes, timed in medians.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::analysis::{all_histograms, heatmap, histogram, size_report, split_histogram};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::prune::{Criterion, PruneSettings, ScoreIndex, ScoreInputs, allocate, build_layer_mask, build_masks};
+use crate::util::SplitMix64;
+
+/// GPT-2 small: 12 blocks of (768×2304, 768×768, 768×3072, 3072×768) and a 50257×768 embedding.
+pub fn gpt2_like_shapes(params: u64) -> Vec<(String, Vec<usize>)> {
+    const D: usize = 768;
+    let block = (D * 2304 + D * D + D * 3072 + 3072 * D) as f64;
+    let full = 50257.0 * D as f64 + 12.0 * block;
+    let f = params as f64 / full;
+    let blocks = ((12.0 * f).round() as usize).max(1);
+    let vocab = ((50257.0 * f).round() as usize).max(1);
+    let mut shapes = vec![("wte.weight".to_string(), vec![vocab, D])];
+    for b in 0..blocks {
+        shapes.push((format!("h.{b}.attn.c_attn.weight"), vec![D, 2304]));
+        shapes.push((format!("h.{b}.attn.c_proj.weight"), vec![D, D]));
+        shapes.push((format!("h.{b}.mlp.c_fc.weight"), vec![D, 3072]));
+        shapes.push((format!("h.{b}.mlp.c_proj.weight"), vec![3072, D]));
+    }
+    shapes
+}
+
+/// A model of those shapes filled with seeded N(0, 0.02²) weights.
+pub fn synthetic_model(params: u64) -> Model {
+    let tensors = gpt2_like_shapes(params)
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let mut rng = SplitMix64::new(0xB00 + i as u64);
+            let v = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
+            (name, shape, v)
+        })
+        .collect();
+    Model::from_f32_tensors("synthetic-gpt2-shapes", tensors)
+}
+
+#[derive(Debug, Serialize)]
+pub struct InteractiveReport {
+    pub params: u64,
+    pub tensors: usize,
+    pub threads: usize,
+    /// Scoring and sorting every tensor once (the precompute).
+    pub load_ms: f64,
+    /// New global sparsity 0.5 → 0.6: thresholds, kept counts and size estimates.
+    pub slider_update_us: f64,
+    /// Every mask at 60 % sparsity.
+    pub full_masks_ms: f64,
+    /// Histograms of all tensors (128 bins).
+    pub histograms_ms: f64,
+    /// Exact kept/pruned histogram split of the largest tensor (the selected-layer view).
+    pub largest_layer_split_ms: f64,
+    /// Mask of the largest tensor alone plus its 256×256 heatmap.
+    pub largest_layer_heatmap_ms: f64,
+    pub index_bytes: usize,
+    pub targets: Targets,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Targets {
+    pub slider_update_us: f64,
+    pub full_masks_ms: f64,
+    pub histograms_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
+pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport {
+    log(&format!("generating {params} synthetic weights…"));
+    let model = synthetic_model(params);
+    let none = Progress::none();
+    let inputs = ScoreInputs::default();
+    log("precomputing sorted scores…");
+    let mut index = None;
+    let load_ms = time_ms(3, || {
+        index = Some(ScoreIndex::build(&model, Criterion::Magnitude, 0, &inputs, &none).expect("no cancel"));
+    });
+    let index = index.expect("built above");
+    let at = |s: f64| PruneSettings { sparsity: s, ..Default::default() };
+    let (s5, s6) = (at(0.5), at(0.6));
+    log("slider updates…");
+    let mut samples = Vec::new();
+    for i in 0..201 {
+        let s = if i % 2 == 0 { &s6 } else { &s5 };
+        let t = Instant::now();
+        let a = allocate(&model, &index, s);
+        let r = size_report(&model, &a, s.pattern);
+        std::hint::black_box((a, r));
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let slider_update_us = median(samples);
+    let alloc = allocate(&model, &index, &s6);
+    log("full masks…");
+    let full_masks_ms = time_ms(5, || {
+        std::hint::black_box(build_masks(&model, &index, &s6, &alloc, &none).expect("no cancel"));
+    });
+    log("histograms…");
+    let histograms_ms = time_ms(3, || {
+        std::hint::black_box(all_histograms(&model, 128, &none).expect("no cancel"));
+    });
+    let largest = (0..model.tensors.len()).max_by_key(|&t| model.tensors[t].numel).unwrap_or(0);
+    let l = alloc.for_tensor(largest).expect("every tensor is prunable").clone();
+    let hist = histogram(&model, largest, 128);
+    let mask = build_layer_mask(&model, &index, &s6, &l);
+    let largest_layer_split_ms = time_ms(5, || {
+        std::hint::black_box(split_histogram(&model, largest, &hist, Some(&mask)));
+    });
+    let (rows, cols) = model.tensors[largest].matrix_dims();
+    let largest_layer_heatmap_ms = time_ms(5, || {
+        let m = build_layer_mask(&model, &index, &s6, &l);
+        std::hint::black_box(heatmap(&model, largest, Some(&m), 0..rows, 0..cols, 256, 256));
+    });
+    InteractiveReport {
+        params: model.total_params(),
+        tensors: model.tensors.len(),
+        threads: rayon::current_num_threads(),
+        load_ms,
+        slider_update_us,
+        full_masks_ms,
+        histograms_ms,
+        largest_layer_split_ms,
+        largest_layer_heatmap_ms,
+        index_bytes: index.heap_bytes(),
+        targets: Targets { slider_update_us: 16_000.0, full_masks_ms: 100.0, histograms_ms: 200.0 },
+    }
+}

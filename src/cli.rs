@@ -1,0 +1,290 @@
+//! The command line: a second face on the same core as the GUI.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::export::{Recipe, export_masks, export_pruned};
+use crate::model::Model;
+use crate::progress::{CancelFlag, Progress};
+use crate::prune::{Criterion, Pattern, PruneSettings, ScoreInputs, Scope, prune};
+use crate::util::{group_digits, human_bytes};
+
+#[derive(Parser, Debug)]
+#[command(name = "prunescope", version, about = "Open a neural network, shape its sparsity, see what each cut costs.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open the desktop app (the default), on MODEL or on the bundled sample.
+    Gui { model: Option<PathBuf> },
+    /// Print every tensor: shape, dtype, parameters, zeros, whether it is prunable.
+    Inspect {
+        model: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prune a model and write the pruned weights (and optionally masks and a recipe).
+    Prune(PruneArgs),
+    /// Train the sample MLP on the bundled digits data (fixed seed) and save it with its
+    /// initial weights.
+    Train(TrainArgs),
+    /// Benchmarks that print JSON.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    pub model: PathBuf,
+    /// Fraction of prunable weights to remove (0..=1). Not needed for N:M or --recipe.
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// global: one threshold across all prunable tensors; layer: S in every tensor.
+    #[arg(long, default_value = "global")]
+    pub scope: String,
+    /// Global scope: every tensor keeps at least this fraction of its weights.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_keep: f64,
+    /// magnitude or random.
+    #[arg(long, default_value = "magnitude")]
+    pub criterion: String,
+    /// Seed of the random criterion.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// unstructured, or N:M such as 2:4.
+    #[arg(long, default_value = "unstructured")]
+    pub pattern: String,
+    /// Replay a recipe saved by the GUI or by --save-recipe instead of the flags above.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Apply the recipe even though it was made on a different file.
+    #[arg(long)]
+    pub ignore_hash: bool,
+    /// Where to write the pruned weights (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the masks (safetensors, u8, 1 = kept).
+    #[arg(long)]
+    pub masks: Option<PathBuf>,
+    /// Also write the recipe that reproduces this result.
+    #[arg(long)]
+    pub save_recipe: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "sample_models/digits_mlp.safetensors")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "sample_models/digits_mlp.init.safetensors")]
+    pub init_out: PathBuf,
+    #[arg(long, default_value_t = 40)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The slider path on synthetic GPT-2-small shapes: precompute, slider, masks, histograms.
+    Interactive {
+        #[arg(long, default_value_t = 124_000_000)]
+        params: u64,
+        /// Print only the JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A progress bar on stderr when it is a terminal; silent otherwise.
+fn bar() -> Progress<'static> {
+    if !std::io::stderr().is_terminal() {
+        return Progress::none();
+    }
+    Progress::new(CancelFlag::new(), |f, msg| {
+        let filled = (f * 30.0).round() as usize;
+        eprint!("\r[{}{}] {:3.0}% {msg:<40}", "#".repeat(filled), " ".repeat(30 - filled), f * 100.0);
+        if f >= 1.0 {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    })
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Gui { model: None }) {
+        Command::Gui { model } => crate::ui::run_gui(model),
+        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Prune(args) => prune_cmd(args),
+        Command::Train(args) => train_cmd(args),
+        Command::Bench { which: BenchCommand::Interactive { params, json } } => {
+            let report = crate::bench::interactive(params, |m| {
+                if !json {
+                    eprintln!("{m}");
+                }
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}
+
+fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
+    let model = Model::open(path)?;
+    let rows: Vec<serde_json::Value> = model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, e)| {
+            let (zeros, nan, inf) = if e.analysable() {
+                let h = crate::analysis::histogram(&model, t, 1);
+                (h.zeros, h.nan, h.pos_inf + h.neg_inf)
+            } else {
+                (0, 0, 0)
+            };
+            serde_json::json!({
+                "name": e.name, "shape": e.shape, "dtype": e.dtype.to_string(), "params": e.numel,
+                "zeros": zeros, "sparsity": if e.numel == 0 { 0.0 } else { zeros as f64 / e.numel as f64 },
+                "nan": nan, "inf": inf, "prunable": e.default_prunable(),
+            })
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({
+            "file": path.display().to_string(), "format": model.format.label(),
+            "params": model.total_params(), "bytes": model.data_bytes(),
+            "metadata": model.metadata, "tensors": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}): {} tensors, {} parameters, {}",
+        path.display(),
+        model.format.label(),
+        model.tensors.len(),
+        group_digits(model.total_params()),
+        human_bytes(model.data_bytes())
+    );
+    println!("{:<48} {:<18} {:<6} {:>12} {:>9} {:>8}", "name", "shape", "dtype", "params", "zeros", "prunable");
+    for r in &rows {
+        let flag = |k: &str| r[k].as_u64().unwrap_or(0);
+        let mut note = String::new();
+        if flag("nan") + flag("inf") > 0 {
+            note = format!("  ({} NaN, {} Inf)", flag("nan"), flag("inf"));
+        }
+        println!(
+            "{:<48} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
+            r["name"].as_str().unwrap_or(""),
+            format!("{:?}", r["shape"].as_array().map(|a| a.iter().map(|d| d.as_u64().unwrap_or(0)).collect::<Vec<_>>()).unwrap_or_default()),
+            r["dtype"].as_str().unwrap_or(""),
+            group_digits(flag("params")),
+            r["sparsity"].as_f64().unwrap_or(0.0) * 100.0,
+            if r["prunable"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+        );
+    }
+    Ok(())
+}
+
+/// Builds settings from the flags (everything the GUI can set globally).
+pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
+    let pattern = Pattern::parse(&a.pattern)?;
+    let criterion = Criterion::parse(&a.criterion)
+        .with_context(|| format!("unknown criterion '{}' (expected magnitude or random)", a.criterion))?;
+    let scope = match a.scope.as_str() {
+        "global" => Scope::Global,
+        "layer" => Scope::Layer,
+        other => bail!("unknown scope '{other}' (expected global or layer)"),
+    };
+    let sparsity = match (a.sparsity, pattern) {
+        (Some(s), _) => s,
+        (None, Pattern::NM { .. }) => 0.0,
+        (None, Pattern::Unstructured) => bail!("--sparsity is required (or --recipe, or an N:M --pattern)"),
+    };
+    if !(0.0..=1.0).contains(&sparsity) {
+        bail!("--sparsity {sparsity} is outside 0..=1");
+    }
+    if !(0.0..=1.0).contains(&a.min_keep) {
+        bail!("--min-keep {} is outside 0..=1", a.min_keep);
+    }
+    Ok(PruneSettings {
+        criterion,
+        seed: a.seed,
+        pattern,
+        scope,
+        sparsity,
+        min_keep: a.min_keep,
+        layers: Default::default(),
+    })
+}
+
+fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
+    let model = Model::open(&a.model)?;
+    let (mut settings, recipe) = match &a.recipe {
+        Some(r) => {
+            let recipe = Recipe::load(r)?;
+            if !a.ignore_hash {
+                recipe.check_hash(&model.content_hash()?)?;
+            }
+            (recipe.settings.clone(), Some(recipe))
+        }
+        None => (settings_from_args(&a)?, None),
+    };
+    if recipe.is_none() && settings.scope == Scope::Layer {
+        // Layer scope from the command line: the same target in every prunable tensor.
+        for t in 0..model.tensors.len() {
+            if settings.is_prunable(&model, t) {
+                settings.layer_mut(&model.tensors[t].name).sparsity = settings.sparsity;
+            }
+        }
+    }
+    let progress = bar();
+    let p = prune(&model, &settings, &ScoreInputs::default(), &progress)?;
+    if let Some(r) = &recipe {
+        if !a.ignore_hash {
+            r.check_result(&model, &p.alloc)?;
+        }
+    }
+    export_pruned(&model, &p.masks, &a.out, &progress)?;
+    if let Some(m) = &a.masks {
+        export_masks(&model, &p.masks, m)?;
+    }
+    if let Some(r) = &a.save_recipe {
+        Recipe::new(&model, model.content_hash()?, &settings, &p.alloc)
+            .save(r)
+            .with_context(|| format!("{}: cannot write recipe", r.display()))?;
+    }
+    eprintln!(
+        "pruned {} of {} prunable weights ({:.2}%){} → {}",
+        group_digits(p.alloc.pruned),
+        group_digits(p.alloc.prunable),
+        p.alloc.sparsity() * 100.0,
+        if p.alloc.reached() { String::new() } else { format!("; target of {} not reachable under the caps", group_digits(p.alloc.requested)) },
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    let cfg = crate::train::TrainConfig { epochs: a.epochs, seed: a.seed, ..Default::default() };
+    let data = crate::data::digits_split()?;
+    let result = crate::train::train_mlp(&cfg, &data, &bar())?;
+    crate::train::save(&result, &a.out, &a.init_out).with_context(|| format!("{}: cannot write", a.out.display()))?;
+    eprintln!(
+        "test accuracy {:.2}% (loss {:.4}) on {} images; wrote {} and {}",
+        result.test.accuracy * 100.0,
+        result.test.loss,
+        result.test.samples,
+        a.out.display(),
+        a.init_out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Taking results away: pruned weights, masks and recipes, all written atomically.
+
+mod recipe;
+
+pub use recipe::{Recipe, RecipeError, RecipeInput, LayerResult, RECIPE_FORMAT};
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::Path;
+
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::prune::MaskSet;
+use crate::util::atomic_write;
+
+/// One tensor to write: its header entry and how many bytes its data has.
+pub struct TensorSpec<'a> {
+    pub name: &'a str,
+    pub dtype: &'a str,
+    pub shape: &'a [usize],
+    pub len: usize,
+}
+
+/// Writes a safetensors file: header (tensors in the given order, contiguous), then each
+/// tensor's data from `write_data(i, writer)`, which must write exactly `len` bytes.
+pub fn write_safetensors<W: Write>(
+    w: &mut W,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[TensorSpec],
+    mut write_data: impl FnMut(usize, &mut W) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(m));
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        header.insert(
+            t.name.to_string(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.len]}),
+        );
+        offset += t.len;
+    }
+    let mut json = serde_json::to_string(&header).map_err(io::Error::other)?.into_bytes();
+    // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
+    while (json.len() + 8) % 8 != 0 {
+        json.push(b' ');
+    }
+    w.write_all(&(json.len() as u64).to_le_bytes())?;
+    w.write_all(&json)?;
+    for i in 0..tensors.len() {
+        write_data(i, w)?;
+    }
+    Ok(())
+}
+
+/// Writes named f32 tensors atomically (training output, tests).
+pub fn write_f32_safetensors(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> io::Result<()> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, s, v)| TensorSpec { name: n, dtype: "F32", shape: s, len: v.len() * 4 })
+        .collect();
+    atomic_write(path, |w| {
+        write_safetensors(w, metadata, &specs, |i, w| {
+            for v in &tensors[i].2 {
+                w.write_all(&v.to_le_bytes())?;
+            }
+            Ok(())
+        })
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tensor '{0}' has a dtype whose elements are not whole bytes; it cannot be masked")]
+    NotByteAddressable(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Writes the model with pruned weights set to zero: same names, shapes, dtypes and metadata
+/// as the input; unmasked tensors are copied byte for byte.
+pub fn export_pruned(model: &Model, masks: &MaskSet, path: &Path, progress: &Progress) -> Result<(), ExportError> {
+    for (name, _) in masks.iter() {
+        let Some(t) = model.find(name) else { continue };
+        if model.tensors[t].dtype.size_bytes().is_none() {
+            return Err(ExportError::NotByteAddressable(name.to_string()));
+        }
+    }
+    let specs: Vec<TensorSpec> = model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, e)| TensorSpec {
+            name: &e.name,
+            dtype: e.dtype.safetensors_name(),
+            shape: &e.shape,
+            len: model.tensor_bytes(t).len(),
+        })
+        .collect();
+    let total: usize = specs.iter().map(|s| s.len).sum::<usize>().max(1);
+    let mut written = 0usize;
+    let io_err = |e: io::Error| {
+        if e.kind() == io::ErrorKind::Interrupted {
+            ExportError::Cancelled
+        } else {
+            ExportError::Io { path: path.display().to_string(), source: e }
+        }
+    };
+    atomic_write(path, |w| {
+        write_safetensors(w, &model.metadata, &specs, |t, w| {
+            if progress.check().is_err() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            let bytes = model.tensor_bytes(t);
+            match masks.get(&model.tensors[t].name) {
+                None => w.write_all(bytes)?,
+                Some(mask) => {
+                    let size = model.tensors[t].dtype.size_bytes().unwrap_or(1);
+                    let mut buf = Vec::with_capacity(1 << 16);
+                    for (i, el) in bytes.chunks_exact(size).enumerate() {
+                        if mask.kept(i) {
+                            buf.extend_from_slice(el);
+                        } else {
+                            buf.extend(std::iter::repeat_n(0u8, size));
+                        }
+                        if buf.len() >= 1 << 16 {
+                            w.write_all(&buf)?;
+                            buf.clear();
+                        }
+                    }
+                    w.write_all(&buf)?;
+                }
+            }
+            written += bytes.len();
+            progress.report(written as f32 / total as f32, "Writing weights");
+            Ok(())
+        })
+    })
+    .map_err(io_err)
+}
+
+/// Writes the masks as u8 tensors (1 = kept) under the weights' own names.
+pub fn export_masks(model: &Model, masks: &MaskSet, path: &Path) -> Result<(), ExportError> {
+    let mut names: Vec<(usize, &str)> = masks
+        .iter()
+        .filter_map(|(n, _)| model.find(n).map(|t| (t, n)))
+        .collect();
+    names.sort_unstable();
+    let specs: Vec<TensorSpec> = names
+        .iter()
+        .map(|&(t, n)| TensorSpec {
+            name: n,
+            dtype: "U8",
+            shape: &model.tensors[t].shape,
+            len: model.tensors[t].numel,
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("prunescope.masks".to_string(), "1 = kept, 0 = pruned".to_string());
+    atomic_write(path, |w| {
+        write_safetensors(w, &meta, &specs, |i, w| {
+            let mask = masks.get(names[i].1).expect("name came from the mask set");
+            w.write_all(&mask.to_u8())
+        })
+    })
+    .map_err(|e| ExportError::Io { path: path.display().to_string(), source: e })
+}

@@ -1,0 +1,331 @@
+//! Models as prunescope sees them: named tensors with shapes and dtypes over one backing store.
+//!
+//! Loading never copies a safetensors file: it is memory-mapped and tensors are byte ranges
+//! into the map. Values are decoded to f32 in chunks when analysis needs them.
+
+mod dtype;
+mod safetensors_io;
+mod torch_io;
+
+pub use dtype::DType;
+pub use safetensors_io::parse_safetensors;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use crate::util::natural_cmp;
+
+/// Everything that can go wrong while opening a model. Messages name the file and tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: String, msg: String },
+    #[error("{path}: tensor '{tensor}': {msg}")]
+    Tensor {
+        path: String,
+        tensor: String,
+        msg: String,
+    },
+    #[error("{path}: unsupported file type (expected .safetensors, .pt, .pth, .bin or .npz)")]
+    Unsupported { path: String },
+}
+
+/// Where a model came from, for titles, recipes and recent-file lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    File(PathBuf),
+    /// Compiled into the binary (the bundled sample), with a display name.
+    Builtin(&'static str),
+}
+
+impl ModelSource {
+    pub fn display_name(&self) -> String {
+        match self {
+            ModelSource::File(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string()),
+            ModelSource::Builtin(n) => (*n).to_string(),
+        }
+    }
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ModelSource::File(p) => Some(p),
+            ModelSource::Builtin(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    Safetensors,
+    PyTorch,
+    Npz,
+}
+
+impl ModelFormat {
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelFormat::Safetensors => "safetensors",
+            ModelFormat::PyTorch => "PyTorch state dict",
+            ModelFormat::Npz => "NumPy .npz",
+        }
+    }
+}
+
+/// One named tensor: its shape, dtype and where its bytes live in the backing store.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub numel: usize,
+    pub(crate) bytes: Range<usize>,
+}
+
+impl TensorEntry {
+    /// Whether prunescope can decode the values (floating dtypes with at least one element).
+    pub fn analysable(&self) -> bool {
+        self.dtype.is_float() && self.numel > 0
+    }
+    /// The default for "prunable": every floating tensor with two or more dimensions.
+    pub fn default_prunable(&self) -> bool {
+        self.analysable() && self.shape.len() >= 2
+    }
+    /// Rows and columns of the 2-D view used for heatmaps and CSR sizes: `[d0, rest]`.
+    pub fn matrix_dims(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [] => (1, 1),
+            [n] => (1, *n),
+            [r, ..] => (*r, if *r == 0 { 0 } else { self.numel / r }),
+        }
+    }
+    /// Width of one kernel block in the 2-D view (kh·kw for conv weights), if any.
+    pub fn block_cols(&self) -> Option<usize> {
+        if self.shape.len() > 2 {
+            Some(self.shape[2..].iter().product())
+        } else {
+            None
+        }
+    }
+    /// The module path: everything before the last dot (`encoder.layer.0.attention`).
+    pub fn module_path(&self) -> &str {
+        self.name.rsplit_once('.').map(|(m, _)| m).unwrap_or("")
+    }
+}
+
+pub(crate) enum Backing {
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+    Static(&'static [u8]),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+            Backing::Static(s) => s,
+        }
+    }
+}
+
+/// An opened model. Tensors are in natural name order, which is the "layer order" used to
+/// break ties between equal scores.
+pub struct Model {
+    pub source: ModelSource,
+    pub format: ModelFormat,
+    pub tensors: Vec<TensorEntry>,
+    /// The safetensors `__metadata__` (empty for other formats).
+    pub metadata: BTreeMap<String, String>,
+    backing: Backing,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Decode chunk size: large enough to amortise dispatch, small enough to stay in L1/L2.
+pub const DECODE_CHUNK: usize = 4096;
+
+impl Model {
+    pub(crate) fn new(
+        source: ModelSource,
+        format: ModelFormat,
+        mut tensors: Vec<TensorEntry>,
+        metadata: BTreeMap<String, String>,
+        backing: Backing,
+    ) -> Self {
+        tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        Self {
+            source,
+            format,
+            tensors,
+            metadata,
+            backing,
+        }
+    }
+
+    /// Opens a model file, choosing the reader by extension (and by content for `.bin`).
+    pub fn open(path: &Path) -> Result<Model, ModelError> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        match ext.as_str() {
+            "safetensors" => safetensors_io::open_safetensors(path),
+            "pt" | "pth" => torch_io::open_pytorch(path),
+            "npz" => torch_io::open_npz(path),
+            "bin" => {
+                // `.bin` is used both for PyTorch zips and for safetensors renamed by hand.
+                let head = read_head(path, 4)?;
+                if head.starts_with(b"PK") {
+                    torch_io::open_pytorch(path)
+                } else {
+                    safetensors_io::open_safetensors(path)
+                }
+            }
+            _ => Err(ModelError::Unsupported {
+                path: path.display().to_string(),
+            }),
+        }
+    }
+
+    /// Opens safetensors bytes compiled into the binary.
+    pub fn from_static_safetensors(
+        name: &'static str,
+        bytes: &'static [u8],
+    ) -> Result<Model, ModelError> {
+        safetensors_io::from_backing(ModelSource::Builtin(name), Backing::Static(bytes))
+    }
+
+    /// Opens safetensors bytes held in memory (tests, generated models).
+    pub fn from_safetensors_bytes(name: &'static str, bytes: Vec<u8>) -> Result<Model, ModelError> {
+        safetensors_io::from_backing(ModelSource::Builtin(name), Backing::Owned(bytes))
+    }
+
+    /// Builds a model from f32 tensors in memory (benchmarks, tests).
+    pub fn from_f32_tensors(name: &'static str, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Model {
+        let mut data = Vec::new();
+        let mut entries = Vec::new();
+        for (tname, shape, values) in tensors {
+            let start = data.len();
+            data.reserve(values.len() * 4);
+            for v in &values {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            entries.push(TensorEntry {
+                name: tname,
+                numel: values.len(),
+                shape,
+                dtype: DType::F32,
+                bytes: start..data.len(),
+            });
+        }
+        Model::new(
+            ModelSource::Builtin(name),
+            ModelFormat::Safetensors,
+            entries,
+            BTreeMap::new(),
+            Backing::Owned(data),
+        )
+    }
+
+    pub fn display_name(&self) -> String {
+        self.source.display_name()
+    }
+
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.tensors.iter().position(|t| t.name == name)
+    }
+
+    /// Raw little-endian bytes of tensor `t`, in its own dtype.
+    pub fn tensor_bytes(&self, t: usize) -> &[u8] {
+        &self.backing.bytes()[self.tensors[t].bytes.clone()]
+    }
+
+    /// All bytes of the backing store (the whole file for safetensors).
+    pub fn backing_bytes(&self) -> &[u8] {
+        self.backing.bytes()
+    }
+
+    /// Decodes elements `start..start + out.len()` of tensor `t` to f32.
+    /// Panics if `t` is not analysable or the range is out of bounds (callers check).
+    pub fn read_f32(&self, t: usize, start: usize, out: &mut [f32]) {
+        let e = &self.tensors[t];
+        let bytes = self.tensor_bytes(t);
+        e.dtype.decode_f32(bytes, start, out);
+    }
+
+    /// Decodes the whole tensor to f32.
+    pub fn to_f32_vec(&self, t: usize) -> Vec<f32> {
+        let mut v = vec![0.0; self.tensors[t].numel];
+        self.read_f32(t, 0, &mut v);
+        v
+    }
+
+    /// Calls `f(start, chunk)` over the tensor in decoded chunks of [`DECODE_CHUNK`] values.
+    pub fn for_each_chunk(&self, t: usize, range: Range<usize>, mut f: impl FnMut(usize, &[f32])) {
+        let mut buf = [0f32; DECODE_CHUNK];
+        let mut i = range.start;
+        while i < range.end {
+            let n = (range.end - i).min(DECODE_CHUNK);
+            self.read_f32(t, i, &mut buf[..n]);
+            f(i, &buf[..n]);
+            i += n;
+        }
+    }
+
+    pub fn total_params(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel as u64).sum()
+    }
+
+    /// Size of all tensor data, in bytes, as stored.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.bytes.len() as u64).sum()
+    }
+
+    /// SHA-256 of the source file (or of the in-memory bytes for built-in models).
+    pub fn content_hash(&self) -> Result<String, ModelError> {
+        match &self.source {
+            ModelSource::File(p) => crate::util::sha256_file(p).map_err(|e| ModelError::Io {
+                path: p.display().to_string(),
+                source: e,
+            }),
+            ModelSource::Builtin(_) => Ok(crate::util::sha256_hex(self.backing.bytes())),
+        }
+    }
+}
+
+fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ModelError> {
+    use std::io::Read;
+    let io = |e| ModelError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let k = f.read(&mut buf[got..]).map_err(io)?;
+        if k == 0 {
+            break;
+        }
+        got += k;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}

@@ -1,0 +1,161 @@
+//! Reading safetensors: a header parser of our own, so that unknown dtypes are listed rather
+//! than fatal and every error names the tensor and says what is wrong.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{Backing, DType, Model, ModelError, ModelFormat, ModelSource, TensorEntry};
+
+/// Headers larger than this are refused before any allocation (the reference reader's limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+pub(super) fn open_safetensors(path: &Path) -> Result<Model, ModelError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+        path: p.clone(),
+        source: e,
+    })?;
+    // SAFETY: the map is read-only; if another process truncates the file while it is open
+    // reads could fault, which is the accepted trade-off of every mmap-based model viewer.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::Io {
+        path: p.clone(),
+        source: e,
+    })?;
+    from_backing(ModelSource::File(path.to_path_buf()), Backing::Mmap(mmap))
+}
+
+pub(super) fn from_backing(source: ModelSource, backing: Backing) -> Result<Model, ModelError> {
+    let path = source.display_name();
+    let (entries, metadata) = parse_safetensors(backing.bytes()).map_err(|e| match e {
+        ParseError::File(msg) => ModelError::Format { path: path.clone(), msg },
+        ParseError::Tensor(tensor, msg) => ModelError::Tensor {
+            path: path.clone(),
+            tensor,
+            msg,
+        },
+    })?;
+    Ok(Model::new(
+        source,
+        ModelFormat::Safetensors,
+        entries,
+        metadata,
+        backing,
+    ))
+}
+
+#[derive(Debug)]
+pub enum ParseError {
+    File(String),
+    Tensor(String, String),
+}
+
+/// Parses and validates a whole safetensors buffer; byte ranges in the result are absolute.
+pub fn parse_safetensors(
+    buf: &[u8],
+) -> Result<(Vec<TensorEntry>, BTreeMap<String, String>), ParseError> {
+    let file_err = |m: String| ParseError::File(m);
+    let Some(len_bytes) = buf.get(..8) else {
+        return Err(file_err(format!(
+            "not a safetensors file: {} bytes is too short for the 8-byte header length",
+            buf.len()
+        )));
+    };
+    let header_len = u64::from_le_bytes(len_bytes.try_into().unwrap_or([0; 8]));
+    if header_len > MAX_HEADER_BYTES || header_len > (buf.len() as u64).saturating_sub(8) {
+        return Err(file_err(format!(
+            "not a safetensors file (or truncated): header length {header_len} exceeds the file size of {} bytes",
+            buf.len()
+        )));
+    }
+    let header_end = 8 + header_len as usize;
+    let header = std::str::from_utf8(&buf[8..header_end])
+        .map_err(|_| file_err("safetensors header is not valid UTF-8".into()))?;
+    let json: serde_json::Value = serde_json::from_str(header.trim_end())
+        .map_err(|e| file_err(format!("safetensors header is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(map) = json else {
+        return Err(file_err("safetensors header is not a JSON object".into()));
+    };
+    let data_len = buf.len() - header_end;
+    let mut metadata = BTreeMap::new();
+    let mut entries = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        if name == "__metadata__" {
+            let serde_json::Value::Object(m) = value else {
+                return Err(file_err("__metadata__ is not an object".into()));
+            };
+            for (k, v) in m {
+                let s = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                metadata.insert(k, s);
+            }
+            continue;
+        }
+        let terr = |m: String| ParseError::Tensor(name.clone(), m);
+        let dtype = value
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| terr("missing \"dtype\"".into()))?;
+        let dtype = DType::from_safetensors(dtype);
+        let shape: Vec<usize> = value
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| terr("missing \"shape\"".into()))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| terr("shape has a non-integer or negative dimension".into()))?;
+        let offsets = value
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| terr("missing or malformed \"data_offsets\"".into()))?;
+        let (start, end) = offsets;
+        if start > end || end > data_len as u64 {
+            return Err(terr(format!(
+                "data_offsets [{start}, {end}] lie outside the {data_len} data bytes (file truncated or header lies)"
+            )));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+        let nbytes = (end - start) as usize;
+        if let Some(bits) = dtype.bits() {
+            let expect = numel
+                .checked_mul(bits)
+                .map(|b| b.div_ceil(8))
+                .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+            if expect != nbytes {
+                return Err(terr(format!(
+                    "shape {shape:?} of {dtype} needs {expect} bytes but data_offsets give {nbytes}"
+                )));
+            }
+        }
+        entries.push(TensorEntry {
+            name: name.clone(),
+            shape,
+            dtype,
+            numel,
+            bytes: header_end + start as usize..header_end + end as usize,
+        });
+    }
+    // Overlapping tensors would make exported files alias each other's bytes.
+    let mut ranges: Vec<(usize, usize, &str)> = entries
+        .iter()
+        .filter(|e| !e.bytes.is_empty())
+        .map(|e| (e.bytes.start, e.bytes.end, e.name.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(ParseError::Tensor(
+                w[1].2.to_string(),
+                format!("its bytes overlap those of '{}'", w[0].2),
+            ));
+        }
+    }
+    Ok((entries, metadata))
+}

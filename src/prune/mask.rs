@@ -1,0 +1,260 @@
+//! Masks: one bit per weight (1 = kept), keyed by tensor name.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use super::{Allocation, LayerAlloc, Pattern, PruneError, PruneSettings, ScoreIndex, nm_lines};
+use crate::model::{DECODE_CHUNK, Model};
+use crate::progress::Progress;
+
+/// A bit per weight, 1 where the weight is kept.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Mask {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mask({} of {} kept)", self.count_kept(), self.len)
+    }
+}
+
+impl Mask {
+    pub fn all_kept(len: usize) -> Mask {
+        let mut words = vec![u64::MAX; len.div_ceil(64)];
+        if len % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last = (1u64 << (len % 64)) - 1;
+            }
+        }
+        Mask { words, len }
+    }
+    pub fn all_pruned(len: usize) -> Mask {
+        Mask {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+    pub fn from_kept(kept: &[bool]) -> Mask {
+        let mut m = Mask::all_pruned(kept.len());
+        for (i, &k) in kept.iter().enumerate() {
+            if k {
+                m.words[i / 64] |= 1 << (i % 64);
+            }
+        }
+        m
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    #[inline]
+    pub fn kept(&self, i: usize) -> bool {
+        (self.words[i / 64] >> (i % 64)) & 1 == 1
+    }
+    #[inline]
+    pub fn set(&mut self, i: usize, kept: bool) {
+        if kept {
+            self.words[i / 64] |= 1 << (i % 64);
+        } else {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+    pub fn count_kept(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+    /// Kept weights in elements `range`.
+    pub fn count_kept_in(&self, start: usize, end: usize) -> usize {
+        (start..end).filter(|&i| self.kept(i)).count()
+    }
+    /// One byte per weight, 1 = kept: the export format.
+    pub fn to_u8(&self) -> Vec<u8> {
+        (0..self.len).map(|i| self.kept(i) as u8).collect()
+    }
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+}
+
+/// Masks of the prunable tensors, keyed by tensor name. Tensors absent here are dense.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MaskSet {
+    masks: BTreeMap<String, Mask>,
+}
+
+impl MaskSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a mask, checking it against the model's tensor of that name.
+    pub fn insert(&mut self, model: &Model, name: &str, mask: Mask) -> Result<(), PruneError> {
+        let t = model
+            .find(name)
+            .ok_or_else(|| PruneError::UnknownTensor(name.to_string()))?;
+        if model.tensors[t].numel != mask.len() {
+            return Err(PruneError::NotAnalysable(format!(
+                "{name} (mask has {} elements, tensor {})",
+                mask.len(),
+                model.tensors[t].numel
+            )));
+        }
+        self.masks.insert(name.to_string(), mask);
+        Ok(())
+    }
+    pub fn get(&self, name: &str) -> Option<&Mask> {
+        self.masks.get(name)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Mask)> {
+        self.masks.iter().map(|(k, v)| (k.as_str(), v))
+    }
+    pub fn len(&self) -> usize {
+        self.masks.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.masks.is_empty()
+    }
+    pub fn total_kept(&self) -> u64 {
+        self.masks.values().map(|m| m.count_kept() as u64).sum()
+    }
+}
+
+/// Elements per parallel task in unstructured mask building; a multiple of 64 so that each
+/// task owns whole words.
+const TASK_ELEMS: usize = 64 * DECODE_CHUNK;
+
+/// Builds the masks that an allocation describes, tensors and chunks in parallel.
+pub fn build_masks(
+    model: &Model,
+    index: &ScoreIndex,
+    settings: &PruneSettings,
+    alloc: &Allocation,
+    progress: &Progress,
+) -> Result<MaskSet, PruneError> {
+    let built: Vec<(usize, Mask)> = alloc
+        .layers
+        .par_iter()
+        .map(|l| -> Result<(usize, Mask), PruneError> {
+            progress.check()?;
+            Ok((l.tensor, build_layer_mask(model, index, settings, l)))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut set = MaskSet::new();
+    for (t, m) in built {
+        set.insert(model, &model.tensors[t].name, m)?;
+    }
+    Ok(set)
+}
+
+/// Builds the mask of one prunable tensor from its allocation.
+pub fn build_layer_mask(model: &Model, index: &ScoreIndex, settings: &PruneSettings, l: &LayerAlloc) -> Mask {
+    let locked = settings.layer(&model.tensors[l.tensor].name).locked;
+    match settings.pattern {
+        Pattern::NM { n, m } if !locked => nm_mask(model, settings, l.tensor, n, m),
+        _ => unstructured_mask(model, index, settings, l.tensor, l.pruned),
+    }
+}
+
+fn unstructured_mask(
+    model: &Model,
+    index: &ScoreIndex,
+    settings: &PruneSettings,
+    t: usize,
+    pruned: usize,
+) -> Mask {
+    let n = model.tensors[t].numel;
+    if pruned == 0 {
+        return Mask::all_kept(n);
+    }
+    if pruned >= n {
+        return Mask::all_pruned(n);
+    }
+    let keys = index.keys(t);
+    let t_key = keys[pruned - 1];
+    let below = index.count_below(t, t_key);
+    let ties = index.count_at_most(t, t_key) - below;
+    let ties_pruned = pruned - below;
+    let (criterion, seed) = (settings.criterion, settings.seed);
+    let mut mask = Mask::all_pruned(n);
+    if ties_pruned == ties {
+        // Every weight with key ≤ t_key goes: no order dependence, so chunks run in parallel.
+        mask.words
+            .par_chunks_mut(TASK_ELEMS / 64)
+            .enumerate()
+            .for_each(|(c, words)| {
+                let start = c * TASK_ELEMS;
+                let end = (start + TASK_ELEMS).min(n);
+                let mut vals = [0f32; DECODE_CHUNK];
+                let mut ks = [0u32; DECODE_CHUNK];
+                let mut i = start;
+                while i < end {
+                    let len = (end - i).min(DECODE_CHUNK);
+                    criterion.fill_keys(model, seed, t, i, &mut vals, &mut ks[..len]);
+                    for (j, &k) in ks[..len].iter().enumerate() {
+                        let bit = i - start + j;
+                        words[bit / 64] |= ((k > t_key) as u64) << (bit % 64);
+                    }
+                    i += len;
+                }
+            });
+    } else {
+        // Only some ties go, the first in flat order: one sequential pass over this tensor.
+        let mut left = ties_pruned;
+        let mut vals = [0f32; DECODE_CHUNK];
+        let mut ks = [0u32; DECODE_CHUNK];
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(DECODE_CHUNK);
+            criterion.fill_keys(model, seed, t, i, &mut vals, &mut ks[..len]);
+            for (j, &k) in ks[..len].iter().enumerate() {
+                let keep = k > t_key || (k == t_key && left == 0);
+                if k == t_key && left > 0 {
+                    left -= 1;
+                }
+                if keep {
+                    mask.set(i + j, true);
+                }
+            }
+            i += len;
+        }
+    }
+    mask
+}
+
+fn nm_mask(model: &Model, settings: &PruneSettings, t: usize, n: usize, m: usize) -> Mask {
+    let e = &model.tensors[t];
+    let mut keys = vec![0u32; e.numel];
+    let mut vals = vec![0f32; DECODE_CHUNK];
+    for (c, chunk) in keys.chunks_mut(DECODE_CHUNK).enumerate() {
+        settings
+            .criterion
+            .fill_keys(model, settings.seed, t, c * DECODE_CHUNK, &mut vals, chunk);
+    }
+    let lines = nm_lines(e);
+    let mut mask = Mask::all_kept(e.numel);
+    let mut group: Vec<(u32, usize)> = Vec::with_capacity(m);
+    for o in 0..lines.outer {
+        for r in 0..lines.stride {
+            let base = o * lines.len * lines.stride + r;
+            let mut i = 0;
+            while i < lines.len {
+                let g = (lines.len - i).min(m);
+                group.clear();
+                group.extend((i..i + g).map(|j| {
+                    let idx = base + j * lines.stride;
+                    (keys[idx], idx)
+                }));
+                // Lowest (key, flat index) first: those are pruned.
+                group.sort_unstable();
+                for &(_, idx) in group.iter().take(g.saturating_sub(n)) {
+                    mask.set(idx, false);
+                }
+                i += g;
+            }
+        }
+    }
+    mask
+}

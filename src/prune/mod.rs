@@ -1,0 +1,66 @@
+//! Pruning: criteria turn weights into scores, a plan turns settings into per-tensor pruned
+//! counts, and masks record exactly which weights go.
+//!
+//! The interactive path is built for speed: each tensor's score keys are sorted once per
+//! (model, criterion) in a [`ScoreIndex`]; any new target sparsity is then answered by binary
+//! search over those sorted keys ([`allocate`]), in microseconds for 100M+ parameters. Full
+//! masks ([`build_masks`]) are one parallel pass over the weights.
+
+mod alloc;
+mod criterion;
+mod index;
+mod mask;
+mod nm;
+mod settings;
+
+pub use alloc::{Allocation, LayerAlloc, allocate};
+pub use criterion::{Criterion, ScoreInputs, key_of_score, score_of_key};
+pub use index::{ScoreIndex, radix_sort_u32};
+pub use mask::{Mask, MaskSet, build_layer_mask, build_masks};
+pub use nm::{nm_lines, nm_pruned_count};
+pub use settings::{LayerSettings, Pattern, PruneSettings, Scope};
+
+/// Errors in pruning settings or recipes.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PruneError {
+    #[error("invalid N:M pattern {n}:{m}: need 0 < N < M ≤ 256")]
+    BadPattern { n: usize, m: usize },
+    #[error("sparsity {0} is outside 0..=1")]
+    BadSparsity(f64),
+    #[error("tensor '{0}' is not in the model")]
+    UnknownTensor(String),
+    #[error("tensor '{0}' cannot be pruned: its dtype is not floating point or it is empty")]
+    NotAnalysable(String),
+    #[error("cannot parse pattern '{0}': expected 'unstructured' or N:M such as 2:4")]
+    PatternSyntax(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<crate::progress::Cancelled> for PruneError {
+    fn from(_: crate::progress::Cancelled) -> Self {
+        PruneError::Cancelled
+    }
+}
+
+/// Everything one pruning run produces.
+pub struct Pruned {
+    pub index: ScoreIndex,
+    pub alloc: Allocation,
+    pub masks: MaskSet,
+}
+
+/// Validates the settings, scores the model, allocates and builds the masks: the one path
+/// that the GUI's export and the CLI both take, so equal settings give equal bytes.
+pub fn prune(
+    model: &crate::model::Model,
+    settings: &PruneSettings,
+    inputs: &ScoreInputs,
+    progress: &crate::progress::Progress,
+) -> Result<Pruned, PruneError> {
+    settings.validate(model)?;
+    let index = ScoreIndex::build(model, settings.criterion, settings.seed, inputs, progress)?;
+    let alloc = allocate(model, &index, settings);
+    let masks = build_masks(model, &index, settings, &alloc, progress)?;
+    Ok(Pruned { index, alloc, masks })
+}

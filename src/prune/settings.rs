@@ -1,0 +1,165 @@
+//! What the user asked for: criterion, pattern, scope, targets. Serialised as the recipe core.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Criterion, PruneError};
+use crate::model::Model;
+
+/// Unstructured pruning or N:M (keep N of every M consecutive weights along the input dim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Pattern {
+    #[default]
+    Unstructured,
+    NM { n: usize, m: usize },
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Result<Pattern, PruneError> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("unstructured") {
+            return Ok(Pattern::Unstructured);
+        }
+        let (n, m) = s
+            .split_once(':')
+            .and_then(|(n, m)| Some((n.trim().parse().ok()?, m.trim().parse().ok()?)))
+            .ok_or_else(|| PruneError::PatternSyntax(s.to_string()))?;
+        let p = Pattern::NM { n, m };
+        p.validate()?;
+        Ok(p)
+    }
+    pub fn validate(self) -> Result<(), PruneError> {
+        match self {
+            Pattern::NM { n, m } if n == 0 || n >= m || m > 256 => Err(PruneError::BadPattern { n, m }),
+            _ => Ok(()),
+        }
+    }
+    /// Fraction of weights an N:M pattern removes.
+    pub fn fixed_sparsity(self) -> Option<f64> {
+        match self {
+            Pattern::Unstructured => None,
+            Pattern::NM { n, m } => Some(1.0 - n as f64 / m as f64),
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Unstructured => f.write_str("unstructured"),
+            Pattern::NM { n, m } => write!(f, "{n}:{m}"),
+        }
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Pattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One threshold for the whole model, or one target per tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    #[default]
+    Global,
+    Layer,
+}
+
+/// Per-tensor settings; a tensor absent from the map uses the defaults.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LayerSettings {
+    /// `None`: the default rule (floating, ≥ 2 dims).
+    pub prunable: Option<bool>,
+    /// Keep this tensor dense whatever the other settings say.
+    pub locked: bool,
+    /// Target sparsity in layer-wise scope.
+    pub sparsity: f64,
+    /// Upper bound on this tensor's sparsity in global scope.
+    pub max_sparsity: Option<f64>,
+}
+
+/// Everything that decides the masks. Equal settings on the same model give identical masks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PruneSettings {
+    pub criterion: Criterion,
+    pub seed: u64,
+    pub pattern: Pattern,
+    pub scope: Scope,
+    /// Global target: fraction of prunable weights to remove.
+    pub sparsity: f64,
+    /// Global scope: every tensor keeps at least this fraction of its weights.
+    pub min_keep: f64,
+    pub layers: BTreeMap<String, LayerSettings>,
+}
+
+impl Default for PruneSettings {
+    fn default() -> Self {
+        Self {
+            criterion: Criterion::Magnitude,
+            seed: 0,
+            pattern: Pattern::Unstructured,
+            scope: Scope::Global,
+            sparsity: 0.0,
+            min_keep: 0.0,
+            layers: BTreeMap::new(),
+        }
+    }
+}
+
+impl PruneSettings {
+    pub fn layer(&self, name: &str) -> LayerSettings {
+        self.layers.get(name).cloned().unwrap_or_default()
+    }
+
+    pub fn layer_mut(&mut self, name: &str) -> &mut LayerSettings {
+        self.layers.entry(name.to_string()).or_default()
+    }
+
+    /// Whether tensor `t` takes part in pruning (prunable and decodable).
+    pub fn is_prunable(&self, model: &Model, t: usize) -> bool {
+        let e = &model.tensors[t];
+        if !e.analysable() {
+            return false;
+        }
+        self.layers
+            .get(&e.name)
+            .and_then(|l| l.prunable)
+            .unwrap_or_else(|| e.default_prunable())
+    }
+
+    /// Checks ranges and that every named tensor exists and can be pruned.
+    pub fn validate(&self, model: &Model) -> Result<(), PruneError> {
+        self.pattern.validate()?;
+        for s in [self.sparsity, self.min_keep] {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(PruneError::BadSparsity(s));
+            }
+        }
+        for (name, l) in &self.layers {
+            let t = model
+                .find(name)
+                .ok_or_else(|| PruneError::UnknownTensor(name.clone()))?;
+            if l.prunable == Some(true) && !model.tensors[t].analysable() {
+                return Err(PruneError::NotAnalysable(name.clone()));
+            }
+            for s in [Some(l.sparsity), l.max_sparsity].into_iter().flatten() {
+                if !(0.0..=1.0).contains(&s) {
+                    return Err(PruneError::BadSparsity(s));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! Everything that crosses between the UI and the worker.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::analysis::{HeatmapView, Histogram, HistogramSplit, SizeReport};
+use crate::eval::Metrics;
+use crate::progress::CancelFlag;
+use crate::prune::{Allocation, PruneSettings};
+
+/// Identifies a job for progress, cancel and results.
+pub type JobId = u64;
+
+/// Identifies an opened model; answers about an older model are dropped by the UI.
+pub type ModelId = u64;
+
+/// UI → worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Open a model; the current one stays open until this one has loaded and been analysed.
+    Open {
+        job: JobId,
+        cancel: CancelFlag,
+        source: OpenSource,
+    },
+    /// The state the UI wants shown. Only the newest queued preview runs.
+    Preview(Box<PreviewRequest>),
+    /// Write pruned weights, masks and/or a recipe.
+    Export {
+        job: JobId,
+        cancel: CancelFlag,
+        request: ExportRequest,
+    },
+    /// A job that panics, to prove panics are contained (tests and `--self-test`).
+    #[doc(hidden)]
+    PanicForTest { job: JobId },
+    /// Stop the worker thread.
+    Shutdown,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpenSource {
+    Path(PathBuf),
+    /// The sample model compiled into the binary.
+    Sample,
+}
+
+/// What the UI wants computed for the current model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreviewRequest {
+    /// Increases with every request; answers carry it so stale ones can be dropped.
+    pub generation: u64,
+    pub model: ModelId,
+    pub settings: PruneSettings,
+    /// Tensor whose histogram split is wanted.
+    pub selected: Option<usize>,
+    pub heatmap: Option<HeatmapRequest>,
+}
+
+/// A region of a tensor's 2-D view, to be shown in at most `max_w × max_h` cells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeatmapRequest {
+    pub tensor: usize,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+    pub max_w: usize,
+    pub max_h: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportRequest {
+    pub settings: PruneSettings,
+    pub weights: Option<PathBuf>,
+    pub masks: Option<PathBuf>,
+    pub recipe: Option<PathBuf>,
+}
+
+/// Worker → UI.
+#[derive(Debug)]
+pub enum Event {
+    JobStarted { job: JobId, label: String },
+    Progress { job: JobId, fraction: f32, message: String },
+    JobFinished { job: JobId, message: String },
+    JobFailed { job: JobId, error: String },
+    JobCancelled { job: JobId },
+    /// A model finished loading and replaced the previous one.
+    ModelOpened(Arc<ModelSnapshot>),
+    /// Counts for new settings: the table, summary and overview.
+    Preview(Arc<PreviewSnapshot>),
+    /// Kept/pruned split of the selected tensor's histogram.
+    LayerDetail(Arc<LayerDetail>),
+    Heatmap(Arc<HeatmapSnapshot>),
+    /// Accuracy and loss for the settings of `generation`.
+    Metrics(MetricsSnapshot),
+    /// Settings the worker could not apply (invalid N:M, unknown tensor…).
+    PreviewError { generation: u64, error: String },
+}
+
+/// Static facts about a tensor, for the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub numel: usize,
+    pub analysable: bool,
+    pub default_prunable: bool,
+    /// NaN and ±Inf weights (ranked below / above every number by the criteria).
+    pub nan: u64,
+    pub inf: u64,
+}
+
+/// An opened model, as the UI sees it.
+#[derive(Debug)]
+pub struct ModelSnapshot {
+    pub id: ModelId,
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub format: &'static str,
+    pub tensors: Vec<TensorInfo>,
+    pub histograms: Vec<Option<Arc<Histogram>>>,
+    pub total_params: u64,
+    pub data_bytes: u64,
+    /// What the evaluator measures, if the model can be run.
+    pub evaluator: Option<String>,
+    /// Why the model cannot be evaluated, when it declares an architecture that is broken.
+    pub evaluator_error: Option<String>,
+    pub dense_metrics: Option<Metrics>,
+    pub load_ms: f64,
+}
+
+#[derive(Debug)]
+pub struct PreviewSnapshot {
+    pub generation: u64,
+    pub model: ModelId,
+    pub alloc: Allocation,
+    pub sizes: SizeReport,
+    pub compute_us: f64,
+}
+
+#[derive(Debug)]
+pub struct LayerDetail {
+    pub generation: u64,
+    pub model: ModelId,
+    pub tensor: usize,
+    pub split: HistogramSplit,
+}
+
+#[derive(Debug)]
+pub struct HeatmapSnapshot {
+    pub generation: u64,
+    pub model: ModelId,
+    pub request: HeatmapRequest,
+    pub view: HeatmapView,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    pub generation: u64,
+    pub model: ModelId,
+    pub result: Result<Metrics, String>,
+}
