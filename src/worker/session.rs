@@ -41,7 +41,9 @@ struct Computed {
     all_masks: Option<Arc<MaskSet>>,
     detail_sent: Option<usize>,
     heatmap_sent: Option<HeatmapRequest>,
-    metrics_sent: bool,
+    sizes: crate::analysis::SizeReport,
+    compute_us: f64,
+    metrics: Option<Result<crate::eval::Metrics, String>>,
 }
 
 struct Worker {
@@ -257,16 +259,27 @@ impl Worker {
             let n = session.model.tensors.len();
             session.cache = Some(Computed {
                 settings: req.settings.clone(),
-                alloc: alloc.clone(),
+                alloc,
                 layer_masks: vec![None; n],
                 all_masks: None,
                 detail_sent: None,
                 heatmap_sent: None,
-                metrics_sent: false,
+                sizes,
+                compute_us,
+                metrics: None,
             });
-            let snap = PreviewSnapshot { generation, model: req.model, alloc, sizes, compute_us };
-            self.emit(Event::Preview(Arc::new(snap)));
         }
+        // Every request gets its counts (cached when the settings did not change), so the UI
+        // can tell by generation alone that what it shows answers its newest settings.
+        let c = session.cache.as_ref().expect("filled above");
+        let snap = PreviewSnapshot {
+            generation,
+            model: req.model,
+            alloc: c.alloc.clone(),
+            sizes: c.sizes,
+            compute_us: c.compute_us,
+        };
+        self.emit(Event::Preview(Arc::new(snap)));
 
         if let Some(t) = req.selected {
             if self.newer_preview_queued() {
@@ -339,22 +352,28 @@ impl Worker {
     fn send_metrics(&mut self, req: &PreviewRequest) {
         let Some(s) = self.session.as_mut() else { return };
         let (Some(eval), Some(c)) = (s.evaluator.as_ref(), s.cache.as_mut()) else { return };
-        if c.metrics_sent {
-            return;
-        }
-        let masks = match &c.all_masks {
-            Some(m) => m.clone(),
-            None => match build_masks(&s.model, &s.index, &c.settings, &c.alloc, &Progress::none()) {
-                Ok(m) => {
-                    let m = Arc::new(m);
-                    c.all_masks = Some(m.clone());
-                    m
-                }
-                Err(e) => return self.emit(Event::PreviewError { generation: req.generation, error: e.to_string() }),
-            },
+        let result = match &c.metrics {
+            Some(r) => r.clone(),
+            None => {
+                let masks = match &c.all_masks {
+                    Some(m) => m.clone(),
+                    None => match build_masks(&s.model, &s.index, &c.settings, &c.alloc, &Progress::none()) {
+                        Ok(m) => {
+                            let m = Arc::new(m);
+                            c.all_masks = Some(m.clone());
+                            m
+                        }
+                        Err(e) => {
+                            let error = e.to_string();
+                            return self.emit(Event::PreviewError { generation: req.generation, error });
+                        }
+                    },
+                };
+                let r = eval.evaluate(&s.model, &masks).map_err(|e| e.to_string());
+                c.metrics = Some(r.clone());
+                r
+            }
         };
-        let result = eval.evaluate(&s.model, &masks).map_err(|e| e.to_string());
-        c.metrics_sent = true;
         self.emit(Event::Metrics(MetricsSnapshot { generation: req.generation, model: req.model, result }));
     }
 

@@ -1,0 +1,627 @@
+//! The eframe app: owns the worker handle, the UI-side state (snapshots from the worker) and
+//! the panels. Events are drained in `logic`; panels draw in `ui`; the preview the worker
+//! should compute is sent at the end of each frame, only when it changed.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use egui::{Key, KeyboardShortcut, Modifiers};
+use serde::{Deserialize, Serialize};
+
+use super::controls::ControlsPanel;
+use super::dialogs::{ExportDialog, OpenPathDialog};
+use super::heatmap_view::HeatmapPanel;
+use super::plots::{HistogramPanel, OverviewPanel};
+use super::table::LayerTable;
+use super::{summary, theme};
+use crate::prune::PruneSettings;
+use crate::worker::{
+    Event, ExportRequest, HeatmapRequest, HeatmapSnapshot, JobId, LayerDetail, MetricsSnapshot, ModelId,
+    ModelSnapshot, OpenSource, PreviewRequest, PreviewSnapshot, WorkerHandle,
+};
+
+/// How long `logic` may spend draining worker events per frame.
+const EVENT_BUDGET: Duration = Duration::from_millis(5);
+const RECENT_MAX: usize = 10;
+const PREFS_KEY: &str = "prunescope.prefs";
+
+pub const OPEN_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
+pub const OPEN_PATH_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::O);
+pub const EXPORT_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::E);
+
+/// The small part of the app that survives a restart.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Prefs {
+    pub recent: Vec<PathBuf>,
+    pub log_y: bool,
+}
+
+impl Prefs {
+    fn remember(&mut self, path: &Path) {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        self.recent.retain(|p| p != &path);
+        self.recent.insert(0, path);
+        self.recent.truncate(RECENT_MAX);
+    }
+}
+
+/// What the worker has told us about the open model.
+pub struct ModelView {
+    pub snapshot: Arc<ModelSnapshot>,
+    pub preview: Option<Arc<PreviewSnapshot>>,
+    pub detail: Option<Arc<LayerDetail>>,
+    pub heatmap: Option<Arc<HeatmapSnapshot>>,
+    pub metrics: Option<MetricsSnapshot>,
+    pub preview_error: Option<(u64, String)>,
+}
+
+impl ModelView {
+    fn new(snapshot: Arc<ModelSnapshot>) -> ModelView {
+        ModelView { snapshot, preview: None, detail: None, heatmap: None, metrics: None, preview_error: None }
+    }
+}
+
+/// A job the worker is running, as shown in the status bar.
+#[derive(Clone, Debug)]
+pub struct JobView {
+    pub id: JobId,
+    pub label: String,
+    pub fraction: f32,
+    pub message: String,
+}
+
+/// Everything the panels read and the settings they change.
+pub struct AppState {
+    pub model: Option<ModelView>,
+    pub settings: PruneSettings,
+    pub selected: Option<usize>,
+    /// Generation of the newest preview sent to the worker.
+    pub generation: u64,
+    pub jobs: Vec<JobView>,
+    pub errors: Vec<String>,
+    pub notice: Option<String>,
+    pub prefs: Prefs,
+    /// Generation at which the current settings were first sent.
+    pub settings_generation: u64,
+    sent: Option<(ModelId, PruneSettings, Option<usize>, Option<HeatmapRequest>)>,
+    open_jobs: HashSet<JobId>,
+}
+
+impl AppState {
+    fn new(prefs: Prefs) -> AppState {
+        AppState {
+            model: None,
+            settings: PruneSettings::default(),
+            selected: None,
+            generation: 0,
+            settings_generation: 0,
+            jobs: Vec::new(),
+            errors: Vec::new(),
+            notice: None,
+            prefs,
+            sent: None,
+            open_jobs: HashSet::new(),
+        }
+    }
+
+    /// Whether the shown counts answer the newest settings.
+    pub fn counts_current(&self) -> bool {
+        self.model
+            .as_ref()
+            .and_then(|m| m.preview.as_ref())
+            .is_some_and(|p| p.generation >= self.settings_generation && self.settings_generation > 0)
+    }
+
+    /// Whether the shown accuracy answers the newest settings.
+    pub fn metrics_current(&self) -> bool {
+        self.model
+            .as_ref()
+            .and_then(|m| m.metrics.as_ref())
+            .is_some_and(|p| p.generation >= self.settings_generation && self.settings_generation > 0)
+    }
+
+    /// Sends the preview the panels now want, if it differs from the last one sent.
+    fn sync_preview(&mut self, worker: &WorkerHandle, heatmap: Option<HeatmapRequest>) {
+        let Some(m) = &self.model else { return };
+        let want = (m.snapshot.id, self.settings.clone(), self.selected, heatmap);
+        if self.sent.as_ref() == Some(&want) {
+            return;
+        }
+        let generation = self.generation + 1;
+        let request = PreviewRequest {
+            generation,
+            model: want.0,
+            settings: want.1.clone(),
+            selected: want.2,
+            heatmap: want.3.clone(),
+        };
+        // A full queue means the worker is busy; the next frame tries again.
+        if worker.preview(request).is_ok() {
+            self.generation = generation;
+            if self.sent.as_ref().is_none_or(|s| s.1 != want.1) {
+                self.settings_generation = generation;
+            }
+            self.sent = Some(want);
+        }
+    }
+
+    fn handle(&mut self, e: Event) {
+        let current = self.model.as_ref().map(|m| m.snapshot.id);
+        match e {
+            Event::JobStarted { job, label } => {
+                self.jobs.push(JobView { id: job, label, fraction: 0.0, message: String::new() });
+            }
+            Event::Progress { job, fraction, message } => {
+                if let Some(j) = self.jobs.iter_mut().find(|j| j.id == job) {
+                    j.fraction = fraction;
+                    j.message = message;
+                }
+            }
+            Event::JobFinished { job, message } => {
+                self.jobs.retain(|j| j.id != job);
+                if !self.open_jobs.remove(&job) && message.starts_with("Wrote") {
+                    self.notice = Some(message);
+                }
+            }
+            Event::JobFailed { job, error } => {
+                let label = self.jobs.iter().find(|j| j.id == job).map(|j| j.label.clone());
+                self.jobs.retain(|j| j.id != job);
+                let opening = self.open_jobs.remove(&job);
+                let mut msg = match label {
+                    Some(l) => format!("{l} failed: {error}"),
+                    None => error,
+                };
+                if opening && self.model.is_some() {
+                    msg.push_str(" — the model that was open is still open.");
+                }
+                self.errors.push(msg);
+            }
+            Event::JobCancelled { job } => {
+                self.jobs.retain(|j| j.id != job);
+                self.open_jobs.remove(&job);
+                self.notice = Some("Cancelled.".into());
+            }
+            Event::ModelOpened(snapshot) => {
+                if let Some(p) = &snapshot.path {
+                    self.prefs.remember(p);
+                }
+                // Global knobs carry over; per-tensor settings belong to the old model's names.
+                self.settings.layers.clear();
+                self.selected = snapshot
+                    .tensors
+                    .iter()
+                    .position(|t| t.default_prunable)
+                    .or_else(|| snapshot.tensors.iter().position(|t| t.analysable));
+                self.notice = Some(format!("Opened {} in {:.0} ms.", snapshot.name, snapshot.load_ms));
+                self.model = Some(ModelView::new(snapshot));
+                self.sent = None;
+            }
+            Event::Preview(p) => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(p.model)) else { return };
+                if m.preview.as_ref().is_none_or(|old| old.generation <= p.generation) {
+                    if m.preview_error.as_ref().is_some_and(|(g, _)| *g <= p.generation) {
+                        m.preview_error = None;
+                    }
+                    m.preview = Some(p);
+                }
+            }
+            Event::LayerDetail(d) => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(d.model)) else { return };
+                if m.detail.as_ref().is_none_or(|old| old.generation <= d.generation || old.tensor != d.tensor) {
+                    m.detail = Some(d);
+                }
+            }
+            Event::Heatmap(h) => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(h.model)) else { return };
+                if m.heatmap.as_ref().is_none_or(|old| old.generation <= h.generation) {
+                    m.heatmap = Some(h);
+                }
+            }
+            Event::Metrics(s) => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(s.model)) else { return };
+                if m.metrics.as_ref().is_none_or(|old| old.generation <= s.generation) {
+                    m.metrics = Some(s);
+                }
+            }
+            Event::PreviewError { generation, error } => match self.model.as_mut() {
+                Some(m) if generation > 0 => m.preview_error = Some((generation, error)),
+                _ => self.errors.push(error),
+            },
+        }
+    }
+}
+
+/// Answers from file dialogs, which run on their own threads so the UI never waits on them.
+enum DialogAnswer {
+    Open(Option<PathBuf>),
+    SaveAs(super::dialogs::ExportTarget, Option<PathBuf>),
+}
+
+/// The desktop app.
+pub struct App {
+    worker: WorkerHandle,
+    state: AppState,
+    controls: ControlsPanel,
+    table: LayerTable,
+    histogram: HistogramPanel,
+    overview: OverviewPanel,
+    heatmap: HeatmapPanel,
+    open_path: OpenPathDialog,
+    export: ExportDialog,
+    dialog_tx: Sender<DialogAnswer>,
+    dialog_rx: Receiver<DialogAnswer>,
+    dialog_open: bool,
+}
+
+impl App {
+    /// Builds the app and starts opening `initial` (or the bundled sample model).
+    pub fn new(cc: &eframe::CreationContext<'_>, initial: Option<PathBuf>) -> App {
+        let prefs = cc.storage.and_then(|s| eframe::get_value::<Prefs>(s, PREFS_KEY)).unwrap_or_default();
+        Self::with_prefs(&cc.egui_ctx, initial, prefs)
+    }
+
+    /// Builds the app without eframe storage (tests use this).
+    pub fn with_prefs(ctx: &egui::Context, initial: Option<PathBuf>, prefs: Prefs) -> App {
+        let wake_ctx = ctx.clone();
+        let mut worker = WorkerHandle::spawn(move || wake_ctx.request_repaint());
+        let (dialog_tx, dialog_rx) = unbounded();
+        let mut state = AppState::new(prefs);
+        let source = initial.map_or(OpenSource::Sample, OpenSource::Path);
+        match worker.open(source) {
+            Ok(job) => {
+                state.open_jobs.insert(job);
+            }
+            Err(e) => state.errors.push(e.to_string()),
+        }
+        App {
+            worker,
+            state,
+            controls: ControlsPanel::default(),
+            table: LayerTable::default(),
+            histogram: HistogramPanel::default(),
+            overview: OverviewPanel,
+            heatmap: HeatmapPanel::default(),
+            open_path: OpenPathDialog::default(),
+            export: ExportDialog::default(),
+            dialog_tx,
+            dialog_rx,
+            dialog_open: false,
+        }
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut AppState {
+        &mut self.state
+    }
+
+    /// Whether the worker is running a job (opening, exporting, scoring).
+    pub fn busy(&self) -> bool {
+        !self.state.jobs.is_empty()
+    }
+
+    /// Opens a model file in the background; the current model stays until it has loaded.
+    pub fn open_path(&mut self, path: PathBuf) {
+        match self.worker.open(OpenSource::Path(path)) {
+            Ok(job) => {
+                self.state.open_jobs.insert(job);
+            }
+            Err(e) => self.state.errors.push(e.to_string()),
+        }
+    }
+
+    fn open_sample(&mut self) {
+        match self.worker.open(OpenSource::Sample) {
+            Ok(job) => {
+                self.state.open_jobs.insert(job);
+            }
+            Err(e) => self.state.errors.push(e.to_string()),
+        }
+    }
+
+    /// Starts an export of the current settings.
+    pub fn export(&mut self, request: ExportRequest) {
+        if let Err(e) = self.worker.export(request) {
+            self.state.errors.push(e.to_string());
+        }
+    }
+
+    fn pick_file(&mut self, ctx: &egui::Context) {
+        if self.dialog_open {
+            return;
+        }
+        self.dialog_open = true;
+        let tx = self.dialog_tx.clone();
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new().name("file-dialog".into()).spawn(move || {
+            let picked = rfd::FileDialog::new()
+                .set_title("Open a model")
+                .add_filter("Models", &["safetensors", "pt", "pth", "bin", "npz"])
+                .add_filter("All files", &["*"])
+                .pick_file();
+            let _ = tx.send(DialogAnswer::Open(picked));
+            ctx.request_repaint();
+        });
+        if spawned.is_err() {
+            self.dialog_open = false;
+            self.open_path.open = true;
+        }
+    }
+
+    fn pick_save_path(&mut self, ctx: &egui::Context, target: super::dialogs::ExportTarget, current: PathBuf) {
+        if self.dialog_open {
+            return;
+        }
+        self.dialog_open = true;
+        let tx = self.dialog_tx.clone();
+        let ctx = ctx.clone();
+        let _ = std::thread::Builder::new().name("file-dialog".into()).spawn(move || {
+            let mut d = rfd::FileDialog::new().set_title(target.title());
+            if let Some(dir) = current.parent().filter(|d| d.is_dir()) {
+                d = d.set_directory(dir);
+            }
+            if let Some(name) = current.file_name() {
+                d = d.set_file_name(name.to_string_lossy());
+            }
+            let picked = d.save_file();
+            let _ = tx.send(DialogAnswer::SaveAs(target, picked));
+            ctx.request_repaint();
+        });
+    }
+
+    fn handle_dialog_answers(&mut self) {
+        while let Ok(a) = self.dialog_rx.try_recv() {
+            self.dialog_open = false;
+            match a {
+                DialogAnswer::Open(Some(p)) => self.open_path(p),
+                DialogAnswer::Open(None) => {
+                    self.state.notice = Some(
+                        "No file chosen. If no dialog appeared, this desktop has no file-chooser portal: \
+                         use File → Open path… or drop a file on the window."
+                            .into(),
+                    );
+                }
+                DialogAnswer::SaveAs(target, Some(p)) => self.export.set_path(target, p),
+                DialogAnswer::SaveAs(_, None) => {}
+            }
+        }
+    }
+
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        let (open, open_path, export, escape) = ctx.input_mut(|i| {
+            (
+                i.consume_shortcut(&OPEN_SHORTCUT),
+                i.consume_shortcut(&OPEN_PATH_SHORTCUT),
+                i.consume_shortcut(&EXPORT_SHORTCUT),
+                i.key_pressed(Key::Escape),
+            )
+        });
+        // Check the longer shortcut first: Ctrl+Shift+O also matches Ctrl+O's logical keys.
+        if open_path {
+            self.open_path.open = true;
+        } else if open {
+            self.pick_file(ctx);
+        }
+        if export && self.state.model.is_some() {
+            self.export.show_for(&self.state);
+        }
+        if escape {
+            for j in &self.state.jobs {
+                self.worker.cancel(j.id);
+            }
+        }
+    }
+
+    fn dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
+        if let Some(p) = dropped.into_iter().next() {
+            self.open_path(p);
+        }
+    }
+
+    fn menu_ui(&mut self, ui: &mut egui::Ui) {
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("File", |ui| {
+                let b = ui.add(egui::Button::new("Open…").shortcut_text(ui.ctx().format_shortcut(&OPEN_SHORTCUT)));
+                if b.on_hover_text("Choose a .safetensors, .pt/.pth/.bin or .npz file with the system file dialog.").clicked() {
+                    self.pick_file(ui.ctx());
+                }
+                let b = ui.add(egui::Button::new("Open path…").shortcut_text(ui.ctx().format_shortcut(&OPEN_PATH_SHORTCUT)));
+                if b.on_hover_text("Type or paste the path of a model file.").clicked() {
+                    self.open_path.open = true;
+                }
+                if ui.button("Open sample model").on_hover_text("The digits MLP bundled with prunescope (97.5% test accuracy dense).").clicked() {
+                    self.open_sample();
+                }
+                ui.menu_button("Open recent", |ui| {
+                    if self.state.prefs.recent.is_empty() {
+                        ui.label("No recent files yet.");
+                    }
+                    let mut chosen = None;
+                    for p in &self.state.prefs.recent {
+                        if ui.button(p.display().to_string()).clicked() {
+                            chosen = Some(p.clone());
+                        }
+                    }
+                    if let Some(p) = chosen {
+                        self.open_path(p);
+                    }
+                    if !self.state.prefs.recent.is_empty() && ui.button("Clear list").clicked() {
+                        self.state.prefs.recent.clear();
+                    }
+                });
+                ui.separator();
+                let can_export = self.state.model.is_some();
+                let b = ui.add_enabled(
+                    can_export,
+                    egui::Button::new("Export…").shortcut_text(ui.ctx().format_shortcut(&EXPORT_SHORTCUT)),
+                );
+                if b.on_hover_text("Write the pruned weights, the masks and a recipe the CLI can replay.").clicked() {
+                    self.export.show_for(&self.state);
+                }
+                ui.separator();
+                if ui.button("Quit").clicked() {
+                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+            });
+            ui.menu_button("View", |ui| {
+                ui.checkbox(&mut self.state.prefs.log_y, "Log-scale histogram counts")
+                    .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
+                if ui.button("Fit heatmap").clicked() {
+                    self.heatmap.reset_view();
+                }
+            });
+            ui.menu_button("Help", |ui| {
+                ui.label(format!("prunescope {}", env!("CARGO_PKG_VERSION")));
+                ui.label("Drop a model file on the window to open it.");
+                ui.label("Esc cancels running jobs.");
+                ui.label("Heatmap: scroll to zoom, drag to pan, double-click to fit.");
+            });
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| self.jobs_ui(ui));
+        });
+    }
+
+    fn jobs_ui(&mut self, ui: &mut egui::Ui) {
+        let mut cancel = None;
+        for j in &self.state.jobs {
+            if ui.small_button("Cancel").on_hover_text("Stop this job; the open model is not changed.").clicked() {
+                cancel = Some(j.id);
+            }
+            ui.add(
+                egui::ProgressBar::new(j.fraction)
+                    .desired_width(160.0)
+                    .text(if j.message.is_empty() { j.label.clone() } else { format!("{}: {}", j.label, j.message) }),
+            );
+        }
+        if let Some(id) = cancel {
+            self.worker.cancel(id);
+        }
+        if self.state.jobs.is_empty() {
+            if let Some(n) = &self.state.notice {
+                ui.label(egui::RichText::new(n).weak());
+            }
+        }
+    }
+
+    fn errors_ui(&mut self, ui: &mut egui::Ui) {
+        let mut dismiss = None;
+        for (i, e) in self.state.errors.iter().enumerate() {
+            egui::Frame::new().fill(theme::ERROR_BG).inner_margin(6.0).corner_radius(4.0).show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    if ui.small_button("✕").on_hover_text("Dismiss this message").clicked() {
+                        dismiss = Some(i);
+                    }
+                    ui.label(egui::RichText::new(e).color(theme::ERROR_FG));
+                });
+            });
+        }
+        if let Some(i) = dismiss {
+            self.state.errors.remove(i);
+        }
+    }
+
+    fn main_ui(&mut self, ui: &mut egui::Ui) -> Option<HeatmapRequest> {
+        let Self { state, controls, table, histogram, overview, heatmap, .. } = self;
+        egui::Panel::left("controls").resizable(true).default_size(300.0).min_size(240.0).show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| controls.ui(ui, state));
+        });
+        let Some(model) = &state.model else {
+            ui.centered_and_justified(|ui| {
+                if state.jobs.is_empty() {
+                    ui.label("No model open. Use File → Open, or drop a model file here.");
+                } else {
+                    ui.spinner();
+                }
+            });
+            return None;
+        };
+        let snapshot = model.snapshot.clone();
+        let mut heatmap_request = None;
+        egui::Panel::bottom("detail").resizable(true).default_size(380.0).min_size(200.0).show(ui, |ui| {
+            let selected = state.selected;
+            ui.columns(2, |cols| {
+                let (left, right) = cols.split_at_mut(1);
+                let left = &mut left[0];
+                let right = &mut right[0];
+                let model = state.model.as_ref().expect("checked above");
+                let h = left.available_height();
+                left.allocate_ui(egui::vec2(left.available_width(), h * 0.62), |ui| {
+                    histogram.ui(ui, model, &state.settings, selected, state.prefs.log_y);
+                });
+                if let Some(t) = overview.ui(left, model, &state.settings) {
+                    state.selected = Some(t);
+                }
+                heatmap_request = heatmap.ui(right, model, selected);
+            });
+        });
+        egui::CentralPanel::default().show(ui, |ui| {
+            table.ui(ui, state, &snapshot);
+        });
+        heatmap_request
+    }
+}
+
+impl eframe::App for App {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        let start = Instant::now();
+        while start.elapsed() < EVENT_BUDGET {
+            let Some(e) = self.worker.try_recv() else { break };
+            self.state.handle(e);
+        }
+        if !self.worker.events().is_empty() {
+            ctx.request_repaint();
+        }
+        self.handle_dialog_answers();
+        self.shortcuts(ctx);
+        self.dropped_files(ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        egui::Panel::top("menu").show(ui, |ui| self.menu_ui(ui));
+        if !self.state.errors.is_empty() {
+            egui::Panel::top("errors").show(ui, |ui| self.errors_ui(ui));
+        }
+        egui::Panel::bottom("summary").show(ui, |ui| summary::ui(ui, &self.state));
+        let heatmap_request = self.main_ui(ui);
+
+        let ctx = ui.ctx().clone();
+        if let Some(action) = self.open_path.ui(&ctx, &self.state.prefs.recent) {
+            self.open_path(action);
+        }
+        match self.export.ui(&ctx, &self.state) {
+            Some(super::dialogs::ExportAction::Run(request)) => self.export(request),
+            Some(super::dialogs::ExportAction::Browse(target, current)) => self.pick_save_path(&ctx, target, current),
+            None => {}
+        }
+        drop_overlay(&ctx);
+        self.state.sync_preview(&self.worker, heatmap_request);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, PREFS_KEY, &self.state.prefs);
+    }
+}
+
+/// Dims the window while files are dragged over it, so the user knows a drop will open them.
+fn drop_overlay(ctx: &egui::Context) {
+    let hovering = ctx.input(|i| !i.raw.hovered_files.is_empty());
+    if !hovering {
+        return;
+    }
+    let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop_overlay")));
+    let rect = ctx.content_rect();
+    painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(180));
+    painter.text(
+        rect.center(),
+        egui::Align2::CENTER_CENTER,
+        "Drop to open this model",
+        egui::FontId::proportional(24.0),
+        egui::Color32::WHITE,
+    );
+}

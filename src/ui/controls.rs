@@ -1,0 +1,251 @@
+//! The left panel: how to prune (scope, targets, pattern, criterion) and the selected layer.
+
+use egui::{ComboBox, DragValue, RichText, Slider, Ui};
+
+use super::app::AppState;
+use crate::prune::{Criterion, Pattern, PruneSettings, Scope};
+use crate::util::group_digits;
+
+/// Patterns offered in the combo box; any other N:M is typed in.
+const PRESETS: [(usize, usize); 3] = [(2, 4), (4, 8), (1, 4)];
+
+pub const TIP_GLOBAL: &str = "Global: one score threshold across all prunable layers, so layers full of small weights lose more than layers of large ones.";
+pub const TIP_LAYER: &str =
+    "Layer-wise: each layer gets its own target sparsity and is cut by its own threshold.";
+pub const TIP_SPARSITY: &str = "Fraction of all prunable weights to remove. Exactly round(S·N) of the N prunable weights go, lowest scores first.";
+pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps at least this fraction of its weights, so no layer collapses; the others prune more to hold the global target.";
+pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
+pub const TIP_SEED: &str = "The random criterion's seed: the same seed gives the same masks, a different one a fresh draw.";
+pub const TIP_ALL_LAYERS: &str = "Set every unlocked prunable layer to this sparsity (you can then adjust single layers in the table).";
+pub const TIP_RESET: &str = "Back to the dense model: sparsity 0 and no per-layer overrides.";
+
+#[derive(Default)]
+pub struct ControlsPanel {
+    /// Layer-wise: the value of the "all layers" slider.
+    all_layers: f64,
+    /// Custom N:M being typed.
+    custom: Option<(usize, usize)>,
+}
+
+impl ControlsPanel {
+    pub fn ui(&mut self, ui: &mut Ui, state: &mut AppState) {
+        let Self { all_layers, custom } = self;
+        ui.heading("Prune");
+        let Some(model) = state.model.as_ref() else {
+            ui.label("Open a model to start.");
+            return;
+        };
+        let tensors = &model.snapshot.tensors;
+        let s = &mut state.settings;
+
+        ui.add_space(4.0);
+        ui.label(RichText::new("Scope").strong());
+        ui.horizontal(|ui| {
+            ui.radio_value(&mut s.scope, Scope::Global, "Global").on_hover_text(TIP_GLOBAL);
+            ui.radio_value(&mut s.scope, Scope::Layer, "Layer-wise").on_hover_text(TIP_LAYER);
+        });
+
+        let nm = s.pattern.fixed_sparsity();
+        ui.add_space(6.0);
+        match s.scope {
+            Scope::Global => {
+                let label = ui.label(RichText::new("Global sparsity").strong());
+                ui.add_enabled_ui(nm.is_none(), |ui| {
+                    percent_slider(ui, &mut s.sparsity, 0.0..=1.0)
+                        .labelled_by(label.id)
+                        .on_hover_text(TIP_SPARSITY)
+                        .on_disabled_hover_text("An N:M pattern fixes the sparsity at 1 − N/M in every layer.");
+                });
+                let label = ui.label("Minimum kept per layer");
+                percent_slider(ui, &mut s.min_keep, 0.0..=1.0)
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_MIN_KEEP);
+            }
+            Scope::Layer => {
+                let label = ui.label(RichText::new("All layers").strong());
+                ui.add_enabled_ui(nm.is_none(), |ui| {
+                    let r = percent_slider(ui, all_layers, 0.0..=1.0)
+                        .labelled_by(label.id)
+                        .on_hover_text(TIP_ALL_LAYERS);
+                    if r.changed() {
+                        for (t, info) in tensors.iter().enumerate() {
+                            if is_prunable(s, info, t) {
+                                let l = s.layer_mut(&info.name);
+                                if !l.locked {
+                                    l.sparsity = *all_layers;
+                                }
+                            }
+                        }
+                    }
+                });
+                ui.label(RichText::new("Set single layers with the sliders in the table.").weak());
+            }
+        }
+
+        ui.add_space(6.0);
+        ui.label(RichText::new("Pattern").strong());
+        pattern_ui(ui, &mut s.pattern, custom);
+
+        ui.add_space(6.0);
+        ui.label(RichText::new("Criterion").strong());
+        ComboBox::from_id_salt("criterion")
+            .selected_text(s.criterion.label())
+            .show_ui(ui, |ui| {
+                for c in Criterion::ALL {
+                    ui.selectable_value(&mut s.criterion, c, c.label()).on_hover_text(c.tooltip());
+                }
+            })
+            .response
+            .on_hover_text(s.criterion.tooltip());
+        if s.criterion.seeded() {
+            ui.horizontal(|ui| {
+                let label = ui.label("Seed");
+                ui.add(DragValue::new(&mut s.seed)).labelled_by(label.id).on_hover_text(TIP_SEED);
+            });
+        }
+
+        ui.add_space(6.0);
+        if ui.button("Reset to dense").on_hover_text(TIP_RESET).clicked() {
+            *s = PruneSettings { criterion: s.criterion, seed: s.seed, scope: s.scope, ..Default::default() };
+            *all_layers = 0.0;
+        }
+
+        ui.separator();
+        selected_layer_ui(ui, state);
+    }
+}
+
+/// A 0..=1 fraction edited as a percentage.
+pub fn percent_slider(ui: &mut Ui, value: &mut f64, range: std::ops::RangeInclusive<f64>) -> egui::Response {
+    let mut pct = *value * 100.0;
+    let r = ui.add(
+        Slider::new(&mut pct, (range.start() * 100.0)..=(range.end() * 100.0))
+            .suffix("%")
+            .max_decimals(2),
+    );
+    if r.changed() {
+        *value = (pct / 100.0).clamp(*range.start(), *range.end());
+    }
+    r
+}
+
+fn is_prunable(s: &PruneSettings, info: &crate::worker::TensorInfo, _t: usize) -> bool {
+    info.analysable && s.layers.get(&info.name).and_then(|l| l.prunable).unwrap_or(info.default_prunable)
+}
+
+fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, usize)>) {
+    let text = match (*pattern, custom.is_some()) {
+        (_, true) => "custom N:M".to_string(),
+        (p, false) => p.to_string(),
+    };
+    ComboBox::from_id_salt("pattern")
+        .selected_text(text)
+        .show_ui(ui, |ui| {
+            if ui.selectable_label(*pattern == Pattern::Unstructured && custom.is_none(), "unstructured").clicked() {
+                *pattern = Pattern::Unstructured;
+                *custom = None;
+            }
+            for (n, m) in PRESETS {
+                let p = Pattern::NM { n, m };
+                if ui.selectable_label(*pattern == p && custom.is_none(), p.to_string()).clicked() {
+                    *pattern = p;
+                    *custom = None;
+                }
+            }
+            if ui.selectable_label(custom.is_some(), "custom N:M").clicked() {
+                let (n, m) = match *pattern {
+                    Pattern::NM { n, m } => (n, m),
+                    Pattern::Unstructured => (2, 8),
+                };
+                *custom = Some((n, m));
+                *pattern = Pattern::NM { n, m };
+            }
+        })
+        .response
+        .on_hover_text(TIP_PATTERN);
+    if let Some((n, m)) = custom {
+        ui.horizontal(|ui| {
+            let ln = ui.label("keep N");
+            ui.add(DragValue::new(n).range(1..=255)).labelled_by(ln.id).on_hover_text("Weights kept in every group.");
+            let lm = ui.label("of M");
+            ui.add(DragValue::new(m).range(2..=256)).labelled_by(lm.id).on_hover_text("Size of each group of consecutive input weights.");
+        });
+        if *n >= *m {
+            ui.colored_label(super::theme::BAD, "N must be smaller than M.");
+        } else {
+            *pattern = Pattern::NM { n: *n, m: *m };
+        }
+    }
+    if let Some(s) = pattern.fixed_sparsity() {
+        ui.label(RichText::new(format!("Every layer: {:.1}% sparse.", s * 100.0)).weak());
+    }
+}
+
+fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
+    let (Some(model), Some(t)) = (state.model.as_ref(), state.selected) else {
+        ui.label("Select a layer in the table.");
+        return;
+    };
+    let Some(info) = model.snapshot.tensors.get(t) else { return };
+    ui.label(RichText::new("Selected layer").strong());
+    ui.label(RichText::new(&info.name).monospace());
+    ui.label(format!("{:?} {}, {} parameters", info.shape, info.dtype, group_digits(info.numel as u64)));
+    if let Some(l) = model.preview.as_ref().and_then(|p| p.alloc.for_tensor(t)) {
+        ui.label(format!(
+            "{} kept, {} pruned ({:.2}%)",
+            group_digits(l.kept() as u64),
+            group_digits(l.pruned as u64),
+            l.sparsity() * 100.0
+        ));
+        if l.capped {
+            ui.colored_label(super::theme::CAPPED, "Held at its cap (lock, minimum kept or maximum sparsity).");
+        }
+    }
+    if info.nan > 0 || info.inf > 0 {
+        ui.colored_label(
+            super::theme::BAD,
+            format!("{} NaN, {} ±Inf weights", group_digits(info.nan), group_digits(info.inf)),
+        )
+        .on_hover_text("NaN scores rank below every number (pruned first); ±Inf rank above every number (kept last).");
+    }
+    if !info.analysable {
+        ui.label(format!("{} tensors are listed but cannot be pruned.", info.dtype));
+        return;
+    }
+    let name = info.name.clone();
+    let default_prunable = info.default_prunable;
+    let s = &mut state.settings;
+    let mut prunable = s.layers.get(&name).and_then(|l| l.prunable).unwrap_or(default_prunable);
+    if ui
+        .checkbox(&mut prunable, "Prunable")
+        .on_hover_text("Include this tensor in pruning. By default every floating tensor with 2 or more dimensions is; biases and norms are not.")
+        .changed()
+    {
+        s.layer_mut(&name).prunable = (prunable != default_prunable).then_some(prunable);
+    }
+    if !prunable {
+        return;
+    }
+    let mut locked = s.layer(&name).locked;
+    if ui.checkbox(&mut locked, "Lock dense").on_hover_text(super::table::TIP_LOCK).changed() {
+        s.layer_mut(&name).locked = locked;
+    }
+    match s.scope {
+        Scope::Layer => {
+            let label = ui.label("Layer sparsity");
+            let mut v = s.layer(&name).sparsity;
+            let r = ui.add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0)).inner;
+            if r.labelled_by(label.id).on_hover_text(super::table::TIP_TARGET).changed() {
+                s.layer_mut(&name).sparsity = v;
+            }
+        }
+        Scope::Global => {
+            let label = ui.label("Maximum sparsity");
+            let mut v = s.layer(&name).max_sparsity.unwrap_or(1.0);
+            let r = ui.add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0)).inner;
+            if r.labelled_by(label.id).on_hover_text(super::table::TIP_MAX).changed() {
+                s.layer_mut(&name).max_sparsity = (v < 1.0).then_some(v);
+            }
+        }
+    }
+}

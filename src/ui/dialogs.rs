@@ -1,0 +1,174 @@
+//! Small windows: open a typed path, and export.
+
+use std::path::{Path, PathBuf};
+
+use egui::{Context, RichText, Window};
+
+use super::app::AppState;
+use crate::worker::ExportRequest;
+
+#[derive(Default)]
+pub struct OpenPathDialog {
+    pub open: bool,
+    path: String,
+}
+
+impl OpenPathDialog {
+    /// Returns the path to open when the user confirms.
+    pub fn ui(&mut self, ctx: &Context, recent: &[PathBuf]) -> Option<PathBuf> {
+        if !self.open {
+            return None;
+        }
+        let Self { open, path } = self;
+        let mut chosen = None;
+        let mut close = false;
+        Window::new("Open path").collapsible(false).resizable(false).open(open).show(ctx, |ui| {
+            let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz)");
+            let r = ui.add(egui::TextEdit::singleline(path).desired_width(420.0).hint_text("/path/to/model.safetensors"));
+            let r = r.labelled_by(label.id);
+            let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if let Some(p) = recent.first().filter(|_| path.is_empty()) {
+                ui.label(RichText::new(format!("Last opened: {}", p.display())).weak());
+            }
+            ui.horizontal(|ui| {
+                let ok = !path.trim().is_empty();
+                if ui.add_enabled(ok, egui::Button::new("Open")).on_hover_text("Open this file; the current model stays open if it fails.").clicked() || (enter && ok) {
+                    chosen = Some(PathBuf::from(path.trim()));
+                    close = true;
+                }
+                if ui.button("Cancel").clicked() {
+                    close = true;
+                }
+            });
+        });
+        if close {
+            self.open = false;
+        }
+        chosen
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportTarget {
+    Weights,
+    Masks,
+    Recipe,
+}
+
+impl ExportTarget {
+    pub fn title(self) -> &'static str {
+        match self {
+            ExportTarget::Weights => "Save pruned weights",
+            ExportTarget::Masks => "Save masks",
+            ExportTarget::Recipe => "Save recipe",
+        }
+    }
+}
+
+pub enum ExportAction {
+    Run(ExportRequest),
+    Browse(ExportTarget, PathBuf),
+}
+
+#[derive(Default)]
+pub struct ExportDialog {
+    pub open: bool,
+    rows: Vec<(ExportTarget, bool, String)>,
+}
+
+impl ExportDialog {
+    /// Opens the dialog with paths beside the model file (or in the working directory).
+    pub fn show_for(&mut self, state: &AppState) {
+        let Some(m) = state.model.as_ref() else { return };
+        let (dir, stem) = match &m.snapshot.path {
+            Some(p) => (
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+                p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+            ),
+            None => (PathBuf::from("."), "digits_mlp".to_string()),
+        };
+        let path = |suffix: &str| dir.join(format!("{stem}{suffix}")).display().to_string();
+        if self.rows.is_empty() || !self.open {
+            self.rows = vec![
+                (ExportTarget::Weights, true, path(".pruned.safetensors")),
+                (ExportTarget::Masks, true, path(".masks.safetensors")),
+                (ExportTarget::Recipe, true, path(".recipe.json")),
+            ];
+        }
+        self.open = true;
+    }
+
+    pub fn set_path(&mut self, target: ExportTarget, p: PathBuf) {
+        for (t, on, path) in &mut self.rows {
+            if *t == target {
+                *on = true;
+                *path = p.display().to_string();
+            }
+        }
+    }
+
+    pub fn ui(&mut self, ctx: &Context, state: &AppState) -> Option<ExportAction> {
+        if !self.open {
+            return None;
+        }
+        let mut action = None;
+        let mut open = self.open;
+        let mut close = false;
+        Window::new("Export").collapsible(false).resizable(false).open(&mut open).show(ctx, |ui| {
+            ui.label("Writes are atomic: each file appears complete or not at all.");
+            egui::Grid::new("export_grid").num_columns(3).show(ui, |ui| {
+                for (target, on, path) in &mut self.rows {
+                    let (label, tip) = match target {
+                        ExportTarget::Weights => ("Pruned weights", "Same names, shapes and dtypes as the input, zeros where pruned (safetensors)."),
+                        ExportTarget::Masks => ("Masks", "One u8 tensor per pruned tensor, 1 = kept (safetensors)."),
+                        ExportTarget::Recipe => ("Recipe", "The settings and the input file's hash, as JSON; `prunescope prune MODEL --recipe R.json` replays it."),
+                    };
+                    ui.checkbox(on, label).on_hover_text(tip);
+                    let r = ui.add_enabled(*on, egui::TextEdit::singleline(path).desired_width(380.0));
+                    r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::TextInput, *on, format!("{label} path")));
+                    if ui.add_enabled(*on, egui::Button::new("Browse…")).clicked() {
+                        action = Some(ExportAction::Browse(*target, PathBuf::from(path.as_str())));
+                    }
+                    ui.end_row();
+                    if *on && Path::new(path.as_str()).exists() {
+                        ui.label("");
+                        ui.label(RichText::new("exists: will be replaced").weak());
+                        ui.end_row();
+                    }
+                }
+            });
+            let pick = |t: ExportTarget| {
+                self.rows
+                    .iter()
+                    .find(|(x, on, p)| *x == t && *on && !p.trim().is_empty())
+                    .map(|(_, _, p)| PathBuf::from(p.trim()))
+            };
+            let request = ExportRequest {
+                settings: state.settings.clone(),
+                weights: pick(ExportTarget::Weights),
+                masks: pick(ExportTarget::Masks),
+                recipe: pick(ExportTarget::Recipe),
+            };
+            let any = request.weights.is_some() || request.masks.is_some() || request.recipe.is_some();
+            let error = state.model.as_ref().and_then(|m| m.preview_error.as_ref()).map(|(_, e)| e.clone());
+            if let Some(e) = &error {
+                ui.colored_label(super::theme::BAD, format!("The settings are invalid: {e}"));
+            }
+            ui.horizontal(|ui| {
+                if ui
+                    .add_enabled(any && error.is_none(), egui::Button::new("Export"))
+                    .on_hover_text("Runs in the background; progress shows in the menu bar.")
+                    .clicked()
+                {
+                    action = Some(ExportAction::Run(request));
+                    close = true;
+                }
+                if ui.button("Cancel").clicked() {
+                    close = true;
+                }
+            });
+        });
+        self.open = open && !close;
+        action
+    }
+}

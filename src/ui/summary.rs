@@ -1,0 +1,118 @@
+//! The bottom bar: what the current settings cut, what the result weighs, what it costs.
+
+use egui::{RichText, Ui};
+
+use super::app::AppState;
+use super::theme;
+use crate::prune::{Criterion, Pattern};
+use crate::util::{group_digits, human_bytes};
+
+/// Floating-point non-zeros after pruning, when they can be known from counts alone.
+///
+/// With magnitude scores and an unstructured pattern each layer prunes its lowest keys, and
+/// NaN (key 0) then exact zeros (key 1) come first, so the zeros a layer still keeps are
+/// `zeros − min(zeros, max(0, pruned − nan))`. Other criteria need the masks themselves.
+pub fn non_zeros(state: &AppState) -> Option<u64> {
+    let m = state.model.as_ref()?;
+    let p = m.preview.as_ref()?;
+    if state.settings.criterion != Criterion::Magnitude || state.settings.pattern != Pattern::Unstructured {
+        return None;
+    }
+    let mut nnz = 0u64;
+    for (t, info) in m.snapshot.tensors.iter().enumerate() {
+        let zeros = m.snapshot.histograms.get(t).and_then(|h| h.as_ref()).map_or(0, |h| h.zeros);
+        match p.alloc.for_tensor(t) {
+            Some(l) => {
+                let zeros_pruned = zeros.min((l.pruned as u64).saturating_sub(info.nan));
+                nnz += l.kept() as u64 - (zeros - zeros_pruned);
+            }
+            None => nnz += info.numel as u64 - zeros,
+        }
+    }
+    Some(nnz)
+}
+
+pub fn ui(ui: &mut Ui, state: &AppState) {
+    let Some(m) = state.model.as_ref() else {
+        ui.label("No model open.");
+        return;
+    };
+    ui.horizontal_wrapped(|ui| {
+        let total = m.snapshot.total_params;
+        ui.label(format!("Parameters {}", group_digits(total)));
+        ui.separator();
+        let Some(p) = m.preview.as_ref() else {
+            ui.spinner();
+            ui.label("Computing…");
+            return;
+        };
+        let a = &p.alloc;
+        ui.label(format!("Pruned {} of {} prunable", group_digits(a.pruned), group_digits(a.prunable)))
+            .on_hover_text("Prunable: floating tensors taking part in pruning (by default those with 2 or more dimensions).");
+        ui.separator();
+        let sparsity = RichText::new(format!("Sparsity {:.2}%", a.sparsity() * 100.0)).strong();
+        ui.label(sparsity).on_hover_text("Pruned ÷ prunable weights.");
+        ui.label(format!("({:.2}% of all parameters)", a.pruned as f64 * 100.0 / total.max(1) as f64));
+        if !a.reached() {
+            ui.colored_label(theme::CAPPED, format!("target {} not reachable under the caps", group_digits(a.requested)))
+                .on_hover_text("Locks, minimum kept and maximum sparsity leave too few weights to prune.");
+        }
+        ui.separator();
+        match non_zeros(state) {
+            Some(nnz) => ui.label(format!("Non-zeros {}", group_digits(nnz))).on_hover_text("Floating-point weights that are neither pruned nor already zero in the file."),
+            None => ui
+                .label(format!("Kept {}", group_digits(total - a.pruned)))
+                .on_hover_text("Parameters not pruned; weights already zero in the file are counted too."),
+        };
+        ui.separator();
+        let s = &p.sizes;
+        ui.label(format!("Size: dense {}", human_bytes(s.dense_bytes)))
+            .on_hover_text("On-disk size of the tensors stored dense, zeros included.");
+        ui.label(format!("· CSR {}", human_bytes(s.csr_bytes)))
+            .on_hover_text("Compressed sparse rows: kept values + a 4-byte column index each + row pointers.");
+        ui.label(format!("· bitmask {}", human_bytes(s.bitmask_bytes)))
+            .on_hover_text("One bit per weight saying kept or not, plus the kept values.");
+        match s.nm_bytes {
+            Some(b) => ui.label(format!("· N:M {}", human_bytes(b))),
+            None => ui.label(RichText::new("· N:M n/a").weak()),
+        }
+        .on_hover_text("N:M: the kept values plus ⌈log2 M⌉ index bits each; only for an N:M pattern.");
+        ui.separator();
+        accuracy_ui(ui, state);
+        if !state.counts_current() {
+            ui.spinner().on_hover_text("Updating for the newest settings…");
+        }
+    });
+}
+
+fn accuracy_ui(ui: &mut Ui, state: &AppState) {
+    let Some(m) = state.model.as_ref() else { return };
+    let snap = &m.snapshot;
+    let Some(dense) = snap.dense_metrics else {
+        let why = snap
+            .evaluator_error
+            .clone()
+            .unwrap_or_else(|| "This model carries no architecture prunescope can run, so accuracy is not measured.".into());
+        ui.label(RichText::new("Accuracy: n/a").weak()).on_hover_text(why);
+        return;
+    };
+    let tip = snap.evaluator.clone().unwrap_or_default();
+    ui.label(format!("Accuracy dense {:.2}%", dense.accuracy * 100.0)).on_hover_text(tip.clone());
+    match m.metrics.as_ref().map(|x| &x.result) {
+        Some(Ok(now)) => {
+            let delta = (now.accuracy - dense.accuracy) * 100.0;
+            let colour = if delta < -1.0 { theme::BAD } else { theme::GOOD };
+            let text = format!("→ now {:.2}% ({delta:+.2} pts), loss {:.4}", now.accuracy * 100.0, now.loss);
+            let r = ui.colored_label(colour, text).on_hover_text(tip);
+            if !state.metrics_current() {
+                r.on_hover_text("Updating…");
+            }
+        }
+        Some(Err(e)) => {
+            ui.colored_label(theme::BAD, format!("evaluation failed: {e}"));
+        }
+        None => {
+            ui.spinner();
+        }
+    }
+}

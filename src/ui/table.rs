@@ -1,0 +1,332 @@
+//! The layer table: every tensor, grouped by module path, sortable within groups.
+
+use std::collections::HashSet;
+
+use egui::{Checkbox, RichText, Sense, Ui, Role, WidgetInfo};
+use egui_extras::{Column, TableBuilder};
+
+use super::app::AppState;
+use super::controls::percent_slider;
+use super::theme;
+use crate::prune::{Criterion, Scope};
+use crate::util::{group_digits, natural_cmp};
+use crate::worker::ModelSnapshot;
+
+pub const TIP_PRUNABLE: &str = "Include this tensor in pruning. By default every floating tensor with 2 or more dimensions is; biases and norms are not.";
+pub const TIP_LOCK: &str = "Lock: keep this layer dense whatever the other settings say (first and last layers are often locked because they are small and sensitive).";
+pub const TIP_TARGET: &str = "This layer's own target sparsity (layer-wise scope).";
+pub const TIP_MAX: &str = "Upper bound on this layer's sparsity in global scope; the weights it keeps are pruned from other layers instead.";
+const TIP_THRESHOLD: &str = "The largest |w| that is pruned: every weight at or below it goes (ties broken by position).";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SortBy {
+    /// Order in the file (natural name order, which follows the layers).
+    #[default]
+    Order,
+    Params,
+    Sparsity,
+    Kept,
+}
+
+#[derive(Default)]
+pub struct LayerTable {
+    sort: SortBy,
+    descending: bool,
+    collapsed: HashSet<String>,
+    filter: String,
+}
+
+enum Row {
+    Group { module: String, tensors: usize, params: u64 },
+    Tensor(usize),
+}
+
+fn module_of(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(m, _)| m)
+}
+
+impl LayerTable {
+    pub fn ui(&mut self, ui: &mut Ui, state: &mut AppState, snapshot: &ModelSnapshot) {
+        let Self { sort, descending, collapsed, filter } = self;
+        ui.horizontal(|ui| {
+            ui.heading(&snapshot.name);
+            ui.label(
+                RichText::new(format!(
+                    "{} · {} tensors · {} parameters",
+                    snapshot.format,
+                    snapshot.tensors.len(),
+                    group_digits(snapshot.total_params)
+                ))
+                .weak(),
+            );
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                if !filter.is_empty() && ui.small_button("✕").on_hover_text("Clear the filter").clicked() {
+                    filter.clear();
+                }
+                let r = ui.add(egui::TextEdit::singleline(filter).hint_text("filter by name").desired_width(160.0));
+                r.on_hover_text("Show only tensors whose name contains this text.");
+            });
+        });
+
+        let alloc = state.model.as_ref().and_then(|m| m.preview.clone());
+        let layer_of = |t: usize| alloc.as_ref().and_then(|p| p.alloc.for_tensor(t));
+
+        // Groups keep file order; tensors are sorted within their group.
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (t, info) in snapshot.tensors.iter().enumerate() {
+            if !filter.is_empty() && !info.name.to_lowercase().contains(&filter.to_lowercase()) {
+                continue;
+            }
+            let m = module_of(&info.name);
+            match groups.iter_mut().find(|(g, _)| g == m) {
+                Some((_, v)) => v.push(t),
+                None => groups.push((m.to_string(), vec![t])),
+            }
+        }
+        let key = |t: usize| -> f64 {
+            match sort {
+                SortBy::Order => t as f64,
+                SortBy::Params => snapshot.tensors[t].numel as f64,
+                SortBy::Sparsity => layer_of(t).map_or(-1.0, |l| l.sparsity()),
+                SortBy::Kept => layer_of(t).map_or(snapshot.tensors[t].numel as f64, |l| l.kept() as f64),
+            }
+        };
+        let mut rows = Vec::new();
+        for (module, mut ts) in groups {
+            if *sort == SortBy::Order {
+                ts.sort_by(|&a, &b| natural_cmp(&snapshot.tensors[a].name, &snapshot.tensors[b].name));
+            } else {
+                ts.sort_by(|&a, &b| key(a).total_cmp(&key(b)));
+            }
+            if *descending {
+                ts.reverse();
+            }
+            let params = ts.iter().map(|&t| snapshot.tensors[t].numel as u64).sum();
+            let folded = collapsed.contains(&module);
+            rows.push(Row::Group { module, tensors: ts.len(), params });
+            if !folded {
+                rows.extend(ts.into_iter().map(Row::Tensor));
+            }
+        }
+
+        let scope = state.settings.scope;
+        let magnitude = state.settings.criterion == Criterion::Magnitude;
+        let mut clicked = None;
+        let mut toggle_group = None;
+        let mut header_click = None;
+        TableBuilder::new(ui)
+            .striped(true)
+            .sense(Sense::click())
+            .cell_layout(egui::Layout::left_to_right(egui::Align::Center))
+            .column(Column::exact(22.0))
+            .column(Column::initial(250.0).at_least(120.0).resizable(true).clip(true))
+            .column(Column::initial(110.0).resizable(true).clip(true))
+            .column(Column::initial(90.0))
+            .column(Column::initial(110.0))
+            .column(Column::initial(90.0))
+            .column(Column::initial(90.0))
+            .column(Column::initial(150.0))
+            .column(Column::remainder().at_least(30.0))
+            .header(theme::ROW_HEIGHT, |mut h| {
+                h.col(|ui| {
+                    ui.label("✓").on_hover_text(TIP_PRUNABLE);
+                });
+                let mut sortable = |h: &mut egui_extras::TableRow<'_, '_>, label: &str, by: SortBy, tip: &str| {
+                    h.col(|ui| {
+                        let arrow = match (*sort == by, *descending) {
+                            (true, false) => " ⏶",
+                            (true, true) => " ⏷",
+                            _ => "",
+                        };
+                        let r = ui.add(egui::Button::new(RichText::new(format!("{label}{arrow}")).strong()).frame(false));
+                        if r.on_hover_text(tip).clicked() {
+                            header_click = Some(by);
+                        }
+                    });
+                };
+                sortable(&mut h, "Name", SortBy::Order, "Tensor name; click to sort in file order.");
+                h.col(|ui| {
+                    ui.strong("Shape");
+                });
+                sortable(&mut h, "Params", SortBy::Params, "Number of weights; click to sort.");
+                sortable(&mut h, "Sparsity", SortBy::Sparsity, "Fraction of this tensor's weights pruned; click to sort.");
+                h.col(|ui| {
+                    ui.strong("Threshold").on_hover_text(TIP_THRESHOLD);
+                });
+                sortable(&mut h, "Kept", SortBy::Kept, "Weights that survive; click to sort.");
+                h.col(|ui| {
+                    let (t, tip) = match scope {
+                        Scope::Layer => ("Target", TIP_TARGET),
+                        Scope::Global => ("Max sparsity", TIP_MAX),
+                    };
+                    ui.strong(t).on_hover_text(tip);
+                });
+                h.col(|ui| {
+                    ui.label("🔒").on_hover_text(TIP_LOCK);
+                });
+            })
+            .body(|body| {
+                body.rows(theme::ROW_HEIGHT, rows.len(), |mut row| {
+                    match &rows[row.index()] {
+                        Row::Group { module, tensors, params } => {
+                            let folded = collapsed.contains(module);
+                            row.col(|ui| {
+                                ui.label(if folded { "⏵" } else { "⏷" });
+                            });
+                            row.col(|ui| {
+                                let name = if module.is_empty() { "(top level)" } else { module };
+                                ui.label(RichText::new(name).strong());
+                            });
+                            row.col(|ui| {
+                                ui.label(RichText::new(format!("{tensors} tensors")).weak());
+                            });
+                            row.col(|ui| {
+                                ui.label(RichText::new(group_digits(*params)).weak());
+                            });
+                            for _ in 0..5 {
+                                row.col(|_| {});
+                            }
+                            if row.response().clicked() {
+                                toggle_group = Some(module.clone());
+                            }
+                        }
+                        Row::Tensor(t) => {
+                            let t = *t;
+                            let info = &snapshot.tensors[t];
+                            row.set_selected(state.selected == Some(t));
+                            let s = &mut state.settings;
+                            let prunable_default = info.default_prunable;
+                            let mut prunable = info.analysable
+                                && s.layers.get(&info.name).and_then(|l| l.prunable).unwrap_or(prunable_default);
+                            row.col(|ui| {
+                                let r = ui.add_enabled(info.analysable, Checkbox::without_text(&mut prunable));
+                                r.widget_info(|| {
+                                    WidgetInfo::selected(Role::CheckBox, info.analysable, prunable, format!("prunable {}", info.name))
+                                });
+                                if r.on_hover_text(TIP_PRUNABLE).changed() {
+                                    s.layer_mut(&info.name).prunable = (prunable != prunable_default).then_some(prunable);
+                                }
+                            });
+                            row.col(|ui| {
+                                let indent = if module_of(&info.name).is_empty() { "" } else { "  " };
+                                let leaf = info.name.rsplit_once('.').map_or(info.name.as_str(), |(_, l)| l);
+                                ui.label(RichText::new(format!("{indent}{leaf}")).monospace()).on_hover_text(&info.name);
+                            });
+                            row.col(|ui| {
+                                let shape = format!("{:?}", info.shape);
+                                if info.dtype == "F32" {
+                                    ui.label(shape);
+                                } else {
+                                    ui.label(format!("{shape} {}", info.dtype));
+                                }
+                            });
+                            row.col(|ui| {
+                                ui.label(group_digits(info.numel as u64));
+                            });
+                            let l = layer_of(t).filter(|_| prunable);
+                            row.col(|ui| {
+                                if let Some(l) = l {
+                                    let bar = egui::ProgressBar::new(l.sparsity() as f32)
+                                        .fill(if l.capped { theme::CAPPED } else { theme::PRUNED })
+                                        .text(format!("{:.1}%", l.sparsity() * 100.0));
+                                    let r = ui.add(bar);
+                                    if l.capped {
+                                        r.on_hover_text("Held at its cap: locked, minimum kept or maximum sparsity.");
+                                    }
+                                } else if info.nan + info.inf > 0 {
+                                    ui.colored_label(theme::BAD, format!("{} non-finite", info.nan + info.inf));
+                                } else {
+                                    ui.label(RichText::new("—").weak());
+                                }
+                            });
+                            row.col(|ui| match l.and_then(|l| l.threshold) {
+                                Some(th) if magnitude => {
+                                    ui.label(format_threshold(th));
+                                }
+                                _ => {
+                                    ui.label(RichText::new("—").weak());
+                                }
+                            });
+                            row.col(|ui| {
+                                if let Some(l) = l {
+                                    ui.label(group_digits(l.kept() as u64));
+                                }
+                            });
+                            let mut locked = s.layer(&info.name).locked;
+                            row.col(|ui| {
+                                if !prunable {
+                                    return;
+                                }
+                                ui.add_enabled_ui(!locked, |ui| {
+                                    ui.spacing_mut().slider_width = 80.0;
+                                    match scope {
+                                        Scope::Layer => {
+                                            let mut v = s.layer(&info.name).sparsity;
+                                            let r = percent_slider(ui, &mut v, 0.0..=1.0);
+                                            r.widget_info(|| {
+                                                WidgetInfo::slider(true, v * 100.0, format!("target {}", info.name))
+                                            });
+                                            if r.on_hover_text(TIP_TARGET).changed() {
+                                                s.layer_mut(&info.name).sparsity = v;
+                                            }
+                                        }
+                                        Scope::Global => {
+                                            let mut v = s.layer(&info.name).max_sparsity.unwrap_or(1.0);
+                                            let r = percent_slider(ui, &mut v, 0.0..=1.0);
+                                            r.widget_info(|| {
+                                                WidgetInfo::slider(true, v * 100.0, format!("max sparsity {}", info.name))
+                                            });
+                                            if r.on_hover_text(TIP_MAX).changed() {
+                                                s.layer_mut(&info.name).max_sparsity = (v < 1.0).then_some(v);
+                                            }
+                                        }
+                                    }
+                                });
+                            });
+                            row.col(|ui| {
+                                if !prunable {
+                                    return;
+                                }
+                                let r = ui.add(Checkbox::without_text(&mut locked));
+                                r.widget_info(|| {
+                                    WidgetInfo::selected(Role::CheckBox, true, locked, format!("lock {}", info.name))
+                                });
+                                if r.on_hover_text(TIP_LOCK).changed() {
+                                    s.layer_mut(&info.name).locked = locked;
+                                }
+                            });
+                            if row.response().clicked() {
+                                clicked = Some(t);
+                            }
+                        }
+                    }
+                });
+            });
+        if let Some(by) = header_click {
+            if *sort == by {
+                *descending = !*descending;
+            } else {
+                *sort = by;
+                *descending = by != SortBy::Order;
+            }
+        }
+        if let Some(m) = toggle_group {
+            if !collapsed.remove(&m) {
+                collapsed.insert(m);
+            }
+        }
+        if let Some(t) = clicked {
+            state.selected = Some(t);
+        }
+    }
+}
+
+/// Thresholds span many decades across layers; keep 3 significant digits.
+pub fn format_threshold(t: f32) -> String {
+    let a = t.abs();
+    if a == 0.0 || (1e-3..1e4).contains(&a) {
+        format!("{:.4}", t)
+    } else {
+        format!("{:.3e}", t)
+    }
+}
