@@ -266,6 +266,7 @@ impl App {
 
     /// Builds the app without eframe storage (tests use this).
     pub fn with_prefs(ctx: &egui::Context, initial: Option<PathBuf>, prefs: Prefs) -> App {
+        theme::install(ctx);
         let wake_ctx = ctx.clone();
         let mut worker = WorkerHandle::spawn(move || wake_ctx.request_repaint());
         let (dialog_tx, dialog_rx) = unbounded();
@@ -514,7 +515,7 @@ impl App {
         for (i, e) in self.state.errors.iter().enumerate() {
             egui::Frame::new().fill(theme::ERROR_BG).inner_margin(6.0).corner_radius(4.0).show(ui, |ui| {
                 ui.horizontal(|ui| {
-                    if ui.small_button("✕").on_hover_text("Dismiss this message").clicked() {
+                    if ui.small_button("×").on_hover_text("Dismiss this message").clicked() {
                         dismiss = Some(i);
                     }
                     ui.label(egui::RichText::new(e).color(theme::ERROR_FG));

@@ -83,11 +83,11 @@ impl ControlsPanel {
         }
 
         ui.add_space(6.0);
-        ui.label(RichText::new("Pattern").strong());
-        pattern_ui(ui, &mut s.pattern, custom);
+        let label = ui.label(RichText::new("Pattern").strong());
+        pattern_ui(ui, &mut s.pattern, custom, label.id);
 
         ui.add_space(6.0);
-        ui.label(RichText::new("Criterion").strong());
+        let label = ui.label(RichText::new("Criterion").strong());
         ComboBox::from_id_salt("criterion")
             .selected_text(s.criterion.label())
             .show_ui(ui, |ui| {
@@ -96,6 +96,7 @@ impl ControlsPanel {
                 }
             })
             .response
+            .labelled_by(label.id)
             .on_hover_text(s.criterion.tooltip());
         if s.criterion.seeded() {
             ui.horizontal(|ui| {
@@ -133,7 +134,7 @@ fn is_prunable(s: &PruneSettings, info: &crate::worker::TensorInfo, _t: usize) -
     info.analysable && s.layers.get(&info.name).and_then(|l| l.prunable).unwrap_or(info.default_prunable)
 }
 
-fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, usize)>) {
+fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, usize)>, label: egui::Id) {
     let text = match (*pattern, custom.is_some()) {
         (_, true) => "custom N:M".to_string(),
         (p, false) => p.to_string(),
@@ -162,6 +163,7 @@ fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, us
             }
         })
         .response
+        .labelled_by(label)
         .on_hover_text(TIP_PATTERN);
     if let Some((n, m)) = custom {
         ui.horizontal(|ui| {

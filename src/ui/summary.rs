@@ -51,8 +51,8 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
             .on_hover_text("Prunable: floating tensors taking part in pruning (by default those with 2 or more dimensions).");
         ui.separator();
         let sparsity = RichText::new(format!("Sparsity {:.2}%", a.sparsity() * 100.0)).strong();
-        ui.label(sparsity).on_hover_text("Pruned ÷ prunable weights.");
-        ui.label(format!("({:.2}% of all parameters)", a.pruned as f64 * 100.0 / total.max(1) as f64));
+        let all = a.pruned as f64 * 100.0 / total.max(1) as f64;
+        ui.label(sparsity).on_hover_text(format!("Pruned ÷ prunable weights ({all:.2}% of all parameters)."));
         if !a.reached() {
             ui.colored_label(theme::CAPPED, format!("target {} not reachable under the caps", group_digits(a.requested)))
                 .on_hover_text("Locks, minimum kept and maximum sparsity leave too few weights to prune.");
@@ -97,12 +97,12 @@ fn accuracy_ui(ui: &mut Ui, state: &AppState) {
         return;
     };
     let tip = snap.evaluator.clone().unwrap_or_default();
-    ui.label(format!("Accuracy dense {:.2}%", dense.accuracy * 100.0)).on_hover_text(tip.clone());
+    ui.label(format!("Accuracy: dense {:.2}%", dense.accuracy * 100.0)).on_hover_text(tip.clone());
     match m.metrics.as_ref().map(|x| &x.result) {
         Some(Ok(now)) => {
             let delta = (now.accuracy - dense.accuracy) * 100.0;
             let colour = if delta < -1.0 { theme::BAD } else { theme::GOOD };
-            let text = format!("→ now {:.2}% ({delta:+.2} pts), loss {:.4}", now.accuracy * 100.0, now.loss);
+            let text = format!("→ now {:.2}% ({delta:+.2}), loss {:.3}", now.accuracy * 100.0, now.loss);
             let r = ui.colored_label(colour, text).on_hover_text(tip);
             if !state.metrics_current() {
                 r.on_hover_text("Updating…");

@@ -60,7 +60,7 @@ impl LayerTable {
                 .weak(),
             );
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                if !filter.is_empty() && ui.small_button("✕").on_hover_text("Clear the filter").clicked() {
+                if !filter.is_empty() && ui.small_button("×").on_hover_text("Clear the filter").clicked() {
                     filter.clear();
                 }
                 let r = ui.add(egui::TextEdit::singleline(filter).hint_text("filter by name").desired_width(160.0));
@@ -114,6 +114,8 @@ impl LayerTable {
         let mut clicked = None;
         let mut toggle_group = None;
         let mut header_click = None;
+        // Selectable labels would swallow the clicks that select a row.
+        ui.style_mut().interaction.selectable_labels = false;
         TableBuilder::new(ui)
             .striped(true)
             .sense(Sense::click())
@@ -129,13 +131,13 @@ impl LayerTable {
             .column(Column::remainder().at_least(30.0))
             .header(theme::ROW_HEIGHT, |mut h| {
                 h.col(|ui| {
-                    ui.label("✓").on_hover_text(TIP_PRUNABLE);
+                    ui.strong("On").on_hover_text(TIP_PRUNABLE);
                 });
                 let mut sortable = |h: &mut egui_extras::TableRow<'_, '_>, label: &str, by: SortBy, tip: &str| {
                     h.col(|ui| {
                         let arrow = match (*sort == by, *descending) {
-                            (true, false) => " ⏶",
-                            (true, true) => " ⏷",
+                            (true, false) => " ▲",
+                            (true, true) => " ▼",
                             _ => "",
                         };
                         let r = ui.add(egui::Button::new(RichText::new(format!("{label}{arrow}")).strong()).frame(false));
@@ -162,7 +164,7 @@ impl LayerTable {
                     ui.strong(t).on_hover_text(tip);
                 });
                 h.col(|ui| {
-                    ui.label("🔒").on_hover_text(TIP_LOCK);
+                    ui.strong("Lock").on_hover_text(TIP_LOCK);
                 });
             })
             .body(|body| {
@@ -171,7 +173,7 @@ impl LayerTable {
                         Row::Group { module, tensors, params } => {
                             let folded = collapsed.contains(module);
                             row.col(|ui| {
-                                ui.label(if folded { "⏵" } else { "⏷" });
+                                ui.label(if folded { "▸" } else { "▾" });
                             });
                             row.col(|ui| {
                                 let name = if module.is_empty() { "(top level)" } else { module };
@@ -226,10 +228,8 @@ impl LayerTable {
                             let l = layer_of(t).filter(|_| prunable);
                             row.col(|ui| {
                                 if let Some(l) = l {
-                                    let bar = egui::ProgressBar::new(l.sparsity() as f32)
-                                        .fill(if l.capped { theme::CAPPED } else { theme::PRUNED })
-                                        .text(format!("{:.1}%", l.sparsity() * 100.0));
-                                    let r = ui.add(bar);
+                                    let colour = if l.capped { theme::CAPPED } else { theme::PRUNED };
+                                    let r = fraction_bar(ui, l.sparsity() as f32, colour, &format!("{:.1}%", l.sparsity() * 100.0));
                                     if l.capped {
                                         r.on_hover_text("Held at its cap: locked, minimum kept or maximum sparsity.");
                                     }
@@ -329,4 +329,16 @@ pub fn format_threshold(t: f32) -> String {
     } else {
         format!("{:.3e}", t)
     }
+}
+
+/// A thin horizontal bar filled to `f`, with a label beside it.
+fn fraction_bar(ui: &mut Ui, f: f32, colour: egui::Color32, text: &str) -> egui::Response {
+    let (rect, r) = ui.allocate_exact_size(egui::vec2(50.0, 8.0), Sense::hover());
+    let p = ui.painter();
+    p.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+    let mut fill = rect;
+    fill.set_width(rect.width() * f.clamp(0.0, 1.0));
+    p.rect_filled(fill, 2.0, colour);
+    ui.label(text);
+    r
 }

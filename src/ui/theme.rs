@@ -53,3 +53,15 @@ mod tests {
         }
     }
 }
+
+/// Fonts: egui's defaults, with Hack as a fallback for the proportional family so that
+/// arrows and ⌈⌉ (absent from Ubuntu-Light) draw instead of tofu.
+pub fn install(ctx: &egui::Context) {
+    let mut fonts = egui::FontDefinitions::default();
+    if fonts.font_data.contains_key("Hack") {
+        if let Some(p) = fonts.families.get_mut(&egui::FontFamily::Proportional) {
+            p.insert(1.min(p.len()), "Hack".to_owned());
+        }
+    }
+    ctx.set_fonts(fonts);
+}
