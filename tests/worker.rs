@@ -1,0 +1,148 @@
+//! The worker as the UI sees it: commands in, events out, in order; stale previews dropped;
+//! failures, cancels and panics reported while the model stays usable.
+
+use std::path::Path;
+use std::time::Duration;
+
+use prunescope::prune::PruneSettings;
+use prunescope::worker::{Command, Event, OpenSource, PreviewRequest, WorkerHandle};
+
+fn next(w: &WorkerHandle) -> Event {
+    w.events().recv_timeout(Duration::from_secs(60)).expect("an event within a minute")
+}
+
+/// Waits for the event `pick` accepts, returning it; other events are skipped.
+fn wait_for<T>(w: &WorkerHandle, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+    loop {
+        if let Some(t) = pick(next(w)) {
+            return t;
+        }
+    }
+}
+
+fn open_sample(w: &mut WorkerHandle) -> u64 {
+    let job = w.open(OpenSource::Sample).unwrap();
+    match next(w) {
+        Event::JobStarted { job: j, .. } => assert_eq!(j, job),
+        e => panic!("expected JobStarted, got {e:?}"),
+    }
+    let snap = wait_for(w, |e| match e {
+        Event::ModelOpened(s) => Some(s),
+        Event::JobFailed { error, .. } => panic!("{error}"),
+        _ => None,
+    });
+    wait_for(w, |e| matches!(e, Event::JobFinished { job: j, .. } if j == job).then_some(()));
+    snap.id
+}
+
+fn preview(model: u64, generation: u64, sparsity: f64) -> PreviewRequest {
+    PreviewRequest {
+        generation,
+        model,
+        settings: PruneSettings { sparsity, ..Default::default() },
+        selected: Some(1),
+        heatmap: None,
+    }
+}
+
+#[test]
+fn open_then_preview_gives_counts_detail_and_metrics_in_order() {
+    let mut w = WorkerHandle::spawn(|| {});
+    let model = open_sample(&mut w);
+    w.preview(preview(model, 1, 0.5)).unwrap();
+    let kinds: Vec<&str> = (0..3)
+        .map(|_| match next(&w) {
+            Event::Preview(p) => {
+                assert_eq!(p.generation, 1);
+                assert_eq!(p.alloc.pruned, (0.5 * p.alloc.prunable as f64).round() as u64);
+                "preview"
+            }
+            Event::LayerDetail(d) => {
+                assert_eq!(d.tensor, 1);
+                "detail"
+            }
+            Event::Metrics(m) => {
+                assert!(m.result.is_ok());
+                "metrics"
+            }
+            e => panic!("unexpected {e:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["preview", "detail", "metrics"]);
+}
+
+#[test]
+fn a_burst_of_previews_is_coalesced_and_the_newest_always_answered() {
+    let mut w = WorkerHandle::spawn(|| {});
+    let model = open_sample(&mut w);
+    for g in 1..=40 {
+        w.preview(preview(model, g, g as f64 / 50.0)).unwrap();
+    }
+    let mut answered = Vec::new();
+    let last = wait_for(&w, |e| match e {
+        Event::Preview(p) => {
+            answered.push(p.generation);
+            (p.generation == 40).then_some(p)
+        }
+        _ => None,
+    });
+    assert_eq!(last.alloc.pruned, (0.8 * last.alloc.prunable as f64).round() as u64);
+    assert!(answered.windows(2).all(|w| w[0] < w[1]), "answers come in generation order: {answered:?}");
+    assert!(answered.len() < 40, "stale previews were skipped ({} answered)", answered.len());
+}
+
+#[test]
+fn a_failed_open_keeps_the_model_and_a_panic_is_contained() {
+    let mut w = WorkerHandle::spawn(|| {});
+    let model = open_sample(&mut w);
+    let bad = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/garbage.pt");
+    let job = w.open(OpenSource::Path(bad)).unwrap();
+    let error = wait_for(&w, |e| match e {
+        Event::JobFailed { job: j, error } if j == job => Some(error),
+        Event::ModelOpened(_) => panic!("a garbage file must not replace the model"),
+        _ => None,
+    });
+    assert!(error.contains("garbage.pt"), "{error}");
+
+    let job = w.next_id();
+    w.send(Command::PanicForTest { job }).unwrap();
+    let error = wait_for(&w, |e| match e {
+        Event::JobFailed { job: j, error } if j == job => Some(error),
+        _ => None,
+    });
+    assert!(error.contains("deliberate panic"), "{error}");
+
+    // The old model still answers.
+    w.preview(preview(model, 7, 0.3)).unwrap();
+    let p = wait_for(&w, |e| match e {
+        Event::Preview(p) => Some(p),
+        _ => None,
+    });
+    assert_eq!((p.generation, p.model), (7, model));
+}
+
+#[test]
+fn cancelling_an_export_reports_cancelled_and_writes_nothing() {
+    let mut w = WorkerHandle::spawn(|| {});
+    open_sample(&mut w);
+    let out = std::env::temp_dir().join(format!("prunescope-cancel-{}.safetensors", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    // Queue a panic job first so the export is still waiting when the cancel lands.
+    let blocker = w.next_id();
+    w.send(Command::PanicForTest { job: blocker }).unwrap();
+    let job = w
+        .export(prunescope::worker::ExportRequest {
+            settings: PruneSettings { sparsity: 0.5, ..Default::default() },
+            weights: Some(out.clone()),
+            masks: None,
+            recipe: None,
+        })
+        .unwrap();
+    w.cancel(job);
+    wait_for(&w, |e| match e {
+        Event::JobCancelled { job: j } if j == job => Some(()),
+        Event::JobFinished { job: j, .. } if j == job => panic!("the export ran despite the cancel"),
+        _ => None,
+    });
+    assert!(!out.exists());
+}
