@@ -9,11 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use crate::export::{Recipe, export_masks, export_pruned};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
-use crate::prune::{Criterion, Pattern, PruneSettings, ScoreInputs, Scope, prune};
+use crate::prune::{Criterion, Pattern, PruneSettings, Scope, ScoreInputs, prune};
 use crate::util::{group_digits, human_bytes};
 
 #[derive(Parser, Debug)]
-#[command(name = "prunescope", version, about = "Open a neural network, shape its sparsity, see what each cut costs.")]
+#[command(
+    name = "prunescope",
+    version,
+    about = "Open a neural network, shape its sparsity, see what each cut costs."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -111,7 +115,12 @@ fn bar() -> Progress<'static> {
     }
     Progress::new(CancelFlag::new(), |f, msg| {
         let filled = (f * 30.0).round() as usize;
-        eprint!("\r[{}{}] {:3.0}% {msg:<40}", "#".repeat(filled), " ".repeat(30 - filled), f * 100.0);
+        eprint!(
+            "\r[{}{}] {:3.0}% {msg:<40}",
+            "#".repeat(filled),
+            " ".repeat(30 - filled),
+            f * 100.0
+        );
         if f >= 1.0 {
             eprintln!();
         }
@@ -125,7 +134,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Prune(args) => prune_cmd(args),
         Command::Train(args) => train_cmd(args),
-        Command::Bench { which: BenchCommand::Interactive { params, json } } => {
+        Command::Bench {
+            which: BenchCommand::Interactive { params, json },
+        } => {
             let report = crate::bench::interactive(params, |m| {
                 if !json {
                     eprintln!("{m}");
@@ -174,7 +185,10 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
         group_digits(model.total_params()),
         human_bytes(model.data_bytes())
     );
-    println!("{:<48} {:<18} {:<6} {:>12} {:>9} {:>8}", "name", "shape", "dtype", "params", "zeros", "prunable");
+    println!(
+        "{:<48} {:<18} {:<6} {:>12} {:>9} {:>8}",
+        "name", "shape", "dtype", "params", "zeros", "prunable"
+    );
     for r in &rows {
         let flag = |k: &str| r[k].as_u64().unwrap_or(0);
         let mut note = String::new();
@@ -184,11 +198,24 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<48} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
             r["name"].as_str().unwrap_or(""),
-            format!("{:?}", r["shape"].as_array().map(|a| a.iter().map(|d| d.as_u64().unwrap_or(0)).collect::<Vec<_>>()).unwrap_or_default()),
+            format!(
+                "{:?}",
+                r["shape"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .map(|d| d.as_u64().unwrap_or(0))
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            ),
             r["dtype"].as_str().unwrap_or(""),
             group_digits(flag("params")),
             r["sparsity"].as_f64().unwrap_or(0.0) * 100.0,
-            if r["prunable"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            if r["prunable"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
         );
     }
     Ok(())
@@ -197,8 +224,12 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
 /// Builds settings from the flags (everything the GUI can set globally).
 pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
     let pattern = Pattern::parse(&a.pattern)?;
-    let criterion = Criterion::parse(&a.criterion)
-        .with_context(|| format!("unknown criterion '{}' (expected magnitude or random)", a.criterion))?;
+    let criterion = Criterion::parse(&a.criterion).with_context(|| {
+        format!(
+            "unknown criterion '{}' (expected magnitude or random)",
+            a.criterion
+        )
+    })?;
     let scope = match a.scope.as_str() {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
@@ -207,7 +238,9 @@ pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
     let sparsity = match (a.sparsity, pattern) {
         (Some(s), _) => s,
         (None, Pattern::NM { .. }) => 0.0,
-        (None, Pattern::Unstructured) => bail!("--sparsity is required (or --recipe, or an N:M --pattern)"),
+        (None, Pattern::Unstructured) => {
+            bail!("--sparsity is required (or --recipe, or an N:M --pattern)")
+        }
     };
     if !(0.0..=1.0).contains(&sparsity) {
         bail!("--sparsity {sparsity} is outside 0..=1");
@@ -248,10 +281,10 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     }
     let progress = bar();
     let p = prune(&model, &settings, &ScoreInputs::default(), &progress)?;
-    if let Some(r) = &recipe {
-        if !a.ignore_hash {
-            r.check_result(&model, &p.alloc)?;
-        }
+    if let Some(r) = &recipe
+        && !a.ignore_hash
+    {
+        r.check_result(&model, &p.alloc)?;
     }
     export_pruned(&model, &p.masks, &a.out, &progress)?;
     if let Some(m) = &a.masks {
@@ -267,17 +300,29 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
         group_digits(p.alloc.pruned),
         group_digits(p.alloc.prunable),
         p.alloc.sparsity() * 100.0,
-        if p.alloc.reached() { String::new() } else { format!("; target of {} not reachable under the caps", group_digits(p.alloc.requested)) },
+        if p.alloc.reached() {
+            String::new()
+        } else {
+            format!(
+                "; target of {} not reachable under the caps",
+                group_digits(p.alloc.requested)
+            )
+        },
         a.out.display()
     );
     Ok(())
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
-    let cfg = crate::train::TrainConfig { epochs: a.epochs, seed: a.seed, ..Default::default() };
+    let cfg = crate::train::TrainConfig {
+        epochs: a.epochs,
+        seed: a.seed,
+        ..Default::default()
+    };
     let data = crate::data::digits_split()?;
     let result = crate::train::train_mlp(&cfg, &data, &bar())?;
-    crate::train::save(&result, &a.out, &a.init_out).with_context(|| format!("{}: cannot write", a.out.display()))?;
+    crate::train::save(&result, &a.out, &a.init_out)
+        .with_context(|| format!("{}: cannot write", a.out.display()))?;
     eprintln!(
         "test accuracy {:.2}% (loss {:.4}) on {} images; wrote {} and {}",
         result.test.accuracy * 100.0,

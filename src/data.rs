@@ -67,14 +67,22 @@ pub fn digits_all() -> Result<Dataset, DataError> {
         .map_err(|e| DataError::Digits(e.to_string()))?;
     let mut inputs = Vec::with_capacity(1797 * 64);
     let mut labels = Vec::with_capacity(1797);
-    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (line_no, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let vals: Vec<f32> = line
             .split(',')
             .map(|v| v.trim().parse::<f32>())
             .collect::<Result<_, _>>()
             .map_err(|e| DataError::Digits(format!("line {}: {e}", line_no + 1)))?;
         if vals.len() != 65 {
-            return Err(DataError::Digits(format!("line {}: {} values, expected 65", line_no + 1, vals.len())));
+            return Err(DataError::Digits(format!(
+                "line {}: {} values, expected 65",
+                line_no + 1,
+                vals.len()
+            )));
         }
         inputs.extend(vals[..64].iter().map(|v| v / 16.0));
         labels.push(vals[64] as u32);
@@ -130,7 +138,10 @@ mod tests {
             per_class[l as usize] += 1;
         }
         // Class counts published in scikit-learn's DESCR / load_digits.
-        assert_eq!(per_class, [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]);
+        assert_eq!(
+            per_class,
+            [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+        );
     }
 
     #[test]
@@ -140,6 +151,6 @@ mod tests {
         assert_eq!(a.test, b.test);
         assert_eq!(a.test.len(), 360);
         assert_eq!(a.train.len(), 1437);
-        assert!(a.test.labels.iter().any(|&l| l == 9));
+        assert!(a.test.labels.contains(&9));
     }
 }

@@ -183,7 +183,7 @@ pub fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -223,7 +223,11 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"second");
         let failed = atomic_write(&p, |_| Err(io::Error::other("boom")));
         assert!(failed.is_err());
-        assert_eq!(std::fs::read(&p).unwrap(), b"second", "failed write kept old file");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"second",
+            "failed write kept old file"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();

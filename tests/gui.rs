@@ -14,7 +14,9 @@ use prunescope::ui::{App, Prefs};
 use prunescope::util::group_digits;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn harness() -> Harness<'static, App> {
@@ -27,7 +29,10 @@ fn harness() -> Harness<'static, App> {
 fn step_until(h: &mut Harness<'static, App>, what: &str, done: impl Fn(&App) -> bool) {
     let start = Instant::now();
     while !done(h.state()) {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -63,7 +68,9 @@ fn dragging_the_global_slider_to_half_prunes_half_and_moves_accuracy() {
     let mut h = harness();
     step_until(&mut h, "the sample model", settled);
 
-    let rail = h.get_by_role_and_label(Role::Slider, "Global sparsity").rect();
+    let rail = h
+        .get_by_role_and_label(Role::Slider, "Global sparsity")
+        .rect();
     // Grab the handle (at 0%) and drag it to the middle of the rail, which is 50%.
     let from = egui::pos2(rail.left() + rail.height() / 2.0, rail.center().y);
     h.drag_at(from);
@@ -78,25 +85,51 @@ fn dragging_the_global_slider_to_half_prunes_half_and_moves_accuracy() {
     let s = h.state().state().settings.sparsity;
     assert!((s - 0.5).abs() < 0.005, "slider gave {s}");
 
-    step_until(&mut h, "counts for the new sparsity", |a| settled(a) && a.state().metrics_current());
+    step_until(&mut h, "counts for the new sparsity", |a| {
+        settled(a) && a.state().metrics_current()
+    });
     let state = h.state().state();
     let preview = state.model.as_ref().unwrap().preview.clone().unwrap();
 
     // Independent: the core library on a freshly opened copy of the model.
     let model = sample();
     let settings = state.settings.clone();
-    let expected = prune(&model, &settings, &ScoreInputs::default(), &prunescope::progress::Progress::none()).unwrap();
+    let expected = prune(
+        &model,
+        &settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
     assert_eq!(preview.alloc, expected.alloc);
-    assert_eq!(expected.alloc.pruned, (s * expected.alloc.prunable as f64).round() as u64);
+    assert_eq!(
+        expected.alloc.pruned,
+        (s * expected.alloc.prunable as f64).round() as u64
+    );
     h.get_by_label(&format!(
         "Pruned {} of {} prunable",
         group_digits(expected.alloc.pruned),
         group_digits(expected.alloc.prunable)
     ));
-    h.get_by_label(&format!("Sparsity {:.2}%", expected.alloc.sparsity() * 100.0));
+    h.get_by_label(&format!(
+        "Sparsity {:.2}%",
+        expected.alloc.sparsity() * 100.0
+    ));
 
-    let now = state.model.as_ref().unwrap().metrics.clone().unwrap().result.unwrap();
-    let direct = evaluator_for(&model).unwrap().unwrap().evaluate(&model, &expected.masks).unwrap();
+    let now = state
+        .model
+        .as_ref()
+        .unwrap()
+        .metrics
+        .clone()
+        .unwrap()
+        .result
+        .unwrap();
+    let direct = evaluator_for(&model)
+        .unwrap()
+        .unwrap()
+        .evaluate(&model, &expected.masks)
+        .unwrap();
     assert_eq!(now.accuracy, direct.accuracy);
     assert!((now.loss - direct.loss).abs() < 1e-9);
     h.get_by_label_contains(&format!("→ now {:.2}%", direct.accuracy * 100.0));
@@ -110,27 +143,49 @@ fn two_four_pattern_gives_two_of_every_four_in_the_mask() {
     h.run_steps(4);
     h.get_by_label("2:4").click();
     h.run_steps(4);
-    assert_eq!(h.state().state().settings.pattern, Pattern::NM { n: 2, m: 4 });
+    assert_eq!(
+        h.state().state().settings.pattern,
+        Pattern::NM { n: 2, m: 4 }
+    );
     step_until(&mut h, "a 2:4 heatmap", |a| {
         settled(a)
-            && a.state().model.as_ref().unwrap().heatmap.as_ref().is_some_and(|hm| {
-                hm.generation >= a.state().settings_generation && hm.view.one_to_one()
-            })
+            && a.state()
+                .model
+                .as_ref()
+                .unwrap()
+                .heatmap
+                .as_ref()
+                .is_some_and(|hm| {
+                    hm.generation >= a.state().settings_generation && hm.view.one_to_one()
+                })
     });
     let state = h.state().state();
     let m = state.model.as_ref().unwrap();
     for l in &m.preview.as_ref().unwrap().alloc.layers {
-        assert_eq!(l.pruned * 2, l.numel, "{}", m.snapshot.tensors[l.tensor].name);
+        assert_eq!(
+            l.pruned * 2,
+            l.numel,
+            "{}",
+            m.snapshot.tensors[l.tensor].name
+        );
     }
     // The mask drawn for the selected layer, checked group by group against a brute force.
     let hm = m.heatmap.as_ref().unwrap();
     let v = &hm.view;
     let values = v.values.as_ref().unwrap();
-    assert_eq!((v.grid_h, v.grid_w), (v.total_rows, v.total_cols), "the whole layer is on screen");
+    assert_eq!(
+        (v.grid_h, v.grid_w),
+        (v.total_rows, v.total_cols),
+        "the whole layer is on screen"
+    );
     for r in 0..v.grid_h {
         for g in 0..v.grid_w / 4 {
             let idx: Vec<usize> = (0..4).map(|k| r * v.grid_w + g * 4 + k).collect();
-            let kept: Vec<usize> = idx.iter().copied().filter(|&i| v.kept_fraction[i] == 1.0).collect();
+            let kept: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|&i| v.kept_fraction[i] == 1.0)
+                .collect();
             assert_eq!(kept.len(), 2, "row {r} group {g}");
             let mut by_mag = idx.clone();
             by_mag.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
@@ -148,19 +203,32 @@ fn layer_wise_sliders_and_locks_act_on_single_layers() {
     step_until(&mut h, "the sample model", settled);
     h.get_by_label("Layer-wise").click();
     h.run_steps(4);
-    h.get_by_role_and_label(Role::Slider, "target fc2.weight").set_value_accesskit(80.0);
+    h.get_by_role_and_label(Role::Slider, "target fc2.weight")
+        .set_value_accesskit(80.0);
     h.run_steps(4);
     step_until(&mut h, "layer-wise counts", settled);
     let fc2 = |a: &App| {
         let m = a.state().model.as_ref().unwrap();
-        let t = m.snapshot.tensors.iter().position(|t| t.name == "fc2.weight").unwrap();
-        m.preview.as_ref().unwrap().alloc.for_tensor(t).unwrap().pruned
+        let t = m
+            .snapshot
+            .tensors
+            .iter()
+            .position(|t| t.name == "fc2.weight")
+            .unwrap();
+        m.preview
+            .as_ref()
+            .unwrap()
+            .alloc
+            .for_tensor(t)
+            .unwrap()
+            .pruned
     };
     assert_eq!(fc2(h.state()), (0.8f64 * 8192.0).round() as usize);
-    h.get_by_role_and_label(Role::CheckBox, "lock fc2.weight").click();
+    h.get_by_role_and_label(Role::CheckBox, "lock fc2.weight")
+        .click();
     h.run_steps(4);
     step_until(&mut h, "the lock", |a| settled(a) && fc2(a) == 0);
-    assert_eq!(h.state().state().settings.layer("fc2.weight").locked, true);
+    assert!(h.state().state().settings.layer("fc2.weight").locked);
 }
 
 #[test]
@@ -174,26 +242,43 @@ fn opening_a_corrupt_file_shows_the_error_and_keeps_the_model() {
     h.get_by_label_contains("Open path").click();
     h.run_steps(4);
     let bad = fixture("truncated.safetensors");
-    let field = h.get_by_role_and_label(Role::TextInput, "Model file (.safetensors, .pt, .pth, .bin, .npz)");
+    let field = h.get_by_role_and_label(
+        Role::TextInput,
+        "Model file (.safetensors, .pt, .pth, .bin, .npz)",
+    );
     field.focus();
     field.type_text(&bad.display().to_string());
     h.run_steps(4);
     h.get_by_role_and_label(Role::Button, "Open").click();
     h.run_steps(4);
-    step_until(&mut h, "the error", |a| !a.state().errors.is_empty() && !a.busy());
+    step_until(&mut h, "the error", |a| {
+        !a.state().errors.is_empty() && !a.busy()
+    });
 
     let state = h.state().state();
     let err = state.errors.join("\n");
     assert!(err.contains("truncated.safetensors"), "{err}");
     assert!(err.contains("still open"), "{err}");
-    assert_eq!(state.model.as_ref().unwrap().snapshot.id, before, "the sample model stays");
+    assert_eq!(
+        state.model.as_ref().unwrap().snapshot.id,
+        before,
+        "the sample model stays"
+    );
     h.get_by_label_contains("truncated.safetensors");
-    assert!(!h.query_all_by_label_contains("digits_mlp.safetensors").collect::<Vec<_>>().is_empty());
+    assert!(
+        !h.query_all_by_label_contains("digits_mlp.safetensors")
+            .collect::<Vec<_>>()
+            .is_empty()
+    );
 
     // The app is still usable: a valid model opens after the failure.
     h.state_mut().open_path(fixture("tiny.npz"));
     step_until(&mut h, "the npz model", |a| {
-        a.state().model.as_ref().is_some_and(|m| m.snapshot.name.contains("tiny.npz")) && settled(a)
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("tiny.npz"))
+            && settled(a)
     });
 }
 
@@ -202,7 +287,11 @@ fn export_from_the_app_matches_a_cli_style_replay_of_its_recipe() {
     let mut h = harness();
     step_until(&mut h, "the sample model", settled);
     let dir = tempdir();
-    let mut settings = PruneSettings { sparsity: 0.7, min_keep: 0.2, ..Default::default() };
+    let mut settings = PruneSettings {
+        sparsity: 0.7,
+        min_keep: 0.2,
+        ..Default::default()
+    };
     settings.layer_mut("fc3.weight").locked = true;
     h.state_mut().state_mut().settings = settings;
     step_until(&mut h, "counts", settled);
@@ -215,22 +304,49 @@ fn export_from_the_app_matches_a_cli_style_replay_of_its_recipe() {
         masks: None,
         recipe: Some(recipe.clone()),
     });
-    step_until(&mut h, "the export", |a| a.state().notice.as_deref().is_some_and(|n| n.starts_with("Wrote")));
+    step_until(&mut h, "the export", |a| {
+        a.state()
+            .notice
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Wrote"))
+    });
 
     let r = prunescope::export::Recipe::load(&recipe).unwrap();
     let model = sample();
     let replay = dir.join("replay.safetensors");
-    let p = prune(&model, &r.settings, &ScoreInputs::default(), &prunescope::progress::Progress::none()).unwrap();
-    prunescope::export::export_pruned(&model, &p.masks, &replay, &prunescope::progress::Progress::none()).unwrap();
-    assert_eq!(std::fs::read(&weights).unwrap(), std::fs::read(&replay).unwrap());
+    let p = prune(
+        &model,
+        &r.settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    prunescope::export::export_pruned(
+        &model,
+        &p.masks,
+        &replay,
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        std::fs::read(&replay).unwrap()
+    );
 }
 
 fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prunescope-gui-{}-{}", std::process::id(), rand_suffix()));
+    let d = std::env::temp_dir().join(format!(
+        "prunescope-gui-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }

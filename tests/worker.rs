@@ -8,7 +8,9 @@ use prunescope::prune::PruneSettings;
 use prunescope::worker::{Command, Event, OpenSource, PreviewRequest, WorkerHandle};
 
 fn next(w: &WorkerHandle) -> Event {
-    w.events().recv_timeout(Duration::from_secs(60)).expect("an event within a minute")
+    w.events()
+        .recv_timeout(Duration::from_secs(60))
+        .expect("an event within a minute")
 }
 
 /// Waits for the event `pick` accepts, returning it; other events are skipped.
@@ -31,7 +33,9 @@ fn open_sample(w: &mut WorkerHandle) -> u64 {
         Event::JobFailed { error, .. } => panic!("{error}"),
         _ => None,
     });
-    wait_for(w, |e| matches!(e, Event::JobFinished { job: j, .. } if j == job).then_some(()));
+    wait_for(w, |e| {
+        matches!(e, Event::JobFinished { job: j, .. } if j == job).then_some(())
+    });
     snap.id
 }
 
@@ -39,7 +43,10 @@ fn preview(model: u64, generation: u64, sparsity: f64) -> PreviewRequest {
     PreviewRequest {
         generation,
         model,
-        settings: PruneSettings { sparsity, ..Default::default() },
+        settings: PruneSettings {
+            sparsity,
+            ..Default::default()
+        },
         selected: Some(1),
         heatmap: None,
     }
@@ -54,7 +61,10 @@ fn open_then_preview_gives_counts_detail_and_metrics_in_order() {
         .map(|_| match next(&w) {
             Event::Preview(p) => {
                 assert_eq!(p.generation, 1);
-                assert_eq!(p.alloc.pruned, (0.5 * p.alloc.prunable as f64).round() as u64);
+                assert_eq!(
+                    p.alloc.pruned,
+                    (0.5 * p.alloc.prunable as f64).round() as u64
+                );
                 "preview"
             }
             Event::LayerDetail(d) => {
@@ -86,9 +96,19 @@ fn a_burst_of_previews_is_coalesced_and_the_newest_always_answered() {
         }
         _ => None,
     });
-    assert_eq!(last.alloc.pruned, (0.8 * last.alloc.prunable as f64).round() as u64);
-    assert!(answered.windows(2).all(|w| w[0] < w[1]), "answers come in generation order: {answered:?}");
-    assert!(answered.len() < 40, "stale previews were skipped ({} answered)", answered.len());
+    assert_eq!(
+        last.alloc.pruned,
+        (0.8 * last.alloc.prunable as f64).round() as u64
+    );
+    assert!(
+        answered.windows(2).all(|w| w[0] < w[1]),
+        "answers come in generation order: {answered:?}"
+    );
+    assert!(
+        answered.len() < 40,
+        "stale previews were skipped ({} answered)",
+        answered.len()
+    );
 }
 
 #[test]
@@ -125,14 +145,20 @@ fn a_failed_open_keeps_the_model_and_a_panic_is_contained() {
 fn cancelling_an_export_reports_cancelled_and_writes_nothing() {
     let mut w = WorkerHandle::spawn(|| {});
     open_sample(&mut w);
-    let out = std::env::temp_dir().join(format!("prunescope-cancel-{}.safetensors", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "prunescope-cancel-{}.safetensors",
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&out);
     // Queue a panic job first so the export is still waiting when the cancel lands.
     let blocker = w.next_id();
     w.send(Command::PanicForTest { job: blocker }).unwrap();
     let job = w
         .export(prunescope::worker::ExportRequest {
-            settings: PruneSettings { sparsity: 0.5, ..Default::default() },
+            settings: PruneSettings {
+                sparsity: 0.5,
+                ..Default::default()
+            },
             weights: Some(out.clone()),
             masks: None,
             recipe: None,
@@ -141,7 +167,9 @@ fn cancelling_an_export_reports_cancelled_and_writes_nothing() {
     w.cancel(job);
     wait_for(&w, |e| match e {
         Event::JobCancelled { job: j } if j == job => Some(()),
-        Event::JobFinished { job: j, .. } if j == job => panic!("the export ran despite the cancel"),
+        Event::JobFinished { job: j, .. } if j == job => {
+            panic!("the export ran despite the cancel")
+        }
         _ => None,
     });
     assert!(!out.exists());

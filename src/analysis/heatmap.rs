@@ -65,7 +65,9 @@ pub fn heatmap(
     let one_to_one = grid_h == rows.len() && grid_w == cols.len();
     let mut values = one_to_one.then(|| vec![0f32; grid_w * grid_h]);
     // Column → grid column, computed once per request.
-    let col_cell: Vec<usize> = (0..cols.len()).map(|c| c * grid_w / cols.len().max(1)).collect();
+    let col_cell: Vec<usize> = (0..cols.len())
+        .map(|c| c * grid_w / cols.len().max(1))
+        .collect();
     let mut row_vals = vec![0f32; cols.len()];
     for r in rows.clone() {
         let gy = (r - rows.start) * grid_h / rows.len().max(1);
@@ -105,7 +107,10 @@ mod tests {
     #[test]
     fn downsampled_cells_hold_fraction_kept() {
         // A 4×4 matrix with the left half pruned, shown as 2×2 cells.
-        let m = Model::from_f32_tensors("t", vec![("w".into(), vec![4, 4], (0..16).map(|i| i as f32).collect())]);
+        let m = Model::from_f32_tensors(
+            "t",
+            vec![("w".into(), vec![4, 4], (0..16).map(|i| i as f32).collect())],
+        );
         let kept: Vec<bool> = (0..16).map(|i| i % 4 >= 2).collect();
         let mask = Mask::from_kept(&kept);
         let h = heatmap(&m, 0, Some(&mask), 0..4, 0..4, 2, 2);

@@ -31,7 +31,8 @@ impl Histogram {
     #[inline]
     pub fn bin_of(&self, v: f32) -> usize {
         let b = self.counts.len();
-        let x = ((v as f64 - self.lo as f64) / (self.hi as f64 - self.lo as f64) * b as f64).floor();
+        let x =
+            ((v as f64 - self.lo as f64) / (self.hi as f64 - self.lo as f64) * b as f64).floor();
         (x.max(0.0) as usize).min(b - 1)
     }
     pub fn non_finite(&self) -> u64 {
@@ -90,7 +91,12 @@ pub fn all_histograms(
     bins: usize,
     progress: &Progress,
 ) -> Result<Vec<Option<Histogram>>, Cancelled> {
-    let total: u64 = model.tensors.iter().map(|t| t.numel as u64).sum::<u64>().max(1);
+    let total: u64 = model
+        .tensors
+        .iter()
+        .map(|t| t.numel as u64)
+        .sum::<u64>()
+        .max(1);
     let done = AtomicU64::new(0);
     (0..model.tensors.len())
         .into_par_iter()
@@ -118,7 +124,12 @@ pub struct HistogramSplit {
     pub non_finite_kept: u64,
 }
 
-pub fn split_histogram(model: &Model, t: usize, hist: &Histogram, mask: Option<&Mask>) -> HistogramSplit {
+pub fn split_histogram(
+    model: &Model,
+    t: usize,
+    hist: &Histogram,
+    mask: Option<&Mask>,
+) -> HistogramSplit {
     let bins = hist.bins();
     let mut s = HistogramSplit {
         kept: vec![0; bins],
@@ -132,7 +143,11 @@ pub fn split_histogram(model: &Model, t: usize, hist: &Histogram, mask: Option<&
             let kept = mask.is_none_or(|m| m.kept(start + j));
             if v.is_finite() {
                 let b = hist.bin_of(v);
-                if kept { s.kept[b] += 1 } else { s.pruned[b] += 1 }
+                if kept {
+                    s.kept[b] += 1
+                } else {
+                    s.pruned[b] += 1
+                }
             } else if kept {
                 s.non_finite_kept += 1;
             } else {
@@ -152,7 +167,11 @@ mod tests {
         // Range [-1, 3], 4 bins of width 1: [-1,0) [0,1) [1,2) [2,3].
         let m = Model::from_f32_tensors(
             "t",
-            vec![("w".into(), vec![2, 4], vec![-1.0, 0.0, 0.5, 1.0, 2.9, 3.0, f32::NAN, f32::NEG_INFINITY])],
+            vec![(
+                "w".into(),
+                vec![2, 4],
+                vec![-1.0, 0.0, 0.5, 1.0, 2.9, 3.0, f32::NAN, f32::NEG_INFINITY],
+            )],
         );
         let h = histogram(&m, 0, 4);
         assert_eq!((h.lo, h.hi), (-1.0, 3.0));

@@ -5,5 +5,5 @@ mod histogram;
 mod sizes;
 
 pub use heatmap::{HeatmapView, heatmap};
-pub use histogram::{Histogram, HistogramSplit, histogram, split_histogram, all_histograms};
+pub use histogram::{Histogram, HistogramSplit, all_histograms, histogram, split_histogram};
 pub use sizes::{SizeReport, size_report};

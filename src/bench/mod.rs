@@ -9,7 +9,9 @@ use serde::Serialize;
 use crate::analysis::{all_histograms, heatmap, histogram, size_report, split_histogram};
 use crate::model::Model;
 use crate::progress::Progress;
-use crate::prune::{Criterion, PruneSettings, ScoreIndex, ScoreInputs, allocate, build_layer_mask, build_masks};
+use crate::prune::{
+    Criterion, PruneSettings, ScoreIndex, ScoreInputs, allocate, build_layer_mask, build_masks,
+};
 use crate::util::SplitMix64;
 
 /// GPT-2 small: 12 blocks of (768×2304, 768×768, 768×3072, 3072×768) and a 50257×768 embedding.
@@ -98,10 +100,15 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
     log("precomputing sorted scores…");
     let mut index = None;
     let load_ms = time_ms(3, || {
-        index = Some(ScoreIndex::build(&model, Criterion::Magnitude, 0, &inputs, &none).expect("no cancel"));
+        index = Some(
+            ScoreIndex::build(&model, Criterion::Magnitude, 0, &inputs, &none).expect("no cancel"),
+        );
     });
     let index = index.expect("built above");
-    let at = |s: f64| PruneSettings { sparsity: s, ..Default::default() };
+    let at = |s: f64| PruneSettings {
+        sparsity: s,
+        ..Default::default()
+    };
     let (s5, s6) = (at(0.5), at(0.6));
     log("slider updates…");
     let mut samples = Vec::new();
@@ -123,8 +130,13 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
     let histograms_ms = time_ms(3, || {
         std::hint::black_box(all_histograms(&model, 128, &none).expect("no cancel"));
     });
-    let largest = (0..model.tensors.len()).max_by_key(|&t| model.tensors[t].numel).unwrap_or(0);
-    let l = alloc.for_tensor(largest).expect("every tensor is prunable").clone();
+    let largest = (0..model.tensors.len())
+        .max_by_key(|&t| model.tensors[t].numel)
+        .unwrap_or(0);
+    let l = alloc
+        .for_tensor(largest)
+        .expect("every tensor is prunable")
+        .clone();
     let hist = histogram(&model, largest, 128);
     let mask = build_layer_mask(&model, &index, &s6, &l);
     let largest_layer_split_ms = time_ms(5, || {
@@ -133,7 +145,15 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
     let (rows, cols) = model.tensors[largest].matrix_dims();
     let largest_layer_heatmap_ms = time_ms(5, || {
         let m = build_layer_mask(&model, &index, &s6, &l);
-        std::hint::black_box(heatmap(&model, largest, Some(&m), 0..rows, 0..cols, 256, 256));
+        std::hint::black_box(heatmap(
+            &model,
+            largest,
+            Some(&m),
+            0..rows,
+            0..cols,
+            256,
+            256,
+        ));
     });
     InteractiveReport {
         params: model.total_params(),
@@ -146,6 +166,10 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
         largest_layer_split_ms,
         largest_layer_heatmap_ms,
         index_bytes: index.heap_bytes(),
-        targets: Targets { slider_update_us: 16_000.0, full_masks_ms: 100.0, histograms_ms: 200.0 },
+        targets: Targets {
+            slider_update_us: 16_000.0,
+            full_masks_ms: 100.0,
+            histograms_ms: 200.0,
+        },
     }
 }

@@ -139,12 +139,22 @@ impl MlpEvaluator {
                     }
                 }
             }
-            Ok(Tensor::from_vec(v, model.tensors[t].shape.clone(), &Device::Cpu)?)
+            Ok(Tensor::from_vec(
+                v,
+                model.tensors[t].shape.clone(),
+                &Device::Cpu,
+            )?)
         };
         self.arch
             .layers
             .iter()
-            .map(|l| Ok((load(&l.weight)?, l.bias.as_deref().map(load).transpose()?, l.activation)))
+            .map(|l| {
+                Ok((
+                    load(&l.weight)?,
+                    l.bias.as_deref().map(load).transpose()?,
+                    l.activation,
+                ))
+            })
             .collect()
     }
 }
@@ -179,7 +189,11 @@ impl Evaluator for MlpEvaluator {
 pub fn metrics(logits: &Tensor, y: &Tensor) -> Result<Metrics, EvalError> {
     let loss = candle_nn::loss::cross_entropy(logits, y)?.to_scalar::<f32>()? as f64;
     let pred = logits.argmax(1)?;
-    let correct = pred.eq(y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let correct = pred
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
     let n = y.dims1()?;
     Ok(Metrics {
         accuracy: correct / n as f64,

@@ -5,7 +5,9 @@
 
 mod mlp;
 
-pub use mlp::{ARCH_METADATA_KEY, Activation, MlpArch, MlpEvaluator, MlpLayer, metrics, mlp_forward};
+pub use mlp::{
+    ARCH_METADATA_KEY, Activation, MlpArch, MlpEvaluator, MlpLayer, metrics, mlp_forward,
+};
 
 use crate::model::Model;
 use crate::prune::MaskSet;

@@ -2,7 +2,7 @@
 
 mod recipe;
 
-pub use recipe::{Recipe, RecipeError, RecipeInput, LayerResult, RECIPE_FORMAT};
+pub use recipe::{LayerResult, RECIPE_FORMAT, Recipe, RecipeError, RecipeInput};
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -45,7 +45,9 @@ pub fn write_safetensors<W: Write>(
         );
         offset += t.len;
     }
-    let mut json = serde_json::to_string(&header).map_err(io::Error::other)?.into_bytes();
+    let mut json = serde_json::to_string(&header)
+        .map_err(io::Error::other)?
+        .into_bytes();
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
     while (json.len() + 8) % 8 != 0 {
         json.push(b' ');
@@ -66,7 +68,12 @@ pub fn write_f32_safetensors(
 ) -> io::Result<()> {
     let specs: Vec<TensorSpec> = tensors
         .iter()
-        .map(|(n, s, v)| TensorSpec { name: n, dtype: "F32", shape: s, len: v.len() * 4 })
+        .map(|(n, s, v)| TensorSpec {
+            name: n,
+            dtype: "F32",
+            shape: s,
+            len: v.len() * 4,
+        })
         .collect();
     atomic_write(path, |w| {
         write_safetensors(w, metadata, &specs, |i, w| {
@@ -94,7 +101,12 @@ pub enum ExportError {
 
 /// Writes the model with pruned weights set to zero: same names, shapes, dtypes and metadata
 /// as the input; unmasked tensors are copied byte for byte.
-pub fn export_pruned(model: &Model, masks: &MaskSet, path: &Path, progress: &Progress) -> Result<(), ExportError> {
+pub fn export_pruned(
+    model: &Model,
+    masks: &MaskSet,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), ExportError> {
     for (name, _) in masks.iter() {
         let Some(t) = model.find(name) else { continue };
         if model.tensors[t].dtype.size_bytes().is_none() {
@@ -118,7 +130,10 @@ pub fn export_pruned(model: &Model, masks: &MaskSet, path: &Path, progress: &Pro
         if e.kind() == io::ErrorKind::Interrupted {
             ExportError::Cancelled
         } else {
-            ExportError::Io { path: path.display().to_string(), source: e }
+            ExportError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }
         }
     };
     atomic_write(path, |w| {
@@ -171,12 +186,18 @@ pub fn export_masks(model: &Model, masks: &MaskSet, path: &Path) -> Result<(), E
         })
         .collect();
     let mut meta = BTreeMap::new();
-    meta.insert("prunescope.masks".to_string(), "1 = kept, 0 = pruned".to_string());
+    meta.insert(
+        "prunescope.masks".to_string(),
+        "1 = kept, 0 = pruned".to_string(),
+    );
     atomic_write(path, |w| {
         write_safetensors(w, &meta, &specs, |i, w| {
             let mask = masks.get(names[i].1).expect("name came from the mask set");
             w.write_all(&mask.to_u8())
         })
     })
-    .map_err(|e| ExportError::Io { path: path.display().to_string(), source: e })
+    .map_err(|e| ExportError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
 }

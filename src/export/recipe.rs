@@ -39,7 +39,9 @@ pub struct Recipe {
 pub enum RecipeError {
     #[error("{path}: {msg}")]
     Read { path: String, msg: String },
-    #[error("recipe was made on {expected_file} (sha256 {expected}), but this model's sha256 is {actual}; pass --ignore-hash to apply it anyway")]
+    #[error(
+        "recipe was made on {expected_file} (sha256 {expected}), but this model's sha256 is {actual}; pass --ignore-hash to apply it anyway"
+    )]
     HashMismatch {
         expected_file: String,
         expected: String,
@@ -54,20 +56,32 @@ pub enum RecipeError {
 }
 
 impl Recipe {
-    pub fn new(model: &Model, sha256: String, settings: &PruneSettings, alloc: &Allocation) -> Recipe {
+    pub fn new(
+        model: &Model,
+        sha256: String,
+        settings: &PruneSettings,
+        alloc: &Allocation,
+    ) -> Recipe {
         let result = alloc
             .layers
             .iter()
             .map(|l| {
                 (
                     model.tensors[l.tensor].name.clone(),
-                    LayerResult { numel: l.numel, pruned: l.pruned, sparsity: l.sparsity() },
+                    LayerResult {
+                        numel: l.numel,
+                        pruned: l.pruned,
+                        sparsity: l.sparsity(),
+                    },
                 )
             })
             .collect();
         Recipe {
             format: RECIPE_FORMAT.to_string(),
-            input: RecipeInput { file: model.display_name(), sha256 },
+            input: RecipeInput {
+                file: model.display_name(),
+                sha256,
+            },
             settings: settings.clone(),
             result,
         }
@@ -78,17 +92,26 @@ impl Recipe {
     }
 
     pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-        let err = |msg: String| RecipeError::Read { path: path.display().to_string(), msg };
+        let err = |msg: String| RecipeError::Read {
+            path: path.display().to_string(),
+            msg,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let r: Recipe = serde_json::from_str(&text).map_err(|e| err(format!("not a valid recipe: {e}")))?;
+        let r: Recipe =
+            serde_json::from_str(&text).map_err(|e| err(format!("not a valid recipe: {e}")))?;
         if r.format != RECIPE_FORMAT {
-            return Err(err(format!("format '{}' is not '{RECIPE_FORMAT}'", r.format)));
+            return Err(err(format!(
+                "format '{}' is not '{RECIPE_FORMAT}'",
+                r.format
+            )));
         }
         Ok(r)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        crate::util::atomic_write(path, |w| std::io::Write::write_all(w, self.to_json().as_bytes()))
+        crate::util::atomic_write(path, |w| {
+            std::io::Write::write_all(w, self.to_json().as_bytes())
+        })
     }
 
     pub fn check_hash(&self, actual: &str) -> Result<(), RecipeError> {
@@ -106,14 +129,14 @@ impl Recipe {
     pub fn check_result(&self, model: &Model, alloc: &Allocation) -> Result<(), RecipeError> {
         for l in &alloc.layers {
             let name = &model.tensors[l.tensor].name;
-            if let Some(r) = self.result.get(name) {
-                if r.pruned != l.pruned {
-                    return Err(RecipeError::ResultMismatch {
-                        tensor: name.clone(),
-                        expected: r.pruned,
-                        actual: l.pruned,
-                    });
-                }
+            if let Some(r) = self.result.get(name)
+                && r.pruned != l.pruned
+            {
+                return Err(RecipeError::ResultMismatch {
+                    tensor: name.clone(),
+                    expected: r.pruned,
+                    actual: l.pruned,
+                });
             }
         }
         Ok(())

@@ -20,7 +20,10 @@ pub enum DType {
     F64,
     /// A dtype prunescope does not decode (fp8, complex, …), with its safetensors name and
     /// element size in bits when known.
-    Other { name: String, bits: Option<usize> },
+    Other {
+        name: String,
+        bits: Option<usize>,
+    },
 }
 
 impl DType {
@@ -124,7 +127,10 @@ impl DType {
                     *o = f64::from_le_bytes(a) as f32;
                 }
             }
-            _ => panic!("decode_f32 called on non-float dtype {}", self.safetensors_name()),
+            _ => panic!(
+                "decode_f32 called on non-float dtype {}",
+                self.safetensors_name()
+            ),
         }
     }
 }

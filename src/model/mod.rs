@@ -218,7 +218,10 @@ impl Model {
     }
 
     /// Builds a model from f32 tensors in memory (benchmarks, tests).
-    pub fn from_f32_tensors(name: &'static str, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Model {
+    pub fn from_f32_tensors(
+        name: &'static str,
+        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    ) -> Model {
         let mut data = Vec::new();
         let mut entries = Vec::new();
         for (tname, shape, values) in tensors {

@@ -27,7 +27,10 @@ pub(super) fn open_safetensors(path: &Path) -> Result<Model, ModelError> {
 pub(super) fn from_backing(source: ModelSource, backing: Backing) -> Result<Model, ModelError> {
     let path = source.display_name();
     let (entries, metadata) = parse_safetensors(backing.bytes()).map_err(|e| match e {
-        ParseError::File(msg) => ModelError::Format { path: path.clone(), msg },
+        ParseError::File(msg) => ModelError::Format {
+            path: path.clone(),
+            msg,
+        },
         ParseError::Tensor(tensor, msg) => ModelError::Tensor {
             path: path.clone(),
             tensor,

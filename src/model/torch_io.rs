@@ -12,7 +12,8 @@ use super::{Backing, DType, Model, ModelError, ModelFormat, ModelSource, TensorE
 
 pub(super) fn open_pytorch(path: &Path) -> Result<Model, ModelError> {
     let p = path.display().to_string();
-    let read = |key: Option<&str>| guarded(&p, || candle_core::pickle::read_all_with_key(path, key));
+    let read =
+        |key: Option<&str>| guarded(&p, || candle_core::pickle::read_all_with_key(path, key));
     let mut tensors = read(None)?;
     // Training checkpoints nest the weights: try the usual keys before giving up.
     for key in ["state_dict", "model", "model_state_dict", "module"] {
@@ -44,10 +45,7 @@ pub(super) fn open_npz(path: &Path) -> Result<Model, ModelError> {
     build(path, ModelFormat::Npz, tensors)
 }
 
-fn guarded<T>(
-    path: &str,
-    f: impl FnOnce() -> candle_core::Result<T>,
-) -> Result<T, ModelError> {
+fn guarded<T>(path: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, ModelError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(ModelError::Format {
@@ -65,7 +63,11 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
-fn build(path: &Path, format: ModelFormat, tensors: Vec<(String, Tensor)>) -> Result<Model, ModelError> {
+fn build(
+    path: &Path,
+    format: ModelFormat,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<Model, ModelError> {
     let p = path.display().to_string();
     let mut data = Vec::new();
     let mut entries = Vec::with_capacity(tensors.len());
@@ -76,21 +78,39 @@ fn build(path: &Path, format: ModelFormat, tensors: Vec<(String, Tensor)>) -> Re
             msg,
         };
         let shape = t.dims().to_vec();
-        let flat = t
-            .flatten_all()
-            .map_err(|e| terr(e.to_string()))?;
+        let flat = t.flatten_all().map_err(|e| terr(e.to_string()))?;
         let start = data.len();
         let dtype = match t.dtype() {
-            CDType::F32 => push(&mut data, flat.to_vec1::<f32>(), DType::F32, |v| v.to_le_bytes()),
-            CDType::F64 => push(&mut data, flat.to_vec1::<f64>(), DType::F64, |v| v.to_le_bytes()),
-            CDType::F16 => push(&mut data, flat.to_vec1::<half::f16>(), DType::F16, |v| v.to_le_bytes()),
-            CDType::BF16 => push(&mut data, flat.to_vec1::<half::bf16>(), DType::BF16, |v| v.to_le_bytes()),
-            CDType::U8 => push(&mut data, flat.to_vec1::<u8>(), DType::U8, |v| v.to_le_bytes()),
-            CDType::U32 => push(&mut data, flat.to_vec1::<u32>(), DType::U32, |v| v.to_le_bytes()),
-            CDType::I16 => push(&mut data, flat.to_vec1::<i16>(), DType::I16, |v| v.to_le_bytes()),
-            CDType::I32 => push(&mut data, flat.to_vec1::<i32>(), DType::I32, |v| v.to_le_bytes()),
-            CDType::I64 => push(&mut data, flat.to_vec1::<i64>(), DType::I64, |v| v.to_le_bytes()),
-            other => Err(candle_core::Error::Msg(format!("dtype {other:?} is not supported in this format"))),
+            CDType::F32 => push(&mut data, flat.to_vec1::<f32>(), DType::F32, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::F64 => push(&mut data, flat.to_vec1::<f64>(), DType::F64, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::F16 => push(&mut data, flat.to_vec1::<half::f16>(), DType::F16, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::BF16 => push(&mut data, flat.to_vec1::<half::bf16>(), DType::BF16, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::U8 => push(&mut data, flat.to_vec1::<u8>(), DType::U8, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::U32 => push(&mut data, flat.to_vec1::<u32>(), DType::U32, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::I16 => push(&mut data, flat.to_vec1::<i16>(), DType::I16, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::I32 => push(&mut data, flat.to_vec1::<i32>(), DType::I32, |v| {
+                v.to_le_bytes()
+            }),
+            CDType::I64 => push(&mut data, flat.to_vec1::<i64>(), DType::I64, |v| {
+                v.to_le_bytes()
+            }),
+            other => Err(candle_core::Error::Msg(format!(
+                "dtype {other:?} is not supported in this format"
+            ))),
         }
         .map_err(|e| terr(e.to_string()))?;
         let numel = shape.iter().product();

@@ -1,6 +1,6 @@
 //! Turning settings into per-tensor pruned counts, by binary search over sorted keys.
 
-use super::{Pattern, PruneSettings, ScoreIndex, Scope, nm_pruned_count, score_of_key};
+use super::{Pattern, PruneSettings, Scope, ScoreIndex, nm_pruned_count, score_of_key};
 use crate::model::Model;
 
 /// The outcome for one prunable tensor.
@@ -20,7 +20,11 @@ impl LayerAlloc {
         self.numel - self.pruned
     }
     pub fn sparsity(&self) -> f64 {
-        if self.numel == 0 { 0.0 } else { self.pruned as f64 / self.numel as f64 }
+        if self.numel == 0 {
+            0.0
+        } else {
+            self.pruned as f64 / self.numel as f64
+        }
     }
 }
 
@@ -38,7 +42,11 @@ pub struct Allocation {
 
 impl Allocation {
     pub fn sparsity(&self) -> f64 {
-        if self.prunable == 0 { 0.0 } else { self.pruned as f64 / self.prunable as f64 }
+        if self.prunable == 0 {
+            0.0
+        } else {
+            self.pruned as f64 / self.prunable as f64
+        }
     }
     pub fn reached(&self) -> bool {
         self.pruned == self.requested
@@ -86,7 +94,10 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
         (Pattern::Unstructured, Scope::Layer) => {
             for l in &mut layers {
                 if !locked(l.tensor) {
-                    let s = settings.layer(&model.tensors[l.tensor].name).sparsity.clamp(0.0, 1.0);
+                    let s = settings
+                        .layer(&model.tensors[l.tensor].name)
+                        .sparsity
+                        .clamp(0.0, 1.0);
                     l.pruned = ((s * l.numel as f64).round() as usize).min(l.numel);
                 }
             }
@@ -143,7 +154,9 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
                     rest -= take as u64;
                     l.pruned = below[i] + take;
                     // At its cap while the threshold (or an unreachable target) wanted more.
-                    l.capped = caps[i] < l.numel && l.pruned == caps[i] && (at_most > caps[i] || requested > k);
+                    l.capped = caps[i] < l.numel
+                        && l.pruned == caps[i]
+                        && (at_most > caps[i] || requested > k);
                 }
             }
         }
@@ -151,7 +164,10 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
     if settings.pattern == Pattern::Unstructured {
         for l in &mut layers {
             if l.pruned > 0 {
-                l.threshold = index.keys(l.tensor).get(l.pruned - 1).map(|&k| score_of_key(k));
+                l.threshold = index
+                    .keys(l.tensor)
+                    .get(l.pruned - 1)
+                    .map(|&k| score_of_key(k));
             }
         }
     }

@@ -109,7 +109,11 @@ pub fn key_of_score(s: f32) -> u32 {
 /// Inverse of [`key_of_score`].
 #[inline]
 pub fn score_of_key(k: u32) -> f32 {
-    if k == 0 { f32::NAN } else { f32::from_bits(k - 1) }
+    if k == 0 {
+        f32::NAN
+    } else {
+        f32::from_bits(k - 1)
+    }
 }
 
 #[cfg(test)]

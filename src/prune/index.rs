@@ -125,7 +125,11 @@ pub fn radix_sort_u32(v: &mut [u32]) {
             *o = sum;
             sum += n;
         }
-        let (src, dst): (&[u32], &mut [u32]) = if in_v { (&*v, &mut buf) } else { (&buf, &mut *v) };
+        let (src, dst): (&[u32], &mut [u32]) = if in_v {
+            (&*v, &mut buf)
+        } else {
+            (&buf, &mut *v)
+        };
         for &x in src {
             let b = ((x >> shift) as usize) & (BUCKETS - 1);
             dst[offs[b]] = x;
@@ -146,7 +150,14 @@ mod tests {
     #[test]
     fn radix_sort_matches_std_sort() {
         let mut rng = SplitMix64::new(7);
-        for &(n, bound) in &[(0usize, 1u64), (5, 3), (300, 4), (5000, 1 << 31), (70_000, 1 << 12), (9_999, u32::MAX as u64 + 1)] {
+        for &(n, bound) in &[
+            (0usize, 1u64),
+            (5, 3),
+            (300, 4),
+            (5000, 1 << 31),
+            (70_000, 1 << 12),
+            (9_999, u32::MAX as u64 + 1),
+        ] {
             let mut v: Vec<u32> = (0..n).map(|_| rng.below(bound) as u32).collect();
             let mut expect = v.clone();
             expect.sort();

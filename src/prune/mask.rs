@@ -24,10 +24,10 @@ impl std::fmt::Debug for Mask {
 impl Mask {
     pub fn all_kept(len: usize) -> Mask {
         let mut words = vec![u64::MAX; len.div_ceil(64)];
-        if len % 64 != 0 {
-            if let Some(last) = words.last_mut() {
-                *last = (1u64 << (len % 64)) - 1;
-            }
+        if !len.is_multiple_of(64)
+            && let Some(last) = words.last_mut()
+        {
+            *last = (1u64 << (len % 64)) - 1;
         }
         Mask { words, len }
     }
@@ -150,7 +150,12 @@ pub fn build_masks(
 }
 
 /// Builds the mask of one prunable tensor from its allocation.
-pub fn build_layer_mask(model: &Model, index: &ScoreIndex, settings: &PruneSettings, l: &LayerAlloc) -> Mask {
+pub fn build_layer_mask(
+    model: &Model,
+    index: &ScoreIndex,
+    settings: &PruneSettings,
+    l: &LayerAlloc,
+) -> Mask {
     let locked = settings.layer(&model.tensors[l.tensor].name).locked;
     match settings.pattern {
         Pattern::NM { n, m } if !locked => nm_mask(model, settings, l.tensor, n, m),

@@ -62,5 +62,9 @@ pub fn prune(
     let index = ScoreIndex::build(model, settings.criterion, settings.seed, inputs, progress)?;
     let alloc = allocate(model, &index, settings);
     let masks = build_masks(model, &index, settings, &alloc, progress)?;
-    Ok(Pruned { index, alloc, masks })
+    Ok(Pruned {
+        index,
+        alloc,
+        masks,
+    })
 }

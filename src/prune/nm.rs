@@ -15,8 +15,16 @@ pub struct NmLines {
 
 pub fn nm_lines(e: &TensorEntry) -> NmLines {
     match e.shape.as_slice() {
-        [] => NmLines { outer: 1, len: 1, stride: 1 },
-        [n] => NmLines { outer: 1, len: *n, stride: 1 },
+        [] => NmLines {
+            outer: 1,
+            len: 1,
+            stride: 1,
+        },
+        [n] => NmLines {
+            outer: 1,
+            len: *n,
+            stride: 1,
+        },
         [o, i, rest @ ..] => NmLines {
             outer: *o,
             len: *i,

@@ -12,7 +12,10 @@ use crate::model::Model;
 pub enum Pattern {
     #[default]
     Unstructured,
-    NM { n: usize, m: usize },
+    NM {
+        n: usize,
+        m: usize,
+    },
 }
 
 impl Pattern {
@@ -31,7 +34,9 @@ impl Pattern {
     }
     pub fn validate(self) -> Result<(), PruneError> {
         match self {
-            Pattern::NM { n, m } if n == 0 || n >= m || m > 256 => Err(PruneError::BadPattern { n, m }),
+            Pattern::NM { n, m } if n == 0 || n >= m || m > 256 => {
+                Err(PruneError::BadPattern { n, m })
+            }
             _ => Ok(()),
         }
     }

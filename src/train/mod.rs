@@ -7,7 +7,7 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
 use crate::data::{Dataset, Split};
-use crate::eval::{Activation, EvalError, MlpArch, MlpLayer, Metrics, mlp_forward};
+use crate::eval::{Activation, EvalError, Metrics, MlpArch, MlpLayer, mlp_forward};
 use crate::progress::Progress;
 use crate::util::SplitMix64;
 
@@ -64,7 +64,11 @@ impl From<candle_core::Error> for TrainError {
 }
 
 /// Trains `input → hidden… → classes` with ReLU between layers, AdamW, shuffled minibatches.
-pub fn train_mlp(cfg: &TrainConfig, data: &Split, progress: &Progress) -> Result<TrainResult, TrainError> {
+pub fn train_mlp(
+    cfg: &TrainConfig,
+    data: &Split,
+    progress: &Progress,
+) -> Result<TrainResult, TrainError> {
     let dev = Device::Cpu;
     let mut rng = SplitMix64::new(cfg.seed);
     let mut dims = vec![data.train.dim];
@@ -76,14 +80,26 @@ pub fn train_mlp(cfg: &TrainConfig, data: &Split, progress: &Progress) -> Result
         let (fan_in, fan_out) = (dims[i], dims[i + 1]);
         // PyTorch's nn.Linear default: U(-1/√fan_in, 1/√fan_in) for weight and bias.
         let bound = 1.0 / (fan_in as f64).sqrt();
-        let mut u = |n: usize| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect() };
+        let mut u = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
         let name = format!("fc{}", i + 1);
-        init.push((format!("{name}.weight"), vec![fan_out, fan_in], u(fan_out * fan_in)));
+        init.push((
+            format!("{name}.weight"),
+            vec![fan_out, fan_in],
+            u(fan_out * fan_in),
+        ));
         init.push((format!("{name}.bias"), vec![fan_out], u(fan_out)));
         layers.push(MlpLayer {
             weight: format!("{name}.weight"),
             bias: Some(format!("{name}.bias")),
-            activation: if i + 2 == dims.len() { Activation::None } else { Activation::Relu },
+            activation: if i + 2 == dims.len() {
+                Activation::None
+            } else {
+                Activation::Relu
+            },
         });
     }
     let vars: Vec<Var> = init
@@ -100,7 +116,13 @@ pub fn train_mlp(cfg: &TrainConfig, data: &Split, progress: &Progress) -> Result
         layers
             .iter()
             .enumerate()
-            .map(|(i, l)| (vars[2 * i].as_tensor().clone(), Some(vars[2 * i + 1].as_tensor().clone()), l.activation))
+            .map(|(i, l)| {
+                (
+                    vars[2 * i].as_tensor().clone(),
+                    Some(vars[2 * i + 1].as_tensor().clone()),
+                    l.activation,
+                )
+            })
             .collect()
     };
     let train = &data.train;
@@ -123,7 +145,12 @@ pub fn train_mlp(cfg: &TrainConfig, data: &Split, progress: &Progress) -> Result
         epoch_loss.push(sum / batches.max(1) as f64);
         progress.report(
             (epoch + 1) as f32 / cfg.epochs as f32,
-            &format!("epoch {}/{}: loss {:.4}", epoch + 1, cfg.epochs, sum / batches.max(1) as f64),
+            &format!(
+                "epoch {}/{}: loss {:.4}",
+                epoch + 1,
+                cfg.epochs,
+                sum / batches.max(1) as f64
+            ),
         );
     }
     let all: Vec<usize> = (0..data.test.len()).collect();
@@ -133,7 +160,13 @@ pub fn train_mlp(cfg: &TrainConfig, data: &Split, progress: &Progress) -> Result
     let trained = init
         .iter()
         .zip(&vars)
-        .map(|((n, s, _), v)| Ok((n.clone(), s.clone(), v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .map(|((n, s, _), v)| {
+            Ok((
+                n.clone(),
+                s.clone(),
+                v.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
         .collect::<candle_core::Result<_>>()?;
     Ok(TrainResult {
         arch: MlpArch {
@@ -156,11 +189,18 @@ fn batch(d: &Dataset, idx: &[usize], dev: &Device) -> candle_core::Result<(Tenso
         x.extend_from_slice(&d.inputs[i * d.dim..(i + 1) * d.dim]);
     }
     let y: Vec<u32> = idx.iter().map(|&i| d.labels[i]).collect();
-    Ok((Tensor::from_vec(x, (idx.len(), d.dim), dev)?, Tensor::from_vec(y, idx.len(), dev)?))
+    Ok((
+        Tensor::from_vec(x, (idx.len(), d.dim), dev)?,
+        Tensor::from_vec(y, idx.len(), dev)?,
+    ))
 }
 
 /// Saves the trained model (with its architecture in the metadata) and its initial weights.
-pub fn save(result: &TrainResult, out: &std::path::Path, init_out: &std::path::Path) -> std::io::Result<()> {
+pub fn save(
+    result: &TrainResult,
+    out: &std::path::Path,
+    init_out: &std::path::Path,
+) -> std::io::Result<()> {
     use std::collections::BTreeMap;
     let mut meta = BTreeMap::new();
     meta.insert(
@@ -176,10 +216,16 @@ pub fn save(result: &TrainResult, out: &std::path::Path, init_out: &std::path::P
         format!("{:.6}", result.test.accuracy),
     );
     if let Some(name) = init_out.file_name() {
-        meta.insert("prunescope.init_weights".to_string(), name.to_string_lossy().into_owned());
+        meta.insert(
+            "prunescope.init_weights".to_string(),
+            name.to_string_lossy().into_owned(),
+        );
     }
     crate::export::write_f32_safetensors(out, &meta, &result.trained)?;
     let mut init_meta = BTreeMap::new();
-    init_meta.insert("prunescope.role".to_string(), "initial weights (before training)".to_string());
+    init_meta.insert(
+        "prunescope.role".to_string(),
+        "initial weights (before training)".to_string(),
+    );
     crate::export::write_f32_safetensors(init_out, &init_meta, &result.init)
 }

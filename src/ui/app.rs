@@ -19,8 +19,8 @@ use super::table::LayerTable;
 use super::{summary, theme};
 use crate::prune::PruneSettings;
 use crate::worker::{
-    Event, ExportRequest, HeatmapRequest, HeatmapSnapshot, JobId, LayerDetail, MetricsSnapshot, ModelId,
-    ModelSnapshot, OpenSource, PreviewRequest, PreviewSnapshot, WorkerHandle,
+    Event, ExportRequest, HeatmapRequest, HeatmapSnapshot, JobId, LayerDetail, MetricsSnapshot,
+    ModelId, ModelSnapshot, OpenSource, PreviewRequest, PreviewSnapshot, WorkerHandle,
 };
 
 /// How long `logic` may spend draining worker events per frame.
@@ -29,7 +29,8 @@ const RECENT_MAX: usize = 10;
 const PREFS_KEY: &str = "prunescope.prefs";
 
 pub const OPEN_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
-pub const OPEN_PATH_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::O);
+pub const OPEN_PATH_SHORTCUT: KeyboardShortcut =
+    KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::O);
 pub const EXPORT_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::E);
 
 /// The small part of the app that survives a restart.
@@ -61,7 +62,14 @@ pub struct ModelView {
 
 impl ModelView {
     fn new(snapshot: Arc<ModelSnapshot>) -> ModelView {
-        ModelView { snapshot, preview: None, detail: None, heatmap: None, metrics: None, preview_error: None }
+        ModelView {
+            snapshot,
+            preview: None,
+            detail: None,
+            heatmap: None,
+            metrics: None,
+            preview_error: None,
+        }
     }
 }
 
@@ -87,7 +95,12 @@ pub struct AppState {
     pub prefs: Prefs,
     /// Generation at which the current settings were first sent.
     pub settings_generation: u64,
-    sent: Option<(ModelId, PruneSettings, Option<usize>, Option<HeatmapRequest>)>,
+    sent: Option<(
+        ModelId,
+        PruneSettings,
+        Option<usize>,
+        Option<HeatmapRequest>,
+    )>,
     open_jobs: HashSet<JobId>,
 }
 
@@ -113,7 +126,9 @@ impl AppState {
         self.model
             .as_ref()
             .and_then(|m| m.preview.as_ref())
-            .is_some_and(|p| p.generation >= self.settings_generation && self.settings_generation > 0)
+            .is_some_and(|p| {
+                p.generation >= self.settings_generation && self.settings_generation > 0
+            })
     }
 
     /// Whether the shown accuracy answers the newest settings.
@@ -121,7 +136,9 @@ impl AppState {
         self.model
             .as_ref()
             .and_then(|m| m.metrics.as_ref())
-            .is_some_and(|p| p.generation >= self.settings_generation && self.settings_generation > 0)
+            .is_some_and(|p| {
+                p.generation >= self.settings_generation && self.settings_generation > 0
+            })
     }
 
     /// Sends the preview the panels now want, if it differs from the last one sent.
@@ -153,9 +170,18 @@ impl AppState {
         let current = self.model.as_ref().map(|m| m.snapshot.id);
         match e {
             Event::JobStarted { job, label } => {
-                self.jobs.push(JobView { id: job, label, fraction: 0.0, message: String::new() });
+                self.jobs.push(JobView {
+                    id: job,
+                    label,
+                    fraction: 0.0,
+                    message: String::new(),
+                });
             }
-            Event::Progress { job, fraction, message } => {
+            Event::Progress {
+                job,
+                fraction,
+                message,
+            } => {
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.id == job) {
                     j.fraction = fraction;
                     j.message = message;
@@ -168,7 +194,11 @@ impl AppState {
                 }
             }
             Event::JobFailed { job, error } => {
-                let label = self.jobs.iter().find(|j| j.id == job).map(|j| j.label.clone());
+                let label = self
+                    .jobs
+                    .iter()
+                    .find(|j| j.id == job)
+                    .map(|j| j.label.clone());
                 self.jobs.retain(|j| j.id != job);
                 let opening = self.open_jobs.remove(&job);
                 let mut msg = match label {
@@ -196,34 +226,60 @@ impl AppState {
                     .iter()
                     .position(|t| t.default_prunable)
                     .or_else(|| snapshot.tensors.iter().position(|t| t.analysable));
-                self.notice = Some(format!("Opened {} in {:.0} ms.", snapshot.name, snapshot.load_ms));
+                self.notice = Some(format!(
+                    "Opened {} in {:.0} ms.",
+                    snapshot.name, snapshot.load_ms
+                ));
                 self.model = Some(ModelView::new(snapshot));
                 self.sent = None;
             }
             Event::Preview(p) => {
-                let Some(m) = self.model.as_mut().filter(|_| current == Some(p.model)) else { return };
-                if m.preview.as_ref().is_none_or(|old| old.generation <= p.generation) {
-                    if m.preview_error.as_ref().is_some_and(|(g, _)| *g <= p.generation) {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(p.model)) else {
+                    return;
+                };
+                if m.preview
+                    .as_ref()
+                    .is_none_or(|old| old.generation <= p.generation)
+                {
+                    if m.preview_error
+                        .as_ref()
+                        .is_some_and(|(g, _)| *g <= p.generation)
+                    {
                         m.preview_error = None;
                     }
                     m.preview = Some(p);
                 }
             }
             Event::LayerDetail(d) => {
-                let Some(m) = self.model.as_mut().filter(|_| current == Some(d.model)) else { return };
-                if m.detail.as_ref().is_none_or(|old| old.generation <= d.generation || old.tensor != d.tensor) {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(d.model)) else {
+                    return;
+                };
+                if m.detail
+                    .as_ref()
+                    .is_none_or(|old| old.generation <= d.generation || old.tensor != d.tensor)
+                {
                     m.detail = Some(d);
                 }
             }
             Event::Heatmap(h) => {
-                let Some(m) = self.model.as_mut().filter(|_| current == Some(h.model)) else { return };
-                if m.heatmap.as_ref().is_none_or(|old| old.generation <= h.generation) {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(h.model)) else {
+                    return;
+                };
+                if m.heatmap
+                    .as_ref()
+                    .is_none_or(|old| old.generation <= h.generation)
+                {
                     m.heatmap = Some(h);
                 }
             }
             Event::Metrics(s) => {
-                let Some(m) = self.model.as_mut().filter(|_| current == Some(s.model)) else { return };
-                if m.metrics.as_ref().is_none_or(|old| old.generation <= s.generation) {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(s.model)) else {
+                    return;
+                };
+                if m.metrics
+                    .as_ref()
+                    .is_none_or(|old| old.generation <= s.generation)
+                {
                     m.metrics = Some(s);
                 }
             }
@@ -260,7 +316,10 @@ pub struct App {
 impl App {
     /// Builds the app and starts opening `initial` (or the bundled sample model).
     pub fn new(cc: &eframe::CreationContext<'_>, initial: Option<PathBuf>) -> App {
-        let prefs = cc.storage.and_then(|s| eframe::get_value::<Prefs>(s, PREFS_KEY)).unwrap_or_default();
+        let prefs = cc
+            .storage
+            .and_then(|s| eframe::get_value::<Prefs>(s, PREFS_KEY))
+            .unwrap_or_default();
         Self::with_prefs(&cc.egui_ctx, initial, prefs)
     }
 
@@ -340,40 +399,49 @@ impl App {
         self.dialog_open = true;
         let tx = self.dialog_tx.clone();
         let ctx = ctx.clone();
-        let spawned = std::thread::Builder::new().name("file-dialog".into()).spawn(move || {
-            let picked = rfd::FileDialog::new()
-                .set_title("Open a model")
-                .add_filter("Models", &["safetensors", "pt", "pth", "bin", "npz"])
-                .add_filter("All files", &["*"])
-                .pick_file();
-            let _ = tx.send(DialogAnswer::Open(picked));
-            ctx.request_repaint();
-        });
+        let spawned = std::thread::Builder::new()
+            .name("file-dialog".into())
+            .spawn(move || {
+                let picked = rfd::FileDialog::new()
+                    .set_title("Open a model")
+                    .add_filter("Models", &["safetensors", "pt", "pth", "bin", "npz"])
+                    .add_filter("All files", &["*"])
+                    .pick_file();
+                let _ = tx.send(DialogAnswer::Open(picked));
+                ctx.request_repaint();
+            });
         if spawned.is_err() {
             self.dialog_open = false;
             self.open_path.open = true;
         }
     }
 
-    fn pick_save_path(&mut self, ctx: &egui::Context, target: super::dialogs::ExportTarget, current: PathBuf) {
+    fn pick_save_path(
+        &mut self,
+        ctx: &egui::Context,
+        target: super::dialogs::ExportTarget,
+        current: PathBuf,
+    ) {
         if self.dialog_open {
             return;
         }
         self.dialog_open = true;
         let tx = self.dialog_tx.clone();
         let ctx = ctx.clone();
-        let _ = std::thread::Builder::new().name("file-dialog".into()).spawn(move || {
-            let mut d = rfd::FileDialog::new().set_title(target.title());
-            if let Some(dir) = current.parent().filter(|d| d.is_dir()) {
-                d = d.set_directory(dir);
-            }
-            if let Some(name) = current.file_name() {
-                d = d.set_file_name(name.to_string_lossy());
-            }
-            let picked = d.save_file();
-            let _ = tx.send(DialogAnswer::SaveAs(target, picked));
-            ctx.request_repaint();
-        });
+        let _ = std::thread::Builder::new()
+            .name("file-dialog".into())
+            .spawn(move || {
+                let mut d = rfd::FileDialog::new().set_title(target.title());
+                if let Some(dir) = current.parent().filter(|d| d.is_dir()) {
+                    d = d.set_directory(dir);
+                }
+                if let Some(name) = current.file_name() {
+                    d = d.set_file_name(name.to_string_lossy());
+                }
+                let picked = d.save_file();
+                let _ = tx.send(DialogAnswer::SaveAs(target, picked));
+                ctx.request_repaint();
+            });
     }
 
     fn handle_dialog_answers(&mut self) {
@@ -420,7 +488,14 @@ impl App {
     }
 
     fn dropped_files(&mut self, ctx: &egui::Context) {
-        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
         if let Some(p) = dropped.into_iter().next() {
             self.open_path(p);
         }
@@ -491,36 +566,52 @@ impl App {
     fn jobs_ui(&mut self, ui: &mut egui::Ui) {
         let mut cancel = None;
         for j in &self.state.jobs {
-            if ui.small_button("Cancel").on_hover_text("Stop this job; the open model is not changed.").clicked() {
+            if ui
+                .small_button("Cancel")
+                .on_hover_text("Stop this job; the open model is not changed.")
+                .clicked()
+            {
                 cancel = Some(j.id);
             }
             ui.add(
                 egui::ProgressBar::new(j.fraction)
                     .desired_width(160.0)
-                    .text(if j.message.is_empty() { j.label.clone() } else { format!("{}: {}", j.label, j.message) }),
+                    .text(if j.message.is_empty() {
+                        j.label.clone()
+                    } else {
+                        format!("{}: {}", j.label, j.message)
+                    }),
             );
         }
         if let Some(id) = cancel {
             self.worker.cancel(id);
         }
-        if self.state.jobs.is_empty() {
-            if let Some(n) = &self.state.notice {
-                ui.label(egui::RichText::new(n).weak());
-            }
+        if self.state.jobs.is_empty()
+            && let Some(n) = &self.state.notice
+        {
+            ui.label(egui::RichText::new(n).weak());
         }
     }
 
     fn errors_ui(&mut self, ui: &mut egui::Ui) {
         let mut dismiss = None;
         for (i, e) in self.state.errors.iter().enumerate() {
-            egui::Frame::new().fill(theme::ERROR_BG).inner_margin(6.0).corner_radius(4.0).show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    if ui.small_button("×").on_hover_text("Dismiss this message").clicked() {
-                        dismiss = Some(i);
-                    }
-                    ui.label(egui::RichText::new(e).color(theme::ERROR_FG));
+            egui::Frame::new()
+                .fill(theme::ERROR_BG)
+                .inner_margin(6.0)
+                .corner_radius(4.0)
+                .show(ui, |ui| {
+                    ui.horizontal(|ui| {
+                        if ui
+                            .small_button("×")
+                            .on_hover_text("Dismiss this message")
+                            .clicked()
+                        {
+                            dismiss = Some(i);
+                        }
+                        ui.label(egui::RichText::new(e).color(theme::ERROR_FG));
+                    });
                 });
-            });
         }
         if let Some(i) = dismiss {
             self.state.errors.remove(i);
@@ -528,10 +619,22 @@ impl App {
     }
 
     fn main_ui(&mut self, ui: &mut egui::Ui) -> Option<HeatmapRequest> {
-        let Self { state, controls, table, histogram, overview, heatmap, .. } = self;
-        egui::Panel::left("controls").resizable(true).default_size(300.0).min_size(240.0).show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| controls.ui(ui, state));
-        });
+        let Self {
+            state,
+            controls,
+            table,
+            histogram,
+            overview,
+            heatmap,
+            ..
+        } = self;
+        egui::Panel::left("controls")
+            .resizable(true)
+            .default_size(300.0)
+            .min_size(240.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| controls.ui(ui, state));
+            });
         let Some(model) = &state.model else {
             ui.centered_and_justified(|ui| {
                 if state.jobs.is_empty() {
@@ -544,23 +647,27 @@ impl App {
         };
         let snapshot = model.snapshot.clone();
         let mut heatmap_request = None;
-        egui::Panel::bottom("detail").resizable(true).default_size(380.0).min_size(200.0).show(ui, |ui| {
-            let selected = state.selected;
-            ui.columns(2, |cols| {
-                let (left, right) = cols.split_at_mut(1);
-                let left = &mut left[0];
-                let right = &mut right[0];
-                let model = state.model.as_ref().expect("checked above");
-                let h = left.available_height();
-                left.allocate_ui(egui::vec2(left.available_width(), h * 0.62), |ui| {
-                    histogram.ui(ui, model, &state.settings, selected, state.prefs.log_y);
+        egui::Panel::bottom("detail")
+            .resizable(true)
+            .default_size(380.0)
+            .min_size(200.0)
+            .show(ui, |ui| {
+                let selected = state.selected;
+                ui.columns(2, |cols| {
+                    let (left, right) = cols.split_at_mut(1);
+                    let left = &mut left[0];
+                    let right = &mut right[0];
+                    let model = state.model.as_ref().expect("checked above");
+                    let h = left.available_height();
+                    left.allocate_ui(egui::vec2(left.available_width(), h * 0.62), |ui| {
+                        histogram.ui(ui, model, &state.settings, selected, state.prefs.log_y);
+                    });
+                    if let Some(t) = overview.ui(left, model, &state.settings) {
+                        state.selected = Some(t);
+                    }
+                    heatmap_request = heatmap.ui(right, model, selected);
                 });
-                if let Some(t) = overview.ui(left, model, &state.settings) {
-                    state.selected = Some(t);
-                }
-                heatmap_request = heatmap.ui(right, model, selected);
             });
-        });
         egui::CentralPanel::default().show(ui, |ui| {
             table.ui(ui, state, &snapshot);
         });
@@ -572,7 +679,9 @@ impl eframe::App for App {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         let start = Instant::now();
         while start.elapsed() < EVENT_BUDGET {
-            let Some(e) = self.worker.try_recv() else { break };
+            let Some(e) = self.worker.try_recv() else {
+                break;
+            };
             self.state.handle(e);
         }
         if !self.worker.events().is_empty() {
@@ -597,7 +706,9 @@ impl eframe::App for App {
         }
         match self.export.ui(&ctx, &self.state) {
             Some(super::dialogs::ExportAction::Run(request)) => self.export(request),
-            Some(super::dialogs::ExportAction::Browse(target, current)) => self.pick_save_path(&ctx, target, current),
+            Some(super::dialogs::ExportAction::Browse(target, current)) => {
+                self.pick_save_path(&ctx, target, current)
+            }
             None => {}
         }
         drop_overlay(&ctx);
@@ -615,7 +726,10 @@ fn drop_overlay(ctx: &egui::Context) {
     if !hovering {
         return;
     }
-    let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop_overlay")));
+    let painter = ctx.layer_painter(egui::LayerId::new(
+        egui::Order::Foreground,
+        egui::Id::unique("drop_overlay"),
+    ));
     let rect = ctx.content_rect();
     painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(180));
     painter.text(

@@ -41,8 +41,10 @@ impl ControlsPanel {
         ui.add_space(4.0);
         ui.label(RichText::new("Scope").strong());
         ui.horizontal(|ui| {
-            ui.radio_value(&mut s.scope, Scope::Global, "Global").on_hover_text(TIP_GLOBAL);
-            ui.radio_value(&mut s.scope, Scope::Layer, "Layer-wise").on_hover_text(TIP_LAYER);
+            ui.radio_value(&mut s.scope, Scope::Global, "Global")
+                .on_hover_text(TIP_GLOBAL);
+            ui.radio_value(&mut s.scope, Scope::Layer, "Layer-wise")
+                .on_hover_text(TIP_LAYER);
         });
 
         let nm = s.pattern.fixed_sparsity();
@@ -54,7 +56,9 @@ impl ControlsPanel {
                     percent_slider(ui, &mut s.sparsity, 0.0..=1.0)
                         .labelled_by(label.id)
                         .on_hover_text(TIP_SPARSITY)
-                        .on_disabled_hover_text("An N:M pattern fixes the sparsity at 1 − N/M in every layer.");
+                        .on_disabled_hover_text(
+                            "An N:M pattern fixes the sparsity at 1 − N/M in every layer.",
+                        );
                 });
                 let label = ui.label("Minimum kept per layer");
                 percent_slider(ui, &mut s.min_keep, 0.0..=1.0)
@@ -92,7 +96,8 @@ impl ControlsPanel {
             .selected_text(s.criterion.label())
             .show_ui(ui, |ui| {
                 for c in Criterion::ALL {
-                    ui.selectable_value(&mut s.criterion, c, c.label()).on_hover_text(c.tooltip());
+                    ui.selectable_value(&mut s.criterion, c, c.label())
+                        .on_hover_text(c.tooltip());
                 }
             })
             .response
@@ -101,13 +106,24 @@ impl ControlsPanel {
         if s.criterion.seeded() {
             ui.horizontal(|ui| {
                 let label = ui.label("Seed");
-                ui.add(DragValue::new(&mut s.seed)).labelled_by(label.id).on_hover_text(TIP_SEED);
+                ui.add(DragValue::new(&mut s.seed))
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_SEED);
             });
         }
 
         ui.add_space(6.0);
-        if ui.button("Reset to dense").on_hover_text(TIP_RESET).clicked() {
-            *s = PruneSettings { criterion: s.criterion, seed: s.seed, scope: s.scope, ..Default::default() };
+        if ui
+            .button("Reset to dense")
+            .on_hover_text(TIP_RESET)
+            .clicked()
+        {
+            *s = PruneSettings {
+                criterion: s.criterion,
+                seed: s.seed,
+                scope: s.scope,
+                ..Default::default()
+            };
             *all_layers = 0.0;
         }
 
@@ -117,7 +133,11 @@ impl ControlsPanel {
 }
 
 /// A 0..=1 fraction edited as a percentage.
-pub fn percent_slider(ui: &mut Ui, value: &mut f64, range: std::ops::RangeInclusive<f64>) -> egui::Response {
+pub fn percent_slider(
+    ui: &mut Ui,
+    value: &mut f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> egui::Response {
     let mut pct = *value * 100.0;
     let r = ui.add(
         Slider::new(&mut pct, (range.start() * 100.0)..=(range.end() * 100.0))
@@ -131,10 +151,19 @@ pub fn percent_slider(ui: &mut Ui, value: &mut f64, range: std::ops::RangeInclus
 }
 
 fn is_prunable(s: &PruneSettings, info: &crate::worker::TensorInfo, _t: usize) -> bool {
-    info.analysable && s.layers.get(&info.name).and_then(|l| l.prunable).unwrap_or(info.default_prunable)
+    info.analysable
+        && s.layers
+            .get(&info.name)
+            .and_then(|l| l.prunable)
+            .unwrap_or(info.default_prunable)
 }
 
-fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, usize)>, label: egui::Id) {
+fn pattern_ui(
+    ui: &mut Ui,
+    pattern: &mut Pattern,
+    custom: &mut Option<(usize, usize)>,
+    label: egui::Id,
+) {
     let text = match (*pattern, custom.is_some()) {
         (_, true) => "custom N:M".to_string(),
         (p, false) => p.to_string(),
@@ -142,18 +171,30 @@ fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, us
     ComboBox::from_id_salt("pattern")
         .selected_text(text)
         .show_ui(ui, |ui| {
-            if ui.selectable_label(*pattern == Pattern::Unstructured && custom.is_none(), "unstructured").clicked() {
+            if ui
+                .selectable_label(
+                    *pattern == Pattern::Unstructured && custom.is_none(),
+                    "unstructured",
+                )
+                .clicked()
+            {
                 *pattern = Pattern::Unstructured;
                 *custom = None;
             }
             for (n, m) in PRESETS {
                 let p = Pattern::NM { n, m };
-                if ui.selectable_label(*pattern == p && custom.is_none(), p.to_string()).clicked() {
+                if ui
+                    .selectable_label(*pattern == p && custom.is_none(), p.to_string())
+                    .clicked()
+                {
                     *pattern = p;
                     *custom = None;
                 }
             }
-            if ui.selectable_label(custom.is_some(), "custom N:M").clicked() {
+            if ui
+                .selectable_label(custom.is_some(), "custom N:M")
+                .clicked()
+            {
                 let (n, m) = match *pattern {
                     Pattern::NM { n, m } => (n, m),
                     Pattern::Unstructured => (2, 8),
@@ -168,9 +209,13 @@ fn pattern_ui(ui: &mut Ui, pattern: &mut Pattern, custom: &mut Option<(usize, us
     if let Some((n, m)) = custom {
         ui.horizontal(|ui| {
             let ln = ui.label("keep N");
-            ui.add(DragValue::new(n).range(1..=255)).labelled_by(ln.id).on_hover_text("Weights kept in every group.");
+            ui.add(DragValue::new(n).range(1..=255))
+                .labelled_by(ln.id)
+                .on_hover_text("Weights kept in every group.");
             let lm = ui.label("of M");
-            ui.add(DragValue::new(m).range(2..=256)).labelled_by(lm.id).on_hover_text("Size of each group of consecutive input weights.");
+            ui.add(DragValue::new(m).range(2..=256))
+                .labelled_by(lm.id)
+                .on_hover_text("Size of each group of consecutive input weights.");
         });
         if *n >= *m {
             ui.colored_label(super::theme::BAD, "N must be smaller than M.");
@@ -188,10 +233,17 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
         ui.label("Select a layer in the table.");
         return;
     };
-    let Some(info) = model.snapshot.tensors.get(t) else { return };
+    let Some(info) = model.snapshot.tensors.get(t) else {
+        return;
+    };
     ui.label(RichText::new("Selected layer").strong());
     ui.label(RichText::new(&info.name).monospace());
-    ui.label(format!("{:?} {}, {} parameters", info.shape, info.dtype, group_digits(info.numel as u64)));
+    ui.label(format!(
+        "{:?} {}, {} parameters",
+        info.shape,
+        info.dtype,
+        group_digits(info.numel as u64)
+    ));
     if let Some(l) = model.preview.as_ref().and_then(|p| p.alloc.for_tensor(t)) {
         ui.label(format!(
             "{} kept, {} pruned ({:.2}%)",
@@ -200,7 +252,10 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
             l.sparsity() * 100.0
         ));
         if l.capped {
-            ui.colored_label(super::theme::CAPPED, "Held at its cap (lock, minimum kept or maximum sparsity).");
+            ui.colored_label(
+                super::theme::CAPPED,
+                "Held at its cap (lock, minimum kept or maximum sparsity).",
+            );
         }
     }
     if info.nan > 0 || info.inf > 0 {
@@ -211,13 +266,20 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
         .on_hover_text("NaN scores rank below every number (pruned first); ±Inf rank above every number (kept last).");
     }
     if !info.analysable {
-        ui.label(format!("{} tensors are listed but cannot be pruned.", info.dtype));
+        ui.label(format!(
+            "{} tensors are listed but cannot be pruned.",
+            info.dtype
+        ));
         return;
     }
     let name = info.name.clone();
     let default_prunable = info.default_prunable;
     let s = &mut state.settings;
-    let mut prunable = s.layers.get(&name).and_then(|l| l.prunable).unwrap_or(default_prunable);
+    let mut prunable = s
+        .layers
+        .get(&name)
+        .and_then(|l| l.prunable)
+        .unwrap_or(default_prunable);
     if ui
         .checkbox(&mut prunable, "Prunable")
         .on_hover_text("Include this tensor in pruning. By default every floating tensor with 2 or more dimensions is; biases and norms are not.")
@@ -229,23 +291,37 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
         return;
     }
     let mut locked = s.layer(&name).locked;
-    if ui.checkbox(&mut locked, "Lock dense").on_hover_text(super::table::TIP_LOCK).changed() {
+    if ui
+        .checkbox(&mut locked, "Lock dense")
+        .on_hover_text(super::table::TIP_LOCK)
+        .changed()
+    {
         s.layer_mut(&name).locked = locked;
     }
     match s.scope {
         Scope::Layer => {
             let label = ui.label("Layer sparsity");
             let mut v = s.layer(&name).sparsity;
-            let r = ui.add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0)).inner;
-            if r.labelled_by(label.id).on_hover_text(super::table::TIP_TARGET).changed() {
+            let r = ui
+                .add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0))
+                .inner;
+            if r.labelled_by(label.id)
+                .on_hover_text(super::table::TIP_TARGET)
+                .changed()
+            {
                 s.layer_mut(&name).sparsity = v;
             }
         }
         Scope::Global => {
             let label = ui.label("Maximum sparsity");
             let mut v = s.layer(&name).max_sparsity.unwrap_or(1.0);
-            let r = ui.add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0)).inner;
-            if r.labelled_by(label.id).on_hover_text(super::table::TIP_MAX).changed() {
+            let r = ui
+                .add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0))
+                .inner;
+            if r.labelled_by(label.id)
+                .on_hover_text(super::table::TIP_MAX)
+                .changed()
+            {
                 s.layer_mut(&name).max_sparsity = (v < 1.0).then_some(v);
             }
         }

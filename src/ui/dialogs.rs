@@ -22,25 +22,38 @@ impl OpenPathDialog {
         let Self { open, path } = self;
         let mut chosen = None;
         let mut close = false;
-        Window::new("Open path").collapsible(false).resizable(false).open(open).show(ctx, |ui| {
-            let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz)");
-            let r = ui.add(egui::TextEdit::singleline(path).desired_width(420.0).hint_text("/path/to/model.safetensors"));
-            let r = r.labelled_by(label.id);
-            let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-            if let Some(p) = recent.first().filter(|_| path.is_empty()) {
-                ui.label(RichText::new(format!("Last opened: {}", p.display())).weak());
-            }
-            ui.horizontal(|ui| {
-                let ok = !path.trim().is_empty();
-                if ui.add_enabled(ok, egui::Button::new("Open")).on_hover_text("Open this file; the current model stays open if it fails.").clicked() || (enter && ok) {
-                    chosen = Some(PathBuf::from(path.trim()));
-                    close = true;
+        Window::new("Open path")
+            .collapsible(false)
+            .resizable(false)
+            .open(open)
+            .show(ctx, |ui| {
+                let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz)");
+                let r = ui.add(
+                    egui::TextEdit::singleline(path)
+                        .desired_width(420.0)
+                        .hint_text("/path/to/model.safetensors"),
+                );
+                let r = r.labelled_by(label.id);
+                let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                if let Some(p) = recent.first().filter(|_| path.is_empty()) {
+                    ui.label(RichText::new(format!("Last opened: {}", p.display())).weak());
                 }
-                if ui.button("Cancel").clicked() {
-                    close = true;
-                }
+                ui.horizontal(|ui| {
+                    let ok = !path.trim().is_empty();
+                    if ui
+                        .add_enabled(ok, egui::Button::new("Open"))
+                        .on_hover_text("Open this file; the current model stays open if it fails.")
+                        .clicked()
+                        || (enter && ok)
+                    {
+                        chosen = Some(PathBuf::from(path.trim()));
+                        close = true;
+                    }
+                    if ui.button("Cancel").clicked() {
+                        close = true;
+                    }
+                });
             });
-        });
         if close {
             self.open = false;
         }
@@ -79,11 +92,14 @@ pub struct ExportDialog {
 impl ExportDialog {
     /// Opens the dialog with paths beside the model file (or in the working directory).
     pub fn show_for(&mut self, state: &AppState) {
-        let Some(m) = state.model.as_ref() else { return };
+        let Some(m) = state.model.as_ref() else {
+            return;
+        };
         let (dir, stem) = match &m.snapshot.path {
             Some(p) => (
                 p.parent().map(Path::to_path_buf).unwrap_or_default(),
-                p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+                p.file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
             ),
             None => (PathBuf::from("."), "digits_mlp".to_string()),
         };

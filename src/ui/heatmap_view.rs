@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use egui::{Color32, ColorImage, Pos2, Rect, RichText, Sense, Stroke, TextureHandle, TextureOptions, Ui, Vec2, pos2, vec2};
+use egui::{
+    Color32, ColorImage, Pos2, Rect, RichText, Sense, Stroke, TextureHandle, TextureOptions, Ui,
+    Vec2, pos2, vec2,
+};
 
 use super::app::ModelView;
 use super::theme;
@@ -32,11 +35,19 @@ impl HeatmapPanel {
     }
 
     /// Draws the panel and returns the region it wants computed.
-    pub fn ui(&mut self, ui: &mut Ui, model: &ModelView, selected: Option<usize>) -> Option<HeatmapRequest> {
+    pub fn ui(
+        &mut self,
+        ui: &mut Ui,
+        model: &ModelView,
+        selected: Option<usize>,
+    ) -> Option<HeatmapRequest> {
         let t = selected?;
         let info = model.snapshot.tensors.get(t)?;
         if !info.analysable || info.numel == 0 {
-            ui.label(format!("{}: nothing to draw for a {} tensor of {} values.", info.name, info.dtype, info.numel));
+            ui.label(format!(
+                "{}: nothing to draw for a {} tensor of {} values.",
+                info.name, info.dtype, info.numel
+            ));
             return None;
         }
         let (rows, cols) = view_dims(&info.shape);
@@ -70,8 +81,10 @@ impl HeatmapPanel {
         });
         legend_ui(ui);
 
-        let size = ui.available_size() - vec2(0.0, ui.text_style_height(&egui::TextStyle::Body) + 6.0);
-        let (area, response) = ui.allocate_exact_size(size.max(vec2(32.0, 32.0)), Sense::click_and_drag());
+        let size =
+            ui.available_size() - vec2(0.0, ui.text_style_height(&egui::TextStyle::Body) + 6.0);
+        let (area, response) =
+            ui.allocate_exact_size(size.max(vec2(32.0, 32.0)), Sense::click_and_drag());
         let region = region_of(view);
         let max_w = (area.width().max(1.0) as usize).min(MAX_CELLS);
         let max_h = (area.height().max(1.0) as usize).min(MAX_CELLS);
@@ -103,21 +116,30 @@ impl HeatmapPanel {
         let painter = ui.painter_at(area);
         painter.rect_filled(area, 0.0, ui.visuals().extreme_bg_color);
         let snap = model.heatmap.as_ref().filter(|h| h.request.tensor == t);
-        if let Some(s) = snap {
-            if self.texture.as_ref().is_none_or(|(_, old)| !Arc::ptr_eq(old, s)) {
-                let image = ColorImage::new(
-                    [s.view.grid_w.max(1), s.view.grid_h.max(1)],
-                    s.view.kept_fraction.iter().map(|&f| theme::kept_colour(f)).collect(),
-                );
-                match &mut self.texture {
-                    Some((tex, old)) => {
-                        tex.set(image, TextureOptions::NEAREST);
-                        *old = s.clone();
-                    }
-                    None => {
-                        let tex = ui.ctx().load_texture("mask-heatmap", image, TextureOptions::NEAREST);
-                        self.texture = Some((tex, s.clone()));
-                    }
+        if let Some(s) = snap
+            && self
+                .texture
+                .as_ref()
+                .is_none_or(|(_, old)| !Arc::ptr_eq(old, s))
+        {
+            let image = ColorImage::new(
+                [s.view.grid_w.max(1), s.view.grid_h.max(1)],
+                s.view
+                    .kept_fraction
+                    .iter()
+                    .map(|&f| theme::kept_colour(f))
+                    .collect(),
+            );
+            match &mut self.texture {
+                Some((tex, old)) => {
+                    tex.set(image, TextureOptions::NEAREST);
+                    *old = s.clone();
+                }
+                None => {
+                    let tex = ui
+                        .ctx()
+                        .load_texture("mask-heatmap", image, TextureOptions::NEAREST);
+                    self.texture = Some((tex, s.clone()));
                 }
             }
         }
@@ -127,7 +149,12 @@ impl HeatmapPanel {
                 to_screen(disp, view, v.rows.start as f64, v.cols.start as f64),
                 to_screen(disp, view, v.rows.end as f64, v.cols.end as f64),
             );
-            painter.image(tex.id(), rect, Rect::from_min_max(Pos2::ZERO, pos2(1.0, 1.0)), Color32::WHITE);
+            painter.image(
+                tex.id(),
+                rect,
+                Rect::from_min_max(Pos2::ZERO, pos2(1.0, 1.0)),
+                Color32::WHITE,
+            );
             // Kernel blocks of conv weights, when they are wide enough to see.
             if let Some(k) = v.block_cols {
                 let px_per_col = disp.width() as f64 / (view[3] - view[2]);
@@ -145,14 +172,26 @@ impl HeatmapPanel {
                 describe_cell(s, r.max(0.0) as usize, c.max(0.0) as usize, &info.shape)
             });
         } else {
-            painter.text(area.center(), egui::Align2::CENTER_CENTER, "Computing the mask…", egui::FontId::proportional(14.0), ui.visuals().weak_text_color());
+            painter.text(
+                area.center(),
+                egui::Align2::CENTER_CENTER,
+                "Computing the mask…",
+                egui::FontId::proportional(14.0),
+                ui.visuals().weak_text_color(),
+            );
         }
         ui.label(self.hover.clone().unwrap_or_else(|| {
             "Hover a cell to inspect it · scroll to zoom · drag to pan · double-click to fit".into()
         }));
 
         let region = region_of(view);
-        Some(HeatmapRequest { tensor: t, rows: region.0, cols: region.1, max_w, max_h })
+        Some(HeatmapRequest {
+            tensor: t,
+            rows: region.0,
+            cols: region.1,
+            max_w,
+            max_h,
+        })
     }
 }
 
@@ -212,7 +251,11 @@ fn pan(v: [f64; 4], dr: f64, dc: f64, rows: f64, cols: f64) -> [f64; 4] {
 fn zoom_view(v: [f64; 4], factor: f64, pr: f64, pc: f64, rows: f64, cols: f64) -> [f64; 4] {
     let axis = |a: f64, b: f64, p: f64, max: f64| {
         let span = ((b - a) * factor).clamp(MIN_SPAN.min(max), max);
-        let t = if b > a { ((p - a) / (b - a)).clamp(0.0, 1.0) } else { 0.5 };
+        let t = if b > a {
+            ((p - a) / (b - a)).clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
         let mut a2 = p - t * span;
         a2 = a2.clamp(0.0, max - span);
         (a2, a2 + span)
@@ -228,7 +271,11 @@ fn cell_of(s: &HeatmapSnapshot, r: usize, c: usize) -> Option<(usize, usize)> {
     if !v.rows.contains(&r) || !v.cols.contains(&c) {
         return None;
     }
-    let find = |start: usize, len: usize, cells: usize, x: usize, span: &dyn Fn(usize) -> std::ops::Range<usize>| {
+    let find = |start: usize,
+                len: usize,
+                cells: usize,
+                x: usize,
+                span: &dyn Fn(usize) -> std::ops::Range<usize>| {
         let mut g = ((x - start) * cells / len.max(1)).min(cells.saturating_sub(1));
         while g + 1 < cells && span(g).end <= x {
             g += 1;
@@ -244,7 +291,9 @@ fn cell_of(s: &HeatmapSnapshot, r: usize, c: usize) -> Option<(usize, usize)> {
 }
 
 fn describe_cell(s: &HeatmapSnapshot, r: usize, c: usize, shape: &[usize]) -> String {
-    let Some((gy, gx)) = cell_of(s, r, c) else { return String::new() };
+    let Some((gy, gx)) = cell_of(s, r, c) else {
+        return String::new();
+    };
     let v = &s.view;
     let i = gy * v.grid_w + gx;
     let kept = v.kept_fraction.get(i).copied().unwrap_or(0.0);
@@ -253,7 +302,12 @@ fn describe_cell(s: &HeatmapSnapshot, r: usize, c: usize, shape: &[usize]) -> St
             let w = values.get(i).copied().unwrap_or(f32::NAN);
             let place = if shape.len() == 4 {
                 let k = shape[2] * shape[3];
-                format!("out {r}, in {} at ({}, {})", c / k, (c % k) / shape[3], c % shape[3])
+                format!(
+                    "out {r}, in {} at ({}, {})",
+                    c / k,
+                    (c % k) / shape[3],
+                    c % shape[3]
+                )
             } else {
                 format!("row {r}, col {c}")
             };
@@ -285,7 +339,8 @@ fn legend_ui(ui: &mut Ui) {
             let x0 = rect.left() + rect.width() * i as f32 / n as f32;
             let x1 = rect.left() + rect.width() * (i + 1) as f32 / n as f32;
             let r = Rect::from_min_max(pos2(x0, rect.top()), pos2(x1, rect.bottom()));
-            ui.painter().rect_filled(r, 0.0, theme::kept_colour(i as f32 / (n - 1) as f32));
+            ui.painter()
+                .rect_filled(r, 0.0, theme::kept_colour(i as f32 / (n - 1) as f32));
         }
         ui.label(RichText::new("all kept").small());
     });
@@ -310,7 +365,12 @@ mod tests {
         let out = zoom_view(z, 10.0, 25.0, 50.0, 100.0, 200.0);
         assert_eq!(out, v);
         let tiny = zoom_view(v, 1e-6, 99.0, 199.0, 100.0, 200.0);
-        assert_eq!(tiny, [96.0, 100.0, 196.0, 200.0]);
+        // Clamped to the minimum span, with (99, 199) still at 99% of the way across.
+        let want = [95.04, 99.04, 195.02, 199.02];
+        assert!(
+            tiny.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9),
+            "{tiny:?}"
+        );
     }
 
     #[test]

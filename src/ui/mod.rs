@@ -25,6 +25,10 @@ pub fn run_gui(model: Option<PathBuf>) -> anyhow::Result<()> {
             .with_drag_and_drop(true),
         ..Default::default()
     };
-    eframe::run_native("prunescope", options, Box::new(move |cc| Ok(Box::new(App::new(cc, model)))))
-        .map_err(|e| anyhow::anyhow!("could not start the window: {e}"))
+    eframe::run_native(
+        "prunescope",
+        options,
+        Box::new(move |cc| Ok(Box::new(App::new(cc, model)))),
+    )
+    .map_err(|e| anyhow::anyhow!("could not start the window: {e}"))
 }

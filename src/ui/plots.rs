@@ -16,7 +16,14 @@ pub struct HistogramPanel {
 }
 
 impl HistogramPanel {
-    pub fn ui(&mut self, ui: &mut Ui, model: &ModelView, settings: &PruneSettings, selected: Option<usize>, log_y: bool) {
+    pub fn ui(
+        &mut self,
+        ui: &mut Ui,
+        model: &ModelView,
+        settings: &PruneSettings,
+        selected: Option<usize>,
+        log_y: bool,
+    ) {
         let Self { shown } = self;
         let Some(t) = selected else {
             ui.label("Select a layer to see its weights.");
@@ -24,10 +31,17 @@ impl HistogramPanel {
         };
         let info = &model.snapshot.tensors[t];
         let Some(hist) = model.snapshot.histograms.get(t).and_then(|h| h.clone()) else {
-            ui.label(format!("{}: {} tensors have no weight histogram.", info.name, info.dtype));
+            ui.label(format!(
+                "{}: {} tensors have no weight histogram.",
+                info.name, info.dtype
+            ));
             return;
         };
-        let split = model.detail.as_ref().filter(|d| d.tensor == t).map(|d| &d.split);
+        let split = model
+            .detail
+            .as_ref()
+            .filter(|d| d.tensor == t)
+            .map(|d| &d.split);
         let alloc = model.preview.as_ref().and_then(|p| p.alloc.for_tensor(t));
         ui.horizontal(|ui| {
             ui.label(RichText::new(&info.name).strong().monospace());
@@ -40,8 +54,12 @@ impl HistogramPanel {
             }
         });
         let note = match (settings.pattern, settings.criterion) {
-            (Pattern::NM { n, m }, _) => Some(format!("{n}:{m} has no single threshold: each group of {m} keeps its {n} largest.")),
-            (_, Criterion::Random) => Some("Random scores: pruned weights are spread over every magnitude.".to_string()),
+            (Pattern::NM { n, m }, _) => Some(format!(
+                "{n}:{m} has no single threshold: each group of {m} keeps its {n} largest."
+            )),
+            (_, Criterion::Random) => {
+                Some("Random scores: pruned weights are spread over every magnitude.".to_string())
+            }
             _ => None,
         };
         if let Some(n) = note {
@@ -49,7 +67,13 @@ impl HistogramPanel {
         }
 
         let width = hist.bin_width();
-        let f = |c: u64| if log_y { (1.0 + c as f64).log10() } else { c as f64 };
+        let f = |c: u64| {
+            if log_y {
+                (1.0 + c as f64).log10()
+            } else {
+                c as f64
+            }
+        };
         let mut kept = Vec::with_capacity(hist.bins());
         let mut pruned = Vec::with_capacity(hist.bins());
         for i in 0..hist.bins() {
@@ -61,17 +85,28 @@ impl HistogramPanel {
             };
             let hk = f(k);
             let ht = f(k + p);
-            kept.push(Bar::new(x, hk).width(width).name(format!("{range}\n{} kept", group_digits(k))));
+            kept.push(
+                Bar::new(x, hk)
+                    .width(width)
+                    .name(format!("{range}\n{} kept", group_digits(k))),
+            );
             if p > 0 {
                 pruned.push(
                     Bar::new(x, ht - hk)
                         .base_offset(hk)
                         .width(width)
-                        .name(format!("{range}\n{} pruned, {} kept", group_digits(p), group_digits(k))),
+                        .name(format!(
+                            "{range}\n{} pruned, {} kept",
+                            group_digits(p),
+                            group_digits(k)
+                        )),
                 );
             }
         }
-        let formatter = || Box::new(|b: &Bar, _: &BarChart| b.name.clone()) as Box<dyn Fn(&Bar, &BarChart) -> String>;
+        let formatter = || {
+            Box::new(|b: &Bar, _: &BarChart| b.name.clone())
+                as Box<dyn Fn(&Bar, &BarChart) -> String>
+        };
         let mut plot = Plot::new("histogram")
             .legend(Legend::default())
             .allow_scroll(false)
@@ -80,7 +115,11 @@ impl HistogramPanel {
         if log_y {
             plot = plot.y_axis_formatter(|m, _| {
                 let v = 10f64.powf(m.value) - 1.0;
-                if v < 0.5 { String::new() } else { group_digits(v.round() as u64) }
+                if v < 0.5 {
+                    String::new()
+                } else {
+                    group_digits(v.round() as u64)
+                }
             });
         }
         if *shown != Some(t) {
@@ -91,12 +130,28 @@ impl HistogramPanel {
             settings.pattern == Pattern::Unstructured && settings.criterion == Criterion::Magnitude
         });
         plot.show(ui, |p| {
-            p.bar_chart(BarChart::new("kept", kept).color(theme::KEPT).element_formatter(formatter()));
-            p.bar_chart(BarChart::new("pruned", pruned).color(theme::PRUNED).element_formatter(formatter()));
+            p.bar_chart(
+                BarChart::new("kept", kept)
+                    .color(theme::KEPT)
+                    .element_formatter(formatter()),
+            );
+            p.bar_chart(
+                BarChart::new("pruned", pruned)
+                    .color(theme::PRUNED)
+                    .element_formatter(formatter()),
+            );
             if let Some(th) = threshold {
                 let name = format!("threshold ±{}", format_threshold(th));
-                p.vline(VLine::new(name.clone(), th as f64).color(theme::THRESHOLD).width(1.5));
-                p.vline(VLine::new(name, -th as f64).color(theme::THRESHOLD).width(1.5));
+                p.vline(
+                    VLine::new(name.clone(), th as f64)
+                        .color(theme::THRESHOLD)
+                        .width(1.5),
+                );
+                p.vline(
+                    VLine::new(name, -th as f64)
+                        .color(theme::THRESHOLD)
+                        .width(1.5),
+                );
             }
         });
     }
@@ -106,13 +161,20 @@ impl HistogramPanel {
 pub struct OverviewPanel;
 
 impl OverviewPanel {
-    pub fn ui(&mut self, ui: &mut Ui, model: &ModelView, settings: &PruneSettings) -> Option<usize> {
+    pub fn ui(
+        &mut self,
+        ui: &mut Ui,
+        model: &ModelView,
+        settings: &PruneSettings,
+    ) -> Option<usize> {
         let Some(preview) = model.preview.as_ref() else {
             ui.label("Computing…");
             return None;
         };
         ui.label(RichText::new("Sparsity per layer").strong())
-            .on_hover_text("How the cut is spread over the layers; click a bar to select its layer.");
+            .on_hover_text(
+                "How the cut is spread over the layers; click a bar to select its layer.",
+            );
         let layers = &preview.alloc.layers;
         let bars: Vec<Bar> = layers
             .iter()
@@ -120,11 +182,19 @@ impl OverviewPanel {
             .map(|(i, l)| {
                 let name = &model.snapshot.tensors[l.tensor].name;
                 let locked = settings.layer(name).locked;
-                let colour = if l.capped || locked { theme::CAPPED } else { theme::PRUNED };
+                let colour = if l.capped || locked {
+                    theme::CAPPED
+                } else {
+                    theme::PRUNED
+                };
                 Bar::new(i as f64, l.sparsity() * 100.0)
                     .width(0.8)
                     .fill(colour)
-                    .name(format!("{name}\n{:.2}% pruned{}", l.sparsity() * 100.0, if l.capped { " (at cap)" } else { "" }))
+                    .name(format!(
+                        "{name}\n{:.2}% pruned{}",
+                        l.sparsity() * 100.0,
+                        if l.capped { " (at cap)" } else { "" }
+                    ))
             })
             .collect();
         let r = Plot::new("overview")

@@ -15,12 +15,19 @@ use crate::util::{group_digits, human_bytes};
 pub fn non_zeros(state: &AppState) -> Option<u64> {
     let m = state.model.as_ref()?;
     let p = m.preview.as_ref()?;
-    if state.settings.criterion != Criterion::Magnitude || state.settings.pattern != Pattern::Unstructured {
+    if state.settings.criterion != Criterion::Magnitude
+        || state.settings.pattern != Pattern::Unstructured
+    {
         return None;
     }
     let mut nnz = 0u64;
     for (t, info) in m.snapshot.tensors.iter().enumerate() {
-        let zeros = m.snapshot.histograms.get(t).and_then(|h| h.as_ref()).map_or(0, |h| h.zeros);
+        let zeros = m
+            .snapshot
+            .histograms
+            .get(t)
+            .and_then(|h| h.as_ref())
+            .map_or(0, |h| h.zeros);
         match p.alloc.for_tensor(t) {
             Some(l) => {
                 let zeros_pruned = zeros.min((l.pruned as u64).saturating_sub(info.nan));
@@ -86,23 +93,35 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
 }
 
 fn accuracy_ui(ui: &mut Ui, state: &AppState) {
-    let Some(m) = state.model.as_ref() else { return };
+    let Some(m) = state.model.as_ref() else {
+        return;
+    };
     let snap = &m.snapshot;
     let Some(dense) = snap.dense_metrics else {
         let why = snap
             .evaluator_error
             .clone()
             .unwrap_or_else(|| "This model carries no architecture prunescope can run, so accuracy is not measured.".into());
-        ui.label(RichText::new("Accuracy: n/a").weak()).on_hover_text(why);
+        ui.label(RichText::new("Accuracy: n/a").weak())
+            .on_hover_text(why);
         return;
     };
     let tip = snap.evaluator.clone().unwrap_or_default();
-    ui.label(format!("Accuracy: dense {:.2}%", dense.accuracy * 100.0)).on_hover_text(tip.clone());
+    ui.label(format!("Accuracy: dense {:.2}%", dense.accuracy * 100.0))
+        .on_hover_text(tip.clone());
     match m.metrics.as_ref().map(|x| &x.result) {
         Some(Ok(now)) => {
             let delta = (now.accuracy - dense.accuracy) * 100.0;
-            let colour = if delta < -1.0 { theme::BAD } else { theme::GOOD };
-            let text = format!("→ now {:.2}% ({delta:+.2}), loss {:.3}", now.accuracy * 100.0, now.loss);
+            let colour = if delta < -1.0 {
+                theme::BAD
+            } else {
+                theme::GOOD
+            };
+            let text = format!(
+                "→ now {:.2}% ({delta:+.2}), loss {:.3}",
+                now.accuracy * 100.0,
+                now.loss
+            );
             let r = ui.colored_label(colour, text).on_hover_text(tip);
             if !state.metrics_current() {
                 r.on_hover_text("Updating…");

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use egui::{Checkbox, RichText, Sense, Ui, Role, WidgetInfo};
+use egui::{Checkbox, RichText, Role, Sense, Ui, WidgetInfo};
 use egui_extras::{Column, TableBuilder};
 
 use super::app::AppState;
@@ -16,7 +16,8 @@ pub const TIP_PRUNABLE: &str = "Include this tensor in pruning. By default every
 pub const TIP_LOCK: &str = "Lock: keep this layer dense whatever the other settings say (first and last layers are often locked because they are small and sensitive).";
 pub const TIP_TARGET: &str = "This layer's own target sparsity (layer-wise scope).";
 pub const TIP_MAX: &str = "Upper bound on this layer's sparsity in global scope; the weights it keeps are pruned from other layers instead.";
-const TIP_THRESHOLD: &str = "The largest |w| that is pruned: every weight at or below it goes (ties broken by position).";
+const TIP_THRESHOLD: &str =
+    "The largest |w| that is pruned: every weight at or below it goes (ties broken by position).";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SortBy {
@@ -37,7 +38,11 @@ pub struct LayerTable {
 }
 
 enum Row {
-    Group { module: String, tensors: usize, params: u64 },
+    Group {
+        module: String,
+        tensors: usize,
+        params: u64,
+    },
     Tensor(usize),
 }
 
@@ -47,7 +52,12 @@ fn module_of(name: &str) -> &str {
 
 impl LayerTable {
     pub fn ui(&mut self, ui: &mut Ui, state: &mut AppState, snapshot: &ModelSnapshot) {
-        let Self { sort, descending, collapsed, filter } = self;
+        let Self {
+            sort,
+            descending,
+            collapsed,
+            filter,
+        } = self;
         ui.horizontal(|ui| {
             ui.heading(&snapshot.name);
             ui.label(
@@ -60,10 +70,19 @@ impl LayerTable {
                 .weak(),
             );
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                if !filter.is_empty() && ui.small_button("×").on_hover_text("Clear the filter").clicked() {
+                if !filter.is_empty()
+                    && ui
+                        .small_button("×")
+                        .on_hover_text("Clear the filter")
+                        .clicked()
+                {
                     filter.clear();
                 }
-                let r = ui.add(egui::TextEdit::singleline(filter).hint_text("filter by name").desired_width(160.0));
+                let r = ui.add(
+                    egui::TextEdit::singleline(filter)
+                        .hint_text("filter by name")
+                        .desired_width(160.0),
+                );
                 r.on_hover_text("Show only tensors whose name contains this text.");
             });
         });
@@ -88,13 +107,17 @@ impl LayerTable {
                 SortBy::Order => t as f64,
                 SortBy::Params => snapshot.tensors[t].numel as f64,
                 SortBy::Sparsity => layer_of(t).map_or(-1.0, |l| l.sparsity()),
-                SortBy::Kept => layer_of(t).map_or(snapshot.tensors[t].numel as f64, |l| l.kept() as f64),
+                SortBy::Kept => {
+                    layer_of(t).map_or(snapshot.tensors[t].numel as f64, |l| l.kept() as f64)
+                }
             }
         };
         let mut rows = Vec::new();
         for (module, mut ts) in groups {
             if *sort == SortBy::Order {
-                ts.sort_by(|&a, &b| natural_cmp(&snapshot.tensors[a].name, &snapshot.tensors[b].name));
+                ts.sort_by(|&a, &b| {
+                    natural_cmp(&snapshot.tensors[a].name, &snapshot.tensors[b].name)
+                });
             } else {
                 ts.sort_by(|&a, &b| key(a).total_cmp(&key(b)));
             }
@@ -103,7 +126,11 @@ impl LayerTable {
             }
             let params = ts.iter().map(|&t| snapshot.tensors[t].numel as u64).sum();
             let folded = collapsed.contains(&module);
-            rows.push(Row::Group { module, tensors: ts.len(), params });
+            rows.push(Row::Group {
+                module,
+                tensors: ts.len(),
+                params,
+            });
             if !folded {
                 rows.extend(ts.into_iter().map(Row::Tensor));
             }
@@ -310,10 +337,10 @@ impl LayerTable {
                 *descending = by != SortBy::Order;
             }
         }
-        if let Some(m) = toggle_group {
-            if !collapsed.remove(&m) {
-                collapsed.insert(m);
-            }
+        if let Some(m) = toggle_group
+            && !collapsed.remove(&m)
+        {
+            collapsed.insert(m);
         }
         if let Some(t) = clicked {
             state.selected = Some(t);

@@ -27,12 +27,28 @@ pub fn kept_colour(f: f32) -> Color32 {
         [188.0, 175.0, 111.0],
         [255.0, 234.0, 70.0],
     ];
-    let f = if f.is_finite() { f.clamp(0.0, 1.0) } else { 0.0 };
+    let f = if f.is_finite() {
+        f.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let x = f * 4.0;
     let i = (x.floor() as usize).min(3);
     let w = x - i as f32;
     let c = |k: usize| (STOPS[i][k] * (1.0 - w) + STOPS[i + 1][k] * w).round() as u8;
     Color32::from_rgb(c(0), c(1), c(2))
+}
+
+/// Fonts: egui's defaults, with Hack as a fallback for the proportional family so that
+/// arrows and ⌈⌉ (absent from Ubuntu-Light) draw instead of tofu.
+pub fn install(ctx: &egui::Context) {
+    let mut fonts = egui::FontDefinitions::default();
+    if fonts.font_data.contains_key("Hack")
+        && let Some(p) = fonts.families.get_mut(&egui::FontFamily::Proportional)
+    {
+        p.insert(1.min(p.len()), "Hack".to_owned());
+    }
+    ctx.set_fonts(fonts);
 }
 
 #[cfg(test)]
@@ -52,16 +68,4 @@ mod tests {
             last = l;
         }
     }
-}
-
-/// Fonts: egui's defaults, with Hack as a fallback for the proportional family so that
-/// arrows and ⌈⌉ (absent from Ubuntu-Light) draw instead of tofu.
-pub fn install(ctx: &egui::Context) {
-    let mut fonts = egui::FontDefinitions::default();
-    if fonts.font_data.contains_key("Hack") {
-        if let Some(p) = fonts.families.get_mut(&egui::FontFamily::Proportional) {
-            p.insert(1.min(p.len()), "Hack".to_owned());
-        }
-    }
-    ctx.set_fonts(fonts);
 }

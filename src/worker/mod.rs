@@ -62,14 +62,22 @@ impl WorkerHandle {
     /// Opens a model in the background; the current one stays until the new one is ready.
     pub fn open(&mut self, source: OpenSource) -> Result<JobId, WorkerBusy> {
         let (job, cancel) = self.next_job();
-        self.send(Command::Open { job, cancel, source })?;
+        self.send(Command::Open {
+            job,
+            cancel,
+            source,
+        })?;
         Ok(job)
     }
 
     /// Exports weights, masks and/or a recipe for the given settings.
     pub fn export(&mut self, request: ExportRequest) -> Result<JobId, WorkerBusy> {
         let (job, cancel) = self.next_job();
-        self.send(Command::Export { job, cancel, request })?;
+        self.send(Command::Export {
+            job,
+            cancel,
+            request,
+        })?;
         Ok(job)
     }
 

@@ -79,11 +79,26 @@ pub struct ExportRequest {
 /// Worker → UI.
 #[derive(Debug)]
 pub enum Event {
-    JobStarted { job: JobId, label: String },
-    Progress { job: JobId, fraction: f32, message: String },
-    JobFinished { job: JobId, message: String },
-    JobFailed { job: JobId, error: String },
-    JobCancelled { job: JobId },
+    JobStarted {
+        job: JobId,
+        label: String,
+    },
+    Progress {
+        job: JobId,
+        fraction: f32,
+        message: String,
+    },
+    JobFinished {
+        job: JobId,
+        message: String,
+    },
+    JobFailed {
+        job: JobId,
+        error: String,
+    },
+    JobCancelled {
+        job: JobId,
+    },
     /// A model finished loading and replaced the previous one.
     ModelOpened(Arc<ModelSnapshot>),
     /// Counts for new settings: the table, summary and overview.
@@ -94,7 +109,10 @@ pub enum Event {
     /// Accuracy and loss for the settings of `generation`.
     Metrics(MetricsSnapshot),
     /// Settings the worker could not apply (invalid N:M, unknown tensor…).
-    PreviewError { generation: u64, error: String },
+    PreviewError {
+        generation: u64,
+        error: String,
+    },
 }
 
 /// Static facts about a tensor, for the table.

@@ -15,7 +15,8 @@ use crate::export::{Recipe, export_masks, export_pruned};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
 use crate::prune::{
-    Allocation, Mask, MaskSet, PruneError, PruneSettings, ScoreIndex, ScoreInputs, allocate, build_layer_mask, build_masks,
+    Allocation, Mask, MaskSet, PruneError, PruneSettings, ScoreIndex, ScoreInputs, allocate,
+    build_layer_mask, build_masks,
 };
 
 /// Bins of every weight histogram.
@@ -74,7 +75,9 @@ pub(super) fn run(rx: Receiver<Command>, tx: Sender<Event>, wake: Wake, ids: Arc
             }
         }
         w.poll();
-        let Some(cmd) = w.pending.pop_front() else { continue };
+        let Some(cmd) = w.pending.pop_front() else {
+            continue;
+        };
         if matches!(cmd, Command::Preview(_)) && w.newer_preview_queued() {
             continue;
         }
@@ -92,7 +95,9 @@ impl Worker {
 
     fn newer_preview_queued(&mut self) -> bool {
         self.poll();
-        self.pending.iter().any(|c| matches!(c, Command::Preview(_)))
+        self.pending
+            .iter()
+            .any(|c| matches!(c, Command::Preview(_)))
     }
 
     fn emit(&self, e: Event) {
@@ -103,7 +108,9 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         let job = match &cmd {
-            Command::Open { job, .. } | Command::Export { job, .. } | Command::PanicForTest { job } => Some(*job),
+            Command::Open { job, .. }
+            | Command::Export { job, .. }
+            | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_) | Command::Shutdown => None,
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.dispatch(cmd)));
@@ -116,7 +123,10 @@ impl Worker {
             let error = format!("internal error (the model is unchanged): {msg}");
             match job {
                 Some(job) => self.emit(Event::JobFailed { job, error }),
-                None => self.emit(Event::PreviewError { generation: 0, error }),
+                None => self.emit(Event::PreviewError {
+                    generation: 0,
+                    error,
+                }),
             }
             // Derived results may be half-built; recompute them from scratch next time.
             if let Some(s) = self.session.as_mut() {
@@ -127,11 +137,22 @@ impl Worker {
 
     fn dispatch(&mut self, cmd: Command) {
         match cmd {
-            Command::Open { job, cancel, source } => self.open(job, cancel, source),
+            Command::Open {
+                job,
+                cancel,
+                source,
+            } => self.open(job, cancel, source),
             Command::Preview(req) => self.preview(*req),
-            Command::Export { job, cancel, request } => self.export(job, cancel, request),
+            Command::Export {
+                job,
+                cancel,
+                request,
+            } => self.export(job, cancel, request),
             Command::PanicForTest { job } => {
-                self.emit(Event::JobStarted { job, label: "Panic test".into() });
+                self.emit(Event::JobStarted {
+                    job,
+                    label: "Panic test".into(),
+                });
                 panic!("deliberate panic for testing");
             }
             Command::Shutdown => self.shutting_down = true,
@@ -147,7 +168,11 @@ impl Worker {
             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
             if l.elapsed().as_millis() >= 33 || fraction >= 1.0 {
                 *l = Instant::now();
-                let _ = tx.try_send(Event::Progress { job, fraction, message: message.to_string() });
+                let _ = tx.try_send(Event::Progress {
+                    job,
+                    fraction,
+                    message: message.to_string(),
+                });
                 wake();
             }
         })
@@ -167,26 +192,48 @@ impl Worker {
         };
         let model = match model {
             Ok(m) => Arc::new(m),
-            Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
+            Err(e) => {
+                return self.emit(Event::JobFailed {
+                    job,
+                    error: e.to_string(),
+                });
+            }
         };
         if !model.tensors.iter().any(|t| t.analysable()) {
-            let error = format!("{}: no floating-point tensors to prune ({} tensors in the file)", model.display_name(), model.tensors.len());
+            let error = format!(
+                "{}: no floating-point tensors to prune ({} tensors in the file)",
+                model.display_name(),
+                model.tensors.len()
+            );
             return self.emit(Event::JobFailed { job, error });
         }
         let histograms = match all_histograms(&model, HISTOGRAM_BINS, &progress) {
             Ok(h) => h.into_iter().map(|h| h.map(Arc::new)).collect::<Vec<_>>(),
             Err(_) => return self.emit(Event::JobCancelled { job }),
         };
-        let index = match ScoreIndex::build(&model, Default::default(), 0, &ScoreInputs::default(), &progress) {
+        let index = match ScoreIndex::build(
+            &model,
+            Default::default(),
+            0,
+            &ScoreInputs::default(),
+            &progress,
+        ) {
             Ok(i) => Arc::new(i),
             Err(PruneError::Cancelled) => return self.emit(Event::JobCancelled { job }),
-            Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
+            Err(e) => {
+                return self.emit(Event::JobFailed {
+                    job,
+                    error: e.to_string(),
+                });
+            }
         };
         let (evaluator, evaluator_error) = match evaluator_for(&model) {
             Ok(e) => (e, None),
             Err(e) => (None, Some(e.to_string())),
         };
-        let dense_metrics = evaluator.as_ref().and_then(|e| e.evaluate(&model, &MaskSet::new()).ok());
+        let dense_metrics = evaluator
+            .as_ref()
+            .and_then(|e| e.evaluate(&model, &MaskSet::new()).ok());
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let snapshot = ModelSnapshot {
             id,
@@ -216,41 +263,78 @@ impl Worker {
             dense_metrics,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
-        self.session = Some(Session { id, model, index, histograms, evaluator, cache: None });
+        self.session = Some(Session {
+            id,
+            model,
+            index,
+            histograms,
+            evaluator,
+            cache: None,
+        });
         self.emit(Event::ModelOpened(Arc::new(snapshot)));
-        self.emit(Event::JobFinished { job, message: "Model opened".into() });
+        self.emit(Event::JobFinished {
+            job,
+            message: "Model opened".into(),
+        });
     }
 
     /// The preview pipeline: counts, then the selected layer, the heatmap and accuracy,
     /// giving up between steps as soon as a newer preview is queued.
     fn preview(&mut self, req: PreviewRequest) {
-        let Some(session) = self.session.as_ref() else { return };
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
         if session.id != req.model {
             return;
         }
         let generation = req.generation;
         if let Err(e) = req.settings.validate(&session.model) {
-            return self.emit(Event::PreviewError { generation, error: e.to_string() });
+            return self.emit(Event::PreviewError {
+                generation,
+                error: e.to_string(),
+            });
         }
         // A different criterion (or seed, for seeded ones) needs a new index.
         let s = &req.settings;
-        if session.index.criterion != s.criterion || (s.criterion.seeded() && session.index.seed != s.seed) {
+        if session.index.criterion != s.criterion
+            || (s.criterion.seeded() && session.index.seed != s.seed)
+        {
             let job = self.ids.fetch_add(1, Ordering::Relaxed);
-            self.emit(Event::JobStarted { job, label: format!("Scoring with {}", s.criterion.label()) });
+            self.emit(Event::JobStarted {
+                job,
+                label: format!("Scoring with {}", s.criterion.label()),
+            });
             let progress = self.progress_for(job, CancelFlag::new());
             let model = session.model.clone();
-            match ScoreIndex::build(&model, s.criterion, s.seed, &ScoreInputs::default(), &progress) {
+            match ScoreIndex::build(
+                &model,
+                s.criterion,
+                s.seed,
+                &ScoreInputs::default(),
+                &progress,
+            ) {
                 Ok(i) => {
                     let session = self.session.as_mut().expect("checked above");
                     session.index = Arc::new(i);
                     session.cache = None;
-                    self.emit(Event::JobFinished { job, message: "Scores ready".into() });
+                    self.emit(Event::JobFinished {
+                        job,
+                        message: "Scores ready".into(),
+                    });
                 }
-                Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
+                Err(e) => {
+                    return self.emit(Event::JobFailed {
+                        job,
+                        error: e.to_string(),
+                    });
+                }
             }
         }
         let session = self.session.as_mut().expect("checked above");
-        let fresh = session.cache.as_ref().is_none_or(|c| c.settings != req.settings);
+        let fresh = session
+            .cache
+            .as_ref()
+            .is_none_or(|c| c.settings != req.settings);
         if fresh {
             let t0 = Instant::now();
             let alloc = allocate(&session.model, &session.index, &req.settings);
@@ -303,7 +387,11 @@ impl Worker {
     fn layer_mask(&mut self, t: usize) -> Option<Arc<Mask>> {
         let s = self.session.as_mut()?;
         let c = s.cache.as_mut()?;
-        if let Some(m) = c.all_masks.as_ref().and_then(|all| all.get(&s.model.tensors[t].name)) {
+        if let Some(m) = c
+            .all_masks
+            .as_ref()
+            .and_then(|all| all.get(&s.model.tensors[t].name))
+        {
             return Some(Arc::new(m.clone()));
         }
         if let Some(m) = &c.layer_masks[t] {
@@ -316,48 +404,89 @@ impl Worker {
     }
 
     fn send_detail(&mut self, req: &PreviewRequest, t: usize) {
-        let Some(s) = self.session.as_ref() else { return };
-        if t >= s.model.tensors.len() || s.cache.as_ref().is_some_and(|c| c.detail_sent == Some(t)) {
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
+        if t >= s.model.tensors.len() || s.cache.as_ref().is_some_and(|c| c.detail_sent == Some(t))
+        {
             return;
         }
-        let Some(hist) = s.histograms[t].clone() else { return };
+        let Some(hist) = s.histograms[t].clone() else {
+            return;
+        };
         let mask = self.layer_mask(t);
-        let Some(s) = self.session.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         let split = split_histogram(&s.model, t, &hist, mask.as_deref());
         if let Some(c) = s.cache.as_mut() {
             c.detail_sent = Some(t);
         }
-        let d = LayerDetail { generation: req.generation, model: req.model, tensor: t, split };
+        let d = LayerDetail {
+            generation: req.generation,
+            model: req.model,
+            tensor: t,
+            split,
+        };
         self.emit(Event::LayerDetail(Arc::new(d)));
     }
 
     fn send_heatmap(&mut self, req: &PreviewRequest, h: &HeatmapRequest) {
-        let Some(s) = self.session.as_ref() else { return };
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
         if h.tensor >= s.model.tensors.len()
             || !s.model.tensors[h.tensor].analysable()
-            || s.cache.as_ref().is_some_and(|c| c.heatmap_sent.as_ref() == Some(h))
+            || s.cache
+                .as_ref()
+                .is_some_and(|c| c.heatmap_sent.as_ref() == Some(h))
         {
             return;
         }
         let mask = self.layer_mask(h.tensor);
-        let Some(s) = self.session.as_mut() else { return };
-        let view = heatmap(&s.model, h.tensor, mask.as_deref(), h.rows.clone(), h.cols.clone(), h.max_w, h.max_h);
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let view = heatmap(
+            &s.model,
+            h.tensor,
+            mask.as_deref(),
+            h.rows.clone(),
+            h.cols.clone(),
+            h.max_w,
+            h.max_h,
+        );
         if let Some(c) = s.cache.as_mut() {
             c.heatmap_sent = Some(h.clone());
         }
-        let snap = HeatmapSnapshot { generation: req.generation, model: req.model, request: h.clone(), view };
+        let snap = HeatmapSnapshot {
+            generation: req.generation,
+            model: req.model,
+            request: h.clone(),
+            view,
+        };
         self.emit(Event::Heatmap(Arc::new(snap)));
     }
 
     fn send_metrics(&mut self, req: &PreviewRequest) {
-        let Some(s) = self.session.as_mut() else { return };
-        let (Some(eval), Some(c)) = (s.evaluator.as_ref(), s.cache.as_mut()) else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let (Some(eval), Some(c)) = (s.evaluator.as_ref(), s.cache.as_mut()) else {
+            return;
+        };
         let result = match &c.metrics {
             Some(r) => r.clone(),
             None => {
                 let masks = match &c.all_masks {
                     Some(m) => m.clone(),
-                    None => match build_masks(&s.model, &s.index, &c.settings, &c.alloc, &Progress::none()) {
+                    None => match build_masks(
+                        &s.model,
+                        &s.index,
+                        &c.settings,
+                        &c.alloc,
+                        &Progress::none(),
+                    ) {
                         Ok(m) => {
                             let m = Arc::new(m);
                             c.all_masks = Some(m.clone());
@@ -365,7 +494,10 @@ impl Worker {
                         }
                         Err(e) => {
                             let error = e.to_string();
-                            return self.emit(Event::PreviewError { generation: req.generation, error });
+                            return self.emit(Event::PreviewError {
+                                generation: req.generation,
+                                error,
+                            });
                         }
                     },
                 };
@@ -374,19 +506,30 @@ impl Worker {
                 r
             }
         };
-        self.emit(Event::Metrics(MetricsSnapshot { generation: req.generation, model: req.model, result }));
+        self.emit(Event::Metrics(MetricsSnapshot {
+            generation: req.generation,
+            model: req.model,
+            result,
+        }));
     }
 
     fn export(&mut self, job: JobId, cancel: CancelFlag, req: ExportRequest) {
-        self.emit(Event::JobStarted { job, label: "Exporting".into() });
+        self.emit(Event::JobStarted {
+            job,
+            label: "Exporting".into(),
+        });
         let Some(s) = self.session.as_ref() else {
-            return self.emit(Event::JobFailed { job, error: "no model is open".into() });
+            return self.emit(Event::JobFailed {
+                job,
+                error: "no model is open".into(),
+            });
         };
         let model = s.model.clone();
         let progress = self.progress_for(job, cancel.clone());
         let result = (|| -> anyhow::Result<String> {
             let s_ = &req.settings;
-            let index_fits = s.index.criterion == s_.criterion && (!s_.criterion.seeded() || s.index.seed == s_.seed);
+            let index_fits = s.index.criterion == s_.criterion
+                && (!s_.criterion.seeded() || s.index.seed == s_.seed);
             let pruned = if index_fits {
                 s_.validate(&model)?;
                 let alloc = allocate(&model, &s.index, s_);
@@ -416,7 +559,10 @@ impl Worker {
         match result {
             Ok(message) => self.emit(Event::JobFinished { job, message }),
             Err(_) if cancel.is_cancelled() => self.emit(Event::JobCancelled { job }),
-            Err(e) => self.emit(Event::JobFailed { job, error: format!("{e:#}") }),
+            Err(e) => self.emit(Event::JobFailed {
+                job,
+                error: format!("{e:#}"),
+            }),
         }
     }
 }
