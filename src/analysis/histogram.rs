@@ -30,17 +30,43 @@ impl Histogram {
     /// The bin a finite value falls in (values outside `[lo, hi]` are clamped).
     #[inline]
     pub fn bin_of(&self, v: f32) -> usize {
-        let b = self.counts.len();
-        let x =
-            ((v as f64 - self.lo as f64) / (self.hi as f64 - self.lo as f64) * b as f64).floor();
-        (x.max(0.0) as usize).min(b - 1)
+        Binner::new(self.lo, self.hi, self.counts.len()).bin(v)
     }
     pub fn non_finite(&self) -> u64 {
         self.nan + self.pos_inf + self.neg_inf
     }
 }
 
-/// The histogram of one tensor: one pass for the range, one for the counts.
+/// Maps values to bins with one multiply; every histogram path uses it, so they agree exactly.
+#[derive(Clone, Copy, Debug)]
+pub struct Binner {
+    lo: f64,
+    scale: f64,
+    last: usize,
+}
+
+impl Binner {
+    pub fn new(lo: f32, hi: f32, bins: usize) -> Binner {
+        let bins = bins.max(1);
+        Binner {
+            lo: lo as f64,
+            scale: bins as f64 / (hi as f64 - lo as f64),
+            last: bins - 1,
+        }
+    }
+    /// Finite values only; non-finite ones land in a clamped bin and must be skipped by callers.
+    #[inline]
+    pub fn bin(&self, v: f32) -> usize {
+        // `as usize` saturates: negatives and NaN give 0, +∞ gives usize::MAX.
+        (((v as f64 - self.lo) * self.scale) as usize).min(self.last)
+    }
+}
+
+/// Elements per parallel work item: big enough to amortise scheduling, small enough that the
+/// largest tensor (an embedding) splits across cores.
+const BLOCK: usize = 1 << 20;
+
+/// The histogram of one tensor, sequentially: the reference the parallel path is tested against.
 pub fn histogram(model: &Model, t: usize, bins: usize) -> Histogram {
     let n = model.tensors[t].numel;
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -60,11 +86,7 @@ pub fn histogram(model: &Model, t: usize, bins: usize) -> Histogram {
             }
         }
     });
-    if lo > hi {
-        (lo, hi) = (-1.0, 1.0);
-    } else if lo == hi {
-        (lo, hi) = (lo - 0.5, hi + 0.5);
-    }
+    let (lo, hi) = finite_range(lo, hi);
     let mut h = Histogram {
         lo,
         hi,
@@ -85,33 +107,201 @@ pub fn histogram(model: &Model, t: usize, bins: usize) -> Histogram {
     h
 }
 
-/// Histograms of every analysable tensor, in parallel, with progress.
+#[derive(Clone, Copy)]
+struct BlockStats {
+    lo: f32,
+    hi: f32,
+    nan: u64,
+    pos_inf: u64,
+    neg_inf: u64,
+    zeros: u64,
+}
+
+impl BlockStats {
+    const EMPTY: BlockStats = BlockStats {
+        lo: f32::INFINITY,
+        hi: f32::NEG_INFINITY,
+        nan: 0,
+        pos_inf: 0,
+        neg_inf: 0,
+        zeros: 0,
+    };
+    fn merge(self, o: BlockStats) -> BlockStats {
+        BlockStats {
+            lo: self.lo.min(o.lo),
+            hi: self.hi.max(o.hi),
+            nan: self.nan + o.nan,
+            pos_inf: self.pos_inf + o.pos_inf,
+            neg_inf: self.neg_inf + o.neg_inf,
+            zeros: self.zeros + o.zeros,
+        }
+    }
+}
+
+/// Range and special values of one block. The common all-finite chunk takes a branch-free
+/// loop the compiler vectorises; a chunk with NaN or ±∞ is redone element by element.
+fn block_stats(model: &Model, t: usize, range: std::ops::Range<usize>) -> BlockStats {
+    let mut st = BlockStats::EMPTY;
+    model.for_each_chunk(t, range, |_, c| {
+        let (mut lo, mut hi, mut special, mut zeros) =
+            (f32::INFINITY, f32::NEG_INFINITY, 0u32, 0u64);
+        for &v in c {
+            lo = if v < lo { v } else { lo };
+            hi = if v > hi { v } else { hi };
+            special |= ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+            zeros += (v == 0.0) as u64;
+        }
+        if special == 0 {
+            st = st.merge(BlockStats {
+                lo,
+                hi,
+                zeros,
+                ..BlockStats::EMPTY
+            });
+            return;
+        }
+        for &v in c {
+            if v.is_finite() {
+                st.lo = st.lo.min(v);
+                st.hi = st.hi.max(v);
+                st.zeros += (v == 0.0) as u64;
+            } else if v.is_nan() {
+                st.nan += 1;
+            } else if v > 0.0 {
+                st.pos_inf += 1;
+            } else {
+                st.neg_inf += 1;
+            }
+        }
+    });
+    st
+}
+
+fn block_counts(
+    model: &Model,
+    t: usize,
+    range: std::ops::Range<usize>,
+    binner: Binner,
+    bins: usize,
+) -> Vec<u64> {
+    // Four interleaved tables: consecutive weights often share a bin, and incrementing one
+    // counter back to back stalls on the store it just made.
+    let mut lanes = vec![[0u32; 4]; bins];
+    let flush = |lanes: &mut Vec<[u32; 4]>, counts: &mut Vec<u64>| {
+        for (c, l) in counts.iter_mut().zip(lanes.iter_mut()) {
+            *c += l.iter().map(|&x| x as u64).sum::<u64>();
+            *l = [0; 4];
+        }
+    };
+    let mut counts = vec![0u64; bins];
+    // u32 lanes cannot overflow within one block (BLOCK < 2^32).
+    model.for_each_chunk(t, range, |_, c| {
+        let mut quads = c.chunks_exact(4);
+        for q in &mut quads {
+            for k in 0..4 {
+                lanes[binner.bin(q[k])][k] += q[k].is_finite() as u32;
+            }
+        }
+        for &v in quads.remainder() {
+            lanes[binner.bin(v)][0] += v.is_finite() as u32;
+        }
+    });
+    flush(&mut lanes, &mut counts);
+    counts
+}
+
+/// Every analysable tensor cut into blocks, so that big tensors spread over all cores.
+fn blocks(model: &Model) -> Vec<(usize, std::ops::Range<usize>)> {
+    let mut jobs = Vec::new();
+    for (t, e) in model.tensors.iter().enumerate() {
+        if e.analysable() {
+            let mut i = 0;
+            while i < e.numel {
+                jobs.push((t, i..(i + BLOCK).min(e.numel)));
+                i += BLOCK;
+            }
+        }
+    }
+    jobs
+}
+
+/// Histograms of every analysable tensor, in parallel, with progress. Equal to calling
+/// [`histogram`] on each tensor.
 pub fn all_histograms(
     model: &Model,
     bins: usize,
     progress: &Progress,
 ) -> Result<Vec<Option<Histogram>>, Cancelled> {
-    let total: u64 = model
+    let bins = bins.max(1);
+    let jobs = blocks(model);
+    let total = 2 * jobs.iter().map(|(_, r)| r.len() as u64).sum::<u64>().max(1);
+    let done = AtomicU64::new(0);
+    let tick = |n: usize| {
+        let d = done.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        progress.report(d as f32 / total as f32, "Histograms");
+    };
+    let stats: Vec<BlockStats> = jobs
+        .par_iter()
+        .map(|(t, r)| {
+            progress.check()?;
+            let s = block_stats(model, *t, r.clone());
+            tick(r.len());
+            Ok(s)
+        })
+        .collect::<Result<_, Cancelled>>()?;
+    let mut per_tensor: Vec<Option<BlockStats>> = vec![None; model.tensors.len()];
+    for ((t, _), s) in jobs.iter().zip(&stats) {
+        per_tensor[*t] = Some(per_tensor[*t].map_or(*s, |p| p.merge(*s)));
+    }
+    let mut hists: Vec<Option<Histogram>> = model
         .tensors
         .iter()
-        .map(|t| t.numel as u64)
-        .sum::<u64>()
-        .max(1);
-    let done = AtomicU64::new(0);
-    (0..model.tensors.len())
-        .into_par_iter()
-        .map(|t| {
-            progress.check()?;
-            let e = &model.tensors[t];
+        .enumerate()
+        .map(|(t, e)| {
             if !e.analysable() {
-                return Ok(None);
+                return None;
             }
-            let h = histogram(model, t, bins);
-            let d = done.fetch_add(e.numel as u64, Ordering::Relaxed) + e.numel as u64;
-            progress.report(d as f32 / total as f32, "Histograms");
-            Ok(Some(h))
+            let s = per_tensor[t].unwrap_or(BlockStats::EMPTY);
+            let (lo, hi) = finite_range(s.lo, s.hi);
+            Some(Histogram {
+                lo,
+                hi,
+                counts: vec![0; bins],
+                nan: s.nan,
+                pos_inf: s.pos_inf,
+                neg_inf: s.neg_inf,
+                zeros: s.zeros,
+            })
         })
-        .collect()
+        .collect();
+    let counts: Vec<Vec<u64>> = jobs
+        .par_iter()
+        .map(|(t, r)| {
+            progress.check()?;
+            let h = hists[*t].as_ref().expect("analysable");
+            let c = block_counts(model, *t, r.clone(), Binner::new(h.lo, h.hi, bins), bins);
+            tick(r.len());
+            Ok(c)
+        })
+        .collect::<Result<_, Cancelled>>()?;
+    for ((t, _), c) in jobs.iter().zip(counts) {
+        let h = hists[*t].as_mut().expect("analysable");
+        for (a, b) in h.counts.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    Ok(hists)
+}
+
+/// A usable bin range when a tensor has no finite values or only one distinct value.
+fn finite_range(lo: f32, hi: f32) -> (f32, f32) {
+    if lo > hi {
+        (-1.0, 1.0)
+    } else if lo == hi {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    }
 }
 
 /// Kept and pruned counts per bin of `hist`, exact, from the tensor's mask.
@@ -131,31 +321,46 @@ pub fn split_histogram(
     mask: Option<&Mask>,
 ) -> HistogramSplit {
     let bins = hist.bins();
-    let mut s = HistogramSplit {
+    let binner = Binner::new(hist.lo, hist.hi, bins);
+    let n = model.tensors[t].numel;
+    let empty = || HistogramSplit {
         kept: vec![0; bins],
         pruned: vec![0; bins],
         non_finite_pruned: 0,
         non_finite_kept: 0,
     };
-    let n = model.tensors[t].numel;
-    model.for_each_chunk(t, 0..n, |start, c| {
-        for (j, &v) in c.iter().enumerate() {
-            let kept = mask.is_none_or(|m| m.kept(start + j));
-            if v.is_finite() {
-                let b = hist.bin_of(v);
-                if kept {
-                    s.kept[b] += 1
-                } else {
-                    s.pruned[b] += 1
+    (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut s = empty();
+            model.for_each_chunk(t, b * BLOCK..((b + 1) * BLOCK).min(n), |start, c| {
+                for (j, &v) in c.iter().enumerate() {
+                    let kept = mask.is_none_or(|m| m.kept(start + j));
+                    if v.is_finite() {
+                        let bin = binner.bin(v);
+                        if kept {
+                            s.kept[bin] += 1
+                        } else {
+                            s.pruned[bin] += 1
+                        }
+                    } else if kept {
+                        s.non_finite_kept += 1;
+                    } else {
+                        s.non_finite_pruned += 1;
+                    }
                 }
-            } else if kept {
-                s.non_finite_kept += 1;
-            } else {
-                s.non_finite_pruned += 1;
+            });
+            s
+        })
+        .reduce(empty, |mut a, b| {
+            for i in 0..bins {
+                a.kept[i] += b.kept[i];
+                a.pruned[i] += b.pruned[i];
             }
-        }
-    });
-    s
+            a.non_finite_kept += b.non_finite_kept;
+            a.non_finite_pruned += b.non_finite_pruned;
+            a
+        })
 }
 
 #[cfg(test)]
@@ -182,5 +387,49 @@ mod tests {
         assert_eq!(s.kept, vec![0, 2, 0, 2]);
         assert_eq!(s.pruned, vec![1, 0, 1, 0]);
         assert_eq!((s.non_finite_kept, s.non_finite_pruned), (1, 1));
+    }
+
+    #[test]
+    fn parallel_histograms_equal_the_sequential_reference() {
+        let mut rng = crate::util::SplitMix64::new(5);
+        let mut big: Vec<f32> = (0..(2 * BLOCK + 777))
+            .map(|_| rng.normal() as f32)
+            .collect();
+        big[3] = f32::NAN;
+        big[BLOCK + 1] = f32::INFINITY;
+        big[2 * BLOCK + 5] = f32::NEG_INFINITY;
+        big[10] = 0.0;
+        let m = Model::from_f32_tensors(
+            "t",
+            vec![
+                ("big".into(), vec![big.len()], big),
+                ("flat".into(), vec![3], vec![2.0, 2.0, 2.0]),
+                ("nothing".into(), vec![0, 4], vec![]),
+                ("nan".into(), vec![2], vec![f32::NAN, f32::NAN]),
+            ],
+        );
+        let all = all_histograms(&m, 100, &Progress::none()).unwrap();
+        for t in 0..m.tensors.len() {
+            let want = m.tensors[t].analysable().then(|| histogram(&m, t, 100));
+            assert_eq!(all[t], want, "tensor {t}");
+        }
+        let mask = Mask::from_kept(
+            &(0..m.tensors[0].numel)
+                .map(|i| i % 3 != 0)
+                .collect::<Vec<_>>(),
+        );
+        let h = histogram(&m, 0, 100);
+        let s = split_histogram(&m, 0, &h, Some(&mask));
+        let (mut kept, mut pruned) = (vec![0u64; 100], vec![0u64; 100]);
+        for (i, v) in m.to_f32_vec(0).into_iter().enumerate() {
+            if v.is_finite() {
+                if i % 3 != 0 {
+                    kept[h.bin_of(v)] += 1
+                } else {
+                    pruned[h.bin_of(v)] += 1
+                }
+            }
+        }
+        assert_eq!((s.kept, s.pruned), (kept, pruned));
     }
 }
