@@ -409,9 +409,9 @@ mod tests {
             ],
         );
         let all = all_histograms(&m, 100, &Progress::none()).unwrap();
-        for t in 0..m.tensors.len() {
+        for (t, got) in all.iter().enumerate() {
             let want = m.tensors[t].analysable().then(|| histogram(&m, t, 100));
-            assert_eq!(all[t], want, "tensor {t}");
+            assert_eq!(got, &want, "tensor {t}");
         }
         let mask = Mask::from_kept(
             &(0..m.tensors[0].numel)
