@@ -16,11 +16,14 @@ use crate::util::{group_digits, human_bytes};
 #[command(
     name = "prunescope",
     version,
-    about = "Open a neural network, shape its sparsity, see what each cut costs."
+    about = "Open a neural network, shape its sparsity, see what each cut costs.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// A model to open in the app (same as `prunescope gui MODEL`).
+    pub model: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,7 +132,7 @@ fn bar() -> Progress<'static> {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Gui { model: None }) {
+    match cli.command.unwrap_or(Command::Gui { model: cli.model }) {
         Command::Gui { model } => crate::ui::run_gui(model),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Prune(args) => prune_cmd(args),
@@ -185,8 +188,16 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
         group_digits(model.total_params()),
         human_bytes(model.data_bytes())
     );
+    // The name column fits the longest name, so long module paths keep the table aligned.
+    let w = model
+        .tensors
+        .iter()
+        .map(|t| t.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     println!(
-        "{:<48} {:<18} {:<6} {:>12} {:>9} {:>8}",
+        "{:<w$} {:<18} {:<6} {:>12} {:>9} {:>8}",
         "name", "shape", "dtype", "params", "zeros", "prunable"
     );
     for r in &rows {
@@ -196,7 +207,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
             note = format!("  ({} NaN, {} Inf)", flag("nan"), flag("inf"));
         }
         println!(
-            "{:<48} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
+            "{:<w$} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
             r["name"].as_str().unwrap_or(""),
             format!(
                 "{:?}",

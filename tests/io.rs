@@ -313,6 +313,10 @@ fn cli_recipe_replay_is_byte_identical_and_counts_are_exact() {
     ]);
     assert!(!o.status.success());
 
+    // A bare path means "open it in the app"; a typo'd subcommand must not be taken for one.
+    let o = cli(&["inspekt", sample.to_str().unwrap()]);
+    assert!(!o.status.success());
+
     let o = cli(&["inspect", sample.to_str().unwrap(), "--json"]);
     assert!(o.status.success());
     let v: serde_json::Value =

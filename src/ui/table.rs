@@ -207,7 +207,8 @@ impl LayerTable {
                                 ui.label(RichText::new(name).strong());
                             });
                             row.col(|ui| {
-                                ui.label(RichText::new(format!("{tensors} tensors")).weak());
+                                let noun = if *tensors == 1 { "tensor" } else { "tensors" };
+                                ui.label(RichText::new(format!("{tensors} {noun}")).weak());
                             });
                             row.col(|ui| {
                                 ui.label(RichText::new(group_digits(*params)).weak());
