@@ -283,7 +283,7 @@ fn opening_a_corrupt_file_shows_the_error_and_keeps_the_model() {
 }
 
 #[test]
-fn export_from_the_app_matches_a_cli_style_replay_of_its_recipe() {
+fn a_recipe_exported_from_the_app_replays_byte_identical_in_the_cli() {
     let mut h = harness();
     step_until(&mut h, "the sample model", settled);
     let dir = tempdir();
@@ -311,27 +311,29 @@ fn export_from_the_app_matches_a_cli_style_replay_of_its_recipe() {
             .is_some_and(|n| n.starts_with("Wrote"))
     });
 
-    let r = prunescope::export::Recipe::load(&recipe).unwrap();
-    let model = sample();
+    // Replayed by the CLI on the sample's file on disk (the same bytes as the bundled one).
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample_models/digits_mlp.safetensors");
     let replay = dir.join("replay.safetensors");
-    let p = prune(
-        &model,
-        &r.settings,
-        &ScoreInputs::default(),
-        &prunescope::progress::Progress::none(),
-    )
-    .unwrap();
-    prunescope::export::export_pruned(
-        &model,
-        &p.masks,
-        &replay,
-        &prunescope::progress::Progress::none(),
-    )
-    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prunescope"))
+        .args([
+            "prune",
+            file.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+        ])
+        .args(["--out", replay.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         std::fs::read(&weights).unwrap(),
         std::fs::read(&replay).unwrap()
     );
+
+    // The recipe carries the lock: fc3 stayed dense.
+    let r = prunescope::export::Recipe::load(&recipe).unwrap();
+    assert!(r.settings.layer("fc3.weight").locked);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tempdir() -> PathBuf {
