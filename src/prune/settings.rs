@@ -135,13 +135,24 @@ impl PruneSettings {
     /// Whether tensor `t` takes part in pruning (prunable and decodable).
     pub fn is_prunable(&self, model: &Model, t: usize) -> bool {
         let e = &model.tensors[t];
-        if !e.analysable() {
-            return false;
-        }
-        self.layers
-            .get(&e.name)
-            .and_then(|l| l.prunable)
-            .unwrap_or_else(|| e.default_prunable())
+        self.prunable(&e.name, e.analysable(), e.default_prunable())
+    }
+
+    /// The prunable rule by name, for callers that hold tensor facts rather than the model:
+    /// the user's override, else the default; never for a tensor that cannot be decoded.
+    pub fn prunable(&self, name: &str, analysable: bool, default_prunable: bool) -> bool {
+        analysable
+            && self
+                .layers
+                .get(name)
+                .and_then(|l| l.prunable)
+                .unwrap_or(default_prunable)
+    }
+
+    /// Records the user's choice, keeping an override only where it differs from the default
+    /// (so recipes stay minimal and a later change of default rule still applies).
+    pub fn set_prunable(&mut self, name: &str, prunable: bool, default_prunable: bool) {
+        self.layer_mut(name).prunable = (prunable != default_prunable).then_some(prunable);
     }
 
     /// Checks ranges and that every named tensor exists and can be pruned.

@@ -237,17 +237,13 @@ impl AppState {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(p.model)) else {
                     return;
                 };
-                if m.preview
-                    .as_ref()
-                    .is_none_or(|old| old.generation <= p.generation)
-                {
-                    if m.preview_error
+                let generation = p.generation;
+                if keep_newest(&mut m.preview, p, |p| p.generation)
+                    && m.preview_error
                         .as_ref()
-                        .is_some_and(|(g, _)| *g <= p.generation)
-                    {
-                        m.preview_error = None;
-                    }
-                    m.preview = Some(p);
+                        .is_some_and(|(g, _)| *g <= generation)
+                {
+                    m.preview_error = None;
                 }
             }
             Event::LayerDetail(d) => {
@@ -265,23 +261,13 @@ impl AppState {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(h.model)) else {
                     return;
                 };
-                if m.heatmap
-                    .as_ref()
-                    .is_none_or(|old| old.generation <= h.generation)
-                {
-                    m.heatmap = Some(h);
-                }
+                keep_newest(&mut m.heatmap, h, |h| h.generation);
             }
             Event::Metrics(s) => {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(s.model)) else {
                     return;
                 };
-                if m.metrics
-                    .as_ref()
-                    .is_none_or(|old| old.generation <= s.generation)
-                {
-                    m.metrics = Some(s);
-                }
+                keep_newest(&mut m.metrics, s, |s| s.generation);
             }
             Event::PreviewError { generation, error } => match self.model.as_mut() {
                 Some(m) if generation > 0 => m.preview_error = Some((generation, error)),
@@ -289,6 +275,19 @@ impl AppState {
             },
         }
     }
+}
+
+/// Stores `new` unless `slot` already holds an answer to a newer preview: answers can arrive
+/// out of order relative to what is shown, and an older one must not replace a newer one.
+/// Returns whether it was stored.
+fn keep_newest<T>(slot: &mut Option<T>, new: T, generation: impl Fn(&T) -> u64) -> bool {
+    let newer = slot
+        .as_ref()
+        .is_none_or(|old| generation(old) <= generation(&new));
+    if newer {
+        *slot = Some(new);
+    }
+    newer
 }
 
 /// Answers from file dialogs, which run on their own threads so the UI never waits on them.
@@ -327,19 +326,11 @@ impl App {
     pub fn with_prefs(ctx: &egui::Context, initial: Option<PathBuf>, prefs: Prefs) -> App {
         theme::install(ctx);
         let wake_ctx = ctx.clone();
-        let mut worker = WorkerHandle::spawn(move || wake_ctx.request_repaint());
+        let worker = WorkerHandle::spawn(move || wake_ctx.request_repaint());
         let (dialog_tx, dialog_rx) = unbounded();
-        let mut state = AppState::new(prefs);
-        let source = initial.map_or(OpenSource::Sample, OpenSource::Path);
-        match worker.open(source) {
-            Ok(job) => {
-                state.open_jobs.insert(job);
-            }
-            Err(e) => state.errors.push(e.to_string()),
-        }
-        App {
+        let mut app = App {
             worker,
-            state,
+            state: AppState::new(prefs),
             controls: ControlsPanel::default(),
             table: LayerTable::default(),
             histogram: HistogramPanel::default(),
@@ -350,7 +341,9 @@ impl App {
             dialog_tx,
             dialog_rx,
             dialog_open: false,
-        }
+        };
+        app.open(initial.map_or(OpenSource::Sample, OpenSource::Path));
+        app
     }
 
     pub fn state(&self) -> &AppState {
@@ -368,16 +361,11 @@ impl App {
 
     /// Opens a model file in the background; the current model stays until it has loaded.
     pub fn open_path(&mut self, path: PathBuf) {
-        match self.worker.open(OpenSource::Path(path)) {
-            Ok(job) => {
-                self.state.open_jobs.insert(job);
-            }
-            Err(e) => self.state.errors.push(e.to_string()),
-        }
+        self.open(OpenSource::Path(path));
     }
 
-    fn open_sample(&mut self) {
-        match self.worker.open(OpenSource::Sample) {
+    fn open(&mut self, source: OpenSource) {
+        match self.worker.open(source) {
             Ok(job) => {
                 self.state.open_jobs.insert(job);
             }
@@ -513,7 +501,7 @@ impl App {
                     self.open_path.open = true;
                 }
                 if ui.button("Open sample model").on_hover_text("The digits MLP bundled with prunescope (97.5% test accuracy dense).").clicked() {
-                    self.open_sample();
+                    self.open(OpenSource::Sample);
                 }
                 ui.menu_button("Open recent", |ui| {
                     if self.state.prefs.recent.is_empty() {

@@ -72,8 +72,8 @@ impl ControlsPanel {
                         .labelled_by(label.id)
                         .on_hover_text(TIP_ALL_LAYERS);
                     if r.changed() {
-                        for (t, info) in tensors.iter().enumerate() {
-                            if is_prunable(s, info, t) {
+                        for info in tensors {
+                            if s.prunable(&info.name, info.analysable, info.default_prunable) {
                                 let l = s.layer_mut(&info.name);
                                 if !l.locked {
                                     l.sparsity = *all_layers;
@@ -150,12 +150,35 @@ pub fn percent_slider(
     r
 }
 
-fn is_prunable(s: &PruneSettings, info: &crate::worker::TensorInfo, _t: usize) -> bool {
-    info.analysable
-        && s.layers
-            .get(&info.name)
-            .and_then(|l| l.prunable)
-            .unwrap_or(info.default_prunable)
+/// The current scope's per-layer limit of `name` as a slider: its own target in layer-wise
+/// scope, its maximum sparsity in global scope (100% = no cap). Disabled while the layer is
+/// locked. Returns the slider and the value it shows, in percent, for accessible names.
+pub fn layer_limit_slider(
+    ui: &mut Ui,
+    s: &mut PruneSettings,
+    name: &str,
+    locked: bool,
+) -> (egui::Response, f64) {
+    let (mut v, tip) = match s.scope {
+        Scope::Layer => (s.layer(name).sparsity, super::table::TIP_TARGET),
+        Scope::Global => (
+            s.layer(name).max_sparsity.unwrap_or(1.0),
+            super::table::TIP_MAX,
+        ),
+    };
+    let r = ui
+        .add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0))
+        .inner
+        .on_hover_text(tip);
+    if r.changed() {
+        let scope = s.scope;
+        let l = s.layer_mut(name);
+        match scope {
+            Scope::Layer => l.sparsity = v,
+            Scope::Global => l.max_sparsity = (v < 1.0).then_some(v),
+        }
+    }
+    (r, v * 100.0)
 }
 
 fn pattern_ui(
@@ -275,17 +298,13 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
     let name = info.name.clone();
     let default_prunable = info.default_prunable;
     let s = &mut state.settings;
-    let mut prunable = s
-        .layers
-        .get(&name)
-        .and_then(|l| l.prunable)
-        .unwrap_or(default_prunable);
+    let mut prunable = s.prunable(&name, true, default_prunable);
     if ui
         .checkbox(&mut prunable, "Prunable")
-        .on_hover_text("Include this tensor in pruning. By default every floating tensor with 2 or more dimensions is; biases and norms are not.")
+        .on_hover_text(super::table::TIP_PRUNABLE)
         .changed()
     {
-        s.layer_mut(&name).prunable = (prunable != default_prunable).then_some(prunable);
+        s.set_prunable(&name, prunable, default_prunable);
     }
     if !prunable {
         return;
@@ -298,32 +317,10 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
     {
         s.layer_mut(&name).locked = locked;
     }
-    match s.scope {
-        Scope::Layer => {
-            let label = ui.label("Layer sparsity");
-            let mut v = s.layer(&name).sparsity;
-            let r = ui
-                .add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0))
-                .inner;
-            if r.labelled_by(label.id)
-                .on_hover_text(super::table::TIP_TARGET)
-                .changed()
-            {
-                s.layer_mut(&name).sparsity = v;
-            }
-        }
-        Scope::Global => {
-            let label = ui.label("Maximum sparsity");
-            let mut v = s.layer(&name).max_sparsity.unwrap_or(1.0);
-            let r = ui
-                .add_enabled_ui(!locked, |ui| percent_slider(ui, &mut v, 0.0..=1.0))
-                .inner;
-            if r.labelled_by(label.id)
-                .on_hover_text(super::table::TIP_MAX)
-                .changed()
-            {
-                s.layer_mut(&name).max_sparsity = (v < 1.0).then_some(v);
-            }
-        }
-    }
+    let label = ui.label(match s.scope {
+        Scope::Layer => "Layer sparsity",
+        Scope::Global => "Maximum sparsity",
+    });
+    let (r, _) = layer_limit_slider(ui, s, &name, locked);
+    r.labelled_by(label.id);
 }

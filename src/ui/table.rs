@@ -6,7 +6,7 @@ use egui::{Checkbox, RichText, Role, Sense, Ui, WidgetInfo};
 use egui_extras::{Column, TableBuilder};
 
 use super::app::AppState;
-use super::controls::percent_slider;
+use super::controls::layer_limit_slider;
 use super::theme;
 use crate::prune::{Criterion, Scope};
 use crate::util::{group_digits, natural_cmp};
@@ -226,15 +226,14 @@ impl LayerTable {
                             row.set_selected(state.selected == Some(t));
                             let s = &mut state.settings;
                             let prunable_default = info.default_prunable;
-                            let mut prunable = info.analysable
-                                && s.layers.get(&info.name).and_then(|l| l.prunable).unwrap_or(prunable_default);
+                            let mut prunable = s.prunable(&info.name, info.analysable, prunable_default);
                             row.col(|ui| {
                                 let r = ui.add_enabled(info.analysable, Checkbox::without_text(&mut prunable));
                                 r.widget_info(|| {
                                     WidgetInfo::selected(Role::CheckBox, info.analysable, prunable, format!("prunable {}", info.name))
                                 });
                                 if r.on_hover_text(TIP_PRUNABLE).changed() {
-                                    s.layer_mut(&info.name).prunable = (prunable != prunable_default).then_some(prunable);
+                                    s.set_prunable(&info.name, prunable, prunable_default);
                                 }
                             });
                             row.col(|ui| {
@@ -285,31 +284,13 @@ impl LayerTable {
                                 if !prunable {
                                     return;
                                 }
-                                ui.add_enabled_ui(!locked, |ui| {
-                                    ui.spacing_mut().slider_width = 80.0;
-                                    match scope {
-                                        Scope::Layer => {
-                                            let mut v = s.layer(&info.name).sparsity;
-                                            let r = percent_slider(ui, &mut v, 0.0..=1.0);
-                                            r.widget_info(|| {
-                                                WidgetInfo::slider(true, v * 100.0, format!("target {}", info.name))
-                                            });
-                                            if r.on_hover_text(TIP_TARGET).changed() {
-                                                s.layer_mut(&info.name).sparsity = v;
-                                            }
-                                        }
-                                        Scope::Global => {
-                                            let mut v = s.layer(&info.name).max_sparsity.unwrap_or(1.0);
-                                            let r = percent_slider(ui, &mut v, 0.0..=1.0);
-                                            r.widget_info(|| {
-                                                WidgetInfo::slider(true, v * 100.0, format!("max sparsity {}", info.name))
-                                            });
-                                            if r.on_hover_text(TIP_MAX).changed() {
-                                                s.layer_mut(&info.name).max_sparsity = (v < 1.0).then_some(v);
-                                            }
-                                        }
-                                    }
-                                });
+                                ui.spacing_mut().slider_width = 80.0;
+                                let what = match scope {
+                                    Scope::Layer => "target",
+                                    Scope::Global => "max sparsity",
+                                };
+                                let (r, pct) = layer_limit_slider(ui, s, &info.name, locked);
+                                r.widget_info(|| WidgetInfo::slider(true, pct, format!("{what} {}", info.name)));
                             });
                             row.col(|ui| {
                                 if !prunable {
