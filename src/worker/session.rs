@@ -387,18 +387,22 @@ impl Worker {
     fn layer_mask(&mut self, t: usize) -> Option<Arc<Mask>> {
         let s = self.session.as_mut()?;
         let c = s.cache.as_mut()?;
-        if let Some(m) = c
-            .all_masks
-            .as_ref()
-            .and_then(|all| all.get(&s.model.tensors[t].name))
-        {
-            return Some(Arc::new(m.clone()));
-        }
         if let Some(m) = &c.layer_masks[t] {
             return Some(m.clone());
         }
-        let l = c.alloc.for_tensor(t)?;
-        let m = Arc::new(build_layer_mask(&s.model, &s.index, &c.settings, l));
+        // Reuse the full mask set when evaluation already built it; copy it once, not per request.
+        let from_all = c
+            .all_masks
+            .as_ref()
+            .and_then(|all| all.get(&s.model.tensors[t].name))
+            .cloned();
+        let m = match from_all {
+            Some(m) => Arc::new(m),
+            None => {
+                let l = c.alloc.for_tensor(t)?;
+                Arc::new(build_layer_mask(&s.model, &s.index, &c.settings, l))
+            }
+        };
         c.layer_masks[t] = Some(m.clone());
         Some(m)
     }
