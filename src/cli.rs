@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::export::{Recipe, export_masks, export_pruned};
+use crate::export::{Recipe, check_outputs, export_masks, export_pruned};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
 use crate::prune::{Criterion, Pattern, PruneSettings, Scope, ScoreInputs, prune};
-use crate::util::{group_digits, human_bytes};
+use crate::util::{group_digits, human_bytes, printable};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -182,20 +182,22 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{} ({}): {} tensors, {} parameters, {}",
-        path.display(),
+        printable(&path.display().to_string()),
         model.format.label(),
         model.tensors.len(),
         group_digits(model.total_params()),
         human_bytes(model.data_bytes())
     );
-    // The name column fits the longest name, so long module paths keep the table aligned.
+    // The name column fits the longest name, so long module paths keep the table aligned, up to
+    // a width past which alignment is lost anyway (and format widths must stay small).
+    const MAX_NAME_COLUMN: usize = 100;
     let w = model
         .tensors
         .iter()
-        .map(|t| t.name.chars().count())
+        .map(|t| printable(&t.name).chars().count())
         .max()
         .unwrap_or(4)
-        .max(4);
+        .clamp(4, MAX_NAME_COLUMN);
     println!(
         "{:<w$} {:<18} {:<6} {:>12} {:>9} {:>8}",
         "name", "shape", "dtype", "params", "zeros", "prunable"
@@ -208,7 +210,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
         }
         println!(
             "{:<w$} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
-            r["name"].as_str().unwrap_or(""),
+            printable(r["name"].as_str().unwrap_or("")),
             format!(
                 "{:?}",
                 r["shape"]
@@ -271,6 +273,19 @@ pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
 }
 
 fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
+    // Before any work: an output that names an input would destroy it.
+    let mut inputs = vec![("model", a.model.as_path())];
+    if let Some(r) = &a.recipe {
+        inputs.push(("recipe", r.as_path()));
+    }
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(m) = &a.masks {
+        outputs.push(("--masks", m.as_path()));
+    }
+    if let Some(r) = &a.save_recipe {
+        outputs.push(("--save-recipe", r.as_path()));
+    }
+    check_outputs(&inputs, &outputs)?;
     let model = Model::open(&a.model)?;
     let (mut settings, recipe) = match &a.recipe {
         Some(r) => {

@@ -5,8 +5,14 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Writes a file atomically: the content goes to a temporary file beside the target, which is
-/// flushed, synced and then renamed over the target, so a crash never leaves a half-written file.
+/// Writes a file atomically: the content goes to a temporary file in the target's directory,
+/// which is flushed, synced and then renamed over the target, so a crash never leaves a
+/// half-written file and the old one stays whole until the new one is complete.
+///
+/// On Linux the temporary file is unnamed (`O_TMPFILE`) until the moment it is complete, so a
+/// process killed mid-write leaves nothing behind; it is given a name only for the rename.
+/// Elsewhere (or where the file system lacks `O_TMPFILE`) it is a named `.NAME.tmp-PID-N` file,
+/// removed on error; leftovers of processes that were killed are swept on the next write.
 pub fn atomic_write(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
@@ -17,24 +23,185 @@ pub fn atomic_write(
     };
     let file_name = path
         .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "exists and is not a regular file",
+        ));
+    }
+    sweep_stale_temps(&dir, &file_name);
+    let (file, named) = create_temp(&dir, &file_name)?;
+    let tmp_name = |n: u64| dir.join(temp_name(&file_name, n));
+    let mut placed: Option<PathBuf> = named.clone();
     let result = (|| {
-        let file = File::create(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         write(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        if placed.is_none() {
+            placed = Some(link_unnamed(&file, tmp_name)?);
+        }
+        let tmp = placed.as_ref().expect("placed above");
+        std::fs::rename(tmp, path)?;
+        placed = None;
+        // The rename is durable only once the directory entry is.
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Some(tmp) = placed {
+        let _ = std::fs::remove_file(tmp);
     }
     result
+}
+
+static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn temp_name(file_name: &str, n: u64) -> String {
+    format!(".{file_name}.tmp-{}-{n}", std::process::id())
+}
+
+/// Creates the temporary file: unnamed where the OS can (`None`), else a fresh named one.
+fn create_temp(dir: &Path, file_name: &str) -> io::Result<(File, Option<PathBuf>)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let unnamed = std::fs::OpenOptions::new()
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir);
+        match unnamed {
+            Ok(f) => return Ok((f, None)),
+            // Not supported by this file system: fall back to a named file. Real errors
+            // (read-only, permission, no space) are the same for both, so report them now.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = dir.join(temp_name(file_name, n));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(f) => return Ok((f, Some(p))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Gives an unnamed temporary file a fresh name beside its target.
+#[cfg(target_os = "linux")]
+fn link_unnamed(file: &File, name: impl Fn(u64) -> PathBuf) -> io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io::Error::other)?;
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let target = name(n);
+        let c_target =
+            std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                c_target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc == 0 {
+            return Ok(target);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn link_unnamed(_: &File, _: impl Fn(u64) -> PathBuf) -> io::Result<PathBuf> {
+    Err(io::Error::other("unnamed temporary files need Linux"))
+}
+
+/// Removes `.NAME.tmp-PID-N` files left by processes that no longer run (killed mid-write).
+fn sweep_stale_temps(dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// An OS error as a short phrase: "No such file or directory", without "(os error 2)".
+pub fn io_message(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Memory the OS says it can still give (Linux's MemAvailable), if known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Text from a file (a tensor name, say) made safe to print on a terminal: control
+/// characters become `\u{..}` escapes, so a name cannot move the cursor, clear the screen or
+/// forge a line.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Compares names so that embedded numbers sort by value: `layer.2` < `layer.10`.

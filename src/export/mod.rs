@@ -87,12 +87,11 @@ pub fn write_f32_safetensors(
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: cannot write: {}", crate::util::io_message(error))]
+    Io { path: String, error: io::Error },
+    /// An output would replace an input or another output of the same command.
+    #[error("{0}")]
+    Conflict(String),
     #[error("tensor '{0}' has a dtype whose elements are not whole bytes; it cannot be masked")]
     NotByteAddressable(String),
     #[error("cancelled")]
@@ -132,7 +131,7 @@ pub fn export_pruned(
         } else {
             ExportError::Io {
                 path: path.display().to_string(),
-                source: e,
+                error: e,
             }
         }
     };
@@ -198,6 +197,77 @@ pub fn export_masks(model: &Model, masks: &MaskSet, path: &Path) -> Result<(), E
     })
     .map_err(|e| ExportError::Io {
         path: path.display().to_string(),
-        source: e,
+        error: e,
     })
+}
+
+/// What a path names on disk: its canonical form and, where it exists, its file identity
+/// (device, inode), so that `./x.pt`, `dir/../x.pt`, symbolic links and hard links to one file
+/// all compare equal.
+#[derive(Debug, PartialEq, Eq)]
+struct FileIdentity {
+    canonical: std::path::PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+fn identify(p: &Path) -> FileIdentity {
+    let canonical = std::fs::canonicalize(p).unwrap_or_else(|_| {
+        // Not there yet: resolve the directory, keep the name.
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        match p.file_name() {
+            Some(n) => dir.join(n),
+            None => dir,
+        }
+    });
+    #[cfg(unix)]
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    #[cfg(not(unix))]
+    let inode = None;
+    FileIdentity { canonical, inode }
+}
+
+impl FileIdentity {
+    fn same_file(&self, other: &FileIdentity) -> bool {
+        self.canonical == other.canonical
+            || matches!((self.inode, other.inode), (Some(a), Some(b)) if a == b)
+    }
+}
+
+/// Refuses a set of outputs in which one would replace an input (the model, a recipe being
+/// replayed) or two would write the same file. Inputs and outputs are `(what, path)` pairs;
+/// `what` names the flag or field in the message ("--out", "Masks").
+pub fn check_outputs(
+    inputs: &[(&str, &Path)],
+    outputs: &[(&str, &Path)],
+) -> Result<(), ExportError> {
+    let ins: Vec<FileIdentity> = inputs.iter().map(|(_, p)| identify(p)).collect();
+    let outs: Vec<FileIdentity> = outputs.iter().map(|(_, p)| identify(p)).collect();
+    for (i, (what, p)) in outputs.iter().enumerate() {
+        for (j, (in_what, in_p)) in inputs.iter().enumerate() {
+            if outs[i].same_file(&ins[j]) {
+                return Err(ExportError::Conflict(format!(
+                    "{what} {} is the {in_what} {} itself; writing it would destroy the input. Choose another path",
+                    p.display(),
+                    in_p.display()
+                )));
+            }
+        }
+        for (k, (other, q)) in outputs.iter().enumerate().take(i) {
+            if outs[i].same_file(&outs[k]) {
+                return Err(ExportError::Conflict(format!(
+                    "{what} {} and {other} {} are the same file; one would overwrite the other",
+                    p.display(),
+                    q.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -11,6 +11,28 @@ use crate::prune::{Allocation, PruneSettings};
 
 pub const RECIPE_FORMAT: &str = "prunescope-recipe/1";
 
+/// Recipes are settings, not data: even one with a line for each of a million tensors is far
+/// below this.
+const MAX_RECIPE_BYTES: u64 = 256 << 20;
+
+/// Reads a regular file of at most `max` bytes as UTF-8 (never blocks on a FIFO).
+fn read_small_text(path: &Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    let f = crate::model::open_regular_file(path).map_err(|e| match e {
+        crate::model::ModelError::Io { error, .. } => crate::util::io_message(&error),
+        crate::model::ModelError::Format { msg, .. } => msg,
+        other => other.to_string(),
+    })?;
+    let mut text = String::new();
+    f.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("not a text file: {}", crate::util::io_message(&e)))?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes: not a recipe"));
+    }
+    Ok(text)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecipeInput {
     /// File name of the model the recipe was made on (informational).
@@ -96,7 +118,7 @@ impl Recipe {
             path: path.display().to_string(),
             msg,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let text = read_small_text(path, MAX_RECIPE_BYTES).map_err(err)?;
         let r: Recipe =
             serde_json::from_str(&text).map_err(|e| err(format!("not a valid recipe: {e}")))?;
         if r.format != RECIPE_FORMAT {

@@ -4,13 +4,15 @@
 //! into the map. Values are decoded to f32 in chunks when analysis needs them.
 
 mod dtype;
+pub mod pickle;
 mod safetensors_io;
 mod torch_io;
+pub mod zip;
 
 pub use dtype::DType;
 pub use safetensors_io::parse_safetensors;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -19,12 +21,10 @@ use crate::util::natural_cmp;
 /// Everything that can go wrong while opening a model. Messages name the file and tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message, not a separate source, so that a chained report
+    /// (`{:#}`) does not say it twice.
+    #[error("{path}: {}", crate::util::io_message(error))]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: String, msg: String },
     #[error("{path}: tensor '{tensor}': {msg}")]
@@ -125,14 +125,47 @@ pub(crate) enum Backing {
     Mmap(memmap2::Mmap),
     Owned(Vec<u8>),
     Static(&'static [u8]),
+    /// A mapped archive plus the bytes that had to be rewritten (inflated, gathered, swapped).
+    /// Tensor ranges below `map.len()` lie in the map; ranges from `map.len()` on lie in
+    /// `extra`, shifted by `map.len()`.
+    Mapped {
+        map: Primary,
+        extra: Vec<u8>,
+    },
+}
+
+/// The bytes an archive was read from: a map of the file, or a buffer (tests, fuzzing).
+pub(crate) enum Primary {
+    Mmap(memmap2::Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl std::ops::Deref for Primary {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Primary::Mmap(m) => m,
+            Primary::Bytes(b) => b,
+        }
+    }
 }
 
 impl Backing {
+    /// The primary bytes: the whole file where there is one.
     fn bytes(&self) -> &[u8] {
         match self {
             Backing::Mmap(m) => m,
+            Backing::Mapped { map, .. } => map,
             Backing::Owned(v) => v,
             Backing::Static(s) => s,
+        }
+    }
+    fn range(&self, r: Range<usize>) -> &[u8] {
+        match self {
+            Backing::Mapped { map, extra } if r.start >= map.len() => {
+                &extra[r.start - map.len()..r.end - map.len()]
+            }
+            _ => &self.bytes()[r],
         }
     }
 }
@@ -146,6 +179,8 @@ pub struct Model {
     /// The safetensors `__metadata__` (empty for other formats).
     pub metadata: BTreeMap<String, String>,
     backing: Backing,
+    /// Tensor index by name: lookups are per mask and per layer, so they must not scan.
+    by_name: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for Model {
@@ -170,12 +205,17 @@ impl Model {
         backing: Backing,
     ) -> Self {
         tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            by_name.entry(t.name.clone()).or_insert(i);
+        }
         Self {
             source,
             format,
             tensors,
             metadata,
             backing,
+            by_name,
         }
     }
 
@@ -201,6 +241,21 @@ impl Model {
             _ => Err(ModelError::Unsupported {
                 path: path.display().to_string(),
             }),
+        }
+    }
+
+    /// Reads a model of the given format from bytes in memory, with the same checks as
+    /// [`Model::open`] (tests and fuzzing use it).
+    pub fn from_bytes(
+        name: &'static str,
+        format: ModelFormat,
+        bytes: Vec<u8>,
+    ) -> Result<Model, ModelError> {
+        let source = ModelSource::Builtin(name);
+        match format {
+            ModelFormat::Safetensors => safetensors_io::from_backing(source, Backing::Owned(bytes)),
+            ModelFormat::PyTorch => torch_io::read_pytorch(source, Primary::Bytes(bytes)),
+            ModelFormat::Npz => torch_io::read_npz(source, Primary::Bytes(bytes)),
         }
     }
 
@@ -252,12 +307,12 @@ impl Model {
     }
 
     pub fn find(&self, name: &str) -> Option<usize> {
-        self.tensors.iter().position(|t| t.name == name)
+        self.by_name.get(name).copied()
     }
 
     /// Raw little-endian bytes of tensor `t`, in its own dtype.
     pub fn tensor_bytes(&self, t: usize) -> &[u8] {
-        &self.backing.bytes()[self.tensors[t].bytes.clone()]
+        self.backing.range(self.tensors[t].bytes.clone())
     }
 
     /// All bytes of the backing store (the whole file for safetensors).
@@ -306,7 +361,7 @@ impl Model {
         match &self.source {
             ModelSource::File(p) => crate::util::sha256_file(p).map_err(|e| ModelError::Io {
                 path: p.display().to_string(),
-                source: e,
+                error: e,
             }),
             ModelSource::Builtin(_) => Ok(crate::util::sha256_hex(self.backing.bytes())),
         }
@@ -315,15 +370,14 @@ impl Model {
 
 fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ModelError> {
     use std::io::Read;
-    let io = |e| ModelError::Io {
-        path: path.display().to_string(),
-        source: e,
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = open_regular_file(path)?;
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
-        let k = f.read(&mut buf[got..]).map_err(io)?;
+        let k = f.read(&mut buf[got..]).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            error: e,
+        })?;
         if k == 0 {
             break;
         }
@@ -331,4 +385,57 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ModelError> {
     }
     buf.truncate(got);
     Ok(buf)
+}
+
+/// Opens a file for reading only if it is a regular file. A FIFO would block the open (and
+/// the UI with it), a directory maps as "No such device", a device reads forever: each gets a
+/// sentence instead. The open itself does not block, so the check happens on what was opened.
+pub fn open_regular_file(path: &Path) -> Result<std::fs::File, ModelError> {
+    let p = || path.display().to_string();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|e| ModelError::Io {
+        path: p(),
+        error: e,
+    })?;
+    let meta = file.metadata().map_err(|e| ModelError::Io {
+        path: p(),
+        error: e,
+    })?;
+    if meta.is_dir() {
+        return Err(ModelError::Format {
+            path: p(),
+            msg: "is a directory, not a model file".into(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(ModelError::Format {
+            path: p(),
+            msg: "is not a regular file (a FIFO, socket or device); prunescope opens only regular files".into(),
+        });
+    }
+    Ok(file)
+}
+
+/// Memory-maps a regular file read-only; an empty file is an error, since no format is empty.
+pub(crate) fn map_regular_file(path: &Path) -> Result<memmap2::Mmap, ModelError> {
+    let file = open_regular_file(path)?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return Err(ModelError::Format {
+            path: path.display().to_string(),
+            msg: "the file is empty".into(),
+        });
+    }
+    // SAFETY: the map is read-only; if another process truncates the file while it is open
+    // reads could fault, which is the accepted trade-off of every mmap-based model viewer.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        error: e,
+    })
 }

@@ -10,17 +10,7 @@ use super::{Backing, DType, Model, ModelError, ModelFormat, ModelSource, TensorE
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 pub(super) fn open_safetensors(path: &Path) -> Result<Model, ModelError> {
-    let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
-    // SAFETY: the map is read-only; if another process truncates the file while it is open
-    // reads could fault, which is the accepted trade-off of every mmap-based model viewer.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
+    let mmap = super::map_regular_file(path)?;
     from_backing(ModelSource::File(path.to_path_buf()), Backing::Mmap(mmap))
 }
 

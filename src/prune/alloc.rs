@@ -51,8 +51,11 @@ impl Allocation {
     pub fn reached(&self) -> bool {
         self.pruned == self.requested
     }
+    /// The layer of tensor `t`. Layers are in tensor order (see [`allocate`]), so this is a
+    /// binary search: the table and size report ask it once per tensor.
     pub fn for_tensor(&self, t: usize) -> Option<&LayerAlloc> {
-        self.layers.iter().find(|l| l.tensor == t)
+        let i = self.layers.binary_search_by_key(&t, |l| l.tensor).ok()?;
+        self.layers.get(i)
     }
 }
 

@@ -166,9 +166,17 @@ impl ExportDialog {
                 recipe: pick(ExportTarget::Recipe),
             };
             let any = request.weights.is_some() || request.masks.is_some() || request.recipe.is_some();
-            let error = state.model.as_ref().and_then(|m| m.preview_error.as_ref()).map(|(_, e)| e.clone());
+            let mut error = state.model.as_ref().and_then(|m| m.preview_error.as_ref()).map(|(_, e)| e.clone());
             if let Some(e) = &error {
                 ui.colored_label(super::theme::BAD, format!("The settings are invalid: {e}"));
+            }
+            // The same check the worker makes, shown before the click: an output that is the
+            // open model (or another output) would destroy it.
+            let input = state.model.as_ref().and_then(|m| m.snapshot.path.clone());
+            let inputs: Vec<(&str, &Path)> = input.as_deref().map(|p| ("open model", p)).into_iter().collect();
+            if let Err(e) = crate::export::check_outputs(&inputs, &request.outputs()) {
+                ui.colored_label(super::theme::BAD, e.to_string());
+                error = Some(e.to_string());
             }
             ui.horizontal(|ui| {
                 if ui

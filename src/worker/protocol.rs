@@ -76,6 +76,20 @@ pub struct ExportRequest {
     pub recipe: Option<PathBuf>,
 }
 
+impl ExportRequest {
+    /// The chosen outputs, labelled as the export dialog labels them.
+    pub fn outputs(&self) -> Vec<(&'static str, &std::path::Path)> {
+        [
+            ("Pruned weights", &self.weights),
+            ("Masks", &self.masks),
+            ("Recipe", &self.recipe),
+        ]
+        .into_iter()
+        .filter_map(|(what, p)| p.as_deref().map(|p| (what, p)))
+        .collect()
+    }
+}
+
 /// Worker → UI.
 #[derive(Debug)]
 pub enum Event {

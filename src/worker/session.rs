@@ -531,6 +531,14 @@ impl Worker {
         let model = s.model.clone();
         let progress = self.progress_for(job, cancel.clone());
         let result = (|| -> anyhow::Result<String> {
+            let outputs = req.outputs();
+            let inputs: Vec<(&str, &std::path::Path)> = model
+                .source
+                .path()
+                .map(|p| ("model", p))
+                .into_iter()
+                .collect();
+            crate::export::check_outputs(&inputs, &outputs)?;
             let s_ = &req.settings;
             let index_fits = s.index.criterion == s_.criterion
                 && (!s_.criterion.seeded() || s.index.seed == s_.seed);
