@@ -133,7 +133,12 @@ fn bar() -> Progress<'static> {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Gui { model: cli.model }) {
+        #[cfg(feature = "gui")]
         Command::Gui { model } => crate::ui::run_gui(model),
+        #[cfg(not(feature = "gui"))]
+        Command::Gui { .. } => {
+            bail!("this prunescope was built without the desktop app (feature \"gui\")")
+        }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Prune(args) => prune_cmd(args),
         Command::Train(args) => train_cmd(args),
@@ -151,86 +156,111 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// One row of `inspect`.
+#[derive(serde::Serialize)]
+struct InspectRow<'a> {
+    name: &'a str,
+    shape: &'a [usize],
+    dtype: String,
+    params: usize,
+    zeros: u64,
+    sparsity: f64,
+    nan: u64,
+    inf: u64,
+    prunable: bool,
+}
+
 fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     let model = Model::open(path)?;
-    let rows: Vec<serde_json::Value> = model
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(t, e)| {
-            let (zeros, nan, inf) = if e.analysable() {
-                let h = crate::analysis::histogram(&model, t, 1);
-                (h.zeros, h.nan, h.pos_inf + h.neg_inf)
+    let row = |t: usize| {
+        let e = &model.tensors[t];
+        let (zeros, nan, inf) = if e.analysable() {
+            let h = crate::analysis::histogram(&model, t, 1);
+            (h.zeros, h.nan, h.pos_inf + h.neg_inf)
+        } else {
+            (0, 0, 0)
+        };
+        InspectRow {
+            name: &e.name,
+            shape: &e.shape,
+            dtype: e.dtype.to_string(),
+            params: e.numel,
+            zeros,
+            sparsity: if e.numel == 0 {
+                0.0
             } else {
-                (0, 0, 0)
-            };
-            serde_json::json!({
-                "name": e.name, "shape": e.shape, "dtype": e.dtype.to_string(), "params": e.numel,
-                "zeros": zeros, "sparsity": if e.numel == 0 { 0.0 } else { zeros as f64 / e.numel as f64 },
-                "nan": nan, "inf": inf, "prunable": e.default_prunable(),
-            })
-        })
-        .collect();
+                zeros as f64 / e.numel as f64
+            },
+            nan,
+            inf,
+            prunable: e.default_prunable(),
+        }
+    };
+    // Rows are written as they are computed: a model of a million tensors must not need a
+    // million JSON values in memory first.
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     if json {
-        let out = serde_json::json!({
+        let head = serde_json::json!({
             "file": path.display().to_string(), "format": model.format.label(),
             "params": model.total_params(), "bytes": model.data_bytes(),
-            "metadata": model.metadata, "tensors": rows,
+            "metadata": model.metadata,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let head = serde_json::to_string_pretty(&head)?;
+        // The head's closing brace gives way to the tensor list.
+        let head = head.strip_suffix('}').unwrap_or(&head).trim_end();
+        write!(w, "{head},\n  \"tensors\": [")?;
+        for t in 0..model.tensors.len() {
+            w.write_all(if t == 0 { b"\n    " } else { b",\n    " })?;
+            serde_json::to_writer(&mut w, &row(t))?;
+        }
+        writeln!(w, "\n  ]\n}}")?;
+        w.flush()?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        w,
         "{} ({}): {} tensors, {} parameters, {}",
         printable(&path.display().to_string()),
         model.format.label(),
         model.tensors.len(),
         group_digits(model.total_params()),
         human_bytes(model.data_bytes())
-    );
+    )?;
     // The name column fits the longest name, so long module paths keep the table aligned, up to
     // a width past which alignment is lost anyway (and format widths must stay small).
     const MAX_NAME_COLUMN: usize = 100;
-    let w = model
+    let w_name = model
         .tensors
         .iter()
         .map(|t| printable(&t.name).chars().count())
         .max()
         .unwrap_or(4)
         .clamp(4, MAX_NAME_COLUMN);
-    println!(
-        "{:<w$} {:<18} {:<6} {:>12} {:>9} {:>8}",
+    writeln!(
+        w,
+        "{:<w_name$} {:<18} {:<6} {:>12} {:>9} {:>8}",
         "name", "shape", "dtype", "params", "zeros", "prunable"
-    );
-    for r in &rows {
-        let flag = |k: &str| r[k].as_u64().unwrap_or(0);
-        let mut note = String::new();
-        if flag("nan") + flag("inf") > 0 {
-            note = format!("  ({} NaN, {} Inf)", flag("nan"), flag("inf"));
-        }
-        println!(
-            "{:<w$} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
-            printable(r["name"].as_str().unwrap_or("")),
-            format!(
-                "{:?}",
-                r["shape"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .map(|d| d.as_u64().unwrap_or(0))
-                        .collect::<Vec<_>>())
-                    .unwrap_or_default()
-            ),
-            r["dtype"].as_str().unwrap_or(""),
-            group_digits(flag("params")),
-            r["sparsity"].as_f64().unwrap_or(0.0) * 100.0,
-            if r["prunable"].as_bool().unwrap_or(false) {
-                "yes"
-            } else {
-                "no"
-            },
-        );
+    )?;
+    for t in 0..model.tensors.len() {
+        let r = row(t);
+        let note = if r.nan + r.inf > 0 {
+            format!("  ({} NaN, {} Inf)", r.nan, r.inf)
+        } else {
+            String::new()
+        };
+        writeln!(
+            w,
+            "{:<w_name$} {:<18} {:<6} {:>12} {:>8.2}% {:>8}{note}",
+            printable(r.name),
+            format!("{:?}", r.shape),
+            r.dtype,
+            group_digits(r.params as u64),
+            r.sparsity * 100.0,
+            if r.prunable { "yes" } else { "no" },
+        )?;
     }
+    w.flush()?;
     Ok(())
 }
 
@@ -340,6 +370,13 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    check_outputs(
+        &[],
+        &[
+            ("--out", a.out.as_path()),
+            ("--init-out", a.init_out.as_path()),
+        ],
+    )?;
     let cfg = crate::train::TrainConfig {
         epochs: a.epochs,
         seed: a.seed,

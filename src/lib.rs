@@ -14,11 +14,13 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod fuzzing;
 pub mod model;
 pub mod progress;
 pub mod prune;
 pub mod sample;
 pub mod train;
+#[cfg(feature = "gui")]
 pub mod ui;
 pub mod util;
 pub mod worker;

@@ -352,3 +352,73 @@ fn rand_suffix() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+#[test]
+fn every_hostile_file_shows_an_error_and_keeps_the_open_model() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    let before = h.state().state().model.as_ref().unwrap().snapshot.id;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture("hostile"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n != "pt_memo_bomb.pt" && n != "pt_control_chars.pt"
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() > 20);
+    for f in files {
+        h.state_mut().state_mut().errors.clear();
+        h.state_mut().open_path(f.clone());
+        step_until(&mut h, "the error", |a| {
+            !a.state().errors.is_empty() && !a.busy()
+        });
+        let state = h.state().state();
+        let err = state.errors.join("\n");
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(err.contains(&*name), "{name}: {err}");
+        assert_eq!(
+            state.model.as_ref().unwrap().snapshot.id,
+            before,
+            "{name}: the sample model stays"
+        );
+    }
+}
+
+#[test]
+fn the_export_dialog_refuses_to_overwrite_the_open_model() {
+    let dir = tempdir();
+    let model = dir.join("m.npz");
+    std::fs::copy(fixture("tiny.npz"), &model).unwrap();
+    let original = std::fs::read(&model).unwrap();
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.state_mut().open_path(model.clone());
+    step_until(&mut h, "the npz model", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("m.npz"))
+            && settled(a)
+    });
+    h.get_by_label("File").click();
+    h.run_steps(4);
+    h.get_by_label_contains("Export…").click();
+    h.run_steps(4);
+    // Replace the suggested path with the model's own, spelled differently.
+    let spelled = format!("{}/./m.npz", dir.display());
+    h.get_by_role_and_label(Role::TextInput, "Pruned weights path")
+        .set_text_value_accesskit(&spelled);
+    h.run_steps(4);
+    h.get_by_label_contains("would destroy the input");
+    let export = h.get_by_role_and_label(Role::Button, "Export");
+    assert!(
+        egui_kittest::kittest::NodeT::accesskit_node(&export).is_disabled(),
+        "Export stays disabled"
+    );
+    export.click();
+    h.run_steps(4);
+    assert_eq!(std::fs::read(&model).unwrap(), original);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -29,25 +29,7 @@ pub fn write_safetensors<W: Write>(
     tensors: &[TensorSpec],
     mut write_data: impl FnMut(usize, &mut W) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        let m: serde_json::Map<String, serde_json::Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
-        header.insert("__metadata__".into(), serde_json::Value::Object(m));
-    }
-    let mut offset = 0usize;
-    for t in tensors {
-        header.insert(
-            t.name.to_string(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.len]}),
-        );
-        offset += t.len;
-    }
-    let mut json = serde_json::to_string(&header)
-        .map_err(io::Error::other)?
-        .into_bytes();
+    let mut json = header_json(metadata, tensors).into_bytes();
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
     while (json.len() + 8) % 8 != 0 {
         json.push(b' ');
@@ -58,6 +40,69 @@ pub fn write_safetensors<W: Write>(
         write_data(i, w)?;
     }
     Ok(())
+}
+
+/// The header JSON, written directly: a `serde_json::Map` of a million tensors costs seconds
+/// and gigabytes. The bytes are exactly what serializing that map gives (keys in byte order,
+/// each entry's fields in byte order), so files stay identical to earlier versions' output.
+fn header_json(metadata: &BTreeMap<String, String>, tensors: &[TensorSpec]) -> String {
+    use std::fmt::Write as _;
+    let quoted = |s: &str| serde_json::to_string(s).expect("strings always serialise");
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for t in tensors {
+        offsets.push(offset);
+        offset += t.len;
+    }
+    let mut keys: Vec<(&str, Option<usize>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name, Some(i)))
+        .collect();
+    if !metadata.is_empty() {
+        keys.push(("__metadata__", None));
+    }
+    keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut out = String::with_capacity(64 + tensors.len() * 96);
+    out.push('{');
+    for (k, (name, i)) in keys.iter().enumerate() {
+        if k > 0 {
+            out.push(',');
+        }
+        out.push_str(&quoted(name));
+        out.push(':');
+        match i {
+            None => {
+                out.push('{');
+                for (j, (mk, mv)) in metadata.iter().enumerate() {
+                    if j > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{}:{}", quoted(mk), quoted(mv));
+                }
+                out.push('}');
+            }
+            Some(i) => {
+                let t = &tensors[*i];
+                let _ = write!(
+                    out,
+                    "{{\"data_offsets\":[{},{}],\"dtype\":{},\"shape\":[",
+                    offsets[*i],
+                    offsets[*i] + t.len,
+                    quoted(t.dtype)
+                );
+                for (d, n) in t.shape.iter().enumerate() {
+                    if d > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{n}");
+                }
+                out.push_str("]}");
+            }
+        }
+    }
+    out.push('}');
+    out
 }
 
 /// Writes named f32 tensors atomically (training output, tests).
@@ -83,6 +128,65 @@ pub fn write_f32_safetensors(
             Ok(())
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_byte_identical_to_serialising_a_json_map() {
+        // The reference: the serde_json map the writer used to build.
+        let mut metadata = BTreeMap::new();
+        metadata.insert("prunescope.arch".to_string(), "{\"a\": [1, 2]}".to_string());
+        metadata.insert("z\u{1b}".to_string(), "\"q\"\n".to_string());
+        let specs = [
+            TensorSpec {
+                name: "fc2.weight",
+                dtype: "F32",
+                shape: &[3, 4],
+                len: 48,
+            },
+            TensorSpec {
+                name: "Fc1.bias",
+                dtype: "BF16",
+                shape: &[],
+                len: 2,
+            },
+            TensorSpec {
+                name: "emb\u{e9}\"x",
+                dtype: "U8",
+                shape: &[0, 7],
+                len: 0,
+            },
+            TensorSpec {
+                name: "a_b",
+                dtype: "I64",
+                shape: &[1],
+                len: 8,
+            },
+        ];
+        let mut header = serde_json::Map::new();
+        let m: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(m));
+        let mut offset = 0usize;
+        for t in &specs {
+            header.insert(
+                t.name.to_string(),
+                serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.len]}),
+            );
+            offset += t.len;
+        }
+        let reference = serde_json::to_string(&header).unwrap();
+        assert_eq!(header_json(&metadata, &specs), reference);
+        assert_eq!(
+            header_json(&BTreeMap::new(), &specs[..1]),
+            r#"{"fc2.weight":{"data_offsets":[0,48],"dtype":"F32","shape":[3,4]}}"#
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

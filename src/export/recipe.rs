@@ -119,13 +119,16 @@ impl Recipe {
             msg,
         };
         let text = read_small_text(path, MAX_RECIPE_BYTES).map_err(err)?;
+        Recipe::parse(&text).map_err(err)
+    }
+
+    /// Parses recipe JSON and checks its format tag (the settings are checked against a model
+    /// by [`PruneSettings::validate`] when applied).
+    pub fn parse(text: &str) -> Result<Recipe, String> {
         let r: Recipe =
-            serde_json::from_str(&text).map_err(|e| err(format!("not a valid recipe: {e}")))?;
+            serde_json::from_str(text).map_err(|e| format!("not a valid recipe: {e}"))?;
         if r.format != RECIPE_FORMAT {
-            return Err(err(format!(
-                "format '{}' is not '{RECIPE_FORMAT}'",
-                r.format
-            )));
+            return Err(format!("format '{}' is not '{RECIPE_FORMAT}'", r.format));
         }
         Ok(r)
     }

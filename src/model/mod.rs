@@ -204,7 +204,8 @@ impl Model {
         metadata: BTreeMap<String, String>,
         backing: Backing,
     ) -> Self {
-        tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        // Names are unique (every reader refuses duplicates), so an unstable sort is exact.
+        tensors.sort_unstable_by(|a, b| natural_cmp(&a.name, &b.name));
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             by_name.entry(t.name.clone()).or_insert(i);

@@ -63,36 +63,33 @@ pub fn parse_safetensors(
     let header_end = 8 + header_len as usize;
     let header = std::str::from_utf8(&buf[8..header_end])
         .map_err(|_| file_err("safetensors header is not valid UTF-8".into()))?;
-    let json: serde_json::Value = serde_json::from_str(header.trim_end())
-        .map_err(|e| file_err(format!("safetensors header is not valid JSON: {e}")))?;
-    let serde_json::Value::Object(map) = json else {
-        return Err(file_err("safetensors header is not a JSON object".into()));
-    };
+    let (raw, meta) = parse_header(header.trim_end())?;
     let data_len = buf.len() - header_end;
     let mut metadata = BTreeMap::new();
-    let mut entries = Vec::with_capacity(map.len());
-    for (name, value) in map {
-        if name == "__metadata__" {
-            let serde_json::Value::Object(m) = value else {
-                return Err(file_err("__metadata__ is not an object".into()));
+    if let Some(value) = meta {
+        let serde_json::Value::Object(m) = value else {
+            return Err(file_err("__metadata__ is not an object".into()));
+        };
+        for (k, v) in m {
+            let s = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
             };
-            for (k, v) in m {
-                let s = match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                metadata.insert(k, s);
-            }
-            continue;
+            metadata.insert(k, s);
         }
+    }
+    let mut entries = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
         let terr = |m: String| ParseError::Tensor(name.clone(), m);
         let dtype = value
-            .get("dtype")
+            .dtype
+            .as_ref()
             .and_then(|d| d.as_str())
             .ok_or_else(|| terr("missing \"dtype\"".into()))?;
         let dtype = DType::from_safetensors(dtype);
         let shape: Vec<usize> = value
-            .get("shape")
+            .shape
+            .as_ref()
             .and_then(|s| s.as_array())
             .ok_or_else(|| terr("missing \"shape\"".into()))?
             .iter()
@@ -100,7 +97,8 @@ pub fn parse_safetensors(
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| terr("shape has a non-integer or negative dimension".into()))?;
         let offsets = value
-            .get("data_offsets")
+            .data_offsets
+            .as_ref()
             .and_then(|o| o.as_array())
             .filter(|o| o.len() == 2)
             .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
@@ -128,7 +126,7 @@ pub fn parse_safetensors(
             }
         }
         entries.push(TensorEntry {
-            name: name.clone(),
+            name,
             shape,
             dtype,
             numel,
@@ -151,4 +149,66 @@ pub fn parse_safetensors(
         }
     }
     Ok((entries, metadata))
+}
+
+/// One header entry, each field kept as JSON so that what is wrong with it can be said in
+/// words; unknown fields are ignored, as the reference reader does.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: Option<serde_json::Value>,
+    shape: Option<serde_json::Value>,
+    data_offsets: Option<serde_json::Value>,
+}
+
+type RawHeader = (Vec<(String, RawEntry)>, Option<serde_json::Value>);
+
+/// Reads the header object in one pass, entry by entry (a million-tensor header would cost
+/// gigabytes as a `serde_json::Value`), refusing duplicate names and naming the tensor whose
+/// entry is not an object.
+fn parse_header(text: &str) -> Result<RawHeader, ParseError> {
+    use serde::de::{Deserializer, Error, MapAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct HeaderVisitor<'a>(&'a RefCell<Option<(String, String)>>);
+    impl<'de> Visitor<'de> for HeaderVisitor<'_> {
+        type Value = RawHeader;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object of tensors")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawHeader, A::Error> {
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
+            let mut names = std::collections::HashSet::new();
+            let mut meta = None;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "__metadata__" {
+                    meta = Some(map.next_value::<serde_json::Value>()?);
+                    continue;
+                }
+                let entry = match map.next_value::<RawEntry>() {
+                    Ok(e) => e,
+                    Err(e) => {
+                        *self.0.borrow_mut() = Some((key, format!("entry is malformed: {e}")));
+                        return Err(e);
+                    }
+                };
+                if !names.insert(key.clone()) {
+                    *self.0.borrow_mut() = Some((key, "appears twice in the header".into()));
+                    return Err(A::Error::custom("duplicate tensor"));
+                }
+                entries.push((key, entry));
+            }
+            Ok((entries, meta))
+        }
+    }
+
+    let bad = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = de
+        .deserialize_map(HeaderVisitor(&bad))
+        .and_then(|h| de.end().map(|()| h));
+    parsed.map_err(|e| match bad.into_inner() {
+        Some((name, msg)) => ParseError::Tensor(name, msg),
+        None if e.is_data() => ParseError::File("safetensors header is not a JSON object".into()),
+        None => ParseError::File(format!("safetensors header is not valid JSON: {e}")),
+    })
 }

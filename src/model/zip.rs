@@ -283,50 +283,50 @@ pub fn inflate_into(buf: &[u8], m: &Member, out: &mut Vec<u8>) -> Result<(), Str
     }
 }
 
+/// Writes a minimal zip of stored members, field by field (fuzz targets wrap their input in
+/// one; tests build archives with it). No CRCs: readers of model archives do not check them.
+pub fn write_stored_zip(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut cd = Vec::new();
+    for (name, data) in members {
+        let off = out.len() as u32;
+        out.extend_from_slice(&LFH_SIG.to_le_bytes());
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        cd.extend_from_slice(&CDH_SIG.to_le_bytes());
+        cd.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        cd.extend_from_slice(&[0; 12]);
+        cd.extend_from_slice(&off.to_le_bytes());
+        cd.extend_from_slice(name.as_bytes());
+    }
+    let cd_off = out.len() as u32;
+    out.extend_from_slice(&cd);
+    out.extend_from_slice(&EOCD_SIG.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_off.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A zip written by flate2 + hand-made headers would test us against ourselves; instead the
-    /// archives here are byte strings whose layout is spelled out field by field.
-    fn stored_zip(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut cd = Vec::new();
-        for (name, data) in members {
-            let off = out.len() as u32;
-            out.extend_from_slice(&LFH_SIG.to_le_bytes());
-            out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            out.extend_from_slice(&0u16.to_le_bytes());
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(data);
-            cd.extend_from_slice(&CDH_SIG.to_le_bytes());
-            cd.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            cd.extend_from_slice(&[0; 12]);
-            cd.extend_from_slice(&off.to_le_bytes());
-            cd.extend_from_slice(name.as_bytes());
-        }
-        let cd_off = out.len() as u32;
-        out.extend_from_slice(&cd);
-        out.extend_from_slice(&EOCD_SIG.to_le_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&(members.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(members.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
-        out.extend_from_slice(&cd_off.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out
-    }
-
     #[test]
     fn stored_members_are_ranges_into_the_archive() {
-        let z = stored_zip(&[("a/data.pkl", b"hello"), ("a/data/0", b"0123456789")]);
+        let z = write_stored_zip(&[("a/data.pkl", b"hello"), ("a/data/0", b"0123456789")]);
         let m = members(&z).unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(&z[m[0].data.clone()], b"hello");
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
-        let z = stored_zip(&[("x.npy", b"abcdefgh"), ("y.npy", b"ij")]);
+        let z = write_stored_zip(&[("x.npy", b"abcdefgh"), ("y.npy", b"ij")]);
         for cut in 0..z.len() {
             let _ = members(&z[..cut]);
         }

@@ -9,6 +9,9 @@ use super::theme;
 use crate::prune::{Criterion, Pattern, PruneSettings};
 use crate::util::group_digits;
 
+/// Most bars the per-layer overview draws; more layers share bars.
+const MAX_BARS: usize = 512;
+
 #[derive(Default)]
 pub struct HistogramPanel {
     /// Tensor shown last frame, to reset the plot's zoom when the selection changes.
@@ -176,25 +179,45 @@ impl OverviewPanel {
                 "How the cut is spread over the layers; click a bar to select its layer.",
             );
         let layers = &preview.alloc.layers;
+        // One bar per layer up to MAX_BARS; past that (models of thousands of tensors) each bar
+        // is a run of consecutive layers, at their weight-weighted sparsity, so the chart stays
+        // readable and costs the same per frame whatever the model.
+        let per_bar = layers.len().div_ceil(MAX_BARS).max(1);
         let bars: Vec<Bar> = layers
-            .iter()
+            .chunks(per_bar)
             .enumerate()
-            .map(|(i, l)| {
-                let name = &model.snapshot.tensors[l.tensor].name;
-                let locked = settings.layer(name).locked;
-                let colour = if l.capped || locked {
-                    theme::CAPPED
+            .map(|(i, run)| {
+                let numel: usize = run.iter().map(|l| l.numel).sum();
+                let pruned: usize = run.iter().map(|l| l.pruned).sum();
+                let sparsity = if numel == 0 {
+                    0.0
                 } else {
-                    theme::PRUNED
+                    pruned as f64 / numel as f64
                 };
-                Bar::new(i as f64, l.sparsity() * 100.0)
+                let capped = run.iter().any(|l| {
+                    l.capped
+                        || settings
+                            .layer(&model.snapshot.tensors[l.tensor].name)
+                            .locked
+                });
+                let colour = if capped { theme::CAPPED } else { theme::PRUNED };
+                let first = &model.snapshot.tensors[run[0].tensor].name;
+                let label = match run {
+                    [l] => format!(
+                        "{first}\n{:.2}% pruned{}",
+                        sparsity * 100.0,
+                        if l.capped { " (at cap)" } else { "" }
+                    ),
+                    _ => format!(
+                        "{} layers from {first}\n{:.2}% pruned together",
+                        run.len(),
+                        sparsity * 100.0
+                    ),
+                };
+                Bar::new(i as f64, sparsity * 100.0)
                     .width(0.8)
                     .fill(colour)
-                    .name(format!(
-                        "{name}\n{:.2}% pruned{}",
-                        l.sparsity() * 100.0,
-                        if l.capped { " (at cap)" } else { "" }
-                    ))
+                    .name(label)
             })
             .collect();
         let r = Plot::new("overview")
@@ -216,7 +239,7 @@ impl OverviewPanel {
         if r.response.clicked() {
             let x = r.inner?.x.round();
             if x >= 0.0 {
-                return layers.get(x as usize).map(|l| l.tensor);
+                return layers.get(x as usize * per_bar).map(|l| l.tensor);
             }
         }
         None

@@ -1,6 +1,6 @@
 //! The layer table: every tensor, grouped by module path, sortable within groups.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use egui::{Checkbox, RichText, Role, Sense, Ui, WidgetInfo};
 use egui_extras::{Column, TableBuilder};
@@ -35,6 +35,21 @@ pub struct LayerTable {
     descending: bool,
     collapsed: HashSet<String>,
     filter: String,
+    /// The rows of the last frame and what they were derived from: grouping and sorting a
+    /// model of a million tensors is work for a change of view, not for every frame.
+    rows: Option<(RowsKey, Vec<Row>)>,
+}
+
+/// What the table's rows depend on.
+#[derive(Clone, PartialEq)]
+struct RowsKey {
+    model: u64,
+    filter: String,
+    sort: SortBy,
+    descending: bool,
+    collapsed: Vec<String>,
+    /// The preview the rows were sorted by, when sorting by a pruning result.
+    preview: Option<u64>,
 }
 
 enum Row {
@@ -57,6 +72,7 @@ impl LayerTable {
             descending,
             collapsed,
             filter,
+            rows: rows_cache,
         } = self;
         ui.horizontal(|ui| {
             ui.heading(&snapshot.name);
@@ -89,52 +105,26 @@ impl LayerTable {
 
         let alloc = state.model.as_ref().and_then(|m| m.preview.clone());
         let layer_of = |t: usize| alloc.as_ref().and_then(|p| p.alloc.for_tensor(t));
-
-        // Groups keep file order; tensors are sorted within their group.
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (t, info) in snapshot.tensors.iter().enumerate() {
-            if !filter.is_empty() && !info.name.to_lowercase().contains(&filter.to_lowercase()) {
-                continue;
-            }
-            let m = module_of(&info.name);
-            match groups.iter_mut().find(|(g, _)| g == m) {
-                Some((_, v)) => v.push(t),
-                None => groups.push((m.to_string(), vec![t])),
-            }
-        }
-        let key = |t: usize| -> f64 {
-            match sort {
-                SortBy::Order => t as f64,
-                SortBy::Params => snapshot.tensors[t].numel as f64,
-                SortBy::Sparsity => layer_of(t).map_or(-1.0, |l| l.sparsity()),
-                SortBy::Kept => {
-                    layer_of(t).map_or(snapshot.tensors[t].numel as f64, |l| l.kept() as f64)
-                }
-            }
+        let key = RowsKey {
+            model: snapshot.id,
+            filter: filter.clone(),
+            sort: *sort,
+            descending: *descending,
+            collapsed: {
+                let mut c: Vec<String> = collapsed.iter().cloned().collect();
+                c.sort_unstable();
+                c
+            },
+            preview: match sort {
+                SortBy::Sparsity | SortBy::Kept => alloc.as_ref().map(|p| p.generation),
+                SortBy::Order | SortBy::Params => None,
+            },
         };
-        let mut rows = Vec::new();
-        for (module, mut ts) in groups {
-            if *sort == SortBy::Order {
-                ts.sort_by(|&a, &b| {
-                    natural_cmp(&snapshot.tensors[a].name, &snapshot.tensors[b].name)
-                });
-            } else {
-                ts.sort_by(|&a, &b| key(a).total_cmp(&key(b)));
-            }
-            if *descending {
-                ts.reverse();
-            }
-            let params = ts.iter().map(|&t| snapshot.tensors[t].numel as u64).sum();
-            let folded = collapsed.contains(&module);
-            rows.push(Row::Group {
-                module,
-                tensors: ts.len(),
-                params,
-            });
-            if !folded {
-                rows.extend(ts.into_iter().map(Row::Tensor));
-            }
+        if rows_cache.as_ref().is_none_or(|(k, _)| *k != key) {
+            let rows = build_rows(snapshot, &key, collapsed, &layer_of);
+            *rows_cache = Some((key, rows));
         }
+        let rows: &[Row] = rows_cache.as_ref().map_or(&[], |(_, r)| r.as_slice());
 
         let scope = state.settings.scope;
         let magnitude = state.settings.criterion == Criterion::Magnitude;
@@ -328,6 +318,63 @@ impl LayerTable {
             state.selected = Some(t);
         }
     }
+}
+
+/// Groups the (filtered) tensors by module, in file order, and sorts each group.
+fn build_rows<'a>(
+    snapshot: &ModelSnapshot,
+    key: &RowsKey,
+    collapsed: &HashSet<String>,
+    layer_of: &dyn Fn(usize) -> Option<&'a crate::prune::LayerAlloc>,
+) -> Vec<Row> {
+    let filter = key.filter.to_lowercase();
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut group_at: HashMap<&str, usize> = HashMap::new();
+    for (t, info) in snapshot.tensors.iter().enumerate() {
+        if !filter.is_empty() && !info.name.to_lowercase().contains(&filter) {
+            continue;
+        }
+        let m = module_of(&info.name);
+        match group_at.get(m) {
+            Some(&g) => groups[g].1.push(t),
+            None => {
+                group_at.insert(m, groups.len());
+                groups.push((m.to_string(), vec![t]));
+            }
+        }
+    }
+    let sort_key = |t: usize| -> f64 {
+        match key.sort {
+            SortBy::Order => t as f64,
+            SortBy::Params => snapshot.tensors[t].numel as f64,
+            SortBy::Sparsity => layer_of(t).map_or(-1.0, |l| l.sparsity()),
+            SortBy::Kept => {
+                layer_of(t).map_or(snapshot.tensors[t].numel as f64, |l| l.kept() as f64)
+            }
+        }
+    };
+    let mut rows = Vec::new();
+    for (module, mut ts) in groups {
+        if key.sort == SortBy::Order {
+            ts.sort_by(|&a, &b| natural_cmp(&snapshot.tensors[a].name, &snapshot.tensors[b].name));
+        } else {
+            ts.sort_by(|&a, &b| sort_key(a).total_cmp(&sort_key(b)));
+        }
+        if key.descending {
+            ts.reverse();
+        }
+        let params = ts.iter().map(|&t| snapshot.tensors[t].numel as u64).sum();
+        let folded = collapsed.contains(&module);
+        rows.push(Row::Group {
+            module,
+            tensors: ts.len(),
+            params,
+        });
+        if !folded {
+            rows.extend(ts.into_iter().map(Row::Tensor));
+        }
+    }
+    rows
 }
 
 /// Thresholds span many decades across layers; keep 3 significant digits.
