@@ -18,7 +18,7 @@ fn replay(target: &str, run: impl Fn(&[u8])) -> usize {
         for e in entries {
             let path = e.unwrap().path();
             let bytes = std::fs::read(&path).unwrap();
-            let r = std::panic::catch_unwind(|| run(&bytes));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&bytes)));
             assert!(r.is_ok(), "{target}: {} panicked", path.display());
             n += 1;
         }

@@ -631,7 +631,7 @@ fn the_worker_reports_every_hostile_file_and_keeps_its_model() {
     use prunescope::worker::{Event, OpenSource, WorkerHandle};
     let mut w = WorkerHandle::spawn(|| {});
     let next = |w: &WorkerHandle| w.events().recv_timeout(Duration::from_secs(60)).unwrap();
-    let mut open = |w: &mut WorkerHandle, src: OpenSource| -> Result<String, String> {
+    let open = |w: &mut WorkerHandle, src: OpenSource| -> Result<String, String> {
         w.open(src).unwrap();
         let mut name = None;
         loop {

@@ -31,7 +31,7 @@ pub fn write_safetensors<W: Write>(
 ) -> io::Result<()> {
     let mut json = header_json(metadata, tensors).into_bytes();
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
-    while (json.len() + 8) % 8 != 0 {
+    while !(json.len() + 8).is_multiple_of(8) {
         json.push(b' ');
     }
     w.write_all(&(json.len() as u64).to_le_bytes())?;

@@ -259,7 +259,7 @@ impl<'a> Machine<'a> {
     }
     /// Adds `(key, value)` pairs to the dict-like object at `target`.
     fn set_items(&mut self, target: Id, kv: Vec<Id>) -> Result<(), PickleError> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return self.err("SETITEMS with an odd number of items");
         }
         let pairs = kv.chunks_exact(2).map(|c| (c[0], c[1]));
@@ -522,10 +522,9 @@ impl<'a> Machine<'a> {
                 b'b' => {
                     let state = self.pop()?;
                     let t = self.top()?;
-                    match &mut self.objs[t as usize] {
-                        Obj::Call { state: s, .. } => *s = Some(state),
-                        // BUILD on anything else sets attributes we do not read.
-                        _ => {}
+                    // BUILD on anything but a call sets attributes we do not read.
+                    if let Obj::Call { state: s, .. } = &mut self.objs[t as usize] {
+                        *s = Some(state);
                     }
                 }
                 b'Q' => {

@@ -324,7 +324,10 @@ struct TensorRec {
 /// The (name, tensor) pairs of the state dict: the top level's tensors, or those under the
 /// first of [`NESTED_KEYS`] that holds any. A tensor record that cannot be read is an error for
 /// that tensor, never a silent drop.
-fn state_dict(pk: &Pickle) -> Result<Vec<(String, Result<TensorRec, String>)>, String> {
+/// Named tensor records, each readable or not, in dict order.
+type NamedRecords = Vec<(String, Result<TensorRec, String>)>;
+
+fn state_dict(pk: &Pickle) -> Result<NamedRecords, String> {
     let Some(items) = pk.dict_items(pk.root) else {
         return Err(match pk.get(pk.root) {
             Obj::Call { func, .. } => match pk.as_global(*func) {
@@ -359,10 +362,10 @@ fn state_dict(pk: &Pickle) -> Result<Vec<(String, Result<TensorRec, String>)>, S
 fn tensors_in(
     pk: &Pickle,
     items: &[(Id, Id)],
-) -> Result<Vec<(String, Result<TensorRec, String>)>, String> {
+) -> Result<NamedRecords, String> {
     // Later keys replace earlier ones, as in a Python dict.
     let mut at: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<(String, Result<TensorRec, String>)> = Vec::new();
+    let mut out: NamedRecords = Vec::new();
     for &(k, v) in items {
         let Some(rec) = tensor_record(pk, v, 0) else {
             continue;
