@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::export::{Recipe, check_outputs, export_masks, export_pruned};
+use crate::export::{Recipe, check_outputs, export_masks, export_weights};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
 use crate::prune::{Criterion, Pattern, PruneSettings, Scope, ScoreInputs, prune};
@@ -342,7 +342,7 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     {
         r.check_result(&model, &p.alloc)?;
     }
-    export_pruned(&model, &p.masks, &a.out, &progress)?;
+    export_weights(&model, &p.masks, &a.out, &progress)?;
     if let Some(m) = &a.masks {
         export_masks(&model, &p.masks, m)?;
     }

@@ -19,6 +19,11 @@ pub fn load_and_touch(format: ModelFormat, data: &[u8]) {
 }
 
 fn touch(m: &Model) {
+    if m.format == ModelFormat::Onnx {
+        // The pruned-ONNX writer re-reads the file: what loaded must re-read the same.
+        let inits = crate::model::onnx_io::initializers(m.backing_bytes());
+        assert_eq!(inits.map(|v| v.len()).ok(), Some(m.tensors.len()));
+    }
     for (t, e) in m.tensors.iter().enumerate() {
         let bytes = m.tensor_bytes(t);
         if let Some(size) = e.dtype.size_bytes() {

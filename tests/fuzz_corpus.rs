@@ -46,6 +46,10 @@ fn fuzz_corpora_and_regressions_replay_without_a_panic() {
             }),
         ),
         ("pickle", replay("pickle", fuzzing::pickle_in_archive)),
+        (
+            "onnx",
+            replay("onnx", |d| fuzzing::load_and_touch(ModelFormat::Onnx, d)),
+        ),
         ("recipe", replay("recipe", fuzzing::recipe)),
     ];
     for (target, n) in counts {

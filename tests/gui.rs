@@ -244,7 +244,7 @@ fn opening_a_corrupt_file_shows_the_error_and_keeps_the_model() {
     let bad = fixture("truncated.safetensors");
     let field = h.get_by_role_and_label(
         Role::TextInput,
-        "Model file (.safetensors, .pt, .pth, .bin, .npz)",
+        "Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx)",
     );
     field.focus();
     field.type_text(&bad.display().to_string());

@@ -319,6 +319,22 @@ const HOSTILE: &[(&str, &str)] = &[
     ("garbage.pt", "no zip signature"),
     ("truncated.pt", "not a zip archive"),
     ("garbage.npz", "bad magic"),
+    ("onnx/bad_truncated.onnx", "runs past its message"),
+    ("onnx/bad_garbage.onnx", "unsupported protobuf wire type"),
+    (
+        "onnx/bad_dims_lie.onnx",
+        "needs 281474976710656 bytes but the data has 8192",
+    ),
+    ("onnx/bad_duplicate_initializer.onnx", "appears twice"),
+    (
+        "onnx/bad_external_missing.onnx",
+        "cannot be opened: No such file or directory",
+    ),
+    (
+        "onnx/bad_external_escapes.onnx",
+        "leaves the model's folder",
+    ),
+    ("onnx/bad_external_short.onnx", "lies past the end"),
 ];
 
 #[test]
@@ -346,6 +362,7 @@ fn every_hostile_file_is_a_clear_error_in_the_library() {
         let format = match p.extension().unwrap().to_str().unwrap() {
             "pt" => ModelFormat::PyTorch,
             "npz" => ModelFormat::Npz,
+            "onnx" => ModelFormat::Onnx,
             _ => ModelFormat::Safetensors,
         };
         let bytes = std::fs::read(&p).unwrap();
@@ -581,23 +598,31 @@ fn an_output_that_names_an_input_is_refused_however_spelled() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Opens `path` in the worker and waits for the job's end: the opened model's id, or the error.
+fn worker_open(w: &mut prunescope::worker::WorkerHandle, path: PathBuf) -> Result<u64, String> {
+    use prunescope::worker::{Event, OpenSource};
+    w.open(OpenSource::Path(path)).unwrap();
+    let mut id = None;
+    loop {
+        match w.events().recv_timeout(Duration::from_secs(60)).unwrap() {
+            Event::ModelOpened(s) => id = Some(s.id),
+            Event::JobFinished { .. } => return id.ok_or_else(|| "no model".to_string()),
+            Event::JobFailed { error, .. } => return Err(error),
+            _ => {}
+        }
+    }
+}
+
 #[test]
 fn the_worker_refuses_an_export_over_the_open_model_and_keeps_it() {
-    use prunescope::worker::{Event, ExportRequest, OpenSource, WorkerHandle};
+    use prunescope::worker::{Event, ExportRequest, WorkerHandle};
     let dir = tempdir("worker-clobber");
     let model = dir.join("m.npz");
     std::fs::copy(fixtures().join("real/np_layouts.npz"), &model).unwrap();
     let original = std::fs::read(&model).unwrap();
     let mut w = WorkerHandle::spawn(|| {});
     let next = |w: &WorkerHandle| w.events().recv_timeout(Duration::from_secs(60)).unwrap();
-    w.open(OpenSource::Path(model.clone())).unwrap();
-    loop {
-        match next(&w) {
-            Event::JobFinished { .. } => break,
-            Event::JobFailed { error, .. } => panic!("{error}"),
-            _ => {}
-        }
-    }
+    worker_open(&mut w, model.clone()).unwrap();
     let req = |weights: PathBuf, masks: Option<PathBuf>| ExportRequest {
         settings: prunescope::prune::PruneSettings {
             sparsity: 0.5,
@@ -628,36 +653,39 @@ fn the_worker_refuses_an_export_over_the_open_model_and_keeps_it() {
 
 #[test]
 fn the_worker_reports_every_hostile_file_and_keeps_its_model() {
-    use prunescope::worker::{Event, OpenSource, WorkerHandle};
+    use prunescope::worker::{Event, PreviewRequest, WorkerHandle};
     let mut w = WorkerHandle::spawn(|| {});
-    let next = |w: &WorkerHandle| w.events().recv_timeout(Duration::from_secs(60)).unwrap();
-    let open = |w: &mut WorkerHandle, src: OpenSource| -> Result<String, String> {
-        w.open(src).unwrap();
-        let mut name = None;
-        loop {
-            match next(w) {
-                Event::ModelOpened(s) => name = Some(s.name.clone()),
-                Event::JobFinished { .. } => return Ok(name.unwrap_or_default()),
-                Event::JobFailed { error, .. } => return Err(error),
-                _ => {}
-            }
-        }
-    };
-    let first = open(
-        &mut w,
-        OpenSource::Path(fixtures().join("real/torch_dtypes.pt")),
-    );
-    assert!(first.is_ok(), "{first:?}");
+    let first = worker_open(&mut w, fixtures().join("real/torch_dtypes.pt")).unwrap();
     for (f, phrase) in HOSTILE {
-        let e = open(&mut w, OpenSource::Path(fixtures().join(f))).unwrap_err();
+        let e = worker_open(&mut w, fixtures().join(f)).unwrap_err();
         assert!(e.contains(phrase), "{f}: {e}");
     }
-    // Still the model it had: a preview of it answers.
-    let next_ok = open(
-        &mut w,
-        OpenSource::Path(fixtures().join("real/np_compressed.npz")),
+    // The first model is still the open one: a preview of it is answered.
+    w.preview(PreviewRequest {
+        generation: 1,
+        model: first,
+        settings: prunescope::prune::PruneSettings {
+            sparsity: 0.5,
+            ..Default::default()
+        },
+        selected: None,
+        heatmap: None,
+    })
+    .unwrap();
+    let preview = loop {
+        match w.events().recv_timeout(Duration::from_secs(60)).unwrap() {
+            Event::Preview(p) => break p,
+            Event::PreviewError { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(preview.model, first);
+    // f32 4×5, f16 3×4, bf16 3×4, f64 2×3, transposed 8×6, sliced 3×3, tied 4×6 and 6×4,
+    // param 3×3: the float tensors of two or more dimensions with any elements.
+    assert_eq!(
+        preview.alloc.prunable,
+        20 + 12 + 12 + 6 + 48 + 9 + 24 + 24 + 9
     );
-    assert!(next_ok.is_ok(), "{next_ok:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

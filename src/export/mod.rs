@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::model::Model;
 use crate::progress::Progress;
-use crate::prune::MaskSet;
+use crate::prune::{Mask, MaskSet};
 use crate::util::atomic_write;
 
 /// One tensor to write: its header entry and how many bytes its data has.
@@ -196,6 +196,9 @@ pub enum ExportError {
     /// An output would replace an input or another output of the same command.
     #[error("{0}")]
     Conflict(String),
+    /// The output format cannot hold this model or these masks.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("tensor '{0}' has a dtype whose elements are not whole bytes; it cannot be masked")]
     NotByteAddressable(String),
     #[error("cancelled")]
@@ -249,19 +252,7 @@ pub fn export_pruned(
                 None => w.write_all(bytes)?,
                 Some(mask) => {
                     let size = model.tensors[t].dtype.size_bytes().unwrap_or(1);
-                    let mut buf = Vec::with_capacity(1 << 16);
-                    for (i, el) in bytes.chunks_exact(size).enumerate() {
-                        if mask.kept(i) {
-                            buf.extend_from_slice(el);
-                        } else {
-                            buf.extend(std::iter::repeat_n(0u8, size));
-                        }
-                        if buf.len() >= 1 << 16 {
-                            w.write_all(&buf)?;
-                            buf.clear();
-                        }
-                    }
-                    w.write_all(&buf)?;
+                    write_masked(w, bytes, mask, size)?;
                 }
             }
             written += bytes.len();
@@ -270,6 +261,106 @@ pub fn export_pruned(
         })
     })
     .map_err(io_err)
+}
+
+/// Writes `bytes` (elements of `size` bytes) with the pruned elements zeroed.
+fn write_masked(w: &mut impl Write, bytes: &[u8], mask: &Mask, size: usize) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (i, el) in bytes.chunks_exact(size).enumerate() {
+        if mask.kept(i) {
+            buf.extend_from_slice(el);
+        } else {
+            buf.extend(std::iter::repeat_n(0u8, size));
+        }
+        if buf.len() >= 1 << 16 {
+            w.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    w.write_all(&buf)
+}
+
+/// Writes the pruned weights to `path` in the format its extension names: `.onnx` writes the
+/// ONNX graph with pruned initializers (the model must be ONNX), anything else safetensors.
+pub fn export_weights(
+    model: &Model,
+    masks: &MaskSet,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), ExportError> {
+    let onnx = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    if onnx {
+        export_onnx(model, masks, path, progress)
+    } else {
+        export_pruned(model, masks, path, progress)
+    }
+}
+
+/// Writes the ONNX model with the pruned initializers' values zeroed in place: the output is
+/// the input file byte for byte except those values, so every other initializer, node and
+/// attribute is untouched and any runtime that ran the input runs the output.
+pub fn export_onnx(
+    model: &Model,
+    masks: &MaskSet,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), ExportError> {
+    use crate::model::onnx_io::{Storage, initializers};
+    if model.format != crate::model::ModelFormat::Onnx {
+        return Err(ExportError::Unsupported(format!(
+            "{}: an .onnx output needs an ONNX model (this is {}); write .safetensors instead",
+            path.display(),
+            model.format.label()
+        )));
+    }
+    let buf = model.backing_bytes();
+    let inits = initializers(buf).map_err(|e| ExportError::Unsupported(e.to_string()))?;
+    let mut patches = Vec::new();
+    for (init, _) in &inits {
+        let Some(mask) = masks.get(&init.name) else {
+            continue;
+        };
+        if init.storage != Storage::InPlace {
+            return Err(ExportError::Unsupported(format!(
+                "tensor '{}' is stored {} in the ONNX file, so a pruned copy cannot be written in place; export .safetensors instead",
+                init.name,
+                if init.storage == Storage::External {
+                    "as external data"
+                } else {
+                    "as varints"
+                }
+            )));
+        }
+        let size = init.dtype.size_bytes().unwrap_or(1);
+        patches.push((init.data.clone(), mask, size));
+    }
+    patches.sort_by_key(|(r, _, _)| r.start);
+    let total = buf.len().max(1);
+    atomic_write(path, |w| {
+        let mut at = 0;
+        for (r, mask, size) in &patches {
+            if progress.check().is_err() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            w.write_all(&buf[at..r.start])?;
+            write_masked(w, &buf[r.clone()], mask, *size)?;
+            at = r.end;
+            progress.report(at as f32 / total as f32, "Writing ONNX");
+        }
+        w.write_all(&buf[at..])
+    })
+    .map_err(|e| {
+        if e.kind() == io::ErrorKind::Interrupted {
+            ExportError::Cancelled
+        } else {
+            ExportError::Io {
+                path: path.display().to_string(),
+                error: e,
+            }
+        }
+    })
 }
 
 /// Writes the masks as u8 tensors (1 = kept) under the weights' own names.

@@ -4,6 +4,7 @@
 //! into the map. Values are decoded to f32 in chunks when analysis needs them.
 
 mod dtype;
+pub mod onnx_io;
 pub mod pickle;
 mod safetensors_io;
 mod torch_io;
@@ -33,7 +34,9 @@ pub enum ModelError {
         tensor: String,
         msg: String,
     },
-    #[error("{path}: unsupported file type (expected .safetensors, .pt, .pth, .bin or .npz)")]
+    #[error(
+        "{path}: unsupported file type (expected .safetensors, .pt, .pth, .bin, .npz or .onnx)"
+    )]
     Unsupported { path: String },
 }
 
@@ -68,6 +71,7 @@ pub enum ModelFormat {
     Safetensors,
     PyTorch,
     Npz,
+    Onnx,
 }
 
 impl ModelFormat {
@@ -76,6 +80,7 @@ impl ModelFormat {
             ModelFormat::Safetensors => "safetensors",
             ModelFormat::PyTorch => "PyTorch state dict",
             ModelFormat::Npz => "NumPy .npz",
+            ModelFormat::Onnx => "ONNX",
         }
     }
 }
@@ -230,6 +235,7 @@ impl Model {
             "safetensors" => safetensors_io::open_safetensors(path),
             "pt" | "pth" => torch_io::open_pytorch(path),
             "npz" => torch_io::open_npz(path),
+            "onnx" => onnx_io::open_onnx(path),
             "bin" => {
                 // `.bin` is used both for PyTorch zips and for safetensors renamed by hand.
                 let head = read_head(path, 4)?;
@@ -257,6 +263,7 @@ impl Model {
             ModelFormat::Safetensors => safetensors_io::from_backing(source, Backing::Owned(bytes)),
             ModelFormat::PyTorch => torch_io::read_pytorch(source, Primary::Bytes(bytes)),
             ModelFormat::Npz => torch_io::read_npz(source, Primary::Bytes(bytes)),
+            ModelFormat::Onnx => onnx_io::read_onnx(source, Primary::Bytes(bytes), None),
         }
     }
 

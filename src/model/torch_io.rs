@@ -359,10 +359,7 @@ fn state_dict(pk: &Pickle) -> Result<NamedRecords, String> {
     Ok(Vec::new())
 }
 
-fn tensors_in(
-    pk: &Pickle,
-    items: &[(Id, Id)],
-) -> Result<NamedRecords, String> {
+fn tensors_in(pk: &Pickle, items: &[(Id, Id)]) -> Result<NamedRecords, String> {
     // Later keys replace earlier ones, as in a Python dict.
     let mut at: HashMap<String, usize> = HashMap::new();
     let mut out: NamedRecords = Vec::new();

@@ -392,7 +392,10 @@ impl App {
             .spawn(move || {
                 let picked = rfd::FileDialog::new()
                     .set_title("Open a model")
-                    .add_filter("Models", &["safetensors", "pt", "pth", "bin", "npz"])
+                    .add_filter(
+                        "Models",
+                        &["safetensors", "pt", "pth", "bin", "npz", "onnx"],
+                    )
                     .add_filter("All files", &["*"])
                     .pick_file();
                 let _ = tx.send(DialogAnswer::Open(picked));
@@ -493,7 +496,7 @@ impl App {
         egui::MenuBar::new().ui(ui, |ui| {
             ui.menu_button("File", |ui| {
                 let b = ui.add(egui::Button::new("Open…").shortcut_text(ui.ctx().format_shortcut(&OPEN_SHORTCUT)));
-                if b.on_hover_text("Choose a .safetensors, .pt/.pth/.bin or .npz file with the system file dialog.").clicked() {
+                if b.on_hover_text("Choose a .safetensors, .pt/.pth/.bin, .npz or .onnx file with the system file dialog.").clicked() {
                     self.pick_file(ui.ctx());
                 }
                 let b = ui.add(egui::Button::new("Open path…").shortcut_text(ui.ctx().format_shortcut(&OPEN_PATH_SHORTCUT)));

@@ -27,7 +27,7 @@ impl OpenPathDialog {
             .resizable(false)
             .open(open)
             .show(ctx, |ui| {
-                let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz)");
+                let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx)");
                 let r = ui.add(
                     egui::TextEdit::singleline(path)
                         .desired_width(420.0)
@@ -106,7 +106,18 @@ impl ExportDialog {
         let path = |suffix: &str| dir.join(format!("{stem}{suffix}")).display().to_string();
         if self.rows.is_empty() || !self.open {
             self.rows = vec![
-                (ExportTarget::Weights, true, path(".pruned.safetensors")),
+                // An ONNX model exports as ONNX by default: the same graph, pruned values.
+                (
+                    ExportTarget::Weights,
+                    true,
+                    path(
+                        if m.snapshot.format == crate::model::ModelFormat::Onnx.label() {
+                            ".pruned.onnx"
+                        } else {
+                            ".pruned.safetensors"
+                        },
+                    ),
+                ),
                 (ExportTarget::Masks, true, path(".masks.safetensors")),
                 (ExportTarget::Recipe, true, path(".recipe.json")),
             ];
@@ -135,7 +146,7 @@ impl ExportDialog {
             egui::Grid::new("export_grid").num_columns(3).show(ui, |ui| {
                 for (target, on, path) in &mut self.rows {
                     let (label, tip) = match target {
-                        ExportTarget::Weights => ("Pruned weights", "Same names, shapes and dtypes as the input, zeros where pruned (safetensors)."),
+                        ExportTarget::Weights => ("Pruned weights", "Same names, shapes and dtypes as the input, zeros where pruned. A path ending in .onnx (for ONNX models) writes the whole graph with only the pruned values changed; any other path writes safetensors."),
                         ExportTarget::Masks => ("Masks", "One u8 tensor per pruned tensor, 1 = kept (safetensors)."),
                         ExportTarget::Recipe => ("Recipe", "The settings and the input file's hash, as JSON; `prunescope prune MODEL --recipe R.json` replays it."),
                     };

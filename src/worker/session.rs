@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::protocol::*;
 use crate::analysis::{Histogram, all_histograms, heatmap, size_report, split_histogram};
 use crate::eval::{Evaluator, evaluator_for};
-use crate::export::{Recipe, export_masks, export_pruned};
+use crate::export::{Recipe, export_masks};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
 use crate::prune::{
@@ -554,7 +554,7 @@ impl Worker {
             let (alloc, masks) = pruned;
             let mut written = Vec::new();
             if let Some(p) = &req.weights {
-                export_pruned(&model, &masks, p, &progress)?;
+                crate::export::export_weights(&model, &masks, p, &progress)?;
                 written.push(p.display().to_string());
             }
             if let Some(p) = &req.masks {
