@@ -317,6 +317,10 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     }
     check_outputs(&inputs, &outputs)?;
     let model = Model::open(&a.model)?;
+    // The model may have named more input files (ONNX external data): check those too.
+    let mut all_inputs = model.input_files();
+    all_inputs.extend(inputs.iter().skip(1).copied());
+    check_outputs(&all_inputs, &outputs)?;
     let (mut settings, recipe) = match &a.recipe {
         Some(r) => {
             let recipe = Recipe::load(r)?;

@@ -69,8 +69,10 @@ fn temp_name(file_name: &str, n: u64) -> String {
 
 /// Creates the temporary file: unnamed where the OS can (`None`), else a fresh named one.
 fn create_temp(dir: &Path, file_name: &str) -> io::Result<(File, Option<PathBuf>)> {
+    // The unnamed file is named later through /proc/self/fd; without /proc (some chroots and
+    // containers) use a named one from the start.
     #[cfg(target_os = "linux")]
-    {
+    if Path::new("/proc/self/fd").is_dir() {
         use std::os::unix::fs::OpenOptionsExt;
         let unnamed = std::fs::OpenOptions::new()
             .write(true)
@@ -142,6 +144,7 @@ fn link_unnamed(_: &File, _: impl Fn(u64) -> PathBuf) -> io::Result<PathBuf> {
 }
 
 /// Removes `.NAME.tmp-PID-N` files left by processes that no longer run (killed mid-write).
+/// Liveness is read from /proc, so this sweeps on Linux only; elsewhere leftovers stay.
 fn sweep_stale_temps(dir: &Path, file_name: &str) {
     let prefix = format!(".{file_name}.tmp-");
     let Ok(entries) = std::fs::read_dir(dir) else {

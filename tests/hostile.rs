@@ -216,6 +216,9 @@ fn numpy_archives_load_compressed_fortran_and_big_endian_as_numpy_recorded() {
     matches_library(&m, "np_compressed.json");
     let m = Model::open(&fixtures().join("real/np_layouts.npz")).unwrap();
     matches_library(&m, "np_layouts.json");
+    // A member that inflates past one output buffer (a bug the small members hid).
+    let m = Model::open(&fixtures().join("real/np_compressed_large.npz")).unwrap();
+    matches_library(&m, "np_compressed_large.json");
 }
 
 #[test]
@@ -295,6 +298,9 @@ const HOSTILE: &[(&str, &str)] = &[
     ("hostile/pt_module_object.pt", "pickled __main__.Net object"),
     ("hostile/pt_quantized.pt", "_rebuild_qtensor tensors"),
     ("hostile/pt_legacy.pt", "legacy"),
+    ("hostile/pt_zero_stride_huge.pt", "overflows"),
+    ("hostile/pt_many_dims.pt", "100 dimensions"),
+    ("hostile/pt_long_global.pt", "global name is too long"),
     ("hostile/npz_deflate_bomb.npz", "decompression bomb"),
     (
         "hostile/npz_inflates_past.npz",
@@ -877,5 +883,71 @@ fn the_named_temporary_fallback_cleans_up_after_killed_writers() {
         .unwrap();
     prunescope::util::atomic_write(&target, |w| w.write_all(b"{}")).unwrap();
     assert_eq!(listing(&dir), vec!["w.json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn empty_big_endian_arrays_with_huge_dimensions_load_as_empty() {
+    use prunescope::model::zip::write_stored_zip;
+    let header =
+        "{'descr': '>f4', 'fortran_order': False, 'shape': (0, 1099511627776, 1099511627776), }";
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    let zip = write_stored_zip(&[("e.npy", &npy)]);
+    let m = Model::from_bytes("empty", ModelFormat::Npz, zip).unwrap();
+    assert_eq!(m.tensors[0].numel, 0);
+}
+
+#[test]
+fn a_tensor_named_like_the_metadata_key_is_refused_on_export() {
+    use prunescope::model::zip::write_stored_zip;
+    let dir = tempdir("meta");
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }";
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(&[0u8; 16]);
+    let p = dir.join("meta.npz");
+    std::fs::write(&p, write_stored_zip(&[("__metadata__.npy", &npy)])).unwrap();
+    let out = dir.join("o.safetensors");
+    let o = cli(&[
+        "prune",
+        p.to_str().unwrap(),
+        "--sparsity",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(one_line_error(&o).contains("reserved"));
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_output_over_an_onnx_models_external_data_is_refused() {
+    let dir = tempdir("ext");
+    for f in ["mlp_external.onnx", "mlp_external.onnx.data"] {
+        std::fs::copy(fixtures().join("onnx").join(f), dir.join(f)).unwrap();
+    }
+    let data = std::fs::read(dir.join("mlp_external.onnx.data")).unwrap();
+    let o = cli_in(
+        Some(&dir),
+        &[
+            "prune",
+            "mlp_external.onnx",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "./mlp_external.onnx.data",
+        ],
+        Duration::from_secs(60),
+    );
+    let e = one_line_error(&o);
+    assert!(e.contains("model's data file"), "{e}");
+    assert_eq!(
+        std::fs::read(dir.join("mlp_external.onnx.data")).unwrap(),
+        data
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -155,6 +155,16 @@ def main():
     views = [(f"v{i}", "FloatStorage", "0", 65536, 0, (256, 256), (1, 256)) for i in range(1200)]
     write("pt_view_copy_bomb.pt", pt("pt_view_copy_bomb", tensor_pickle(views),
                                      {"0": b"\0" * (65536 * 4)}))
+    # Review findings: a zero-stride view of 2^62 elements, a tensor of 100 dimensions, a
+    # global whose name is a megabyte reused through the memo.
+    write("pt_zero_stride_huge.pt", pt("pt_zero_stride_huge", tensor_pickle(
+        [("w", "FloatStorage", "0", 4, 0, (2**62,), (0,))]), {"0": F16}))
+    write("pt_many_dims.pt", pt("pt_many_dims", tensor_pickle(
+        [("w", "FloatStorage", "0", 4, 0, (1,) * 100, (1,) * 100)]), {"0": F16}))
+    long = b"\x80\x02X" + struct.pack("<I", 1 << 20) + b"m" * (1 << 20) + b"q\x00"
+    long += b"h\x00h\x00\x93" * 1000 + b"."
+    write("pt_long_global.pt", pt("pt_long_global", long, {}))
+
     # Not a state dict: a pickled module object, a quantized tensor, a legacy file.
     w = Writer()
     w.global_("__main__", "Net")

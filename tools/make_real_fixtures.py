@@ -88,6 +88,11 @@ def numpy_archives():
     }
     np.savez_compressed(OUT / "np_compressed.npz", **arrays)
     (OUT / "np_compressed.json").write_text(json.dumps(describe(arrays)))
+    # A member far larger than one inflate buffer (64 kB): 256 kB of 95%-sparse weights.
+    big = rng.standard_normal((256, 256)).astype(np.float32)
+    big[rng.random(big.shape) < 0.95] = 0
+    np.savez_compressed(OUT / "np_compressed_large.npz", big=big)
+    (OUT / "np_compressed_large.json").write_text(json.dumps(describe({"big": big})))
     base = rng.standard_normal((3, 5)).astype(np.float32)
     layouts = {
         "fortran.weight": np.asfortranarray(base),

@@ -29,6 +29,12 @@ pub fn write_safetensors<W: Write>(
     tensors: &[TensorSpec],
     mut write_data: impl FnMut(usize, &mut W) -> io::Result<()>,
 ) -> io::Result<()> {
+    if tensors.iter().any(|t| t.name == "__metadata__") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a tensor named __metadata__ cannot be stored in safetensors (the name is reserved)",
+        ));
+    }
     let mut json = header_json(metadata, tensors).into_bytes();
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
     while !(json.len() + 8).is_multiple_of(8) {

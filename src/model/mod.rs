@@ -186,6 +186,9 @@ pub struct Model {
     backing: Backing,
     /// Tensor index by name: lookups are per mask and per layer, so they must not scan.
     by_name: HashMap<String, usize>,
+    /// Other files the weights were read from (an ONNX model's external data): inputs that an
+    /// output must not replace.
+    pub data_files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Model {
@@ -222,6 +225,7 @@ impl Model {
             metadata,
             backing,
             by_name,
+            data_files: Vec::new(),
         }
     }
 
@@ -312,6 +316,20 @@ impl Model {
 
     pub fn display_name(&self) -> String {
         self.source.display_name()
+    }
+
+    /// Every file the model was read from, labelled for messages: the model and any data files.
+    pub fn input_files(&self) -> Vec<(&'static str, &Path)> {
+        self.source
+            .path()
+            .map(|p| ("model", p))
+            .into_iter()
+            .chain(
+                self.data_files
+                    .iter()
+                    .map(|p| ("model's data file", p.as_path())),
+            )
+            .collect()
     }
 
     pub fn find(&self, name: &str) -> Option<usize> {

@@ -193,6 +193,7 @@ fn tensor(buf: &[u8], range: Range<usize>) -> Result<(Initializer, TensorFields)
     let mut code = 1u64;
     let mut raw = None;
     let mut fixed = None;
+    let mut fixed_field = 0u32;
     let mut fields = TensorFields::default();
     let mut external = false;
     for f in Fields::new(buf, range) {
@@ -207,7 +208,10 @@ fn tensor(buf: &[u8], range: Range<usize>) -> Result<(Initializer, TensorFields)
             }
             (2, Value::Varint(c)) => code = c,
             (9, Value::Bytes(r)) => raw = Some(r),
-            (4 | 10, Value::Bytes(r)) => fixed = Some(r),
+            (f @ (4 | 10), Value::Bytes(r)) => {
+                fixed = Some(r);
+                fixed_field = f;
+            }
             (5 | 7 | 11, Value::Bytes(r)) => fields.varints.push(r),
             (4 | 5 | 7 | 10 | 11, _) => {
                 return Err("unpacked repeated data fields are not supported".into());
@@ -256,8 +260,17 @@ fn tensor(buf: &[u8], range: Range<usize>) -> Result<(Initializer, TensorFields)
     let (storage, data) = if external {
         (Storage::External, 0..0)
     } else if let Some(r) = raw.clone().or(fixed.clone()) {
-        if fixed.is_some() && raw.is_none() && !matches!(code, 1 | 11) {
-            return Err(err("float_data/double_data on a non-float tensor".into()));
+        // float_data holds float and complex64 values, double_data double ones.
+        let fits = matches!((fixed_field, code), (4, 1 | 14) | (10, 11));
+        if raw.is_none() && !fits {
+            return Err(err(format!(
+                "{} on a tensor of data type {code}",
+                if fixed_field == 4 {
+                    "float_data"
+                } else {
+                    "double_data"
+                }
+            )));
         }
         if r.len() != need {
             return Err(err(format!(
@@ -318,6 +331,8 @@ pub(super) fn read_onnx(
     let mut extra: Vec<u8> = Vec::new();
     let mut entries = Vec::with_capacity(inits.len());
     let mut externals: BTreeMap<String, memmap2::Mmap> = BTreeMap::new();
+    let mut external_files = Vec::new();
+    let mut copied = 0u64;
     for (init, fields) in inits {
         let terr = |msg: String| ModelError::Tensor {
             path: p.clone(),
@@ -360,11 +375,13 @@ pub(super) fn read_onnx(
                     return Err(terr("external data without a location".into()));
                 };
                 let rel = Path::new(loc);
-                if rel.is_absolute()
-                    || rel
-                        .components()
-                        .any(|c| matches!(c, std::path::Component::ParentDir))
-                {
+                let plain = rel.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::Normal(_) | std::path::Component::CurDir
+                    )
+                });
+                if !plain {
                     return Err(terr(format!(
                         "external data location {loc:?} leaves the model's folder"
                     )));
@@ -380,6 +397,7 @@ pub(super) fn read_onnx(
                         other => terr(format!("its external data file: {other}")),
                     })?;
                     externals.insert(loc.clone(), m);
+                    external_files.push(data_path.clone());
                 }
                 let m = &externals[loc];
                 let need = (numel * size) as u64;
@@ -401,6 +419,15 @@ pub(super) fn read_onnx(
                         m.len()
                     )));
                 };
+                // Copies are bounded by the data files' real sizes (twice over, for initializers
+                // that share bytes): many initializers naming one large range cannot multiply it.
+                copied += length;
+                if copied > 2 * externals.values().map(|m| m.len() as u64).sum::<u64>() + (64 << 20)
+                {
+                    return Err(terr(
+                        "external data ranges overlap far beyond the data files' size".into(),
+                    ));
+                }
                 let start = buf.len() + extra.len();
                 extra.extend_from_slice(&m[fields.offset as usize..end as usize]);
                 start..buf.len() + extra.len()
@@ -414,11 +441,13 @@ pub(super) fn read_onnx(
             bytes,
         });
     }
-    Ok(Model::new(
+    let mut model = Model::new(
         source,
         ModelFormat::Onnx,
         entries,
         BTreeMap::new(),
         Backing::Mapped { map, extra },
-    ))
+    );
+    model.data_files = external_files;
+    Ok(model)
 }

@@ -103,6 +103,14 @@ impl Pickle {
 /// Deepest a walker of the result may go (tensor records are a handful of levels deep).
 pub const MAX_WALK_DEPTH: usize = 64;
 
+/// Longest module or class name a global may have: globals are copied out of strings, so a
+/// long one reused through the memo would multiply memory.
+const MAX_GLOBAL_BYTES: usize = 1024;
+
+/// Most objects the arena holds (about 70 bytes each): a state dict of a million tensors needs
+/// some twenty million.
+const MAX_OBJECTS: usize = 1 << 25;
+
 #[derive(Debug, thiserror::Error)]
 #[error("pickle: {msg} at byte {pos}")]
 pub struct PickleError {
@@ -179,12 +187,21 @@ impl<'a> Machine<'a> {
         }
     }
     fn new_obj(&mut self, o: Obj) -> Result<Id, PickleError> {
-        let id = Id::try_from(self.objs.len());
-        let Ok(id) = id else {
-            return self.err("too many objects");
-        };
+        if self.objs.len() >= MAX_OBJECTS {
+            return self.err(format!("more than {MAX_OBJECTS} objects"));
+        }
+        if self.objs.try_reserve(1).is_err() {
+            return self.err("out of memory for the pickle's objects");
+        }
+        let id = self.objs.len() as Id;
         self.objs.push(o);
         Ok(id)
+    }
+    fn global(&self, module: String, name: String) -> Result<Obj, PickleError> {
+        if module.len() > MAX_GLOBAL_BYTES || name.len() > MAX_GLOBAL_BYTES {
+            return self.err("a global name is too long");
+        }
+        Ok(Obj::Global { module, name })
     }
     fn push(&mut self, o: Obj) -> Result<(), PickleError> {
         let id = self.new_obj(o)?;
@@ -473,7 +490,8 @@ impl<'a> Machine<'a> {
                     let module = self.utf8(module)?;
                     let name = self.line()?;
                     let name = self.utf8(name)?;
-                    self.push(Obj::Global { module, name })?
+                    let g = self.global(module, name)?;
+                    self.push(g)?
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -483,10 +501,7 @@ impl<'a> Machine<'a> {
                     else {
                         return self.err("STACK_GLOBAL needs two strings");
                     };
-                    let g = Obj::Global {
-                        module: module.clone(),
-                        name: name.clone(),
-                    };
+                    let g = self.global(module.clone(), name.clone())?;
                     self.push(g)?
                 }
                 b'R' | 0x81 => {
@@ -506,7 +521,8 @@ impl<'a> Machine<'a> {
                     let name = self.line()?;
                     let name = self.utf8(name)?;
                     let v = self.pop_mark()?;
-                    let func = self.new_obj(Obj::Global { module, name })?;
+                    let g = self.global(module, name)?;
+                    let func = self.new_obj(g)?;
                     let args = self.new_obj(Obj::Tuple(v))?;
                     self.call(func, args)?
                 }

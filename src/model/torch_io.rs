@@ -19,6 +19,11 @@ use super::{Backing, DType, Model, ModelError, ModelFormat, ModelSource, Primary
 const COPY_BUDGET_FACTOR: u64 = 4;
 const COPY_BUDGET_SLACK: u64 = 64 << 20;
 
+/// More dimensions than any real tensor has (torch allows 64); a file claiming more is refused.
+const MAX_DIMS: usize = 64;
+/// torch names storages "0", "1", …; a long key is an attack on memory, not a checkpoint.
+const MAX_KEY_BYTES: usize = 256;
+
 /// The keys under which training checkpoints nest their weights, tried in this order when the
 /// top level holds no tensors.
 const NESTED_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict", "module"];
@@ -94,8 +99,18 @@ impl<'a> Assembly<'a> {
         match m.method {
             Method::Stored => Ok(m.data.clone()),
             Method::Deflated => {
+                // Inflation is bounded by the member's promise, the ratio limit and the memory
+                // available, not by the copy budget: a compressed archive of sparse weights
+                // legitimately inflates to many times its size.
                 zip::check_inflate_bounds(m).map_err(|e| self.file_err(e))?;
-                self.reserve(&m.name, m.size)?;
+                if let Some(avail) = crate::util::available_memory_bytes()
+                    && m.size > avail
+                {
+                    return Err(self.file_err(format!(
+                        "zip member '{}' inflates to {} bytes, more than the {avail} bytes of memory available",
+                        m.name, m.size
+                    )));
+                }
                 let from = self.extra.len();
                 zip::inflate_into(self.buf, m, &mut self.extra).map_err(|e| self.file_err(e))?;
                 Ok(self.extra_range(from))
@@ -234,13 +249,22 @@ pub(super) fn read_pytorch(source: ModelSource, map: Primary) -> Result<Model, M
                 }
             }
             let start = storage.start + rec.offset * elsize;
+            let nbytes = numel
+                .checked_mul(elsize)
+                .ok_or_else(|| asm.tensor_err(&name, format!("shape {:?} overflows", rec.size)))?;
             if is_contiguous(&rec.size, &rec.stride) && !(big_endian && elsize > 1) {
-                start..start + numel * elsize
+                start..start + nbytes
             } else {
-                asm.reserve(&name, (numel * elsize) as u64)?;
+                asm.reserve(&name, nbytes as u64)?;
                 let from = asm.extra.len();
                 let src_storage = storage.clone();
-                gather(&mut asm, src_storage, &rec, elsize, big_endian);
+                gather(
+                    &mut asm,
+                    src_storage,
+                    &rec,
+                    elsize,
+                    swap_unit(&rec.dtype, big_endian),
+                );
                 asm.extra_range(from)
             }
         };
@@ -256,14 +280,26 @@ pub(super) fn read_pytorch(source: ModelSource, map: Primary) -> Result<Model, M
     Ok(model_over_map(source, ModelFormat::PyTorch, map, parts))
 }
 
-/// Copies a strided view element by element into `extra`, reversing each element's bytes
-/// when the file is big-endian. Bounds were checked by the caller.
+/// The size of the units whose bytes a big-endian file stores reversed: the element, or each
+/// half of a complex element; `None` for little-endian data.
+fn swap_unit(dtype: &DType, big_endian: bool) -> Option<usize> {
+    let size = dtype.size_bytes().unwrap_or(1);
+    match (big_endian, dtype) {
+        (false, _) => None,
+        (true, _) if size == 1 => None,
+        (true, DType::Other { name, .. }) if name.starts_with('C') => Some(size / 2),
+        (true, _) => Some(size),
+    }
+}
+
+/// Copies a strided view element by element into `extra`, reversing the bytes of each
+/// `swap` unit when the file is big-endian. Bounds and budget were checked by the caller.
 fn gather(
     asm: &mut Assembly,
     storage: std::ops::Range<usize>,
     rec: &TensorRec,
     elsize: usize,
-    swap: bool,
+    swap: Option<usize>,
 ) {
     let nd = rec.size.len();
     let mut idx = vec![0usize; nd];
@@ -284,8 +320,10 @@ fn gather(
         } else {
             asm.extra.extend_from_slice(&asm.buf[el_range]);
         }
-        if swap {
-            asm.extra[start..].reverse();
+        if let Some(unit) = swap {
+            for u in asm.extra[start..].chunks_exact_mut(unit.max(1)) {
+                u.reverse();
+            }
         }
         for d in (0..nd).rev() {
             idx[d] += 1;
@@ -360,22 +398,32 @@ fn state_dict(pk: &Pickle) -> Result<NamedRecords, String> {
 }
 
 fn tensors_in(pk: &Pickle, items: &[(Id, Id)]) -> Result<NamedRecords, String> {
-    // Later keys replace earlier ones, as in a Python dict.
+    // Later keys replace earlier ones, as in a Python dict. A key object reused through the
+    // memo is recognised by its id, so a huge key repeated costs nothing per repeat.
     let mut at: HashMap<String, usize> = HashMap::new();
+    let mut at_id: HashMap<Id, usize> = HashMap::new();
     let mut out: NamedRecords = Vec::new();
     for &(k, v) in items {
         let Some(rec) = tensor_record(pk, v, 0) else {
             continue;
         };
+        if let Some(&i) = at_id.get(&k) {
+            out[i].1 = rec;
+            continue;
+        }
         let name = match pk.get(k) {
             Obj::Str(s) => s.clone(),
             Obj::Int(i) => i.to_string(),
             _ => return Err("a tensor is stored under a key that is not a string".into()),
         };
         match at.get(&name) {
-            Some(&i) => out[i].1 = rec,
+            Some(&i) => {
+                at_id.insert(k, i);
+                out[i].1 = rec;
+            }
             None => {
                 at.insert(name.clone(), out.len());
+                at_id.insert(k, out.len());
                 out.push((name, rec));
             }
         }
@@ -461,7 +509,7 @@ fn rebuild_tensor(pk: &Pickle, a: &[Id]) -> Result<TensorRec, String> {
         Obj::Int(i) => i.to_string(),
         _ => return Err("storage key is not a string".into()),
     };
-    if key.contains('/') || key.contains("..") {
+    if key.len() > MAX_KEY_BYTES || key.contains('/') || key.contains("..") {
         return Err(format!("storage key {key:?} is not a plain name"));
     }
     let dtype = storage_dtype(storage_type)?;
@@ -479,6 +527,9 @@ fn rebuild_tensor(pk: &Pickle, a: &[Id]) -> Result<TensorRec, String> {
     };
     let size = dims(*size, "size")?;
     let stride = dims(*stride, "stride")?;
+    if size.len() > MAX_DIMS {
+        return Err(format!("{} dimensions (more than {MAX_DIMS})", size.len()));
+    }
     if size.len() != stride.len() {
         return Err(format!(
             "size {size:?} and stride {stride:?} have different lengths"
@@ -576,8 +627,9 @@ pub(super) fn read_npz(source: ModelSource, map: Primary) -> Result<Model, Model
                 ),
             ));
         }
-        let swap = header.big_endian && header.itemsize > 1;
-        let bytes = if (header.fortran && header.shape.len() > 1) || swap {
+        let swap = swap_unit(&header.dtype, header.big_endian);
+        let rewrite = (header.fortran && header.shape.len() > 1) || swap.is_some();
+        let bytes = if rewrite && numel > 0 {
             asm.reserve(&name, need as u64)?;
             let from = asm.extra.len();
             // Fortran order: element (i0, i1, …) sits at i0 + n0·(i1 + n1·…). Read it back as
@@ -586,11 +638,11 @@ pub(super) fn read_npz(source: ModelSource, map: Primary) -> Result<Model, Model
             let mut stride = vec![1usize; nd];
             if header.fortran {
                 for d in 1..nd {
-                    stride[d] = stride[d - 1] * header.shape[d - 1];
+                    stride[d] = stride[d - 1].saturating_mul(header.shape[d - 1]);
                 }
             } else {
                 for d in (0..nd.saturating_sub(1)).rev() {
-                    stride[d] = stride[d + 1] * header.shape[d + 1];
+                    stride[d] = stride[d + 1].saturating_mul(header.shape[d + 1]);
                 }
             }
             let rec = TensorRec {
@@ -666,6 +718,9 @@ fn npy_header(b: &[u8]) -> Result<NpyHeader, String> {
     let (Some(descr), Some(fortran), Some(shape)) = (descr, fortran, shape) else {
         return Err("the .npy header lacks descr, fortran_order or shape".into());
     };
+    if shape.len() > MAX_DIMS {
+        return Err(format!("{} dimensions (more than {MAX_DIMS})", shape.len()));
+    }
     let shape = shape
         .into_iter()
         .map(|d| usize::try_from(d).map_err(|_| format!("dimension {d} does not fit in memory")))

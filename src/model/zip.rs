@@ -248,7 +248,8 @@ pub fn inflate_into(buf: &[u8], m: &Member, out: &mut Vec<u8>) -> Result<(), Str
                     .decompress(
                         &src[before_in.min(src.len())..],
                         &mut chunk,
-                        flate2::FlushDecompress::Finish,
+                        // Not Finish: with miniz that means "the output fits in one call".
+                        flate2::FlushDecompress::None,
                     )
                     .map_err(|e| format!("zip member '{}': corrupt deflate data: {e}", m.name))?;
                 let produced = (d.total_out() - before_out) as usize;

@@ -532,13 +532,7 @@ impl Worker {
         let progress = self.progress_for(job, cancel.clone());
         let result = (|| -> anyhow::Result<String> {
             let outputs = req.outputs();
-            let inputs: Vec<(&str, &std::path::Path)> = model
-                .source
-                .path()
-                .map(|p| ("model", p))
-                .into_iter()
-                .collect();
-            crate::export::check_outputs(&inputs, &outputs)?;
+            crate::export::check_outputs(&model.input_files(), &outputs)?;
             let s_ = &req.settings;
             let index_fits = s.index.criterion == s_.criterion
                 && (!s_.criterion.seeded() || s.index.seed == s_.seed);
