@@ -141,7 +141,8 @@ impl ExportDialog {
         let mut action = None;
         let mut open = self.open;
         let mut close = false;
-        Window::new("Export").collapsible(false).resizable(false).open(&mut open).show(ctx, |ui| {
+        // Wide enough for the path fields: an auto-sized window would squeeze them to a stub.
+        Window::new("Export").collapsible(false).resizable(false).min_width(640.0).open(&mut open).show(ctx, |ui| {
             ui.label("Writes are atomic: each file appears complete or not at all.");
             egui::Grid::new("export_grid").num_columns(3).show(ui, |ui| {
                 for (target, on, path) in &mut self.rows {
@@ -151,7 +152,8 @@ impl ExportDialog {
                         ExportTarget::Recipe => ("Recipe", "The settings and the input file's hash, as JSON; `prunescope prune MODEL --recipe R.json` replays it."),
                     };
                     ui.checkbox(on, label).on_hover_text(tip);
-                    let r = ui.add_enabled(*on, egui::TextEdit::singleline(path).desired_width(380.0));
+                    // min_size, not desired_width: a grid column would otherwise keep it a stub.
+                    let r = ui.add_enabled(*on, egui::TextEdit::singleline(path).min_size(egui::vec2(380.0, 0.0)));
                     r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::TextInput, *on, format!("{label} path")));
                     if ui.add_enabled(*on, egui::Button::new("Browse…")).clicked() {
                         action = Some(ExportAction::Browse(*target, PathBuf::from(path.as_str())));
