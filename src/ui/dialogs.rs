@@ -144,6 +144,7 @@ impl ExportDialog {
         // Wide enough for the path fields: an auto-sized window would squeeze them to a stub.
         Window::new("Export").collapsible(false).resizable(false).min_width(640.0).open(&mut open).show(ctx, |ui| {
             ui.label("Writes are atomic: each file appears complete or not at all.");
+            let input_path = state.model.as_ref().and_then(|m| m.snapshot.path.clone());
             egui::Grid::new("export_grid").num_columns(3).show(ui, |ui| {
                 for (target, on, path) in &mut self.rows {
                     let (label, tip) = match target {
@@ -159,7 +160,11 @@ impl ExportDialog {
                         action = Some(ExportAction::Browse(*target, PathBuf::from(path.as_str())));
                     }
                     ui.end_row();
-                    if *on && Path::new(path.as_str()).exists() {
+                    // An existing input is reported below as a conflict, not as "replaced".
+                    let is_input = input_path.as_deref().is_some_and(|i| {
+                        crate::export::check_outputs(&[("", i)], &[("", Path::new(path.as_str()))]).is_err()
+                    });
+                    if *on && !is_input && Path::new(path.as_str()).exists() {
                         ui.label("");
                         ui.label(RichText::new("exists: will be replaced").weak());
                         ui.end_row();
@@ -185,8 +190,7 @@ impl ExportDialog {
             }
             // The same check the worker makes, shown before the click: an output that is the
             // open model (or another output) would destroy it.
-            let input = state.model.as_ref().and_then(|m| m.snapshot.path.clone());
-            let inputs: Vec<(&str, &Path)> = input.as_deref().map(|p| ("open model", p)).into_iter().collect();
+            let inputs: Vec<(&str, &Path)> = input_path.as_deref().map(|p| ("open model", p)).into_iter().collect();
             if let Err(e) = crate::export::check_outputs(&inputs, &request.outputs()) {
                 ui.colored_label(super::theme::BAD, e.to_string());
                 error = Some(e.to_string());
