@@ -238,16 +238,7 @@ pub fn export_pruned(
         .collect();
     let total: usize = specs.iter().map(|s| s.len).sum::<usize>().max(1);
     let mut written = 0usize;
-    let io_err = |e: io::Error| {
-        if e.kind() == io::ErrorKind::Interrupted {
-            ExportError::Cancelled
-        } else {
-            ExportError::Io {
-                path: path.display().to_string(),
-                error: e,
-            }
-        }
-    };
+    let io_err = write_error(path);
     atomic_write(path, |w| {
         write_safetensors(w, &model.metadata, &specs, |t, w| {
             if progress.check().is_err() {
@@ -357,7 +348,13 @@ pub fn export_onnx(
         }
         w.write_all(&buf[at..])
     })
-    .map_err(|e| {
+    .map_err(write_error(path))
+}
+
+/// Maps a failed write of `path`: an interrupted write is the user's cancel, anything else an
+/// I/O error naming the file.
+fn write_error(path: &Path) -> impl Fn(io::Error) -> ExportError + '_ {
+    move |e| {
         if e.kind() == io::ErrorKind::Interrupted {
             ExportError::Cancelled
         } else {
@@ -366,7 +363,7 @@ pub fn export_onnx(
                 error: e,
             }
         }
-    })
+    }
 }
 
 /// Writes the masks as u8 tensors (1 = kept) under the weights' own names.
