@@ -92,6 +92,8 @@ def main():
     # The MLP with every initializer in one external data file.
     m = onnx.load(str(p17))
     ext = OUT / "mlp_external.onnx"
+    # onnx appends to an existing data file: start from none, or a rerun doubles it.
+    (OUT / "mlp_external.onnx.data").unlink(missing_ok=True)
     onnx.save_model(m, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="mlp_external.onnx.data", size_threshold=0)
     describe(ext, x)
@@ -106,24 +108,17 @@ def main():
     m = onnx.load(str(p17))
     m.graph.initializer.append(m.graph.initializer[0])
     (OUT / "bad_duplicate_initializer.onnx").write_bytes(m.SerializeToString())
-    m = onnx.load(str(ext), load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = "missing.onnx.data"
-    (OUT / "bad_external_missing.onnx").write_bytes(m.SerializeToString())
-    m = onnx.load(str(ext), load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = "../outside.data"
-    (OUT / "bad_external_escapes.onnx").write_bytes(m.SerializeToString())
-    m = onnx.load(str(ext), load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "offset":
-                e.value = str(10**9)
-    (OUT / "bad_external_short.onnx").write_bytes(m.SerializeToString())
+    for name, key, value in [
+        ("bad_external_missing.onnx", "location", "missing.onnx.data"),
+        ("bad_external_escapes.onnx", "location", "../outside.data"),
+        ("bad_external_short.onnx", "offset", str(10**9)),
+    ]:
+        m = onnx.load(str(ext), load_external_data=False)
+        for t in m.graph.initializer:
+            for e in t.external_data:
+                if e.key == key:
+                    e.value = value
+        (OUT / name).write_bytes(m.SerializeToString())
     print("wrote", OUT, "with torch", torch.__version__, "onnx", onnx.__version__,
           "onnxruntime", ort.__version__)
     return 0
