@@ -76,6 +76,18 @@ fn cli(args: &[&str]) -> Output {
     cli_in(None, args, Duration::from_secs(120))
 }
 
+/// `prunescope prune MODEL --sparsity 0.5 --out OUT`.
+fn prune_half(model: &Path, out: &Path) -> Output {
+    cli(&[
+        "prune",
+        model.to_str().unwrap(),
+        "--sparsity",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -226,14 +238,7 @@ fn every_tensor_is_written_back_and_unpruned_ones_unchanged() {
     let dir = tempdir("writeback");
     let src = fixtures().join("real/torch_dtypes.pt");
     let out = dir.join("out.safetensors");
-    let o = cli(&[
-        "prune",
-        src.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune_half(&src, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let input = Model::open(&src).unwrap();
     let bytes = std::fs::read(&out).unwrap();
@@ -382,20 +387,12 @@ fn every_hostile_file_is_one_line_from_the_cli_inspect_and_prune() {
     let out = dir.join("out.safetensors");
     for (f, phrase) in HOSTILE {
         let p = fixtures().join(f);
-        for args in [
-            vec!["inspect", p.to_str().unwrap()],
-            vec![
-                "prune",
-                p.to_str().unwrap(),
-                "--sparsity",
-                "0.5",
-                "--out",
-                out.to_str().unwrap(),
-            ],
+        for (what, o) in [
+            ("inspect", cli(&["inspect", p.to_str().unwrap()])),
+            ("prune", prune_half(&p, &out)),
         ] {
-            let o = cli(&args);
             let e = one_line_error(&o);
-            assert!(e.contains(phrase), "{f} {args:?}: {e}");
+            assert!(e.contains(phrase), "{f} {what}: {e}");
         }
     }
     assert!(!out.exists(), "no output from a failed load");
@@ -837,14 +834,7 @@ fn a_full_disk_gives_an_error_and_leaves_nothing_half_written() {
         Some(_fs) => {
             let out = small.join("out.safetensors");
             std::fs::write(&out, b"old").unwrap();
-            let o = cli(&[
-                "prune",
-                model.to_str().unwrap(),
-                "--sparsity",
-                "0.5",
-                "--out",
-                out.to_str().unwrap(),
-            ]);
+            let o = prune_half(&model, &out);
             let e = one_line_error(&o);
             assert!(e.contains("No space left on device"), "{e}");
             assert_eq!(std::fs::read(&out).unwrap(), b"old");
@@ -872,14 +862,7 @@ fn a_read_only_directory_gives_an_error_and_writes_nothing() {
             return;
         }
     }
-    let o = cli(&[
-        "prune",
-        model.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        ro.join("out.safetensors").to_str().unwrap(),
-    ]);
+    let o = prune_half(&model, &ro.join("out.safetensors"));
     let e = one_line_error(&o);
     assert!(
         e.contains("Read-only file system") || e.contains("Permission denied"),
@@ -932,14 +915,7 @@ fn a_tensor_named_like_the_metadata_key_is_refused_on_export() {
     let p = dir.join("meta.npz");
     std::fs::write(&p, write_stored_zip(&[("__metadata__.npy", &npy)])).unwrap();
     let out = dir.join("o.safetensors");
-    let o = cli(&[
-        "prune",
-        p.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune_half(&p, &out);
     assert!(one_line_error(&o).contains("reserved"));
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);

@@ -155,49 +155,45 @@ fn a_pruned_onnx_differs_from_its_input_only_in_pruned_values() {
 #[test]
 fn the_cli_writes_onnx_or_safetensors_by_the_output_name() {
     let dir = tempdir("cli");
-    let run = |args: &[&str]| {
+    // `prune MODEL --sparsity 0.5 --out OUT [extra…]`
+    let prune = |model: &Path, out: &str, extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_prunescope"))
-            .args(args)
+            .args([
+                "prune",
+                model.to_str().unwrap(),
+                "--sparsity",
+                "0.5",
+                "--out",
+            ])
+            .arg(dir.join(out))
+            .args(extra)
             .output()
             .unwrap()
     };
     let src = onnx("mlp_opset17.onnx");
-    let o = run(&[
-        "prune",
-        src.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        dir.join("p.onnx").to_str().unwrap(),
-        "--masks",
-        dir.join("m.safetensors").to_str().unwrap(),
-    ]);
+    let masks = dir.join("m.safetensors");
+    let o = prune(&src, "p.onnx", &["--masks", masks.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         Model::open(&dir.join("p.onnx")).unwrap().format,
         ModelFormat::Onnx
     );
-    let o = run(&[
-        "prune",
-        src.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        dir.join("w.safetensors").to_str().unwrap(),
-    ]);
+    let o = prune(&src, "w.safetensors", &[]);
     assert!(o.status.success());
     let w = Model::open(&dir.join("w.safetensors")).unwrap();
     assert_eq!(w.tensors.len(), 4);
     // External data: the weights export works; an in-place .onnx cannot and says so.
     let ext = onnx("mlp_external.onnx");
-    let o = run(&[
-        "prune",
-        ext.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        dir.join("e.onnx").to_str().unwrap(),
-    ]);
+    let o = prune(&ext, "e.safetensors", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        Model::open(&dir.join("e.safetensors"))
+            .unwrap()
+            .tensors
+            .len(),
+        4
+    );
+    let o = prune(&ext, "e.onnx", &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(
@@ -206,14 +202,7 @@ fn the_cli_writes_onnx_or_safetensors_by_the_output_name() {
     );
     // A non-ONNX model cannot become an .onnx.
     let npz = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.npz");
-    let o = run(&[
-        "prune",
-        npz.to_str().unwrap(),
-        "--sparsity",
-        "0.5",
-        "--out",
-        dir.join("n.onnx").to_str().unwrap(),
-    ]);
+    let o = prune(&npz, "n.onnx", &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs an ONNX model"));
     let _ = std::fs::remove_dir_all(&dir);
 }
