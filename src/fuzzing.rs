@@ -47,17 +47,7 @@ fn touch(m: &Model) {
     };
     if let Ok(p) = prune(m, &settings, &ScoreInputs::default(), &Progress::none()) {
         let mut sink = std::io::sink();
-        let specs: Vec<crate::export::TensorSpec> = m
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(t, e)| crate::export::TensorSpec {
-                name: &e.name,
-                dtype: e.dtype.safetensors_name(),
-                shape: &e.shape,
-                len: m.tensor_bytes(t).len(),
-            })
-            .collect();
+        let specs = crate::export::tensor_specs(m);
         let _ = crate::export::write_safetensors(&mut sink, &m.metadata, &specs, |t, w| {
             std::io::Write::write_all(w, m.tensor_bytes(t))
         });

@@ -211,6 +211,21 @@ pub enum ExportError {
     Cancelled,
 }
 
+/// Every tensor of the model as it is written to safetensors: same name, dtype, shape and bytes.
+pub fn tensor_specs(model: &Model) -> Vec<TensorSpec<'_>> {
+    model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, e)| TensorSpec {
+            name: &e.name,
+            dtype: e.dtype.safetensors_name(),
+            shape: &e.shape,
+            len: model.tensor_bytes(t).len(),
+        })
+        .collect()
+}
+
 /// Writes the model with pruned weights set to zero: same names, shapes, dtypes and metadata
 /// as the input; unmasked tensors are copied byte for byte.
 pub fn export_pruned(
@@ -225,17 +240,7 @@ pub fn export_pruned(
             return Err(ExportError::NotByteAddressable(name.to_string()));
         }
     }
-    let specs: Vec<TensorSpec> = model
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(t, e)| TensorSpec {
-            name: &e.name,
-            dtype: e.dtype.safetensors_name(),
-            shape: &e.shape,
-            len: model.tensor_bytes(t).len(),
-        })
-        .collect();
+    let specs = tensor_specs(model);
     let total: usize = specs.iter().map(|s| s.len).sum::<usize>().max(1);
     let mut written = 0usize;
     let io_err = write_error(path);

@@ -341,7 +341,8 @@ impl Model {
         self.backing.range(self.tensors[t].bytes.clone())
     }
 
-    /// All bytes of the backing store (the whole file for safetensors).
+    /// The primary bytes of the backing store: the whole file for safetensors, .pt, .npz and
+    /// .onnx (bytes copied out of it are not included).
     pub fn backing_bytes(&self) -> &[u8] {
         self.backing.bytes()
     }
