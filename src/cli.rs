@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::data::DataSpec;
+use crate::eval::{DataSource, Evaluator, evaluator_with_data};
 use crate::export::{Recipe, check_outputs, export_masks, export_weights};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
@@ -39,6 +41,8 @@ pub enum Command {
     },
     /// Prune a model and write the pruned weights (and optionally masks and a recipe).
     Prune(PruneArgs),
+    /// Evaluate a model, dense or pruned, on data: accuracy, loss and, when pruned, fidelity.
+    Eval(EvalArgs),
     /// Train the sample MLP on the bundled digits data (fixed seed) and save it with its
     /// initial weights.
     Train(TrainArgs),
@@ -49,9 +53,9 @@ pub enum Command {
     },
 }
 
-#[derive(Args, Debug)]
-pub struct PruneArgs {
-    pub model: PathBuf,
+/// How to prune: the flags `prune` and `eval` share.
+#[derive(Args, Debug, Default)]
+pub struct PruneFlags {
     /// Fraction of prunable weights to remove (0..=1). Not needed for N:M or --recipe.
     #[arg(long)]
     pub sparsity: Option<f64>,
@@ -76,7 +80,21 @@ pub struct PruneArgs {
     /// Apply the recipe even though it was made on a different file.
     #[arg(long)]
     pub ignore_hash: bool,
-    /// Where to write the pruned weights (safetensors).
+}
+
+impl PruneFlags {
+    /// Whether any flag asks for pruning.
+    fn any(&self) -> bool {
+        self.sparsity.is_some() || self.recipe.is_some() || self.pattern != "unstructured"
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub flags: PruneFlags,
+    /// Where to write the pruned weights (.safetensors, or .onnx for an ONNX model).
     #[arg(long)]
     pub out: PathBuf,
     /// Also write the masks (safetensors, u8, 1 = kept).
@@ -85,6 +103,29 @@ pub struct PruneArgs {
     /// Also write the recipe that reproduces this result.
     #[arg(long)]
     pub save_recipe: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    /// `digits` (the bundled test split), or a .npz / .safetensors file of named arrays.
+    /// Default: the model's own data set, or the digits for a model that takes 64 values.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// The input array of a one-input model (default x).
+    #[arg(long)]
+    pub x: Option<String>,
+    /// The label array (default y; without labels, only fidelity is measured).
+    #[arg(long)]
+    pub y: Option<String>,
+    /// Masks written by `prune --masks` (u8, 1 = kept) instead of pruning flags.
+    #[arg(long, conflicts_with_all = ["sparsity", "recipe"])]
+    pub masks: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: PruneFlags,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +146,23 @@ pub enum BenchCommand {
     Interactive {
         #[arg(long, default_value_t = 124_000_000)]
         params: u64,
+        /// Print only the JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One evaluation of MODEL on data, dense and after a mask change, timed in medians.
+    Eval {
+        model: PathBuf,
+        /// As for `prunescope eval`.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        x: Option<String>,
+        #[arg(long)]
+        y: Option<String>,
+        /// Timed runs of each kind.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
         /// Print only the JSON report.
         #[arg(long)]
         json: bool,
@@ -141,6 +199,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Prune(args) => prune_cmd(args),
+        Command::Eval(args) => eval_cmd(args),
         Command::Train(args) => train_cmd(args),
         Command::Bench {
             which: BenchCommand::Interactive { params, json },
@@ -153,6 +212,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Bench {
+            which:
+                BenchCommand::Eval {
+                    model,
+                    data,
+                    x,
+                    y,
+                    runs,
+                    json,
+                },
+        } => {
+            let m = Model::open(&model)?;
+            let source = data_source(data.as_deref(), x, y);
+            let report = crate::bench::eval(&m, &source, runs.max(1), |msg| {
+                if !json {
+                    eprintln!("{msg}");
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}
+
+/// `--data`, `--x`, `--y` as a data source.
+fn data_source(data: Option<&str>, x: Option<String>, y: Option<String>) -> DataSource {
+    match data {
+        None => DataSource::Default,
+        Some("digits") => DataSource::Digits,
+        Some(p) => DataSource::File {
+            path: PathBuf::from(p),
+            spec: DataSpec { x, y },
+        },
     }
 }
 
@@ -265,7 +357,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// Builds settings from the flags (everything the GUI can set globally).
-pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
+pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     let pattern = Pattern::parse(&a.pattern)?;
     let criterion = Criterion::parse(&a.criterion).with_context(|| {
         format!(
@@ -302,10 +394,43 @@ pub fn settings_from_args(a: &PruneArgs) -> anyhow::Result<PruneSettings> {
     })
 }
 
+/// Settings from flags or a recipe (checked against the model), and the pruned masks.
+fn prune_from_flags(
+    model: &Model,
+    flags: &PruneFlags,
+    progress: &Progress,
+) -> anyhow::Result<(crate::prune::Pruned, PruneSettings)> {
+    let (mut settings, recipe) = match &flags.recipe {
+        Some(r) => {
+            let recipe = Recipe::load(r)?;
+            if !flags.ignore_hash {
+                recipe.check_hash(&model.content_hash()?)?;
+            }
+            (recipe.settings.clone(), Some(recipe))
+        }
+        None => (settings_from_args(flags)?, None),
+    };
+    if recipe.is_none() && settings.scope == Scope::Layer {
+        // Layer scope from the command line: the same target in every prunable tensor.
+        for t in 0..model.tensors.len() {
+            if settings.is_prunable(model, t) {
+                settings.layer_mut(&model.tensors[t].name).sparsity = settings.sparsity;
+            }
+        }
+    }
+    let p = prune(model, &settings, &ScoreInputs::default(), progress)?;
+    if let Some(r) = &recipe
+        && !flags.ignore_hash
+    {
+        r.check_result(model, &p.alloc)?;
+    }
+    Ok((p, settings))
+}
+
 fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     // Before any work: an output that names an input would destroy it.
     let mut inputs = vec![("model", a.model.as_path())];
-    if let Some(r) = &a.recipe {
+    if let Some(r) = &a.flags.recipe {
         inputs.push(("recipe", r.as_path()));
     }
     let mut outputs = vec![("--out", a.out.as_path())];
@@ -321,31 +446,8 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     let mut all_inputs = model.input_files();
     all_inputs.extend(inputs.iter().skip(1).copied());
     check_outputs(&all_inputs, &outputs)?;
-    let (mut settings, recipe) = match &a.recipe {
-        Some(r) => {
-            let recipe = Recipe::load(r)?;
-            if !a.ignore_hash {
-                recipe.check_hash(&model.content_hash()?)?;
-            }
-            (recipe.settings.clone(), Some(recipe))
-        }
-        None => (settings_from_args(&a)?, None),
-    };
-    if recipe.is_none() && settings.scope == Scope::Layer {
-        // Layer scope from the command line: the same target in every prunable tensor.
-        for t in 0..model.tensors.len() {
-            if settings.is_prunable(&model, t) {
-                settings.layer_mut(&model.tensors[t].name).sparsity = settings.sparsity;
-            }
-        }
-    }
     let progress = bar();
-    let p = prune(&model, &settings, &ScoreInputs::default(), &progress)?;
-    if let Some(r) = &recipe
-        && !a.ignore_hash
-    {
-        r.check_result(&model, &p.alloc)?;
-    }
+    let (p, settings) = prune_from_flags(&model, &a.flags, &progress)?;
     export_weights(&model, &p.masks, &a.out, &progress)?;
     if let Some(m) = &a.masks {
         export_masks(&model, &p.masks, m)?;
@@ -373,6 +475,90 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    let model = Model::open(&a.model)?;
+    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let progress = bar();
+    let (masks, sparsity) = if let Some(m) = &a.masks {
+        let masks = crate::export::load_masks(&model, m)?;
+        let (kept, total) = masks.iter().fold((0u64, 0u64), |(k, n), (_, m)| {
+            (k + m.count_kept() as u64, n + m.len() as u64)
+        });
+        (masks, Some(1.0 - kept as f64 / total.max(1) as f64))
+    } else if a.flags.any() {
+        let (p, _) = prune_from_flags(&model, &a.flags, &progress)?;
+        let s = p.alloc.sparsity();
+        (p.masks, Some(s))
+    } else {
+        (crate::prune::MaskSet::new(), None)
+    };
+    let evaluator = evaluator_with_data(&model, &source)?;
+    let engine = evaluator.engine();
+    let dense = evaluator.evaluate(&model, &crate::prune::MaskSet::new())?;
+    let t0 = std::time::Instant::now();
+    let now = evaluator.evaluate(&model, &masks)?;
+    let eval_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let pruned = sparsity.is_some();
+    let labelled = |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "top5": m.top5, "loss": m.loss});
+    let report = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "data": evaluator.describe(),
+        "engine": engine.name,
+        "path": engine.label(),
+        "samples": now.samples,
+        "labels": now.accuracy.is_some(),
+        "accuracy": now.accuracy,
+        "top5": now.top5,
+        "loss": now.loss,
+        "pruned": pruned,
+        "sparsity": sparsity,
+        "dense": labelled(&dense),
+        "fidelity": if pruned { now.fidelity } else { None },
+        "eval_ms": eval_ms,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} [{}: {}]",
+        printable(&a.model.display().to_string()),
+        evaluator.describe(),
+        engine.name,
+        engine.label()
+    );
+    let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.2}%", v * 100.0));
+    if dense.accuracy.is_some() {
+        println!(
+            "dense:  accuracy {}  top-5 {}  loss {:.4}",
+            pct(dense.accuracy),
+            pct(dense.top5),
+            dense.loss.unwrap_or(f64::NAN)
+        );
+        if let Some(s) = sparsity {
+            println!(
+                "pruned: accuracy {}  top-5 {}  loss {:.4}  ({:.2}% of prunable weights removed)",
+                pct(now.accuracy),
+                pct(now.top5),
+                now.loss.unwrap_or(f64::NAN),
+                s * 100.0
+            );
+        }
+    }
+    if let (Some(s), Some(f)) = (sparsity, now.fidelity) {
+        println!(
+            "fidelity at {:.2}% sparsity: top-1 agreement {:.2}%, cosine {:.5}, relative L2 {:.4}",
+            s * 100.0,
+            f.top1_agreement * 100.0,
+            f.cosine,
+            f.rel_l2
+        );
+    } else if dense.accuracy.is_none() {
+        println!("no labels and no pruning: nothing to compare (add --sparsity or labels)");
+    }
+    Ok(())
+}
+
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     check_outputs(
         &[],
@@ -392,8 +578,8 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", a.out.display()))?;
     eprintln!(
         "test accuracy {:.2}% (loss {:.4}) on {} images; wrote {} and {}",
-        result.test.accuracy * 100.0,
-        result.test.loss,
+        result.test.accuracy.unwrap_or(f64::NAN) * 100.0,
+        result.test.loss.unwrap_or(f64::NAN),
         result.test.samples,
         a.out.display(),
         a.init_out.display()

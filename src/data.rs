@@ -19,6 +19,14 @@ pub enum DataError {
     Digits(String),
     #[error("unknown dataset '{0}' (known: uci-digits)")]
     Unknown(String),
+    #[error("data file {path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("data file {path}, array '{array}': {msg}")]
+    Array {
+        path: String,
+        array: String,
+        msg: String,
+    },
 }
 
 /// Inputs as a row-major `n × dim` matrix of f32 and integer class labels.
@@ -110,6 +118,270 @@ pub fn digits_split() -> Result<Split, DataError> {
     Ok(Split {
         train: all.subset("uci-digits/train", train),
         test: all.subset("uci-digits/test", test),
+    })
+}
+
+/// The values of one input array, in the element type a model takes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ArrayValues {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+impl ArrayValues {
+    pub fn len(&self) -> usize {
+        match self {
+            ArrayValues::F32(v) => v.len(),
+            ArrayValues::I64(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One named input array whose first dimension counts samples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataArray {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: ArrayValues,
+}
+
+impl DataArray {
+    /// Elements per sample.
+    pub fn sample_len(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+}
+
+/// What an evaluation runs on: one or more input arrays with the same sample count, and
+/// labels when the data has them (without, pruned models are compared with the dense one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalData {
+    /// For people: "uci-digits/test" or the file's name.
+    pub name: String,
+    pub inputs: Vec<DataArray>,
+    pub labels: Option<Vec<u32>>,
+    pub samples: usize,
+}
+
+impl EvalData {
+    /// A labelled f32 dataset as one input named `x` of shape `[n, dim]`.
+    pub fn from_dataset(d: &Dataset) -> EvalData {
+        EvalData {
+            name: d.name.clone(),
+            inputs: vec![DataArray {
+                name: "x".into(),
+                shape: vec![d.len(), d.dim],
+                values: ArrayValues::F32(d.inputs.clone()),
+            }],
+            labels: Some(d.labels.clone()),
+            samples: d.len(),
+        }
+    }
+
+    pub fn input(&self, name: &str) -> Option<&DataArray> {
+        self.inputs.iter().find(|a| a.name == name)
+    }
+}
+
+/// Which arrays of a data file to read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataSpec {
+    /// The input array of a one-input model (default `x`).
+    pub x: Option<String>,
+    /// The label array (default `y`; without one, only fidelity is measured).
+    pub y: Option<String>,
+}
+
+/// Most samples a data file may hold; more is almost surely a wrong array.
+const MAX_SAMPLES: usize = 10_000_000;
+
+/// Reads a `.npz` or `.safetensors` file of named arrays. `inputs` names the arrays the model
+/// takes: with one input, `spec.x` (default `x`) or an array named after that input serves;
+/// with several, each must be present under the input's name.
+pub fn load_eval_data(
+    path: &std::path::Path,
+    inputs: &[String],
+    spec: &DataSpec,
+) -> Result<EvalData, DataError> {
+    let p = path.display().to_string();
+    let ferr = |msg: String| DataError::File {
+        path: p.clone(),
+        msg,
+    };
+    let file = crate::model::Model::open(path).map_err(|e| ferr(e.to_string()))?;
+    if file.format == crate::model::ModelFormat::Onnx
+        || file.format == crate::model::ModelFormat::PyTorch
+    {
+        return Err(ferr(
+            "data must be a .npz or .safetensors file of named arrays".into(),
+        ));
+    }
+    let names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+    let listing = names.join(", ");
+    let mut wanted: Vec<(String, String)> = Vec::new(); // (model input, array)
+    if inputs.len() <= 1 {
+        let input = inputs.first().cloned().unwrap_or_else(|| "x".into());
+        let array = match &spec.x {
+            Some(x) => x.clone(),
+            None if file.find("x").is_some() => "x".into(),
+            None if file.find(&input).is_some() => input.clone(),
+            None => {
+                return Err(ferr(format!(
+                    "no input array: expected 'x' or '{input}' (choose another with --x); \
+                     the file holds: {listing}"
+                )));
+            }
+        };
+        wanted.push((input, array));
+    } else {
+        for i in inputs {
+            wanted.push((i.clone(), i.clone()));
+        }
+    }
+    let mut arrays = Vec::new();
+    let mut samples: Option<(usize, String)> = None;
+    for (input, array) in wanted {
+        let aerr = |msg: String| DataError::Array {
+            path: p.clone(),
+            array: array.clone(),
+            msg,
+        };
+        let t = file.find(&array).ok_or_else(|| {
+            aerr(format!(
+                "missing (the model's input '{input}' needs it); the file holds: {listing}"
+            ))
+        })?;
+        let e = &file.tensors[t];
+        if e.shape.is_empty() || e.shape[0] == 0 {
+            return Err(aerr(format!(
+                "shape {:?} has no samples (the first dimension counts them)",
+                e.shape
+            )));
+        }
+        if e.shape[0] > MAX_SAMPLES {
+            return Err(aerr(format!(
+                "{} samples is more than the {MAX_SAMPLES} an evaluation takes",
+                e.shape[0]
+            )));
+        }
+        match &samples {
+            Some((n, first)) if *n != e.shape[0] => {
+                return Err(aerr(format!(
+                    "{} samples, but '{first}' has {n}",
+                    e.shape[0]
+                )));
+            }
+            None => samples = Some((e.shape[0], array.clone())),
+            _ => {}
+        }
+        let values = if e.dtype.is_float() {
+            let v = file.to_f32_vec(t);
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(aerr(format!(
+                    "element {i} is {} (inputs must be finite)",
+                    v[i]
+                )));
+            }
+            ArrayValues::F32(v)
+        } else {
+            ArrayValues::I64(
+                read_ints(&e.dtype, file.tensor_bytes(t))
+                    .ok_or_else(|| aerr(format!("dtype {} is not a number type", e.dtype)))?,
+            )
+        };
+        arrays.push(DataArray {
+            name: input,
+            shape: e.shape.clone(),
+            values,
+        });
+    }
+    let samples = samples.map(|s| s.0).unwrap_or(0);
+    let label_name = spec.y.clone().unwrap_or_else(|| "y".into());
+    let labels = match file.find(&label_name) {
+        None if spec.y.is_some() => {
+            return Err(DataError::Array {
+                path: p.clone(),
+                array: label_name,
+                msg: format!("missing; the file holds: {listing}"),
+            });
+        }
+        None => None,
+        Some(t) => {
+            let aerr = |msg: String| DataError::Array {
+                path: p.clone(),
+                array: label_name.clone(),
+                msg,
+            };
+            let e = &file.tensors[t];
+            if e.shape != [samples] {
+                return Err(aerr(format!(
+                    "labels have shape {:?}; expected [{samples}], one class index per sample",
+                    e.shape
+                )));
+            }
+            let ints = if e.dtype.is_float() {
+                let v = file.to_f32_vec(t);
+                if let Some(i) = v.iter().position(|x| x.fract() != 0.0 || !x.is_finite()) {
+                    return Err(aerr(format!(
+                        "label {i} is {} (labels are class indices)",
+                        v[i]
+                    )));
+                }
+                v.iter().map(|&x| x as i64).collect()
+            } else {
+                read_ints(&e.dtype, file.tensor_bytes(t))
+                    .ok_or_else(|| aerr(format!("dtype {} is not a number type", e.dtype)))?
+            };
+            let mut labels = Vec::with_capacity(ints.len());
+            for (i, &v) in ints.iter().enumerate() {
+                if !(0..=u32::MAX as i64).contains(&v) {
+                    return Err(aerr(format!(
+                        "label {i} is {v} (labels are class indices from 0)"
+                    )));
+                }
+                labels.push(v as u32);
+            }
+            Some(labels)
+        }
+    };
+    Ok(EvalData {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or(p),
+        inputs: arrays,
+        labels,
+        samples,
+    })
+}
+
+/// Integer (and bool) little-endian elements as i64; `None` for other dtypes.
+fn read_ints(dtype: &crate::model::DType, bytes: &[u8]) -> Option<Vec<i64>> {
+    use crate::model::DType as D;
+    macro_rules! conv {
+        ($t:ty) => {
+            bytes
+                .chunks_exact(std::mem::size_of::<$t>())
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect()
+        };
+    }
+    Some(match dtype {
+        D::Bool | D::U8 => bytes.iter().map(|&b| b as i64).collect(),
+        D::I8 => bytes.iter().map(|&b| b as i8 as i64).collect(),
+        D::I16 => conv!(i16),
+        D::U16 => conv!(u16),
+        D::I32 => conv!(i32),
+        D::U32 => conv!(u32),
+        D::I64 => conv!(i64),
+        D::U64 => bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()).min(i64::MAX as u64) as i64)
+            .collect(),
+        _ => return None,
     })
 }
 

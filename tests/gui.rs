@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use prunescope::eval::evaluator_for;
+use prunescope::eval::{Evaluator, evaluator_for};
 use prunescope::model::Model;
 use prunescope::prune::{Pattern, PruneSettings, ScoreInputs, prune};
 use prunescope::ui::{App, Prefs};
@@ -58,8 +58,9 @@ fn first_launch_shows_the_sample_model_and_its_accuracy() {
     let snap = h.state().state().model.as_ref().unwrap().snapshot.clone();
     assert!(snap.name.contains("digits_mlp"), "{}", snap.name);
     let dense = snap.dense_metrics.expect("the sample model is runnable");
-    assert!(dense.accuracy > 0.95, "dense accuracy {}", dense.accuracy);
-    h.get_by_label_contains(&format!("Accuracy: dense {:.2}%", dense.accuracy * 100.0));
+    let acc = dense.accuracy.unwrap();
+    assert!(acc > 0.95, "dense accuracy {acc}");
+    h.get_by_label_contains(&format!("Accuracy: dense {:.2}%", acc * 100.0));
     h.get_by_label("Parameters 17,226");
 }
 
@@ -131,8 +132,8 @@ fn dragging_the_global_slider_to_half_prunes_half_and_moves_accuracy() {
         .evaluate(&model, &expected.masks)
         .unwrap();
     assert_eq!(now.accuracy, direct.accuracy);
-    assert!((now.loss - direct.loss).abs() < 1e-9);
-    h.get_by_label_contains(&format!("→ now {:.2}%", direct.accuracy * 100.0));
+    assert!((now.loss.unwrap() - direct.loss.unwrap()).abs() < 1e-9);
+    h.get_by_label_contains(&format!("→ now {:.2}%", direct.accuracy.unwrap() * 100.0));
 }
 
 #[test]
@@ -421,4 +422,113 @@ fn the_export_dialog_refuses_to_overwrite_the_open_model() {
     h.run_steps(4);
     assert_eq!(std::fs::read(&model).unwrap(), original);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens the Evaluation data window, types `path` and presses "Use this file".
+fn choose_data(h: &mut Harness<'static, App>, path: &Path) {
+    h.get_by_label("File").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Evaluation data…")
+        .click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::TextInput, "Data file")
+        .focus();
+    h.run_steps(2);
+    // Select what an earlier choice left there, so typing replaces it.
+    h.key_combination_modifiers(egui::Modifiers::COMMAND, &[egui::Key::A]);
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::TextInput, "Data file")
+        .type_text(&path.display().to_string());
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Use this file")
+        .click();
+    h.run_steps(4);
+}
+
+#[test]
+fn an_onnx_model_without_labels_gets_data_from_the_dialog_and_shows_fidelity() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    let onnx = fixture("onnx/encoder_two_inputs.onnx");
+    h.state_mut().open_path(onnx.clone());
+    step_until(&mut h, "the encoder", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("encoder"))
+            && settled(a)
+    });
+    h.get_by_label_contains("Accuracy: n/a — File → Evaluation data");
+
+    // Data that does not fit: an error, and nothing changes.
+    choose_data(&mut h, &fixture("onnx/digits_test.npz"));
+    step_until(&mut h, "the data error", |a| {
+        !a.state().errors.is_empty() && !a.busy()
+    });
+    let err = h.state().state().errors.join("\n");
+    assert!(err.contains("input_ids"), "{err}");
+    assert!(
+        h.state()
+            .state()
+            .model
+            .as_ref()
+            .unwrap()
+            .eval
+            .dense
+            .is_none()
+    );
+
+    choose_data(&mut h, &fixture("onnx/encoder_data.npz"));
+    step_until(&mut h, "the new data", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.eval.dense.is_some())
+            && !a.busy()
+    });
+    h.get_by_label_contains("Fidelity to the dense model");
+    h.get_by_label_contains("[evaluate only]");
+
+    h.state_mut().state_mut().settings.sparsity = 0.5;
+    step_until(&mut h, "metrics at 50%", |a| {
+        settled(a) && a.state().metrics_current()
+    });
+    let shown = h
+        .state()
+        .state()
+        .model
+        .as_ref()
+        .unwrap()
+        .metrics
+        .clone()
+        .unwrap()
+        .result
+        .unwrap()
+        .fidelity
+        .unwrap();
+    // Independent: the library, on a fresh copy of the model and data.
+    let model = Model::open(&onnx).unwrap();
+    let settings = h.state().state().settings.clone();
+    let masks = prune(
+        &model,
+        &settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap()
+    .masks;
+    let ev = prunescope::eval::evaluator_with_data(
+        &model,
+        &prunescope::eval::DataSource::File {
+            path: fixture("onnx/encoder_data.npz"),
+            spec: Default::default(),
+        },
+    )
+    .unwrap();
+    let direct = ev.evaluate(&model, &masks).unwrap().fidelity.unwrap();
+    assert_eq!(shown, direct);
+    h.get_by_label_contains(&format!(
+        "top-1 agreement {:.1}%",
+        direct.top1_agreement * 100.0
+    ));
 }

@@ -3,7 +3,10 @@
 
 Run:  python3 tools/make_onnx_fixtures.py      (needs torch, onnx, onnxruntime)
 
-Writes tests/fixtures/onnx/: an MLP at opsets 13 and 17, a CNN with BatchNorm and a residual
+Writes tests/fixtures/onnx/: models trained on the digits (an MLP and a BatchNorm/residual
+CNN, each at opsets 13 and 17) with the test split as digits_test.npz and, in digits_eval.json,
+what onnxruntime scores on it dense and with 50 % global magnitude pruning done in NumPy; a
+two-input encoder (input_ids, attention_mask) with unlabelled data; an untrained MLP at opsets 13 and 17, a CNN with BatchNorm and a residual
 block (opset 17, training=PRESERVE so BatchNorm keeps its own tensors), the MLP with its
 weights in an external data file, and malformed files. Beside each model, NAME.json holds every
 initializer's name, dims and values as onnx's own numpy_helper reads them, and the outputs
@@ -71,8 +74,160 @@ def export(model, x, name, opset, **kw):
     return path
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def digits():
+    """The UCI digits exactly as prunescope bundles them (scikit-learn's own file)."""
+    import gzip
+    rows = np.loadtxt(gzip.open(ROOT / "assets" / "digits" / "digits.csv.gz", "rt"),
+                      delimiter=",")
+    return (rows[:, :64] / 16.0).astype(np.float32), rows[:, 64].astype(np.int64)
+
+
+def train(model, x, y, epochs, lr):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def scores(logits, y):
+    logits = logits.astype(np.float64)
+    m = logits.max(axis=1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+    loss = float(np.mean(lse - logits[np.arange(len(y)), y]))
+    acc = float(np.mean(logits.argmax(axis=1) == y))
+    higher = (logits > logits[np.arange(len(y)), y][:, None]).sum(axis=1)
+    top5 = float(np.mean(higher < 5)) if logits.shape[1] > 5 else None
+    return {"accuracy": acc, "top5": top5, "loss": loss}
+
+
+def fidelity(pruned, dense):
+    p = pruned.reshape(-1, pruned.shape[-1]).astype(np.float64)
+    d = dense.reshape(-1, dense.shape[-1]).astype(np.float64)
+    cos = (p * d).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(d, axis=1))
+    return {"cosine": float(cos.mean()),
+            "rel_l2": float(np.linalg.norm(p - d) / np.linalg.norm(d)),
+            "top1_agreement": float(np.mean(p.argmax(1) == d.argmax(1)))}
+
+
+def prune_global_magnitude(path, out, sparsity):
+    """Zeroes the round(s·N) smallest-magnitude weights over all float initializers of >= 2
+    dimensions, as prunescope's default global magnitude pruning does, in NumPy."""
+    m = onnx.load(str(path))
+    prunable = [t for t in m.graph.initializer
+                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    arrays = [numpy_helper.to_array(t) for t in prunable]
+    flat = np.concatenate([np.abs(a).ravel() for a in arrays])
+    k = int(np.floor(sparsity * flat.size + 0.5))
+    order = np.argsort(flat, kind="stable")
+    kill = np.zeros(flat.size, dtype=bool)
+    kill[order[:k]] = True
+    at = 0
+    for t, a in zip(prunable, arrays):
+        part = kill[at:at + a.size].reshape(a.shape)
+        at += a.size
+        t.CopyFrom(numpy_helper.from_array(np.where(part, 0, a).astype(np.float32), t.name))
+    onnx.save_model(m, str(out))
+
+
+def run_ort(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def trained_fixtures():
+    x, y = digits()
+    test = np.arange(len(y)) % 5 == 0
+    xtr, ytr, xte, yte = x[~test], y[~test], x[test], y[test]
+    np.savez_compressed(OUT / "digits_test.npz", x=xte, y=yte)
+    report = {}
+    torch.manual_seed(1)
+    mlp = train(MLP(), xtr, ytr, epochs=30, lr=3e-3)
+    torch.manual_seed(2)
+    cnn = train(CNN(), xtr.reshape(-1, 1, 8, 8), ytr, epochs=80, lr=1e-2)
+    for name, model, shape, kw in [
+        ("digits_mlp", mlp, (-1, 64), {}),
+        ("digits_cnn", cnn, (-1, 1, 8, 8), {"training": torch.onnx.TrainingMode.PRESERVE}),
+    ]:
+        for opset in (13, 17):
+            path = OUT / f"{name}_opset{opset}.onnx"
+            torch.onnx.export(model, (torch.from_numpy(xte[:2].reshape(shape)),), str(path),
+                              opset_version=opset, dynamo=False, do_constant_folding=False,
+                              input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+            feeds = {"x": xte.reshape(shape)}
+            dense = run_ort(path, feeds)
+            pruned_path = OUT / "_pruned.onnx"
+            prune_global_magnitude(path, pruned_path, 0.5)
+            pruned = run_ort(pruned_path, feeds)
+            pruned_path.unlink()
+            report[path.name] = {"dense": scores(dense, yte),
+                                 "pruned50": {**scores(pruned, yte),
+                                              "fidelity": fidelity(pruned, dense)}}
+    # Two integer inputs and no labels: fidelity is all there is to measure.
+    torch.manual_seed(3)
+    enc = Encoder().eval()
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, 50, size=(40, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for i, n in enumerate(rng.integers(4, 13, size=40)):
+        mask[i, n:] = 0
+        ids[i, n:] = 0
+    path = OUT / "encoder_two_inputs.onnx"
+    torch.onnx.export(enc, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(path),
+                      opset_version=17, dynamo=False, do_constant_folding=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                    "embedding": {0: "batch"}})
+    np.savez_compressed(OUT / "encoder_data.npz", input_ids=ids, attention_mask=mask)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    dense = run_ort(path, feeds)
+    pruned_path = OUT / "_pruned.onnx"
+    prune_global_magnitude(path, pruned_path, 0.5)
+    pruned = run_ort(pruned_path, feeds)
+    pruned_path.unlink()
+    report[path.name] = {"pruned50": {"fidelity": fidelity(pruned, dense)},
+                         "dense_output_first_row": dense[0].tolist()}
+    (OUT / "digits_eval.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+
+    # Graphs tract must refuse: a cycle, and an operator no runtime knows.
+    from onnx import helper
+    m = onnx.load(str(OUT / "digits_mlp_opset17.onnx"))
+    nodes = list(m.graph.node)
+    # The first node now reads the last node's output: a cycle.
+    nodes[0].input[0] = nodes[-1].output[0]
+    (OUT / "bad_cycle.onnx").write_bytes(m.SerializeToString())
+    m = onnx.load(str(OUT / "digits_mlp_opset17.onnx"))
+    m.graph.node[1].op_type = "NoSuchOperator"
+    (OUT / "bad_unknown_op.onnx").write_bytes(m.SerializeToString())
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.norm(torch.nn.functional.gelu(self.proj(self.embed(input_ids))))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    trained_fixtures()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     mlp = MLP().eval()

@@ -173,3 +173,71 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
         },
     }
 }
+
+/// `prunescope bench eval`: what one evaluation costs, dense and right after a mask change.
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub samples: usize,
+    pub engine: &'static str,
+    pub path: &'static str,
+    pub runs: usize,
+    /// Median of one dense evaluation.
+    pub dense_ms: f64,
+    /// Median of one masked evaluation, each after the masks changed (50 % ↔ 60 % global
+    /// magnitude sparsity), weights re-masked included.
+    pub eval_ms: f64,
+    /// Plans tract built over all those runs: 1 means no mask change rebuilt the model.
+    pub plan_builds: usize,
+    pub dense_accuracy: Option<f64>,
+}
+
+pub fn eval(
+    model: &Model,
+    source: &crate::eval::DataSource,
+    runs: usize,
+    log: impl Fn(&str),
+) -> anyhow::Result<EvalReport> {
+    use crate::eval::Evaluator;
+    let ev = crate::eval::evaluator_with_data(model, source)?;
+    let masks_at = |s: f64| -> anyhow::Result<crate::prune::MaskSet> {
+        let settings = PruneSettings {
+            sparsity: s,
+            ..PruneSettings::default()
+        };
+        Ok(crate::prune::prune(model, &settings, &Default::default(), &Progress::none())?.masks)
+    };
+    let masks = [masks_at(0.5)?, masks_at(0.6)?];
+    // Warm-up: the first run picks the executor and builds the plan.
+    let dense = ev.evaluate(model, &crate::prune::MaskSet::new())?;
+    ev.run(model, Some(&masks[0]))?;
+    let mut dense_t: Vec<f64> = Vec::with_capacity(runs);
+    let mut masked_t = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let t0 = Instant::now();
+        ev.run(model, None)?;
+        dense_t.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        ev.run(model, Some(&masks[(i + 1) % 2]))?;
+        masked_t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let engine = ev.engine();
+    let report = EvalReport {
+        model: model.display_name(),
+        data: ev.describe(),
+        samples: ev.data().samples,
+        engine: engine.name,
+        path: engine.label(),
+        runs,
+        dense_ms: median(dense_t),
+        eval_ms: median(masked_t),
+        plan_builds: ev.plan_builds(),
+        dense_accuracy: dense.accuracy,
+    };
+    log(&format!(
+        "{}: dense {:.3} ms, masked after a change {:.3} ms ({} runs each)",
+        report.model, report.dense_ms, report.eval_ms, runs
+    ));
+    Ok(report)
+}

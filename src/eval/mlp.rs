@@ -1,10 +1,10 @@
 //! A multilayer perceptron described by JSON in the safetensors metadata, run with candle.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{EvalError, Evaluator, Metrics};
-use crate::data::Dataset;
+use super::{Engine, EvalError, Metrics, Outputs, Runner, score};
+use crate::data::{ArrayValues, EvalData};
 use crate::model::Model;
 use crate::prune::MaskSet;
 
@@ -76,17 +76,16 @@ pub fn mlp_forward(
     Ok(h)
 }
 
-/// Evaluates an MLP on the test split of its dataset.
-pub struct MlpEvaluator {
+/// Runs an MLP with candle, on the one f32 input array of the data.
+pub struct MlpRunner {
     arch: MlpArch,
-    test: Dataset,
     x: Tensor,
-    y: Tensor,
 }
 
-impl MlpEvaluator {
-    /// Checks the architecture against the model's tensors and loads the test data.
-    pub fn new(model: &Model, arch: MlpArch) -> Result<MlpEvaluator, EvalError> {
+impl MlpRunner {
+    /// Checks the architecture against the model's tensors and the data against the first
+    /// layer.
+    pub fn new(model: &Model, arch: MlpArch, data: &EvalData) -> Result<MlpRunner, EvalError> {
         let mut dim = arch.input_dim;
         for l in &arch.layers {
             let t = find_float(model, &l.weight)?;
@@ -108,31 +107,40 @@ impl MlpEvaluator {
                 }
             }
         }
-        let test = crate::data::by_name(&arch.dataset)?.test;
-        Self::with_data(arch, test)
-    }
-
-    pub fn with_data(arch: MlpArch, test: Dataset) -> Result<MlpEvaluator, EvalError> {
-        if test.dim != arch.input_dim {
-            return Err(EvalError::Arch {
-                key: ARCH_METADATA_KEY,
-                msg: format!("input_dim {} but dataset has {}", arch.input_dim, test.dim),
-            });
+        let [input] = &data.inputs[..] else {
+            return Err(EvalError::Input(format!(
+                "the MLP takes one input array, the data gives {}",
+                data.inputs.len()
+            )));
+        };
+        let ArrayValues::F32(values) = &input.values else {
+            return Err(EvalError::Input(format!(
+                "array '{}' holds integers; the MLP takes floats",
+                input.name
+            )));
+        };
+        if input.sample_len() != arch.input_dim {
+            return Err(EvalError::Input(format!(
+                "array '{}' has shape {:?}: {} values per sample, but the MLP takes {}",
+                input.name,
+                input.shape,
+                input.sample_len(),
+                arch.input_dim
+            )));
         }
-        let x = Tensor::from_slice(&test.inputs, (test.len(), test.dim), &Device::Cpu)?;
-        let y = Tensor::from_slice(&test.labels, test.len(), &Device::Cpu)?;
-        Ok(MlpEvaluator { arch, test, x, y })
+        let x = Tensor::from_slice(values, (data.samples, arch.input_dim), &Device::Cpu)?;
+        Ok(MlpRunner { arch, x })
     }
 
     fn layer_tensors(
         &self,
         model: &Model,
-        masks: &MaskSet,
+        masks: Option<&MaskSet>,
     ) -> Result<Vec<(Tensor, Option<Tensor>, Activation)>, EvalError> {
         let load = |name: &str| -> Result<Tensor, EvalError> {
             let t = find_float(model, name)?;
             let mut v = model.to_f32_vec(t);
-            if let Some(m) = masks.get(name) {
+            if let Some(m) = masks.and_then(|m| m.get(name)) {
                 for (i, x) in v.iter_mut().enumerate() {
                     if !m.kept(i) {
                         *x = 0.0;
@@ -159,6 +167,29 @@ impl MlpEvaluator {
     }
 }
 
+impl Runner for MlpRunner {
+    fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
+        let layers = self.layer_tensors(model, masks)?;
+        let logits = mlp_forward(&self.x, &layers)?;
+        let (rows, cols) = logits.dims2()?;
+        Ok(Outputs {
+            rows,
+            cols,
+            values: logits.flatten_all()?.to_vec1::<f32>()?,
+            sample_shape: vec![cols],
+        })
+    }
+
+    fn engine(&self) -> Engine {
+        Engine {
+            name: "candle",
+            trainable: true,
+            why: "an MLP described in the file's metadata runs on candle, forward and backward"
+                .into(),
+        }
+    }
+}
+
 fn find_float(model: &Model, name: &str) -> Result<usize, EvalError> {
     let t = model.find(name).ok_or_else(|| EvalError::Tensor {
         tensor: name.to_string(),
@@ -173,31 +204,15 @@ fn find_float(model: &Model, name: &str) -> Result<usize, EvalError> {
     Ok(t)
 }
 
-impl Evaluator for MlpEvaluator {
-    fn describe(&self) -> String {
-        format!("{} split, {} images", self.test.name, self.test.len())
-    }
-
-    fn evaluate(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError> {
-        let layers = self.layer_tensors(model, masks)?;
-        let logits = mlp_forward(&self.x, &layers)?;
-        metrics(&logits, &self.y)
-    }
-}
-
-/// Accuracy and mean cross-entropy of logits against labels.
+/// Accuracy and mean cross-entropy of logits against labels (training's test figures).
 pub fn metrics(logits: &Tensor, y: &Tensor) -> Result<Metrics, EvalError> {
-    let loss = candle_nn::loss::cross_entropy(logits, y)?.to_scalar::<f32>()? as f64;
-    let pred = logits.argmax(1)?;
-    let correct = pred
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64;
-    let n = y.dims1()?;
-    Ok(Metrics {
-        accuracy: correct / n as f64,
-        loss,
-        samples: n,
-    })
+    let (rows, cols) = logits.dims2()?;
+    let out = Outputs {
+        rows,
+        cols,
+        values: logits.flatten_all()?.to_vec1::<f32>()?,
+        sample_shape: vec![cols],
+    };
+    let labels = y.to_vec1::<u32>()?;
+    score(&out, rows, Some(&labels), None)
 }

@@ -404,6 +404,49 @@ pub fn export_masks(model: &Model, masks: &MaskSet, path: &Path) -> Result<(), E
     })
 }
 
+/// Reads masks written by [`export_masks`] (or by hand: any integer or float tensor, nonzero =
+/// kept) and checks each against the model's tensor of the same name.
+pub fn load_masks(model: &Model, path: &Path) -> Result<MaskSet, ExportError> {
+    let p = path.display().to_string();
+    let bad = |msg: String| ExportError::Unsupported(format!("masks {p}: {msg}"));
+    let file = Model::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut masks = MaskSet::new();
+    for (i, e) in file.tensors.iter().enumerate() {
+        let t = model.find(&e.name).ok_or_else(|| {
+            bad(format!(
+                "mask '{}' names no tensor of {}",
+                e.name,
+                model.display_name()
+            ))
+        })?;
+        if e.shape != model.tensors[t].shape {
+            return Err(bad(format!(
+                "mask '{}' has shape {:?}, the tensor {:?}",
+                e.name, e.shape, model.tensors[t].shape
+            )));
+        }
+        let bytes = file.tensor_bytes(i);
+        let kept: Vec<bool> = match (&e.dtype, e.dtype.size_bytes()) {
+            (crate::model::DType::Bool | crate::model::DType::U8, _) => {
+                bytes.iter().map(|&b| b != 0).collect()
+            }
+            (d, _) if d.is_float() => file.to_f32_vec(i).iter().map(|&v| v != 0.0).collect(),
+            (_, Some(size)) if size > 0 => bytes
+                .chunks_exact(size)
+                .map(|c| c.iter().any(|&b| b != 0))
+                .collect(),
+            (d, _) => return Err(bad(format!("mask '{}' has dtype {d}", e.name))),
+        };
+        masks
+            .insert(model, &e.name, crate::prune::Mask::from_kept(&kept))
+            .map_err(|err| bad(err.to_string()))?;
+    }
+    if masks.is_empty() {
+        return Err(bad("the file holds no masks".into()));
+    }
+    Ok(masks)
+}
+
 /// What a path names on disk: its canonical form and, where it exists, its file identity
 /// (device, inode), so that `./x.pt`, `dir/../x.pt`, symbolic links and hard links to one file
 /// all compare equal.

@@ -213,7 +213,7 @@ pub fn save(
     );
     meta.insert(
         "prunescope.test_accuracy".to_string(),
-        format!("{:.6}", result.test.accuracy),
+        format!("{:.6}", result.test.accuracy.unwrap_or(f64::NAN)),
     );
     if let Some(name) = init_out.file_name() {
         meta.insert(

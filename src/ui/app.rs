@@ -12,15 +12,16 @@ use egui::{Key, KeyboardShortcut, Modifiers};
 use serde::{Deserialize, Serialize};
 
 use super::controls::ControlsPanel;
-use super::dialogs::{ExportDialog, OpenPathDialog};
+use super::dialogs::{DataDialog, ExportDialog, OpenPathDialog};
 use super::heatmap_view::HeatmapPanel;
 use super::plots::{HistogramPanel, OverviewPanel};
 use super::table::LayerTable;
 use super::{summary, theme};
 use crate::prune::PruneSettings;
 use crate::worker::{
-    Event, ExportRequest, HeatmapRequest, HeatmapSnapshot, JobId, LayerDetail, MetricsSnapshot,
-    ModelId, ModelSnapshot, OpenSource, PreviewRequest, PreviewSnapshot, WorkerHandle,
+    EvalInfo, Event, ExportRequest, HeatmapRequest, HeatmapSnapshot, JobId, LayerDetail,
+    MetricsSnapshot, ModelId, ModelSnapshot, OpenSource, PreviewRequest, PreviewSnapshot,
+    WorkerHandle,
 };
 
 /// How long `logic` may spend draining worker events per frame.
@@ -58,11 +59,14 @@ pub struct ModelView {
     pub heatmap: Option<Arc<HeatmapSnapshot>>,
     pub metrics: Option<MetricsSnapshot>,
     pub preview_error: Option<(u64, String)>,
+    /// How the model is evaluated now (the data can change after opening).
+    pub eval: EvalInfo,
 }
 
 impl ModelView {
     fn new(snapshot: Arc<ModelSnapshot>) -> ModelView {
         ModelView {
+            eval: snapshot.eval_info(),
             snapshot,
             preview: None,
             detail: None,
@@ -269,6 +273,15 @@ impl AppState {
                 };
                 keep_newest(&mut m.metrics, s, |s| s.generation);
             }
+            Event::EvalChanged { model, info } => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(model)) else {
+                    return;
+                };
+                m.eval = info;
+                m.metrics = None;
+                // Ask again so the worker measures the current settings on the new data.
+                self.sent = None;
+            }
             Event::PreviewError { generation, error } => match self.model.as_mut() {
                 Some(m) if generation > 0 => m.preview_error = Some((generation, error)),
                 _ => self.errors.push(error),
@@ -293,6 +306,7 @@ fn keep_newest<T>(slot: &mut Option<T>, new: T, generation: impl Fn(&T) -> u64) 
 /// Answers from file dialogs, which run on their own threads so the UI never waits on them.
 enum DialogAnswer {
     Open(Option<PathBuf>),
+    DataFile(Option<PathBuf>),
     SaveAs(super::dialogs::ExportTarget, Option<PathBuf>),
 }
 
@@ -306,6 +320,7 @@ pub struct App {
     overview: OverviewPanel,
     heatmap: HeatmapPanel,
     open_path: OpenPathDialog,
+    data: DataDialog,
     export: ExportDialog,
     dialog_tx: Sender<DialogAnswer>,
     dialog_rx: Receiver<DialogAnswer>,
@@ -337,6 +352,7 @@ impl App {
             overview: OverviewPanel,
             heatmap: HeatmapPanel::default(),
             open_path: OpenPathDialog::default(),
+            data: DataDialog::default(),
             export: ExportDialog::default(),
             dialog_tx,
             dialog_rx,
@@ -407,6 +423,26 @@ impl App {
         }
     }
 
+    fn pick_data_file(&mut self, ctx: &egui::Context) {
+        if self.dialog_open {
+            return;
+        }
+        self.dialog_open = true;
+        let tx = self.dialog_tx.clone();
+        let ctx = ctx.clone();
+        let _ = std::thread::Builder::new()
+            .name("file-dialog".into())
+            .spawn(move || {
+                let picked = rfd::FileDialog::new()
+                    .set_title("Evaluation data")
+                    .add_filter("Arrays", &["npz", "safetensors"])
+                    .add_filter("All files", &["*"])
+                    .pick_file();
+                let _ = tx.send(DialogAnswer::DataFile(picked));
+                ctx.request_repaint();
+            });
+    }
+
     fn pick_save_path(
         &mut self,
         ctx: &egui::Context,
@@ -449,6 +485,8 @@ impl App {
                 }
                 DialogAnswer::SaveAs(target, Some(p)) => self.export.set_path(target, p),
                 DialogAnswer::SaveAs(_, None) => {}
+                DialogAnswer::DataFile(Some(p)) => self.data.path = p.display().to_string(),
+                DialogAnswer::DataFile(None) => {}
             }
         }
     }
@@ -523,6 +561,10 @@ impl App {
                         self.state.prefs.recent.clear();
                     }
                 });
+                let b = ui.add_enabled(self.state.model.is_some(), egui::Button::new("Evaluation data…"));
+                if b.on_hover_text("Choose the data accuracy (or, without labels, fidelity to the dense model) is measured on.").clicked() {
+                    self.data.open = true;
+                }
                 ui.separator();
                 let can_export = self.state.model.is_some();
                 let b = ui.add_enabled(
@@ -692,6 +734,16 @@ impl eframe::App for App {
         let heatmap_request = self.main_ui(ui);
 
         let ctx = ui.ctx().clone();
+        let mut browse = false;
+        if let Some(source) = self.data.ui(&ctx, &mut browse) {
+            match self.worker.set_data(source) {
+                Ok(_) => {}
+                Err(e) => self.state.errors.push(e.to_string()),
+            }
+        }
+        if browse {
+            self.pick_data_file(&ctx);
+        }
         if let Some(action) = self.open_path.ui(&ctx, &self.state.prefs.recent) {
             self.open_path(action);
         }

@@ -213,3 +213,112 @@ impl ExportDialog {
         action
     }
 }
+
+/// Chooses the data the open model is evaluated on.
+#[derive(Default)]
+pub struct DataDialog {
+    pub open: bool,
+    pub path: String,
+    x: String,
+    y: String,
+}
+
+impl DataDialog {
+    /// Returns the data source to use when the user confirms; `browse` is set when the user
+    /// asks for the system file dialog (whose answer comes back through [`Self::path`]).
+    pub fn ui(&mut self, ctx: &Context, browse: &mut bool) -> Option<crate::eval::DataSource> {
+        if !self.open {
+            return None;
+        }
+        let mut chosen = None;
+        let mut close = false;
+        let mut open = self.open;
+        Window::new("Evaluation data")
+            .collapsible(false)
+            .resizable(false)
+            .open(&mut open)
+            .show(ctx, |ui| {
+                ui.label(
+                    "Accuracy is measured on labelled data; without labels, the pruned model is \
+                     compared with the dense one on the same inputs (fidelity).",
+                );
+                ui.add_space(4.0);
+                egui::Grid::new("data-grid").num_columns(2).show(ui, |ui| {
+                    let l = ui.label("Data file");
+                    ui.horizontal(|ui| {
+                        ui.add(
+                            egui::TextEdit::singleline(&mut self.path)
+                                .min_size(egui::vec2(320.0, 0.0))
+                                .hint_text("/path/to/data.npz"),
+                        )
+                        .labelled_by(l.id)
+                        .on_hover_text(
+                            "A .npz or .safetensors file of named arrays; the first dimension \
+                             of each counts samples.",
+                        );
+                        if ui
+                            .button("Browse…")
+                            .on_hover_text("Choose the file with the system dialog.")
+                            .clicked()
+                        {
+                            *browse = true;
+                        }
+                    });
+                    ui.end_row();
+                    let l = ui.label("Input array");
+                    ui.add(egui::TextEdit::singleline(&mut self.x).hint_text("x"))
+                        .labelled_by(l.id)
+                        .on_hover_text(
+                            "The array fed to a one-input model (default x). Models with several \
+                             inputs take arrays named after their inputs (input_ids, …).",
+                        );
+                    ui.end_row();
+                    let l = ui.label("Label array");
+                    ui.add(egui::TextEdit::singleline(&mut self.y).hint_text("y"))
+                        .labelled_by(l.id)
+                        .on_hover_text(
+                            "Class indices, one per sample (default y). Without labels only \
+                             fidelity to the dense model is measured.",
+                        );
+                    ui.end_row();
+                });
+                ui.horizontal(|ui| {
+                    let ok = !self.path.trim().is_empty();
+                    if ui
+                        .add_enabled(ok, egui::Button::new("Use this file"))
+                        .on_hover_text(
+                            "Evaluate on this file from now on; if it does not fit the model, \
+                             the current data stays.",
+                        )
+                        .clicked()
+                    {
+                        let name = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+                        chosen = Some(crate::eval::DataSource::File {
+                            path: PathBuf::from(self.path.trim()),
+                            spec: crate::data::DataSpec {
+                                x: name(&self.x),
+                                y: name(&self.y),
+                            },
+                        });
+                        close = true;
+                    }
+                    if ui
+                        .button("Use bundled digits")
+                        .on_hover_text(
+                            "The 360 test images of the UCI digits bundled with prunescope; \
+                             they fit models that take 64 values (or 1×8×8) per sample.",
+                        )
+                        .clicked()
+                    {
+                        chosen = Some(crate::eval::DataSource::Digits);
+                        close = true;
+                    }
+                    if ui.button("Cancel").clicked() {
+                        close = true;
+                    }
+                });
+            });
+        self.open = open && !close;
+        chosen
+    }
+}

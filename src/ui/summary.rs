@@ -96,35 +96,81 @@ fn accuracy_ui(ui: &mut Ui, state: &AppState) {
     let Some(m) = state.model.as_ref() else {
         return;
     };
-    let snap = &m.snapshot;
-    let Some(dense) = snap.dense_metrics else {
-        let why = snap
-            .evaluator_error
-            .clone()
-            .unwrap_or_else(|| "This model carries no architecture prunescope can run, so accuracy is not measured.".into());
-        ui.label(RichText::new("Accuracy: n/a").weak())
-            .on_hover_text(why);
+    let snap = &m.eval;
+    let Some(dense) = snap.dense else {
+        let why = snap.error.clone().unwrap_or_else(|| {
+            "This file holds weights without a graph prunescope can run, so accuracy is not \
+             measured. Export the model to ONNX to evaluate it."
+                .into()
+        });
+        let onnx = m.snapshot.format == crate::model::ModelFormat::Onnx.label();
+        let text = if onnx {
+            "Accuracy: n/a — File → Evaluation data…"
+        } else {
+            "Accuracy: n/a"
+        };
+        ui.label(RichText::new(text).weak()).on_hover_text(why);
         return;
     };
     let tip = snap.evaluator.clone().unwrap_or_default();
-    ui.label(format!("Accuracy: dense {:.2}%", dense.accuracy * 100.0))
-        .on_hover_text(tip.clone());
-    match m.metrics.as_ref().map(|x| &x.result) {
+    if let Some(engine) = &snap.engine {
+        ui.label(RichText::new(format!("[{}]", engine.label())).weak())
+            .on_hover_text(format!("Engine: {}. {}", engine.name, engine.why));
+    }
+    let now = m.metrics.as_ref().map(|x| &x.result);
+    match dense.accuracy {
+        Some(acc) => {
+            ui.label(format!("Accuracy: dense {:.2}%", acc * 100.0))
+                .on_hover_text(format!("Top-1 accuracy of the unpruned model on {tip}."));
+        }
+        None => {
+            ui.label("Fidelity to the dense model:")
+                .on_hover_text(format!(
+                    "The data has no labels, so the pruned model is compared with the dense one on \
+                 the same inputs: {tip}."
+                ));
+        }
+    }
+    match now {
         Some(Ok(now)) => {
-            let delta = (now.accuracy - dense.accuracy) * 100.0;
-            let colour = if delta < -1.0 {
-                theme::BAD
-            } else {
-                theme::GOOD
+            let (text, bad) = match (now.accuracy, dense.accuracy) {
+                (Some(a), Some(d)) => {
+                    let delta = (a - d) * 100.0;
+                    let mut t = format!("→ now {:.2}% ({delta:+.2})", a * 100.0);
+                    if let Some(loss) = now.loss {
+                        t.push_str(&format!(", loss {loss:.3}"));
+                    }
+                    (t, delta < -1.0)
+                }
+                _ => match now.fidelity {
+                    Some(f) => (
+                        format!(
+                            "top-1 agreement {:.1}%, cosine {:.4}, rel. L2 {:.3}",
+                            f.top1_agreement * 100.0,
+                            f.cosine,
+                            f.rel_l2
+                        ),
+                        f.top1_agreement < 0.99,
+                    ),
+                    None => ("n/a".into(), false),
+                },
             };
-            let text = format!(
-                "→ now {:.2}% ({delta:+.2}), loss {:.3}",
-                now.accuracy * 100.0,
-                now.loss
-            );
+            let colour = if bad { theme::BAD } else { theme::GOOD };
             let r = ui.colored_label(colour, text).on_hover_text(tip);
             if !state.metrics_current() {
                 r.on_hover_text("Updating…");
+            }
+            if dense.accuracy.is_some()
+                && let Some(f) = now.fidelity
+            {
+                ui.label(
+                    RichText::new(format!("agrees {:.1}%", f.top1_agreement * 100.0)).weak(),
+                )
+                .on_hover_text(format!(
+                    "Top-1 agreement: the share of samples where the pruned model predicts what \
+                     the dense one predicts (cosine of outputs {:.4}, relative L2 error {:.3}).",
+                    f.cosine, f.rel_l2
+                ));
             }
         }
         Some(Err(e)) => {

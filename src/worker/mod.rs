@@ -81,6 +81,17 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Evaluates the open model on other data from now on.
+    pub fn set_data(&mut self, source: crate::eval::DataSource) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::SetData {
+            job,
+            cancel,
+            source,
+        })?;
+        Ok(job)
+    }
+
     /// Asks for a new preview; returns `Err` if the queue is full (try again next frame).
     pub fn preview(&self, request: PreviewRequest) -> Result<(), WorkerBusy> {
         self.send(Command::Preview(Box::new(request)))

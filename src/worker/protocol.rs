@@ -32,6 +32,12 @@ pub enum Command {
         cancel: CancelFlag,
         request: ExportRequest,
     },
+    /// Evaluate the open model on other data from now on.
+    SetData {
+        job: JobId,
+        cancel: CancelFlag,
+        source: crate::eval::DataSource,
+    },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },
@@ -122,6 +128,11 @@ pub enum Event {
     Heatmap(Arc<HeatmapSnapshot>),
     /// Accuracy and loss for the settings of `generation`.
     Metrics(MetricsSnapshot),
+    /// The open model is now evaluated on other data; earlier metrics no longer apply.
+    EvalChanged {
+        model: ModelId,
+        info: EvalInfo,
+    },
     /// Settings the worker could not apply (invalid N:M, unknown tensor…).
     PreviewError {
         generation: u64,
@@ -156,10 +167,32 @@ pub struct ModelSnapshot {
     pub data_bytes: u64,
     /// What the evaluator measures, if the model can be run.
     pub evaluator: Option<String>,
+    /// The engine that runs it, and whether prunescope can train it there.
+    pub engine: Option<crate::eval::Engine>,
     /// Why the model cannot be evaluated, when it declares an architecture that is broken.
     pub evaluator_error: Option<String>,
     pub dense_metrics: Option<Metrics>,
     pub load_ms: f64,
+}
+
+/// How the open model is evaluated: on what, by which engine, and its dense figures.
+#[derive(Clone, Debug, Default)]
+pub struct EvalInfo {
+    pub evaluator: Option<String>,
+    pub engine: Option<crate::eval::Engine>,
+    pub error: Option<String>,
+    pub dense: Option<Metrics>,
+}
+
+impl ModelSnapshot {
+    pub fn eval_info(&self) -> EvalInfo {
+        EvalInfo {
+            evaluator: self.evaluator.clone(),
+            engine: self.engine.clone(),
+            error: self.evaluator_error.clone(),
+            dense: self.dense_metrics,
+        }
+    }
 }
 
 #[derive(Debug)]

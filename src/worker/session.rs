@@ -110,6 +110,7 @@ impl Worker {
         let job = match &cmd {
             Command::Open { job, .. }
             | Command::Export { job, .. }
+            | Command::SetData { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_) | Command::Shutdown => None,
         };
@@ -148,6 +149,7 @@ impl Worker {
                 cancel,
                 request,
             } => self.export(job, cancel, request),
+            Command::SetData { job, source, .. } => self.set_data(job, source),
             Command::PanicForTest { job } => {
                 self.emit(Event::JobStarted {
                     job,
@@ -227,13 +229,10 @@ impl Worker {
                 });
             }
         };
-        let (evaluator, evaluator_error) = match evaluator_for(&model) {
-            Ok(e) => (e, None),
-            Err(e) => (None, Some(e.to_string())),
+        let (evaluator, evaluator_error, dense_metrics) = match evaluator_for(&model) {
+            Ok(e) => dense_eval(&model, e.map(|e| Box::new(e) as Box<dyn Evaluator>)),
+            Err(e) => (None, Some(e.to_string()), None),
         };
-        let dense_metrics = evaluator
-            .as_ref()
-            .and_then(|e| e.evaluate(&model, &MaskSet::new()).ok());
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let snapshot = ModelSnapshot {
             id,
@@ -259,6 +258,7 @@ impl Worker {
             total_params: model.total_params(),
             data_bytes: model.data_bytes(),
             evaluator: evaluator.as_ref().map(|e| e.describe()),
+            engine: evaluator.as_ref().map(|e| e.engine()),
             evaluator_error,
             dense_metrics,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -517,6 +517,49 @@ impl Worker {
         }));
     }
 
+    fn set_data(&mut self, job: JobId, source: crate::eval::DataSource) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "Loading evaluation data".into(),
+        });
+        let Some(s) = self.session.as_mut() else {
+            return self.emit(Event::JobFailed {
+                job,
+                error: "no model is open".into(),
+            });
+        };
+        let built = crate::eval::evaluator_with_data(&s.model, &source)
+            .map(|e| Box::new(e) as Box<dyn Evaluator>)
+            .and_then(|e| e.evaluate(&s.model, &MaskSet::new()).map(|m| (e, m)));
+        let (evaluator, dense) = match built {
+            Ok(x) => x,
+            // The evaluator in use stays: a bad data file loses nothing.
+            Err(e) => {
+                return self.emit(Event::JobFailed {
+                    job,
+                    error: e.to_string(),
+                });
+            }
+        };
+        let info = EvalInfo {
+            evaluator: Some(evaluator.describe()),
+            engine: Some(evaluator.engine()),
+            error: None,
+            dense: Some(dense),
+        };
+        s.evaluator = Some(evaluator);
+        if let Some(c) = s.cache.as_mut() {
+            c.metrics = None;
+        }
+        let model = s.id;
+        let message = format!(
+            "Evaluating on {}",
+            info.evaluator.clone().unwrap_or_default()
+        );
+        self.emit(Event::EvalChanged { model, info });
+        self.emit(Event::JobFinished { job, message });
+    }
+
     fn export(&mut self, job: JobId, cancel: CancelFlag, req: ExportRequest) {
         self.emit(Event::JobStarted {
             job,
@@ -570,5 +613,23 @@ impl Worker {
                 error: format!("{e:#}"),
             }),
         }
+    }
+}
+
+/// Runs the dense model once: an evaluator that cannot do that is dropped, and why is kept.
+fn dense_eval(
+    model: &Model,
+    evaluator: Option<Box<dyn Evaluator>>,
+) -> (
+    Option<Box<dyn Evaluator>>,
+    Option<String>,
+    Option<crate::eval::Metrics>,
+) {
+    let Some(e) = evaluator else {
+        return (None, None, None);
+    };
+    match e.evaluate(model, &MaskSet::new()) {
+        Ok(m) => (Some(e), None, Some(m)),
+        Err(err) => (None, Some(err.to_string()), None),
     }
 }

@@ -1,0 +1,728 @@
+//! ONNX graphs evaluated by tract.
+//!
+//! The graph is parsed once. The prunable initializers become graph inputs, so a change of masks
+//! passes new weights to the same optimized plan instead of rebuilding it (rebuilding a
+//! transformer costs 70–170 ms; see STACK-NOTES). Every initializer's bytes come from the opened
+//! [`Model`], never from files tract would read itself, so external data is checked once, by the
+//! model reader.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prost::Message;
+use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use super::{Engine, EvalError, Outputs, Runner};
+use crate::data::{ArrayValues, EvalData};
+use crate::model::Model;
+use crate::prune::{Mask, MaskSet};
+
+/// Largest number of input elements in one batch: keeps a transformer's activations in the
+/// hundreds of megabytes while small models take the whole data set in one run.
+const BATCH_ELEMENTS: usize = 1 << 16;
+
+/// A graph input that data feeds.
+#[derive(Clone, Debug)]
+pub struct DataInput {
+    pub name: String,
+    /// ONNX element type code (1 float, 7 int64, …).
+    pub elem_type: i32,
+    /// Declared dimensions: `Some(n)` fixed, `None` symbolic; `None` overall when undeclared.
+    pub dims: Option<Vec<Option<usize>>>,
+}
+
+impl DataInput {
+    /// Values per sample when every dimension after the first is fixed.
+    pub fn fixed_sample_len(&self) -> Option<usize> {
+        let dims = self.dims.as_ref()?;
+        dims.get(1..)?.iter().copied().product::<Option<usize>>()
+    }
+
+    fn describe(&self) -> String {
+        let dims = match &self.dims {
+            None => "any shape".to_string(),
+            Some(d) => format!(
+                "[{}]",
+                d.iter()
+                    .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!("'{}' {} {}", self.name, elem_name(self.elem_type), dims)
+    }
+}
+
+/// The parsed graph, with the initializers' bytes left out (they come from the model).
+pub struct GraphInfo {
+    proto: pb::ModelProto,
+    pub data_inputs: Vec<DataInput>,
+    path: String,
+}
+
+impl GraphInfo {
+    pub fn read(model: &Model) -> Result<GraphInfo, EvalError> {
+        let path = model
+            .source
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| model.display_name());
+        let gerr = |msg: String| EvalError::Graph {
+            path: path.clone(),
+            msg,
+        };
+        let mut proto = pb::ModelProto::decode(model.backing_bytes())
+            .map_err(|e| gerr(format!("not a valid ONNX protobuf: {e}")))?;
+        let g = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| gerr("the file holds no graph".into()))?;
+        let mut init_names = BTreeSet::new();
+        for t in &mut g.initializer {
+            // The model holds these bytes already (external data included): keep the clone
+            // cheap and keep tract away from the file system.
+            t.raw_data = Vec::new();
+            t.float_data = Vec::new();
+            t.int32_data = Vec::new();
+            t.int64_data = Vec::new();
+            t.double_data = Vec::new();
+            t.uint64_data = Vec::new();
+            t.external_data = Vec::new();
+            t.data_location = None;
+            if model.find(&t.name).is_none() {
+                return Err(gerr(format!(
+                    "initializer '{}' was not read with the model",
+                    t.name
+                )));
+            }
+            init_names.insert(t.name.clone());
+        }
+        let data_inputs: Vec<DataInput> = g
+            .input
+            .iter()
+            .filter(|i| !init_names.contains(&i.name))
+            .map(|i| {
+                let tensor = match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                    Some(pb::type_proto::Value::TensorType(t)) => Some(t),
+                    _ => None,
+                };
+                DataInput {
+                    name: i.name.clone(),
+                    elem_type: tensor.map_or(1, |t| t.elem_type),
+                    dims: tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match d.value {
+                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v))
+                                    if v > 0 =>
+                                {
+                                    Some(v as usize)
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    }),
+                }
+            })
+            .collect();
+        if data_inputs.is_empty() {
+            return Err(gerr("the graph has no inputs to feed data to".into()));
+        }
+        if g.output.is_empty() {
+            return Err(gerr("the graph has no outputs".into()));
+        }
+        Ok(GraphInfo {
+            proto,
+            data_inputs,
+            path,
+        })
+    }
+
+    pub fn describe_inputs(&self) -> String {
+        self.data_inputs
+            .iter()
+            .map(DataInput::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn gerr(&self, msg: String) -> EvalError {
+        EvalError::Graph {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+}
+
+/// One data input, matched with its array and the per-sample shape the plan is built for.
+struct Feed {
+    array: usize,
+    sample_shape: Vec<usize>,
+    datum: DatumType,
+}
+
+enum Slot {
+    Data(usize),
+    Weight(usize),
+}
+
+struct Built {
+    plan: Arc<TypedRunnableModel>,
+    slots: Vec<Slot>,
+    /// Identifies the masks baked into constants (0: none).
+    baked_key: u64,
+}
+
+/// Plans kept: the dense one and the latest, so that going back to dense costs no rebuild.
+const PLANS_KEPT: usize = 2;
+
+/// Masked weights handed to the plan, kept until their mask changes.
+type WeightCache = HashMap<usize, (u64, TValue)>;
+
+pub struct OnnxRunner {
+    graph: GraphInfo,
+    data: Arc<EvalData>,
+    feeds: Vec<Feed>,
+    notes: Vec<String>,
+    batch: usize,
+    /// Tensors passed as inputs by default: the prunable ones.
+    /// Weights passed as inputs: the prunable ones, or none when tract needs them constant
+    /// (then every mask change rebuilds).
+    inputs: Mutex<BTreeSet<usize>>,
+    plans: Mutex<Vec<Arc<Built>>>,
+    cache: Mutex<WeightCache>,
+    /// Chosen on the first run by timing one thread against all of them.
+    executor: Mutex<Option<Executor>>,
+    builds: std::sync::atomic::AtomicUsize,
+}
+
+impl OnnxRunner {
+    pub fn new(model: &Model, graph: GraphInfo, data: Arc<EvalData>) -> Result<Self, EvalError> {
+        let mut feeds = Vec::new();
+        let mut notes = Vec::new();
+        for input in &graph.data_inputs {
+            // One-input models take the data's one array whatever its name.
+            let array = if graph.data_inputs.len() == 1 && data.inputs.len() == 1 {
+                Some(0)
+            } else {
+                data.inputs.iter().position(|a| a.name == input.name)
+            };
+            let Some(array) = array else {
+                return Err(EvalError::Input(format!(
+                    "the model's input {} has no array in {}",
+                    input.describe(),
+                    data.name
+                )));
+            };
+            let a = &data.inputs[array];
+            let sample: Vec<usize> = a.shape[1..].to_vec();
+            let sample_shape = match &input.dims {
+                None => sample,
+                Some(dims) if dims.is_empty() => {
+                    return Err(EvalError::Input(format!(
+                        "the model's input {} is a scalar; data arrays hold samples",
+                        input.describe()
+                    )));
+                }
+                Some(dims) => {
+                    let want = &dims[1..];
+                    let fits = want.len() == sample.len()
+                        && want
+                            .iter()
+                            .zip(&sample)
+                            .all(|(w, s)| w.is_none_or(|w| w == *s));
+                    if fits {
+                        sample
+                    } else if let Some(n) = input.fixed_sample_len()
+                        && n == a.sample_len()
+                    {
+                        let to: Vec<usize> = want.iter().map(|d| d.unwrap_or(1)).collect();
+                        notes.push(format!(
+                            "array '{}' {:?} per sample reshaped to the model's {:?}",
+                            a.name, sample, to
+                        ));
+                        to
+                    } else {
+                        return Err(EvalError::Input(format!(
+                            "array '{}' has shape {:?} ({} values per sample), but the model's \
+                             input {} expects [samples, {}]",
+                            a.name,
+                            a.shape,
+                            a.sample_len(),
+                            input.describe(),
+                            want.iter()
+                                .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                }
+            };
+            let datum = datum_of(input.elem_type).ok_or_else(|| {
+                graph.gerr(format!(
+                    "input '{}' has element type {} which prunescope cannot feed",
+                    input.name,
+                    elem_name(input.elem_type)
+                ))
+            })?;
+            if matches!(a.values, ArrayValues::F32(_)) && !datum.is_float() {
+                return Err(EvalError::Input(format!(
+                    "array '{}' holds floats, but the model's input {} takes {}",
+                    a.name,
+                    input.describe(),
+                    elem_name(input.elem_type)
+                )));
+            }
+            feeds.push(Feed {
+                array,
+                sample_shape,
+                datum,
+            });
+        }
+        let per_sample: usize = feeds
+            .iter()
+            .map(|f| f.sample_shape.iter().product::<usize>().max(1))
+            .sum();
+        let batch = (BATCH_ELEMENTS / per_sample.max(1)).clamp(1, data.samples.max(1));
+        let default_weights = graph
+            .proto
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .filter_map(|i| model.find(&i.name))
+            .filter(|&t| {
+                model.tensors[t].default_prunable()
+                    && weight_datum(&model.tensors[t].dtype).is_some()
+            })
+            .collect();
+        Ok(OnnxRunner {
+            graph,
+            data,
+            feeds,
+            notes,
+            batch,
+            inputs: Mutex::new(default_weights),
+            plans: Mutex::new(Vec::new()),
+            cache: Mutex::new(HashMap::new()),
+            executor: Mutex::new(None),
+            builds: Default::default(),
+        })
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.clone()
+    }
+
+    /// A plan whose constants carry the masks of the tensors that are not inputs: a kept one
+    /// when those masks are unchanged, else a new one.
+    fn plan(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Arc<Built>, EvalError> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let baked = |inputs: &BTreeSet<usize>| -> Vec<(usize, &Mask)> {
+            masks
+                .into_iter()
+                .flat_map(|m| m.iter())
+                .filter_map(|(name, m)| model.find(name).map(|t| (t, m)))
+                .filter(|(t, _)| !inputs.contains(t))
+                .collect()
+        };
+        let key = |baked: &[(usize, &Mask)]| -> u64 {
+            if baked.is_empty() {
+                return 0;
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (t, m) in baked {
+                t.hash(&mut h);
+                m.words().hash(&mut h);
+            }
+            h.finish() | 1
+        };
+        let b = baked(&inputs);
+        let k = key(&b);
+        if let Some(p) = plans.iter().find(|p| p.baked_key == k) {
+            return Ok(p.clone());
+        }
+        let guarded = |inputs: &BTreeSet<usize>, b: &[(usize, &Mask)], k: u64| {
+            catch_unwind(AssertUnwindSafe(|| self.build(model, inputs, b, k))).unwrap_or_else(|p| {
+                Err(self
+                    .graph
+                    .gerr(format!("tract panicked: {}", panic_text(&p))))
+            })
+        };
+        let built = match guarded(&inputs, &b, k) {
+            Ok(built) => built,
+            Err(first) if !inputs.is_empty() => {
+                // Some operators (BatchNorm, for one) need constant parameters: keep every
+                // weight constant, and rebuild on mask changes instead.
+                let none = BTreeSet::new();
+                let b = baked(&none);
+                let k = key(&b);
+                let built = guarded(&none, &b, k).map_err(|_| first)?;
+                inputs.clear();
+                plans.clear();
+                built
+            }
+            Err(e) => return Err(e),
+        };
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let built = Arc::new(built);
+        // Keep the dense plan (key 0) and the newest.
+        plans.retain(|p| p.baked_key == 0);
+        plans.push(built.clone());
+        while plans.len() > PLANS_KEPT {
+            plans.remove(0);
+        }
+        Ok(built)
+    }
+
+    fn build(
+        &self,
+        model: &Model,
+        weights: &BTreeSet<usize>,
+        baked: &[(usize, &Mask)],
+        baked_key: u64,
+    ) -> Result<Built, EvalError> {
+        let mut proto = self.graph.proto.clone();
+        let g = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| self.graph.gerr("no graph".into()))?;
+        let inits = std::mem::take(&mut g.initializer);
+        for mut init in inits {
+            let Some(t) = model.find(&init.name) else {
+                return Err(self
+                    .graph
+                    .gerr(format!("initializer '{}' is unknown", init.name)));
+            };
+            if weights.contains(&t) {
+                // Files from before IR 4 list initializers among the inputs too.
+                g.input.retain(|i| i.name != init.name);
+                g.input.push(pb::ValueInfoProto {
+                    name: init.name.clone(),
+                    r#type: Some(pb::TypeProto {
+                        denotation: String::new(),
+                        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                            elem_type: init.data_type,
+                            shape: Some(pb::TensorShapeProto {
+                                dim: init
+                                    .dims
+                                    .iter()
+                                    .map(|&d| pb::tensor_shape_proto::Dimension {
+                                        denotation: String::new(),
+                                        value: Some(
+                                            pb::tensor_shape_proto::dimension::Value::DimValue(d),
+                                        ),
+                                    })
+                                    .collect(),
+                            }),
+                        })),
+                    }),
+                    doc_string: String::new(),
+                });
+            } else {
+                let mut bytes = model.tensor_bytes(t).to_vec();
+                if let Some((_, m)) = baked.iter().find(|(b, _)| *b == t) {
+                    // Zero is all-zero bytes in every float format.
+                    let size = bytes.len() / model.tensors[t].numel.max(1);
+                    for i in (0..m.len()).filter(|&i| !m.kept(i)) {
+                        bytes[i * size..(i + 1) * size].fill(0);
+                    }
+                }
+                init.raw_data = bytes;
+                g.initializer.push(init);
+            }
+        }
+        let tract_err = |e: TractError| self.graph.gerr(format!("{e:#}"));
+        let mut im = tract_onnx::onnx()
+            .model_for_proto_model(&proto)
+            .map_err(tract_err)?;
+        let mut slots = Vec::new();
+        let outlets = im.input_outlets().map_err(tract_err)?.to_vec();
+        for (i, outlet) in outlets.iter().enumerate() {
+            let name = im.node(outlet.node).name.clone();
+            let (slot, fact) =
+                if let Some(k) = self.graph.data_inputs.iter().position(|d| d.name == name) {
+                    let f = &self.feeds[k];
+                    let mut shape = vec![self.batch];
+                    shape.extend(&f.sample_shape);
+                    (Slot::Data(k), InferenceFact::dt_shape(f.datum, shape))
+                } else if let Some(t) = model.find(&name).filter(|t| weights.contains(t)) {
+                    let e = &model.tensors[t];
+                    let dt = weight_datum(&e.dtype).ok_or_else(|| {
+                        self.graph.gerr(format!(
+                            "weight '{name}' has dtype {}, which masks cannot be applied to",
+                            e.dtype
+                        ))
+                    })?;
+                    (
+                        Slot::Weight(t),
+                        InferenceFact::dt_shape(dt, e.shape.clone()),
+                    )
+                } else {
+                    return Err(self
+                        .graph
+                        .gerr(format!("input '{name}' is neither data nor a weight")));
+                };
+            im.set_input_fact(i, fact).map_err(tract_err)?;
+            slots.push(slot);
+        }
+        let plan = im
+            .into_optimized()
+            .map_err(tract_err)?
+            .into_runnable()
+            .map_err(tract_err)?;
+        Ok(Built {
+            plan,
+            slots,
+            baked_key,
+        })
+    }
+
+    /// Weight `t` with its mask applied, in the tensor's own element type.
+    fn weight(
+        &self,
+        cache: &mut WeightCache,
+        model: &Model,
+        t: usize,
+        masks: Option<&MaskSet>,
+    ) -> Result<TValue, EvalError> {
+        let e = &model.tensors[t];
+        let mask = masks.and_then(|m| m.get(&e.name));
+        let key = mask.map_or(0, |m| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.words().hash(&mut h);
+            h.finish() | 1
+        });
+        if let Some((k, v)) = cache.get(&t)
+            && *k == key
+        {
+            return Ok(v.clone());
+        }
+        let mut v = model.to_f32_vec(t);
+        if let Some(m) = mask {
+            for (i, x) in v.iter_mut().enumerate() {
+                if !m.kept(i) {
+                    *x = 0.0;
+                }
+            }
+        }
+        let dt = weight_datum(&e.dtype).unwrap_or(DatumType::F32);
+        let tensor = Tensor::from_shape(&e.shape, &v)
+            .and_then(|x| Ok(x.cast_to_dt(dt)?.into_owned()))
+            .map_err(|err| EvalError::Tensor {
+                tensor: e.name.clone(),
+                msg: format!("{err:#}"),
+            })?;
+        let value = tensor.into_tvalue();
+        cache.insert(t, (key, value.clone()));
+        Ok(value)
+    }
+
+    fn data_tensor(&self, k: usize, start: usize, real: usize) -> Result<TValue, EvalError> {
+        let f = &self.feeds[k];
+        let a = &self.data.inputs[f.array];
+        let per = a.sample_len();
+        let mut shape = vec![self.batch];
+        shape.extend(&f.sample_shape);
+        // The last batch is padded by repeating its last sample; those outputs are dropped.
+        let rows = |dst: &mut dyn FnMut(std::ops::Range<usize>)| {
+            dst(start * per..(start + real) * per);
+            let last = (start + real - 1) * per;
+            for _ in real..self.batch {
+                dst(last..last + per);
+            }
+        };
+        let tensor = match &a.values {
+            ArrayValues::F32(v) => {
+                let mut buf = Vec::with_capacity(self.batch * per);
+                rows(&mut |r| buf.extend_from_slice(&v[r]));
+                Tensor::from_shape(&shape, &buf)
+            }
+            ArrayValues::I64(v) => {
+                let mut buf = Vec::with_capacity(self.batch * per);
+                rows(&mut |r| buf.extend_from_slice(&v[r]));
+                Tensor::from_shape(&shape, &buf)
+            }
+        }
+        .and_then(|t| Ok(t.cast_to_dt(f.datum)?.into_owned()))
+        .map_err(|e| EvalError::Input(format!("array '{}': {e:#}", a.name)))?;
+        Ok(tensor.into_tvalue())
+    }
+
+    fn run_all(
+        &self,
+        built: &Built,
+        weights: &[Option<TValue>],
+        executor: &Executor,
+    ) -> Result<Outputs, EvalError> {
+        let n = self.data.samples;
+        let mut values = Vec::new();
+        let mut sample_shape = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let real = self.batch.min(n - start);
+            let mut inputs: TVec<TValue> = tvec![];
+            for (i, slot) in built.slots.iter().enumerate() {
+                inputs.push(match slot {
+                    Slot::Data(k) => self.data_tensor(*k, start, real)?,
+                    Slot::Weight(_) => weights[i].clone().expect("weights are set for their slots"),
+                });
+            }
+            let plan = built.plan.clone();
+            let out = multithread_tract_scope(executor.clone(), || {
+                catch_unwind(AssertUnwindSafe(|| plan.run(inputs)))
+            })
+            .map_err(|p| EvalError::Compute(format!("tract panicked: {}", panic_text(&p))))?
+            .map_err(|e| EvalError::Compute(format!("{e:#}")))?;
+            let y = out
+                .into_iter()
+                .next()
+                .ok_or_else(|| EvalError::Compute("the graph gave no output".into()))?;
+            let y = y
+                .cast_to::<f32>()
+                .map_err(|e| EvalError::Compute(format!("output: {e:#}")))?;
+            let shape = y.shape().to_vec();
+            if shape.first() != Some(&self.batch) {
+                return Err(EvalError::Compute(format!(
+                    "the output has shape {shape:?}; its first dimension should count the {} \
+                     samples of the batch",
+                    self.batch
+                )));
+            }
+            sample_shape = shape[1..].to_vec();
+            let per: usize = sample_shape.iter().product();
+            let view = y
+                .to_plain_array_view::<f32>()
+                .map_err(|e| EvalError::Compute(format!("output: {e:#}")))?;
+            values.extend(view.iter().take(real * per).copied());
+            start += real;
+        }
+        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
+        Ok(Outputs {
+            rows: values.len() / cols,
+            cols,
+            values,
+            sample_shape,
+        })
+    }
+}
+
+impl Runner for OnnxRunner {
+    fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
+        let built = self.plan(model, masks)?;
+        let weights = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            built
+                .slots
+                .iter()
+                .map(|s| match s {
+                    Slot::Weight(t) => self.weight(&mut cache, model, *t, masks).map(Some),
+                    Slot::Data(_) => Ok(None),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let chosen = self
+            .executor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(exec) = chosen {
+            return self.run_all(&built, &weights, &exec);
+        }
+        // First run: time one thread against all, keep the faster (small models lose to the
+        // threads' overhead, transformers gain ~1.5×).
+        let single = Executor::SingleThread;
+        let t0 = Instant::now();
+        let out = self.run_all(&built, &weights, &single)?;
+        let one = t0.elapsed();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut best = single;
+        if threads > 1 {
+            let multi = Executor::multithread(threads);
+            let t0 = Instant::now();
+            self.run_all(&built, &weights, &multi)?;
+            if t0.elapsed() < one {
+                best = multi;
+            }
+        }
+        *self.executor.lock().unwrap_or_else(|e| e.into_inner()) = Some(best);
+        Ok(out)
+    }
+
+    fn plan_builds(&self) -> usize {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn engine(&self) -> Engine {
+        Engine {
+            name: "tract",
+            trainable: false,
+            why: "ONNX graphs run through tract; training them needs prunescope's own graph, \
+                  which is not built yet"
+                .into(),
+        }
+    }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| p.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
+        .to_string()
+}
+
+fn datum_of(elem_type: i32) -> Option<DatumType> {
+    Some(match elem_type {
+        1 => DatumType::F32,
+        2 => DatumType::U8,
+        3 => DatumType::I8,
+        4 => DatumType::U16,
+        5 => DatumType::I16,
+        6 => DatumType::I32,
+        7 => DatumType::I64,
+        9 => DatumType::Bool,
+        10 => DatumType::F16,
+        11 => DatumType::F64,
+        12 => DatumType::U32,
+        13 => DatumType::U64,
+        _ => return None,
+    })
+}
+
+fn weight_datum(d: &crate::model::DType) -> Option<DatumType> {
+    use crate::model::DType as D;
+    Some(match d {
+        D::F32 => DatumType::F32,
+        D::F16 => DatumType::F16,
+        D::F64 => DatumType::F64,
+        _ => return None,
+    })
+}
+
+fn elem_name(elem_type: i32) -> String {
+    match elem_type {
+        1 => "float32",
+        2 => "uint8",
+        3 => "int8",
+        4 => "uint16",
+        5 => "int16",
+        6 => "int32",
+        7 => "int64",
+        8 => "string",
+        9 => "bool",
+        10 => "float16",
+        11 => "float64",
+        12 => "uint32",
+        13 => "uint64",
+        16 => "bfloat16",
+        other => return format!("type {other}"),
+    }
+    .to_string()
+}

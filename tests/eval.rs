@@ -1,0 +1,460 @@
+//! Evaluation of users' own models: ONNX graphs exported by PyTorch, run through tract, scored
+//! on user data, against what onnxruntime gives on the same data (dense, and pruned in NumPy by
+//! `tools/make_onnx_fixtures.py`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use prunescope::data::DataSpec;
+use prunescope::eval::{DataSource, Evaluator, evaluator_for, evaluator_with_data};
+use prunescope::model::Model;
+use prunescope::progress::Progress;
+use prunescope::prune::{MaskSet, PruneSettings, prune};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/onnx")
+        .join(name)
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("digits_eval.json")).unwrap()).unwrap()
+}
+
+fn file_data(name: &str) -> DataSource {
+    DataSource::File {
+        path: fixture(name),
+        spec: DataSpec::default(),
+    }
+}
+
+fn half(model: &Model) -> MaskSet {
+    let s = PruneSettings {
+        sparsity: 0.5,
+        ..PruneSettings::default()
+    };
+    prune(model, &s, &Default::default(), &Progress::none())
+        .unwrap()
+        .masks
+}
+
+fn close(a: f64, b: &Value, tol: f64, what: &str) {
+    let b = b.as_f64().unwrap_or_else(|| panic!("{what}: no reference"));
+    assert!((a - b).abs() <= tol, "{what}: ours {a}, onnxruntime {b}");
+}
+
+const DIGITS_MODELS: [&str; 4] = [
+    "digits_mlp_opset13.onnx",
+    "digits_mlp_opset17.onnx",
+    "digits_cnn_opset13.onnx",
+    "digits_cnn_opset17.onnx",
+];
+
+#[test]
+fn pytorch_exports_score_what_onnxruntime_scores_dense_and_pruned() {
+    let r = reference();
+    for name in DIGITS_MODELS {
+        let model = Model::open(&fixture(name)).unwrap();
+        let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
+        assert_eq!(ev.engine().label(), "evaluate only");
+        let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
+        let want = &r[name]["dense"];
+        assert_eq!(dense.samples, 360);
+        // Accuracy is a count of 360: equal up to the division's rounding.
+        close(dense.accuracy.unwrap(), &want["accuracy"], 1e-12, name);
+        close(dense.top5.unwrap(), &want["top5"], 1e-12, name);
+        close(dense.loss.unwrap(), &want["loss"], 1e-5, name);
+        let pruned = ev.evaluate(&model, &half(&model)).unwrap();
+        let want = &r[name]["pruned50"];
+        close(pruned.accuracy.unwrap(), &want["accuracy"], 1e-12, name);
+        close(pruned.loss.unwrap(), &want["loss"], 1e-4, name);
+        let f = pruned.fidelity.unwrap();
+        let wf = &want["fidelity"];
+        close(f.cosine, &wf["cosine"], 1e-5, "cosine");
+        close(f.rel_l2, &wf["rel_l2"], 1e-5, "rel_l2");
+        close(
+            f.top1_agreement,
+            &wf["top1_agreement"],
+            1e-12,
+            "top-1 agreement",
+        );
+    }
+}
+
+#[test]
+fn a_two_input_encoder_without_labels_gives_fidelity() {
+    let r = reference();
+    let name = "encoder_two_inputs.onnx";
+    let model = Model::open(&fixture(name)).unwrap();
+    let ev = evaluator_with_data(&model, &file_data("encoder_data.npz")).unwrap();
+    assert!(
+        ev.describe().contains("without labels"),
+        "{}",
+        ev.describe()
+    );
+    let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
+    assert_eq!((dense.accuracy, dense.loss), (None, None));
+    // The dense outputs themselves match onnxruntime's.
+    let out = ev.dense_outputs(&model).unwrap();
+    for (a, b) in out
+        .row(0)
+        .iter()
+        .zip(r[name]["dense_output_first_row"].as_array().unwrap())
+    {
+        close(*a as f64, b, 1e-5, "embedding");
+    }
+    let f = ev
+        .evaluate(&model, &half(&model))
+        .unwrap()
+        .fidelity
+        .unwrap();
+    let wf = &r[name]["pruned50"]["fidelity"];
+    close(f.cosine, &wf["cosine"], 1e-5, "cosine");
+    close(f.rel_l2, &wf["rel_l2"], 1e-5, "rel_l2");
+    close(
+        f.top1_agreement,
+        &wf["top1_agreement"],
+        1e-12,
+        "top-1 agreement",
+    );
+}
+
+#[test]
+fn a_mask_change_reuses_the_plan() {
+    let model = Model::open(&fixture("digits_cnn_opset17.onnx")).unwrap();
+    let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
+    let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
+    let mut last = None;
+    for s in [0.2, 0.4, 0.6, 0.8] {
+        let settings = PruneSettings {
+            sparsity: s,
+            ..PruneSettings::default()
+        };
+        let masks = prune(&model, &settings, &Default::default(), &Progress::none())
+            .unwrap()
+            .masks;
+        let m = ev.evaluate(&model, &masks).unwrap();
+        last = Some(m);
+    }
+    assert_eq!(ev.plan_builds(), 1, "a mask change rebuilt the model");
+    assert!(last.unwrap().accuracy < dense.accuracy);
+    // Back to dense: the same numbers as before any pruning (no stale masked weights).
+    assert_eq!(ev.evaluate(&model, &MaskSet::new()).unwrap(), dense);
+}
+
+#[test]
+fn masking_a_tensor_outside_the_default_set_rebuilds_once_and_applies() {
+    // BatchNorm scales are 1-D, so not prunable by default: masking one must still take effect.
+    let model = Model::open(&fixture("digits_cnn_opset17.onnx")).unwrap();
+    let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
+    let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
+    let bn = model
+        .tensors
+        .iter()
+        .find(|t| t.shape.len() == 1 && t.name.contains("bn1.weight"))
+        .unwrap();
+    let mut masks = MaskSet::new();
+    masks
+        .insert(
+            &model,
+            &bn.name.clone(),
+            prunescope::prune::Mask::all_pruned(bn.numel),
+        )
+        .unwrap();
+    let m = ev.evaluate(&model, &masks).unwrap();
+    assert!(m.accuracy < dense.accuracy, "{m:?} vs {dense:?}");
+    assert_eq!(ev.plan_builds(), 2);
+    ev.evaluate(&model, &MaskSet::new()).unwrap();
+    assert_eq!(ev.plan_builds(), 2);
+}
+
+#[test]
+fn the_bundled_digits_fit_a_model_that_takes_64_values() {
+    // The default data of an ONNX model that takes 64 values (or 1×8×8) is the digits test
+    // split: a different split from the fixture's, so only a sanity bound.
+    for name in ["digits_mlp_opset17.onnx", "digits_cnn_opset13.onnx"] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let ev = evaluator_for(&model).unwrap().unwrap();
+        let m = ev.evaluate(&model, &MaskSet::new()).unwrap();
+        assert_eq!(m.samples, 360);
+        assert!(m.accuracy.unwrap() > 0.9, "{name}: {m:?}");
+    }
+    let enc = Model::open(&fixture("encoder_two_inputs.onnx")).unwrap();
+    let e = evaluator_for(&enc).err().unwrap().to_string();
+    assert!(
+        e.contains("needs data") && e.contains("'input_ids' int64"),
+        "{e}"
+    );
+}
+
+/// Writes a safetensors data file with the given f32/i64 arrays.
+fn write_data(dir: &Path, name: &str, arrays: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf {
+    let tensors = arrays
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), s.clone(), v.clone()))
+        .collect();
+    let model = Model::from_f32_tensors("data", tensors);
+    let path = dir.join(name);
+    prunescope::export::export_pruned(&model, &MaskSet::new(), &path, &Progress::none()).unwrap();
+    path
+}
+
+fn data_error(model: &str, data: &Path, spec: DataSpec) -> String {
+    let model = Model::open(&fixture(model)).unwrap();
+    let source = DataSource::File {
+        path: data.to_path_buf(),
+        spec,
+    };
+    match evaluator_with_data(&model, &source) {
+        Ok(ev) => ev
+            .evaluate(&model, &MaskSet::new())
+            .unwrap_err()
+            .to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn data_that_does_not_fit_is_refused_with_names_and_shapes() {
+    let dir = tempdir("data-errors");
+    let p = write_data(
+        &dir,
+        "wide.safetensors",
+        &[("x", vec![3, 63], vec![0.0; 189])],
+    );
+    let e = data_error("digits_cnn_opset17.onnx", &p, DataSpec::default());
+    assert!(
+        e.contains("'x'") && e.contains("[3, 63]") && e.contains("[samples, 1, 8, 8]"),
+        "{e}"
+    );
+    let p = write_data(
+        &dir,
+        "labels.safetensors",
+        &[
+            ("x", vec![2, 64], vec![0.0; 128]),
+            ("y", vec![2], vec![3.0, 10.0]),
+        ],
+    );
+    let e = data_error("digits_mlp_opset17.onnx", &p, DataSpec::default());
+    assert!(
+        e.contains("label 1 is 10") && e.contains("10 classes"),
+        "{e}"
+    );
+    let p = write_data(
+        &dir,
+        "fraction.safetensors",
+        &[
+            ("x", vec![2, 64], vec![0.0; 128]),
+            ("y", vec![2], vec![0.5, 1.0]),
+        ],
+    );
+    let e = data_error("digits_mlp_opset17.onnx", &p, DataSpec::default());
+    assert!(e.contains("'y'") && e.contains("label 0 is 0.5"), "{e}");
+    let p = write_data(
+        &dir,
+        "named.safetensors",
+        &[("pixels", vec![2, 64], vec![0.0; 128])],
+    );
+    let e = data_error("digits_mlp_opset17.onnx", &p, DataSpec::default());
+    assert!(e.contains("--x") && e.contains("pixels"), "{e}");
+    // --x picks it; --y that is missing is an error, not silently no labels.
+    let spec = DataSpec {
+        x: Some("pixels".into()),
+        y: Some("labels".into()),
+    };
+    let e = data_error("digits_mlp_opset17.onnx", &p, spec);
+    assert!(e.contains("'labels'") && e.contains("missing"), "{e}");
+    let spec = DataSpec {
+        x: Some("pixels".into()),
+        y: None,
+    };
+    let model = Model::open(&fixture("digits_mlp_opset17.onnx")).unwrap();
+    let ev = evaluator_with_data(
+        &model,
+        &DataSource::File {
+            path: p.clone(),
+            spec,
+        },
+    )
+    .unwrap();
+    assert_eq!(ev.evaluate(&model, &MaskSet::new()).unwrap().samples, 2);
+    // A two-input model needs both arrays by their input names.
+    let p = write_data(
+        &dir,
+        "ids.safetensors",
+        &[("input_ids", vec![2, 12], vec![1.0; 24])],
+    );
+    let e = data_error("encoder_two_inputs.onnx", &p, DataSpec::default());
+    assert!(
+        e.contains("'attention_mask'") && e.contains("missing"),
+        "{e}"
+    );
+    // Float data for an integer input.
+    let p = write_data(
+        &dir,
+        "floats.safetensors",
+        &[
+            ("input_ids", vec![2, 12], vec![1.0; 24]),
+            ("attention_mask", vec![2, 12], vec![1.0; 24]),
+        ],
+    );
+    let e = data_error("encoder_two_inputs.onnx", &p, DataSpec::default());
+    assert!(e.contains("holds floats") && e.contains("int64"), "{e}");
+    // NaN inputs.
+    let mut v = vec![0.0; 128];
+    v[70] = f32::NAN;
+    let p = write_data(&dir, "nan.safetensors", &[("x", vec![2, 64], v)]);
+    let e = data_error("digits_mlp_opset17.onnx", &p, DataSpec::default());
+    assert!(e.contains("element 70 is NaN"), "{e}");
+    let e = data_error(
+        "digits_mlp_opset17.onnx",
+        &dir.join("absent.npz"),
+        DataSpec::default(),
+    );
+    assert!(e.contains("absent.npz"), "{e}");
+}
+
+#[test]
+fn graphs_tract_cannot_run_give_errors_that_name_the_file() {
+    for (name, says) in [
+        ("bad_cycle.onnx", "Loop"),
+        ("bad_unknown_op.onnx", "NoSuchOperator"),
+    ] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let e = match evaluator_with_data(&model, &file_data("digits_test.npz")) {
+            Ok(ev) => ev.evaluate(&model, &MaskSet::new()).unwrap_err(),
+            Err(e) => e,
+        }
+        .to_string();
+        assert!(e.contains(name) && e.contains(says), "{e}");
+    }
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prunescope-eval-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_prunescope"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_eval_prints_one_json_object_and_masks_replay_the_same_numbers() {
+    let r = reference();
+    let model = fixture("digits_mlp_opset17.onnx");
+    let data = fixture("digits_test.npz");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let (ok, out, err) = cli(&["eval", m, "--data", d, "--sparsity", "0.5", "--json"]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(&out).unwrap();
+    let want = &r["digits_mlp_opset17.onnx"];
+    assert_eq!(j["samples"], 360);
+    close(
+        j["accuracy"].as_f64().unwrap(),
+        &want["pruned50"]["accuracy"],
+        1e-12,
+        "acc",
+    );
+    close(
+        j["dense"]["accuracy"].as_f64().unwrap(),
+        &want["dense"]["accuracy"],
+        1e-12,
+        "dense",
+    );
+    assert_eq!(j["pruned"], true);
+    assert_eq!(j["path"], "evaluate only");
+    close(
+        j["fidelity"]["top1_agreement"].as_f64().unwrap(),
+        &want["pruned50"]["fidelity"]["top1_agreement"],
+        1e-12,
+        "agreement",
+    );
+    // The masks that `prune` writes give the same evaluation.
+    let dir = tempdir("cli");
+    let masks = dir.join("m.safetensors");
+    let pruned = dir.join("p.onnx");
+    let (ok, _, err) = cli(&[
+        "prune",
+        m,
+        "--sparsity",
+        "0.5",
+        "--out",
+        pruned.to_str().unwrap(),
+        "--masks",
+        masks.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&[
+        "eval",
+        m,
+        "--data",
+        d,
+        "--masks",
+        masks.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let k: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(k["accuracy"], j["accuracy"]);
+    assert_eq!(k["loss"], j["loss"]);
+    // And so does the pruned ONNX file itself, evaluated dense.
+    let (ok, out, err) = cli(&["eval", pruned.to_str().unwrap(), "--data", d, "--json"]);
+    assert!(ok, "{err}");
+    let p: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["accuracy"], j["accuracy"]);
+    assert_eq!(p["pruned"], false);
+    assert_eq!(p["fidelity"], Value::Null);
+    // Unpruned: no fidelity; the human-readable form names the engine.
+    let (ok, out, _) = cli(&["eval", m, "--data", d]);
+    assert!(
+        ok && out.contains("tract") && out.contains("dense:"),
+        "{out}"
+    );
+    // Errors go to stderr and fail.
+    let (ok, _, err) = cli(&["eval", m, "--data", "/nonexistent/d.npz"]);
+    assert!(!ok && err.contains("/nonexistent/d.npz"), "{err}");
+}
+
+#[test]
+fn the_sample_mlp_evaluates_on_user_data_too() {
+    // The bundled sample runs on candle; a user file with its 64-value inputs feeds it.
+    let sample = prunescope::sample::open_sample().unwrap();
+    let ev = evaluator_with_data(&sample, &file_data("digits_test.npz")).unwrap();
+    assert_eq!(ev.engine().label(), "evaluate + train");
+    let m = ev.evaluate(&sample, &MaskSet::new()).unwrap();
+    assert_eq!(m.samples, 360);
+    assert!(m.accuracy.unwrap() > 0.9, "{m:?}");
+}
+
+#[test]
+fn bench_eval_reports_medians_and_no_rebuild() {
+    let model = fixture("digits_mlp_opset17.onnx");
+    let data = fixture("digits_test.npz");
+    let (ok, out, err) = cli(&[
+        "bench",
+        "eval",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert!(j["eval_ms"].as_f64().unwrap() > 0.0);
+    assert!(j["dense_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(j["plan_builds"], 1);
+    assert_eq!(j["samples"], 360);
+}
