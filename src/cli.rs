@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::data::DataSpec;
-use crate::eval::{DataSource, Evaluator, evaluator_with_data};
+use crate::eval::{DataSource, EnginePref, Evaluator, evaluator_with};
 use crate::export::{Recipe, check_outputs, export_masks, export_weights};
 use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
@@ -118,6 +118,9 @@ pub struct EvalArgs {
     /// The label array (default y; without labels, only fidelity is measured).
     #[arg(long)]
     pub y: Option<String>,
+    /// auto (the faster where a graph runs on both), tract or candle.
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
     /// Masks written by `prune --masks` (u8, 1 = kept) instead of pruning flags.
     #[arg(long, conflicts_with_all = ["sparsity", "recipe"])]
     pub masks: Option<PathBuf>,
@@ -130,12 +133,19 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    #[arg(long, default_value = "sample_models/digits_mlp.safetensors")]
-    pub out: PathBuf,
-    #[arg(long, default_value = "sample_models/digits_mlp.init.safetensors")]
-    pub init_out: PathBuf,
-    #[arg(long, default_value_t = 40)]
-    pub epochs: usize,
+    /// mlp (the sample MLP), cnn (convolutions and max pooling) or rescnn (BatchNorm and a
+    /// residual block).
+    #[arg(long, default_value = "mlp")]
+    pub arch: String,
+    /// Default: sample_models/digits_ARCH.safetensors.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Default: sample_models/digits_ARCH.init.safetensors.
+    #[arg(long)]
+    pub init_out: Option<PathBuf>,
+    /// Default: 40 for the MLP, 30 for the CNNs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -492,7 +502,9 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         (crate::prune::MaskSet::new(), None)
     };
-    let evaluator = evaluator_with_data(&model, &source)?;
+    let engine = EnginePref::parse(&a.engine)
+        .with_context(|| format!("unknown engine '{}' (auto, tract or candle)", a.engine))?;
+    let evaluator = evaluator_with(&model, &source, engine)?;
     let engine = evaluator.engine();
     let dense = evaluator.evaluate(&model, &crate::prune::MaskSet::new())?;
     let t0 = std::time::Instant::now();
@@ -560,29 +572,50 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
-    check_outputs(
-        &[],
-        &[
-            ("--out", a.out.as_path()),
-            ("--init-out", a.init_out.as_path()),
-        ],
-    )?;
-    let cfg = crate::train::TrainConfig {
-        epochs: a.epochs,
-        seed: a.seed,
-        ..Default::default()
+    let arch = match a.arch.as_str() {
+        "mlp" => None,
+        other => Some(
+            crate::train::SampleArch::parse(other)
+                .with_context(|| format!("unknown architecture '{other}' (mlp, cnn or rescnn)"))?,
+        ),
     };
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("sample_models/digits_{}.safetensors", a.arch)));
+    let init_out = a.init_out.unwrap_or_else(|| {
+        PathBuf::from(format!("sample_models/digits_{}.init.safetensors", a.arch))
+    });
+    check_outputs(&[], &[("--out", &out), ("--init-out", &init_out)])?;
     let data = crate::data::digits_split()?;
-    let result = crate::train::train_mlp(&cfg, &data, &bar())?;
-    crate::train::save(&result, &a.out, &a.init_out)
-        .with_context(|| format!("{}: cannot write", a.out.display()))?;
+    let result = match arch {
+        None => {
+            let cfg = crate::train::TrainConfig {
+                epochs: a.epochs.unwrap_or(40),
+                seed: a.seed,
+                ..Default::default()
+            };
+            crate::train::train_mlp(&cfg, &data, &bar())?
+        }
+        Some(arch) => {
+            let cfg = crate::train::TrainConfig {
+                hidden: Vec::new(),
+                epochs: a.epochs.unwrap_or(30),
+                seed: a.seed,
+                ..Default::default()
+            };
+            let (graph, shapes) = crate::train::sample_graph(arch);
+            crate::train::train_graph(&graph, &shapes, &cfg, &data, &bar())?
+        }
+    };
+    crate::train::save(&result, &out, &init_out)
+        .with_context(|| format!("{}: cannot write", out.display()))?;
     eprintln!(
         "test accuracy {:.2}% (loss {:.4}) on {} images; wrote {} and {}",
         result.test.accuracy.unwrap_or(f64::NAN) * 100.0,
         result.test.loss.unwrap_or(f64::NAN),
         result.test.samples,
-        a.out.display(),
-        a.init_out.display()
+        out.display(),
+        init_out.display()
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fuzzing;
+pub mod graph;
 pub mod model;
 pub mod progress;
 pub mod prune;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prunescope::data::DataSpec;
-use prunescope::eval::{DataSource, Evaluator, evaluator_for, evaluator_with_data};
+use prunescope::eval::{
+    DataSource, EnginePref, Evaluator, evaluator_for, evaluator_with, evaluator_with_data,
+};
 use prunescope::model::Model;
 use prunescope::progress::Progress;
 use prunescope::prune::{MaskSet, PruneSettings, prune};
@@ -54,10 +56,12 @@ const DIGITS_MODELS: [&str; 4] = [
 #[test]
 fn pytorch_exports_score_what_onnxruntime_scores_dense_and_pruned() {
     let r = reference();
-    for name in DIGITS_MODELS {
+    for (name, engine) in DIGITS_MODELS
+        .iter()
+        .flat_map(|n| [(*n, EnginePref::Tract), (*n, EnginePref::Candle)])
+    {
         let model = Model::open(&fixture(name)).unwrap();
-        let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
-        assert_eq!(ev.engine().label(), "evaluate only");
+        let ev = evaluator_with(&model, &file_data("digits_test.npz"), engine).unwrap();
         let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
         let want = &r[name]["dense"];
         assert_eq!(dense.samples, 360);
@@ -80,6 +84,52 @@ fn pytorch_exports_score_what_onnxruntime_scores_dense_and_pruned() {
             "top-1 agreement",
         );
     }
+}
+
+#[test]
+fn the_candle_graph_imported_from_onnx_gives_tracts_outputs() {
+    for name in DIGITS_MODELS {
+        let model = Model::open(&fixture(name)).unwrap();
+        let data = file_data("digits_test.npz");
+        let tract = evaluator_with(&model, &data, EnginePref::Tract).unwrap();
+        let candle = evaluator_with(&model, &data, EnginePref::Candle).unwrap();
+        assert_eq!(tract.engine().label(), "evaluate only");
+        assert_eq!(candle.engine().label(), "evaluate + train");
+        let masks = half(&model);
+        for m in [MaskSet::new(), masks] {
+            let a = tract.outputs(&model, &m).unwrap();
+            let b = candle.outputs(&model, &m).unwrap();
+            assert_eq!((a.rows, a.cols), (b.rows, b.cols));
+            let worst = a
+                .values
+                .iter()
+                .zip(&b.values)
+                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{name}: outputs differ by {worst}");
+        }
+    }
+    // Auto picks one of them and says the graph trains.
+    let model = Model::open(&fixture("digits_cnn_opset13.onnx")).unwrap();
+    let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
+    ev.evaluate(&model, &MaskSet::new()).unwrap();
+    let e = ev.engine();
+    assert_eq!(e.label(), "evaluate + train");
+    assert!(e.why.contains("faster"), "{}", e.why);
+}
+
+#[test]
+fn a_graph_outside_the_trainable_set_says_which_node_stops_it() {
+    let model = Model::open(&fixture("encoder_two_inputs.onnx")).unwrap();
+    let ev = evaluator_with_data(&model, &file_data("encoder_data.npz")).unwrap();
+    let e = ev.engine();
+    assert_eq!((e.name, e.label()), ("tract", "evaluate only"));
+    assert!(e.why.contains("Gather"), "{}", e.why);
+    let err = evaluator_with(&model, &file_data("encoder_data.npz"), EnginePref::Candle)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("cannot run on candle"), "{err}");
 }
 
 #[test]
@@ -123,7 +173,7 @@ fn a_two_input_encoder_without_labels_gives_fidelity() {
 #[test]
 fn a_mask_change_reuses_the_plan() {
     let model = Model::open(&fixture("digits_cnn_opset17.onnx")).unwrap();
-    let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
+    let ev = evaluator_with(&model, &file_data("digits_test.npz"), EnginePref::Tract).unwrap();
     let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
     let mut last = None;
     for s in [0.2, 0.4, 0.6, 0.8] {
@@ -146,9 +196,15 @@ fn a_mask_change_reuses_the_plan() {
 #[test]
 fn masking_a_tensor_outside_the_default_set_rebuilds_once_and_applies() {
     // BatchNorm scales are 1-D, so not prunable by default: masking one must still take effect.
-    let model = Model::open(&fixture("digits_cnn_opset17.onnx")).unwrap();
-    let ev = evaluator_with_data(&model, &file_data("digits_test.npz")).unwrap();
-    let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
+    for engine in [EnginePref::Tract, EnginePref::Candle] {
+        let model = Model::open(&fixture("digits_cnn_opset17.onnx")).unwrap();
+        masked_bn_scale_applies(&model, engine);
+    }
+}
+
+fn masked_bn_scale_applies(model: &Model, engine: EnginePref) {
+    let ev = evaluator_with(model, &file_data("digits_test.npz"), engine).unwrap();
+    let dense = ev.evaluate(model, &MaskSet::new()).unwrap();
     let bn = model
         .tensors
         .iter()
@@ -157,16 +213,18 @@ fn masking_a_tensor_outside_the_default_set_rebuilds_once_and_applies() {
     let mut masks = MaskSet::new();
     masks
         .insert(
-            &model,
+            model,
             &bn.name.clone(),
             prunescope::prune::Mask::all_pruned(bn.numel),
         )
         .unwrap();
-    let m = ev.evaluate(&model, &masks).unwrap();
+    let m = ev.evaluate(model, &masks).unwrap();
     assert!(m.accuracy < dense.accuracy, "{m:?} vs {dense:?}");
-    assert_eq!(ev.plan_builds(), 2);
-    ev.evaluate(&model, &MaskSet::new()).unwrap();
-    assert_eq!(ev.plan_builds(), 2);
+    // tract needs BatchNorm's parameters constant: one rebuild, and the dense plan is kept.
+    let builds = if engine == EnginePref::Tract { 2 } else { 0 };
+    assert_eq!(ev.plan_builds(), builds);
+    assert_eq!(ev.evaluate(model, &MaskSet::new()).unwrap(), dense);
+    assert_eq!(ev.plan_builds(), builds);
 }
 
 #[test]
@@ -322,7 +380,7 @@ fn graphs_tract_cannot_run_give_errors_that_name_the_file() {
         ("bad_unknown_op.onnx", "NoSuchOperator"),
     ] {
         let model = Model::open(&fixture(name)).unwrap();
-        let e = match evaluator_with_data(&model, &file_data("digits_test.npz")) {
+        let e = match evaluator_with(&model, &file_data("digits_test.npz"), EnginePref::Tract) {
             Ok(ev) => ev.evaluate(&model, &MaskSet::new()).unwrap_err(),
             Err(e) => e,
         }
@@ -373,7 +431,7 @@ fn cli_eval_prints_one_json_object_and_masks_replay_the_same_numbers() {
         "dense",
     );
     assert_eq!(j["pruned"], true);
-    assert_eq!(j["path"], "evaluate only");
+    assert_eq!(j["path"], "evaluate + train");
     close(
         j["fidelity"]["top1_agreement"].as_f64().unwrap(),
         &want["pruned50"]["fidelity"]["top1_agreement"],
@@ -418,7 +476,7 @@ fn cli_eval_prints_one_json_object_and_masks_replay_the_same_numbers() {
     // Unpruned: no fidelity; the human-readable form names the engine.
     let (ok, out, _) = cli(&["eval", m, "--data", d]);
     assert!(
-        ok && out.contains("tract") && out.contains("dense:"),
+        ok && out.contains("evaluate + train") && out.contains("dense:"),
         "{out}"
     );
     // Errors go to stderr and fail.
@@ -457,4 +515,11 @@ fn bench_eval_reports_medians_and_no_rebuild() {
     assert!(j["dense_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(j["plan_builds"], 1);
     assert_eq!(j["samples"], 360);
+    let engines: Vec<&str> = j["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["engine"].as_str().unwrap())
+        .collect();
+    assert_eq!(engines, ["tract", "candle"]);
 }

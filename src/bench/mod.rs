@@ -174,6 +174,17 @@ pub fn interactive(params: u64, mut log: impl FnMut(&str)) -> InteractiveReport 
     }
 }
 
+/// One engine's figures in `bench eval`.
+#[derive(Debug, Serialize)]
+pub struct EngineTiming {
+    pub engine: &'static str,
+    /// Threads chosen, where the engine chooses.
+    pub detail: String,
+    pub dense_ms: f64,
+    pub eval_ms: f64,
+    pub plan_builds: usize,
+}
+
 /// `prunescope bench eval`: what one evaluation costs, dense and right after a mask change.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
@@ -181,6 +192,7 @@ pub struct EvalReport {
     pub data: String,
     pub samples: usize,
     pub engine: &'static str,
+    pub detail: String,
     pub path: &'static str,
     pub runs: usize,
     /// Median of one dense evaluation.
@@ -191,6 +203,9 @@ pub struct EvalReport {
     /// Plans tract built over all those runs: 1 means no mask change rebuilt the model.
     pub plan_builds: usize,
     pub dense_accuracy: Option<f64>,
+    /// Every engine that runs this model, timed the same way (the figures above are the
+    /// engine `auto` picks).
+    pub engines: Vec<EngineTiming>,
 }
 
 pub fn eval(
@@ -199,8 +214,36 @@ pub fn eval(
     runs: usize,
     log: impl Fn(&str),
 ) -> anyhow::Result<EvalReport> {
-    use crate::eval::Evaluator;
+    use crate::eval::{EnginePref, Evaluator};
+    let mut engines = Vec::new();
+    for pref in [EnginePref::Tract, EnginePref::Candle] {
+        if let Ok(ev) = crate::eval::evaluator_with(model, source, pref) {
+            let r = eval_one(model, &ev, runs)?;
+            engines.push(EngineTiming {
+                engine: ev.engine().name,
+                detail: ev.detail(),
+                dense_ms: r.dense_ms,
+                eval_ms: r.eval_ms,
+                plan_builds: r.plan_builds,
+            });
+        }
+    }
     let ev = crate::eval::evaluator_with_data(model, source)?;
+    let mut report = eval_one(model, &ev, runs)?;
+    report.engines = engines;
+    log(&format!(
+        "{}: dense {:.3} ms, masked after a change {:.3} ms ({} runs each, {})",
+        report.model, report.dense_ms, report.eval_ms, runs, report.engine
+    ));
+    Ok(report)
+}
+
+fn eval_one(
+    model: &Model,
+    ev: &crate::eval::DataEvaluator,
+    runs: usize,
+) -> anyhow::Result<EvalReport> {
+    use crate::eval::Evaluator;
     let masks_at = |s: f64| -> anyhow::Result<crate::prune::MaskSet> {
         let settings = PruneSettings {
             sparsity: s,
@@ -228,16 +271,14 @@ pub fn eval(
         data: ev.describe(),
         samples: ev.data().samples,
         engine: engine.name,
+        detail: ev.detail(),
         path: engine.label(),
         runs,
         dense_ms: median(dense_t),
         eval_ms: median(masked_t),
         plan_builds: ev.plan_builds(),
         dense_accuracy: dense.accuracy,
+        engines: Vec::new(),
     };
-    log(&format!(
-        "{}: dense {:.3} ms, masked after a change {:.3} ms ({} runs each)",
-        report.model, report.dense_ms, report.eval_ms, runs
-    ));
     Ok(report)
 }

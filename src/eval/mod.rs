@@ -4,6 +4,7 @@
 //! prunescope trains, tract for ONNX graphs. [`DataEvaluator`] scores those outputs against the
 //! data's labels and against the dense model's outputs; the worker only sees [`Evaluator`].
 
+mod graph_runner;
 mod mlp;
 mod onnx;
 mod score;
@@ -11,6 +12,7 @@ mod score;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub use graph_runner::{Fastest, GraphRunner};
 pub use mlp::{ARCH_METADATA_KEY, Activation, MlpArch, MlpLayer, MlpRunner, metrics, mlp_forward};
 pub use onnx::OnnxRunner;
 pub use score::{Fidelity, Metrics, Outputs, argmax, score};
@@ -73,6 +75,10 @@ pub trait Runner: Send + Sync {
     fn plan_builds(&self) -> usize {
         0
     }
+    /// How the engine runs, once it has run (threads chosen, for one).
+    fn detail(&self) -> String {
+        String::new()
+    }
 }
 
 /// Something that can score a model with masks applied.
@@ -124,6 +130,10 @@ impl DataEvaluator {
 
     pub fn plan_builds(&self) -> usize {
         self.runner.plan_builds()
+    }
+
+    pub fn detail(&self) -> String {
+        self.runner.detail()
     }
 
     /// The outputs with masks applied (the dense ones when there are no masks).
@@ -188,19 +198,120 @@ fn digits_test() -> Result<EvalData, EvalError> {
     Ok(EvalData::from_dataset(&crate::data::digits_split()?.test))
 }
 
+/// The architecture description of a model: its `prunescope.arch` metadata, or a sidecar
+/// `MODEL.arch.json` beside the file (`model.safetensors` → `model.arch.json`).
+pub fn arch_json(model: &Model) -> Result<Option<String>, EvalError> {
+    if let Some(j) = model.metadata.get(ARCH_METADATA_KEY) {
+        return Ok(Some(j.clone()));
+    }
+    let Some(path) = model.source.path() else {
+        return Ok(None);
+    };
+    let Some(stem) = path.file_stem() else {
+        return Ok(None);
+    };
+    let sidecar = path.with_file_name(format!("{}.arch.json", stem.to_string_lossy()));
+    match std::fs::read_to_string(&sidecar) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EvalError::Arch {
+            key: ARCH_METADATA_KEY,
+            msg: format!("{}: {}", sidecar.display(), crate::util::io_message(&e)),
+        }),
+    }
+}
+
 /// The evaluator for a model and its default data, if the model can be run: `Ok(None)` for
 /// weights without a graph (they can be pruned but not measured).
 pub fn evaluator_for(model: &Model) -> Result<Option<DataEvaluator>, EvalError> {
-    if model.format == ModelFormat::Onnx || model.metadata.contains_key(ARCH_METADATA_KEY) {
+    if model.format == ModelFormat::Onnx || arch_json(model)?.is_some() {
         evaluator_with_data(model, &DataSource::Default).map(Some)
     } else {
         Ok(None)
     }
 }
 
-/// The evaluator for a model on the given data.
+fn default_or_digits(dataset: Option<&str>) -> Result<EvalData, EvalError> {
+    match dataset {
+        Some(d) => Ok(EvalData::from_dataset(&crate::data::by_name(d)?.test)),
+        None => digits_test(),
+    }
+}
+
+/// Which engine evaluates a graph that runs on both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnginePref {
+    /// Time both on the first run and keep the faster.
+    #[default]
+    Auto,
+    Tract,
+    Candle,
+}
+
+impl EnginePref {
+    pub fn parse(s: &str) -> Option<EnginePref> {
+        match s {
+            "auto" => Some(EnginePref::Auto),
+            "tract" => Some(EnginePref::Tract),
+            "candle" => Some(EnginePref::Candle),
+            _ => None,
+        }
+    }
+}
+
+/// The evaluator for a model on the given data, on the faster engine.
 pub fn evaluator_with_data(model: &Model, source: &DataSource) -> Result<DataEvaluator, EvalError> {
-    if let Some(json) = model.metadata.get(ARCH_METADATA_KEY) {
+    evaluator_with(model, source, EnginePref::Auto)
+}
+
+/// The evaluator for a model on the given data and engine.
+pub fn evaluator_with(
+    model: &Model,
+    source: &DataSource,
+    engine: EnginePref,
+) -> Result<DataEvaluator, EvalError> {
+    let arch = if model.format == ModelFormat::Onnx {
+        None
+    } else {
+        arch_json(model)?
+    };
+    if let Some(json) = arch.as_deref() {
+        let kind = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
+        if kind.as_deref() == Some(crate::graph::GRAPH_KIND) {
+            let graph = crate::graph::Graph::from_json(json).map_err(|e| EvalError::Arch {
+                key: ARCH_METADATA_KEY,
+                msg: e.to_string(),
+            })?;
+            let data = match source {
+                DataSource::Default => default_or_digits(graph.dataset.as_deref())?,
+                DataSource::Digits => digits_test()?,
+                DataSource::File { path, spec } => {
+                    let names: Vec<String> = graph.inputs.iter().map(|i| i.name.clone()).collect();
+                    crate::data::load_eval_data(path, &names, spec)?
+                }
+            };
+            if engine == EnginePref::Tract {
+                return Err(EvalError::Input(
+                    "tract runs ONNX files; this model's graph runs on candle".into(),
+                ));
+            }
+            let (runner, notes) = GraphRunner::new(
+                model,
+                graph,
+                &data,
+                "prunescope's own graph, described in the file, runs on candle forward and \
+                 backward"
+                    .into(),
+            )?;
+            return Ok(DataEvaluator::new(Box::new(runner), Arc::new(data), notes));
+        }
+        if engine == EnginePref::Tract {
+            return Err(EvalError::Input(
+                "tract runs ONNX files; this MLP runs on candle".into(),
+            ));
+        }
         let arch = MlpArch::from_json(json)?;
         let data = match source {
             DataSource::Default => {
@@ -245,7 +356,40 @@ pub fn evaluator_with_data(model: &Model, source: &DataSource) -> Result<DataEva
         }
     };
     let data = Arc::new(data);
-    let runner = OnnxRunner::new(model, graph, data.clone())?;
-    let notes = runner.notes();
-    Ok(DataEvaluator::new(Box::new(runner), data, notes))
+    let mut tract = OnnxRunner::new(model, graph, data.clone())?;
+    let notes = tract.notes();
+    let imported = if engine == EnginePref::Tract {
+        Err(String::new())
+    } else {
+        tract.import_graph(model)
+    };
+    let runner: Box<dyn Runner> = match (imported, engine) {
+        (Ok(graph), EnginePref::Candle) => {
+            let why = "every operator is in prunescope's trainable graph; runs on candle, \
+                       forward and backward"
+                .to_string();
+            Box::new(GraphRunner::new(model, graph, &data, why)?.0)
+        }
+        (Ok(graph), _) => {
+            let (candle, _) = GraphRunner::new(model, graph, &data, String::new())?;
+            Box::new(Fastest::new(vec![Box::new(candle), Box::new(tract)]))
+        }
+        (Err(why), EnginePref::Candle) => {
+            return Err(EvalError::Input(format!(
+                "this graph cannot run on candle: {why}"
+            )));
+        }
+        (Err(why), _) => {
+            tract.set_untrainable_reason(if engine == EnginePref::Auto {
+                format!(
+                    "the graph runs through tract only: it does not import into prunescope's \
+                     trainable graph ({why})"
+                )
+            } else {
+                "evaluated by tract, as asked (whether it also trains was not checked)".into()
+            });
+            Box::new(tract)
+        }
+    };
+    Ok(DataEvaluator::new(runner, data, notes))
 }

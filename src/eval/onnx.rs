@@ -199,6 +199,10 @@ pub struct OnnxRunner {
     /// Chosen on the first run by timing one thread against all of them.
     executor: Mutex<Option<Executor>>,
     builds: std::sync::atomic::AtomicUsize,
+    /// Threads of the chosen executor (0 before the first run).
+    threads: std::sync::atomic::AtomicUsize,
+    /// Why the graph cannot be trained (it does not import into prunescope's graph).
+    why: String,
 }
 
 impl OnnxRunner {
@@ -311,11 +315,29 @@ impl OnnxRunner {
             cache: Mutex::new(HashMap::new()),
             executor: Mutex::new(None),
             builds: Default::default(),
+            threads: Default::default(),
+            why: String::new(),
         })
     }
 
     pub fn notes(&self) -> Vec<String> {
         self.notes.clone()
+    }
+
+    /// The graph in prunescope's trainable form, or why it has none.
+    pub fn import_graph(&self, model: &Model) -> Result<crate::graph::Graph, String> {
+        let shapes: Vec<(String, Vec<usize>)> = self
+            .graph
+            .data_inputs
+            .iter()
+            .zip(&self.feeds)
+            .map(|(i, f)| (i.name.clone(), f.sample_shape.clone()))
+            .collect();
+        crate::graph::onnx_import::import(&self.graph.proto, model, &shapes)
+    }
+
+    pub fn set_untrainable_reason(&mut self, why: String) {
+        self.why = why;
     }
 
     /// A plan whose constants carry the masks of the tensors that are not inputs: a kept one
@@ -484,44 +506,62 @@ impl OnnxRunner {
         })
     }
 
-    /// Weight `t` with its mask applied, in the tensor's own element type.
-    fn weight(
+    /// Weights `ts` with their masks applied, in each tensor's own element type: cached ones
+    /// whose mask is unchanged, the rest built in parallel.
+    fn weights(
         &self,
-        cache: &mut WeightCache,
         model: &Model,
-        t: usize,
+        ts: &[usize],
         masks: Option<&MaskSet>,
-    ) -> Result<TValue, EvalError> {
-        let e = &model.tensors[t];
-        let mask = masks.and_then(|m| m.get(&e.name));
-        let key = mask.map_or(0, |m| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            m.words().hash(&mut h);
-            h.finish() | 1
-        });
-        if let Some((k, v)) = cache.get(&t)
-            && *k == key
-        {
-            return Ok(v.clone());
-        }
-        let mut v = model.to_f32_vec(t);
-        if let Some(m) = mask {
-            for (i, x) in v.iter_mut().enumerate() {
-                if !m.kept(i) {
-                    *x = 0.0;
+    ) -> Result<Vec<TValue>, EvalError> {
+        use rayon::prelude::*;
+        let key_of = |t: usize| {
+            masks
+                .and_then(|m| m.get(&model.tensors[t].name))
+                .map_or(0, |m| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    m.words().hash(&mut h);
+                    h.finish() | 1
+                })
+        };
+        let keys: Vec<u64> = ts.par_iter().map(|&t| key_of(t)).collect();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<(usize, u64)> = ts
+            .iter()
+            .zip(&keys)
+            .filter(|&(t, k)| cache.get(t).is_none_or(|(old, _)| old != k))
+            .map(|(&t, &k)| (t, k))
+            .collect();
+        let fresh: Vec<(usize, u64, TValue)> = stale
+            .par_iter()
+            .map(|&(t, k)| {
+                let e = &model.tensors[t];
+                let mut v = model.to_f32_vec(t);
+                if let Some(m) = masks.and_then(|m| m.get(&e.name)) {
+                    m.apply(&mut v);
                 }
-            }
+                let dt = weight_datum(&e.dtype).unwrap_or(DatumType::F32);
+                let terr = |err: String| EvalError::Tensor {
+                    tensor: e.name.clone(),
+                    msg: err,
+                };
+                // Moves the vector into the tensor: no copy for f32 weights.
+                let array = tract_ndarray::ArrayD::from_shape_vec(e.shape.clone(), v)
+                    .map_err(|err| terr(err.to_string()))?;
+                let mut tensor = Tensor::from(array);
+                if dt != DatumType::F32 {
+                    tensor = tensor
+                        .cast_to_dt(dt)
+                        .map_err(|err| terr(format!("{err:#}")))?
+                        .into_owned();
+                }
+                Ok((t, k, tensor.into_tvalue()))
+            })
+            .collect::<Result<_, EvalError>>()?;
+        for (t, k, v) in fresh {
+            cache.insert(t, (k, v));
         }
-        let dt = weight_datum(&e.dtype).unwrap_or(DatumType::F32);
-        let tensor = Tensor::from_shape(&e.shape, &v)
-            .and_then(|x| Ok(x.cast_to_dt(dt)?.into_owned()))
-            .map_err(|err| EvalError::Tensor {
-                tensor: e.name.clone(),
-                msg: format!("{err:#}"),
-            })?;
-        let value = tensor.into_tvalue();
-        cache.insert(t, (key, value.clone()));
-        Ok(value)
+        Ok(ts.iter().map(|t| cache[t].1.clone()).collect())
     }
 
     fn data_tensor(&self, k: usize, start: usize, real: usize) -> Result<TValue, EvalError> {
@@ -616,17 +656,23 @@ impl OnnxRunner {
 impl Runner for OnnxRunner {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
         let built = self.plan(model, masks)?;
-        let weights = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            built
-                .slots
-                .iter()
-                .map(|s| match s {
-                    Slot::Weight(t) => self.weight(&mut cache, model, *t, masks).map(Some),
-                    Slot::Data(_) => Ok(None),
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
+        let ts: Vec<usize> = built
+            .slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Weight(t) => Some(*t),
+                Slot::Data(_) => None,
+            })
+            .collect();
+        let mut values = self.weights(model, &ts, masks)?.into_iter();
+        let weights: Vec<Option<TValue>> = built
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Weight(_) => values.next(),
+                Slot::Data(_) => None,
+            })
+            .collect();
         let chosen = self
             .executor
             .lock()
@@ -642,16 +688,31 @@ impl Runner for OnnxRunner {
         let out = self.run_all(&built, &weights, &single)?;
         let one = t0.elapsed();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut best = single;
-        if threads > 1 {
-            let multi = Executor::multithread(threads);
-            let t0 = Instant::now();
-            self.run_all(&built, &weights, &multi)?;
-            if t0.elapsed() < one {
-                best = multi;
+        let forced = std::env::var("PRUNESCOPE_TRACT_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut best = (single, 1);
+        match forced {
+            Some(n) if n > 1 => best = (Executor::multithread(n), n),
+            Some(_) => {}
+            None if threads > 1 => {
+                // Time the single thread again, warm, against all threads.
+                let t0 = Instant::now();
+                self.run_all(&built, &weights, &best.0)?;
+                let one = one.min(t0.elapsed());
+                let multi = Executor::multithread(threads);
+                self.run_all(&built, &weights, &multi)?;
+                let t0 = Instant::now();
+                self.run_all(&built, &weights, &multi)?;
+                if t0.elapsed() < one {
+                    best = (multi, threads);
+                }
             }
+            None => {}
         }
-        *self.executor.lock().unwrap_or_else(|e| e.into_inner()) = Some(best);
+        self.threads
+            .store(best.1, std::sync::atomic::Ordering::Relaxed);
+        *self.executor.lock().unwrap_or_else(|e| e.into_inner()) = Some(best.0);
         Ok(out)
     }
 
@@ -659,13 +720,19 @@ impl Runner for OnnxRunner {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn detail(&self) -> String {
+        match self.threads.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => String::new(),
+            1 => "tract, 1 thread".into(),
+            n => format!("tract, {n} threads"),
+        }
+    }
+
     fn engine(&self) -> Engine {
         Engine {
             name: "tract",
             trainable: false,
-            why: "ONNX graphs run through tract; training them needs prunescope's own graph, \
-                  which is not built yet"
-                .into(),
+            why: self.why.clone(),
         }
     }
 }

@@ -75,6 +75,22 @@ impl Mask {
     pub fn to_u8(&self) -> Vec<u8> {
         (0..self.len).map(|i| self.kept(i) as u8).collect()
     }
+    /// Zeroes the pruned entries of `values` (the tensor this mask belongs to), a word at a time.
+    pub fn apply(&self, values: &mut [f32]) {
+        for (w, &word) in self.words.iter().enumerate() {
+            if word == u64::MAX {
+                continue;
+            }
+            let base = w * 64;
+            let end = (base + 64).min(values.len());
+            for (i, v) in values[base..end].iter_mut().enumerate() {
+                if (word >> i) & 1 == 0 {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+
     pub fn words(&self) -> &[u64] {
         &self.words
     }

@@ -2,6 +2,10 @@
 //!
 //! The initial weights are returned and saved too: lottery-ticket rewinding needs them.
 
+mod graph;
+
+pub use graph::{SampleArch, sample_graph, train_graph};
+
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
@@ -38,7 +42,8 @@ impl Default for TrainConfig {
 pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 
 pub struct TrainResult {
-    pub arch: MlpArch,
+    /// The architecture description saved in the metadata (an MLP's or a graph's JSON).
+    pub arch: String,
     pub config: TrainConfig,
     pub init: NamedTensors,
     pub trained: NamedTensors,
@@ -168,13 +173,14 @@ pub fn train_mlp(
             ))
         })
         .collect::<candle_core::Result<_>>()?;
+    let arch = MlpArch {
+        kind: "mlp".into(),
+        input_dim: data.train.dim,
+        layers,
+        dataset: "uci-digits".into(),
+    };
     Ok(TrainResult {
-        arch: MlpArch {
-            kind: "mlp".into(),
-            input_dim: data.train.dim,
-            layers,
-            dataset: "uci-digits".into(),
-        },
+        arch: serde_json::to_string(&arch).map_err(|e| TrainError::Compute(e.to_string()))?,
         config: cfg.clone(),
         init,
         trained,
@@ -205,7 +211,7 @@ pub fn save(
     let mut meta = BTreeMap::new();
     meta.insert(
         crate::eval::ARCH_METADATA_KEY.to_string(),
-        serde_json::to_string(&result.arch).map_err(std::io::Error::other)?,
+        result.arch.clone(),
     );
     meta.insert(
         "prunescope.train".to_string(),

@@ -541,9 +541,13 @@ impl App {
                 if b.on_hover_text("Type or paste the path of a model file.").clicked() {
                     self.open_path.open = true;
                 }
-                if ui.button("Open sample model").on_hover_text("The digits MLP bundled with prunescope (97.5% test accuracy dense).").clicked() {
-                    self.open(OpenSource::Sample);
-                }
+                ui.menu_button("Samples", |ui| {
+                    for s in &crate::sample::SAMPLES {
+                        if ui.button(s.title).on_hover_text(s.about).clicked() {
+                            self.open(OpenSource::NamedSample(s.id));
+                        }
+                    }
+                });
                 ui.menu_button("Open recent", |ui| {
                     if self.state.prefs.recent.is_empty() {
                         ui.label("No recent files yet.");

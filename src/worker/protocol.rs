@@ -50,6 +50,8 @@ pub enum OpenSource {
     Path(PathBuf),
     /// The sample model compiled into the binary.
     Sample,
+    /// One of the bundled samples, by id (`mlp`, `cnn`, `rescnn`).
+    NamedSample(&'static str),
 }
 
 /// What the UI wants computed for the current model.

@@ -184,6 +184,7 @@ impl Worker {
         let label = match &source {
             OpenSource::Path(p) => format!("Opening {}", p.display()),
             OpenSource::Sample => "Opening the sample model".to_string(),
+            OpenSource::NamedSample(id) => format!("Opening the {id} sample"),
         };
         self.emit(Event::JobStarted { job, label });
         let progress = self.progress_for(job, cancel.clone());
@@ -191,6 +192,7 @@ impl Worker {
         let model = match &source {
             OpenSource::Path(p) => Model::open(p),
             OpenSource::Sample => crate::sample::open_sample(),
+            OpenSource::NamedSample(id) => crate::sample::open_named(id),
         };
         let model = match model {
             Ok(m) => Arc::new(m),

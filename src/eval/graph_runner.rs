@@ -1,0 +1,203 @@
+//! Runs a [`Graph`] on candle, and picks the faster engine when a graph runs on both.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::{Engine, EvalError, Outputs, Runner};
+use crate::data::{ArrayValues, EvalData};
+use crate::graph::{Graph, GraphError, Mode, load_params};
+use crate::model::Model;
+use crate::prune::MaskSet;
+
+/// Samples per forward pass: bounds the activations' memory.
+const CHUNK: usize = 1024;
+
+impl From<GraphError> for EvalError {
+    fn from(e: GraphError) -> Self {
+        EvalError::Compute(e.to_string())
+    }
+}
+
+pub struct GraphRunner {
+    graph: Graph,
+    inputs: Vec<Tensor>,
+    samples: usize,
+    why: String,
+}
+
+impl GraphRunner {
+    /// Checks the graph against the model and feeds the data's arrays to its inputs, reshaped
+    /// where the per-sample sizes agree. Returns the runner and notes on reshapes.
+    pub fn new(
+        model: &Model,
+        graph: Graph,
+        data: &EvalData,
+        why: String,
+    ) -> Result<(GraphRunner, Vec<String>), EvalError> {
+        graph.check(model).map_err(|e| EvalError::Arch {
+            key: super::ARCH_METADATA_KEY,
+            msg: e.to_string(),
+        })?;
+        let mut inputs = Vec::new();
+        let mut notes = Vec::new();
+        for spec in &graph.inputs {
+            let a = if graph.inputs.len() == 1 && data.inputs.len() == 1 {
+                &data.inputs[0]
+            } else {
+                data.input(&spec.name).ok_or_else(|| {
+                    EvalError::Input(format!(
+                        "the model's input '{}' has no array in {}",
+                        spec.name, data.name
+                    ))
+                })?
+            };
+            let want: usize = spec.shape.iter().product();
+            if a.sample_len() != want {
+                return Err(EvalError::Input(format!(
+                    "array '{}' has shape {:?} ({} values per sample), but the model's input '{}' \
+                     expects [samples, {}]",
+                    a.name,
+                    a.shape,
+                    a.sample_len(),
+                    spec.name,
+                    spec.shape
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if a.shape[1..] != spec.shape[..] {
+                notes.push(format!(
+                    "array '{}' {:?} per sample reshaped to the model's {:?}",
+                    a.name,
+                    &a.shape[1..],
+                    spec.shape
+                ));
+            }
+            let values: Vec<f32> = match &a.values {
+                ArrayValues::F32(v) => v.clone(),
+                ArrayValues::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            };
+            let mut shape = vec![data.samples];
+            shape.extend(&spec.shape);
+            inputs.push(Tensor::from_vec(values, shape, &Device::Cpu)?);
+        }
+        Ok((
+            GraphRunner {
+                graph,
+                inputs,
+                samples: data.samples,
+                why,
+            },
+            notes,
+        ))
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+impl Runner for GraphRunner {
+    fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
+        let params = load_params(&self.graph, model, masks, &Device::Cpu)?;
+        let mut values = Vec::new();
+        let mut sample_shape = Vec::new();
+        let mut start = 0;
+        while start < self.samples {
+            let len = CHUNK.min(self.samples - start);
+            let batch: Vec<Tensor> = self
+                .inputs
+                .iter()
+                .map(|t| t.narrow(0, start, len))
+                .collect::<candle_core::Result<_>>()?;
+            let (y, _) = self.graph.forward(&batch, &params, Mode::Eval)?;
+            sample_shape = y.dims()[1..].to_vec();
+            values.extend(y.flatten_all()?.to_vec1::<f32>()?);
+            start += len;
+        }
+        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
+        Ok(Outputs {
+            rows: values.len() / cols,
+            cols,
+            values,
+            sample_shape,
+        })
+    }
+
+    fn engine(&self) -> Engine {
+        Engine {
+            name: "candle",
+            trainable: true,
+            why: self.why.clone(),
+        }
+    }
+}
+
+/// Two engines for one graph: the first run times both and keeps the faster.
+pub struct Fastest {
+    runners: Vec<Box<dyn Runner>>,
+    chosen: Mutex<Option<(usize, String)>>,
+}
+
+impl Fastest {
+    pub fn new(runners: Vec<Box<dyn Runner>>) -> Fastest {
+        Fastest {
+            runners,
+            chosen: Mutex::new(None),
+        }
+    }
+}
+
+impl Runner for Fastest {
+    fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
+        let mut chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, _)) = chosen.as_ref() {
+            return self.runners[*k].run(model, masks);
+        }
+        // Each engine's first run includes one-off work (plans, thread pools): time a second.
+        let mut best: Option<(usize, f64, Outputs)> = None;
+        let mut times = Vec::new();
+        for (k, r) in self.runners.iter().enumerate() {
+            let out = r.run(model, masks)?;
+            let t0 = Instant::now();
+            r.run(model, masks)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            times.push(format!("{} {ms:.2} ms", r.engine().name));
+            if best.as_ref().is_none_or(|b| ms < b.1) {
+                best = Some((k, ms, out));
+            }
+        }
+        let (k, _, out) = best.expect("at least one runner");
+        *chosen = Some((k, times.join(", ")));
+        Ok(out)
+    }
+
+    fn engine(&self) -> Engine {
+        let chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        let (k, times) = chosen.clone().unwrap_or((0, String::new()));
+        let mut e = self.runners[k].engine();
+        e.trainable = self.runners.iter().any(|r| r.engine().trainable);
+        e.why = format!(
+            "every operator is in prunescope's trainable graph, so it trains on candle; it is \
+             evaluated by {}, the faster engine here ({times})",
+            e.name
+        );
+        e
+    }
+
+    fn plan_builds(&self) -> usize {
+        self.runners.iter().map(|r| r.plan_builds()).sum()
+    }
+
+    fn detail(&self) -> String {
+        let chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        chosen
+            .as_ref()
+            .map(|(k, _)| self.runners[*k].detail())
+            .unwrap_or_default()
+    }
+}
