@@ -532,3 +532,62 @@ fn an_onnx_model_without_labels_gets_data_from_the_dialog_and_shows_fidelity() {
         direct.top1_agreement * 100.0
     ));
 }
+
+#[test]
+fn the_samples_menu_opens_the_cnn_and_the_gallery_shows_what_pruning_changed() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.get_by_label("File").click();
+    h.run_steps(4);
+    h.get_by_label("Samples").click();
+    h.run_steps(4);
+    h.get_by_label("Digits residual CNN (BatchNorm)").click();
+    step_until(&mut h, "the residual CNN", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("digits_rescnn"))
+            && settled(a)
+    });
+    h.get_by_label_contains("[evaluate + train]");
+    h.state_mut().state_mut().settings.sparsity = 0.6;
+    step_until(&mut h, "metrics at 60%", |a| {
+        settled(a) && a.state().metrics_current()
+    });
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_label("Dataset samples").click();
+    h.run_steps(6);
+    // Independent: the library's predictions on the same samples.
+    let model = prunescope::sample::open_named("rescnn").unwrap();
+    let settings = h.state().state().settings.clone();
+    let masks = prune(
+        &model,
+        &settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap()
+    .masks;
+    let ev = evaluator_for(&model).unwrap().unwrap();
+    let (_, p) = ev.evaluate_with_predictions(&model, &masks, 120).unwrap();
+    let p = p.unwrap();
+    let changed = p
+        .dense
+        .iter()
+        .zip(&p.pruned)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > 0,
+        "60% should change some predictions of the residual CNN"
+    );
+    h.get_by_label_contains(&format!("{changed} of 120 predictions changed."));
+    let i = (0..120).find(|&i| p.dense[i] != p.pruned[i]).unwrap();
+    h.get_by_label_contains(&format!(
+        "sample {i}: label {}, dense {}, pruned {}",
+        ev.samples(120).unwrap().labels.unwrap()[i],
+        p.dense[i],
+        p.pruned[i]
+    ));
+}

@@ -81,6 +81,24 @@ pub trait Runner: Send + Sync {
     }
 }
 
+/// The first samples of the data, for showing: pixels where a sample is an image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleView {
+    pub count: usize,
+    /// (height, width) when every sample is one grey image.
+    pub image: Option<(usize, usize)>,
+    /// `count × height × width` values scaled to 0..=1 (empty without images).
+    pub pixels: Vec<f32>,
+    pub labels: Option<Vec<u32>>,
+}
+
+/// Top-1 predictions of the dense and the pruned model on the first samples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Predictions {
+    pub dense: Vec<u32>,
+    pub pruned: Vec<u32>,
+}
+
 /// Something that can score a model with masks applied.
 pub trait Evaluator: Send + Sync {
     /// What is measured, for people: "uci-digits/test, 360 samples".
@@ -88,6 +106,20 @@ pub trait Evaluator: Send + Sync {
     fn engine(&self) -> Engine;
     /// Metrics with `masks` applied; fidelity compares with the dense model.
     fn evaluate(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError>;
+    /// The first `n` samples, for a gallery.
+    fn samples(&self, _n: usize) -> Option<SampleView> {
+        None
+    }
+    /// Metrics, and the predictions on the first `n` samples where each sample gets one row
+    /// of outputs.
+    fn evaluate_with_predictions(
+        &self,
+        model: &Model,
+        masks: &MaskSet,
+        _n: usize,
+    ) -> Result<(Metrics, Option<Predictions>), EvalError> {
+        Ok((self.evaluate(model, masks)?, None))
+    }
 }
 
 /// A runner, its data, and the dense outputs that fidelity compares with (computed once).
@@ -170,14 +202,63 @@ impl Evaluator for DataEvaluator {
     }
 
     fn evaluate(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError> {
+        Ok(self.evaluate_with_predictions(model, masks, 0)?.0)
+    }
+
+    fn evaluate_with_predictions(
+        &self,
+        model: &Model,
+        masks: &MaskSet,
+        n: usize,
+    ) -> Result<(Metrics, Option<Predictions>), EvalError> {
         let dense = self.dense_outputs(model)?;
         let out = self.outputs(model, masks)?;
-        score(
+        let m = score(
             &out,
             self.data.samples,
             self.data.labels.as_deref(),
             Some(&dense),
-        )
+        )?;
+        let per_sample = out.rows == self.data.samples;
+        let p = (n > 0 && per_sample).then(|| {
+            let k = n.min(out.rows);
+            let top = |o: &Outputs| (0..k).map(|r| argmax(o.row(r)) as u32).collect();
+            Predictions {
+                dense: top(&dense),
+                pruned: top(&out),
+            }
+        });
+        Ok((m, p))
+    }
+
+    fn samples(&self, n: usize) -> Option<SampleView> {
+        let count = n.min(self.data.samples);
+        let first = self.data.inputs.first()?;
+        let sample = &first.shape[1..];
+        // An image: [H, W], [1, H, W], or 64 values (the 8×8 digits).
+        let hw = match sample {
+            [h, w] | [1, h, w] => Some((*h, *w)),
+            [64] => Some((8, 8)),
+            _ => None,
+        }
+        .filter(|&(h, w)| h * w <= 4096 && self.data.inputs.len() == 1);
+        let pixels = match (&first.values, hw) {
+            (crate::data::ArrayValues::F32(v), Some((h, w))) => {
+                let v = &v[..count * h * w];
+                let (lo, hi) = v
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                let span = (hi - lo).max(1e-12);
+                v.iter().map(|&x| (x - lo) / span).collect()
+            }
+            _ => Vec::new(),
+        };
+        Some(SampleView {
+            count,
+            image: hw.filter(|_| !pixels.is_empty()),
+            pixels,
+            labels: self.data.labels.as_ref().map(|l| l[..count].to_vec()),
+        })
     }
 }
 

@@ -224,6 +224,9 @@ pub struct Graph {
     pub dataset: Option<String>,
 }
 
+/// Looks up a weight's shape for shape inference: (node, tensor) → shape.
+pub type ParamShape<'a> = &'a dyn Fn(&str, &str) -> Result<Vec<usize>, GraphError>;
+
 /// Inference, or training (batch statistics, dropout with a seeded mask).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
@@ -293,10 +296,7 @@ impl Graph {
     }
 
     /// Shape inference with weight shapes from `param_shape(node, tensor)`.
-    pub fn infer(
-        &self,
-        param_shape: &dyn Fn(&str, &str) -> Result<Vec<usize>, GraphError>,
-    ) -> Result<Vec<usize>, GraphError> {
+    pub fn infer(&self, param_shape: ParamShape) -> Result<Vec<usize>, GraphError> {
         let mut shapes: HashMap<&str, Vec<usize>> = HashMap::new();
         for i in &self.inputs {
             shapes.insert(&i.name, i.shape.clone());

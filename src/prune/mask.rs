@@ -279,3 +279,24 @@ fn nm_mask(model: &Model, settings: &PruneSettings, t: usize, n: usize, m: usize
     }
     mask
 }
+
+#[cfg(test)]
+mod apply_tests {
+    use super::Mask;
+
+    #[test]
+    fn apply_zeroes_exactly_the_pruned_entries() {
+        // Lengths around word boundaries, patterns with whole words kept and pruned.
+        for len in [1usize, 63, 64, 65, 130, 200] {
+            let kept: Vec<bool> = (0..len)
+                .map(|i| i % 3 != 0 && !(64..128).contains(&i))
+                .collect();
+            let m = Mask::from_kept(&kept);
+            let mut v: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            m.apply(&mut v);
+            for i in 0..len {
+                assert_eq!(v[i] != 0.0, kept[i], "len {len}, entry {i}");
+            }
+        }
+    }
+}

@@ -321,6 +321,7 @@ pub struct App {
     heatmap: HeatmapPanel,
     open_path: OpenPathDialog,
     data: DataDialog,
+    gallery: super::gallery::GalleryPanel,
     export: ExportDialog,
     dialog_tx: Sender<DialogAnswer>,
     dialog_rx: Receiver<DialogAnswer>,
@@ -353,6 +354,7 @@ impl App {
             heatmap: HeatmapPanel::default(),
             open_path: OpenPathDialog::default(),
             data: DataDialog::default(),
+            gallery: Default::default(),
             export: ExportDialog::default(),
             dialog_tx,
             dialog_rx,
@@ -586,6 +588,8 @@ impl App {
             ui.menu_button("View", |ui| {
                 ui.checkbox(&mut self.state.prefs.log_y, "Log-scale histogram counts")
                     .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
+                ui.checkbox(&mut self.gallery.open, "Dataset samples")
+                    .on_hover_text("A gallery of test samples with the dense and the pruned model's predictions: see which ones a cut breaks.");
                 if ui.button("Fit heatmap").clicked() {
                     self.heatmap.reset_view();
                 }
@@ -738,6 +742,7 @@ impl eframe::App for App {
         let heatmap_request = self.main_ui(ui);
 
         let ctx = ui.ctx().clone();
+        self.gallery.ui(&ctx, &self.state);
         let mut browse = false;
         if let Some(source) = self.data.ui(&ctx, &mut browse) {
             match self.worker.set_data(source) {

@@ -4,6 +4,7 @@
 mod app;
 mod controls;
 mod dialogs;
+mod gallery;
 mod heatmap_view;
 mod plots;
 mod summary;

@@ -156,21 +156,22 @@ fn accuracy_ui(ui: &mut Ui, state: &AppState) {
                 },
             };
             let colour = if bad { theme::BAD } else { theme::GOOD };
-            let r = ui.colored_label(colour, text).on_hover_text(tip);
-            if !state.metrics_current() {
-                r.on_hover_text("Updating…");
-            }
+            let mut hover = tip;
             if dense.accuracy.is_some()
                 && let Some(f) = now.fidelity
             {
-                ui.label(
-                    RichText::new(format!("agrees {:.1}%", f.top1_agreement * 100.0)).weak(),
-                )
-                .on_hover_text(format!(
-                    "Top-1 agreement: the share of samples where the pruned model predicts what \
-                     the dense one predicts (cosine of outputs {:.4}, relative L2 error {:.3}).",
-                    f.cosine, f.rel_l2
+                hover.push_str(&format!(
+                    "\n\nTop-1 agreement with the dense model: {:.1}% of samples get the same \
+                     prediction (cosine of outputs {:.4}, relative L2 error {:.3}). \
+                     View → Dataset samples shows which ones changed.",
+                    f.top1_agreement * 100.0,
+                    f.cosine,
+                    f.rel_l2
                 ));
+            }
+            let r = ui.colored_label(colour, text).on_hover_text(hover);
+            if !state.metrics_current() {
+                r.on_hover_text("Updating…");
             }
         }
         Some(Err(e)) => {

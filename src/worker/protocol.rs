@@ -171,6 +171,8 @@ pub struct ModelSnapshot {
     pub evaluator: Option<String>,
     /// The engine that runs it, and whether prunescope can train it there.
     pub engine: Option<crate::eval::Engine>,
+    /// The first samples of the evaluation data, for the gallery.
+    pub samples: Option<Arc<crate::eval::SampleView>>,
     /// Why the model cannot be evaluated, when it declares an architecture that is broken.
     pub evaluator_error: Option<String>,
     pub dense_metrics: Option<Metrics>,
@@ -184,6 +186,7 @@ pub struct EvalInfo {
     pub engine: Option<crate::eval::Engine>,
     pub error: Option<String>,
     pub dense: Option<Metrics>,
+    pub samples: Option<Arc<crate::eval::SampleView>>,
 }
 
 impl ModelSnapshot {
@@ -193,6 +196,7 @@ impl ModelSnapshot {
             engine: self.engine.clone(),
             error: self.evaluator_error.clone(),
             dense: self.dense_metrics,
+            samples: self.samples.clone(),
         }
     }
 }
@@ -227,4 +231,6 @@ pub struct MetricsSnapshot {
     pub generation: u64,
     pub model: ModelId,
     pub result: Result<Metrics, String>,
+    /// Dense and pruned top-1 predictions on the gallery's samples.
+    pub predictions: Option<Arc<crate::eval::Predictions>>,
 }

@@ -19,6 +19,9 @@ use crate::prune::{
     build_layer_mask, build_masks,
 };
 
+/// Samples whose predictions the dataset gallery shows.
+pub const GALLERY_SAMPLES: usize = 120;
+
 /// Bins of every weight histogram.
 pub const HISTOGRAM_BINS: usize = 128;
 
@@ -34,6 +37,12 @@ struct Session {
     cache: Option<Computed>,
 }
 
+/// Metrics for one set of settings and the gallery's predictions under them.
+type MetricsResult = (
+    Result<crate::eval::Metrics, String>,
+    Option<Arc<crate::eval::Predictions>>,
+);
+
 /// Results for one set of settings, filled in as the preview pipeline gets to them.
 struct Computed {
     settings: PruneSettings,
@@ -44,7 +53,7 @@ struct Computed {
     heatmap_sent: Option<HeatmapRequest>,
     sizes: crate::analysis::SizeReport,
     compute_us: f64,
-    metrics: Option<Result<crate::eval::Metrics, String>>,
+    metrics: Option<MetricsResult>,
 }
 
 struct Worker {
@@ -261,6 +270,10 @@ impl Worker {
             data_bytes: model.data_bytes(),
             evaluator: evaluator.as_ref().map(|e| e.describe()),
             engine: evaluator.as_ref().map(|e| e.engine()),
+            samples: evaluator
+                .as_ref()
+                .and_then(|e| e.samples(GALLERY_SAMPLES))
+                .map(Arc::new),
             evaluator_error,
             dense_metrics,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -481,7 +494,7 @@ impl Worker {
         let (Some(eval), Some(c)) = (s.evaluator.as_ref(), s.cache.as_mut()) else {
             return;
         };
-        let result = match &c.metrics {
+        let (result, predictions) = match &c.metrics {
             Some(r) => r.clone(),
             None => {
                 let masks = match &c.all_masks {
@@ -507,7 +520,10 @@ impl Worker {
                         }
                     },
                 };
-                let r = eval.evaluate(&s.model, &masks).map_err(|e| e.to_string());
+                let r = match eval.evaluate_with_predictions(&s.model, &masks, GALLERY_SAMPLES) {
+                    Ok((m, p)) => (Ok(m), p.map(Arc::new)),
+                    Err(e) => (Err(e.to_string()), None),
+                };
                 c.metrics = Some(r.clone());
                 r
             }
@@ -516,6 +532,7 @@ impl Worker {
             generation: req.generation,
             model: req.model,
             result,
+            predictions,
         }));
     }
 
@@ -548,6 +565,7 @@ impl Worker {
             engine: Some(evaluator.engine()),
             error: None,
             dense: Some(dense),
+            samples: evaluator.samples(GALLERY_SAMPLES).map(Arc::new),
         };
         s.evaluator = Some(evaluator);
         if let Some(c) = s.cache.as_mut() {
