@@ -118,7 +118,8 @@ pub struct EvalArgs {
     /// The label array (default y; without labels, only fidelity is measured).
     #[arg(long)]
     pub y: Option<String>,
-    /// auto (the faster where a graph runs on both), tract or candle.
+    /// auto (the fastest where a graph runs on several), tract, candle or native
+    /// (prunescope's own CPU kernels).
     #[arg(long, default_value = "auto")]
     pub engine: String,
     /// Masks written by `prune --masks` (u8, 1 = kept) instead of pruning flags.
@@ -502,8 +503,12 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         (crate::prune::MaskSet::new(), None)
     };
-    let engine = EnginePref::parse(&a.engine)
-        .with_context(|| format!("unknown engine '{}' (auto, tract or candle)", a.engine))?;
+    let engine = EnginePref::parse(&a.engine).with_context(|| {
+        format!(
+            "unknown engine '{}' (auto, tract, candle or native)",
+            a.engine
+        )
+    })?;
     let evaluator = evaluator_with(&model, &source, engine)?;
     let engine = evaluator.engine();
     let dense = evaluator.evaluate(&model, &crate::prune::MaskSet::new())?;

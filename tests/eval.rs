@@ -93,20 +93,27 @@ fn the_candle_graph_imported_from_onnx_gives_tracts_outputs() {
         let data = file_data("digits_test.npz");
         let tract = evaluator_with(&model, &data, EnginePref::Tract).unwrap();
         let candle = evaluator_with(&model, &data, EnginePref::Candle).unwrap();
+        let native = evaluator_with(&model, &data, EnginePref::Native).unwrap();
         assert_eq!(tract.engine().label(), "evaluate only");
         assert_eq!(candle.engine().label(), "evaluate + train");
         let masks = half(&model);
         for m in [MaskSet::new(), masks] {
             let a = tract.outputs(&model, &m).unwrap();
-            let b = candle.outputs(&model, &m).unwrap();
-            assert_eq!((a.rows, a.cols), (b.rows, b.cols));
-            let worst = a
-                .values
-                .iter()
-                .zip(&b.values)
-                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "{name}: outputs differ by {worst}");
+            for other in [&candle, &native] {
+                let b = other.outputs(&model, &m).unwrap();
+                assert_eq!((a.rows, a.cols), (b.rows, b.cols));
+                let worst = a
+                    .values
+                    .iter()
+                    .zip(&b.values)
+                    .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{name}, {}: outputs differ from tract's by {worst}",
+                    other.engine().name
+                );
+            }
         }
     }
     // Auto picks one of them and says the graph trains.
@@ -521,5 +528,5 @@ fn bench_eval_reports_medians_and_no_rebuild() {
         .iter()
         .map(|e| e["engine"].as_str().unwrap())
         .collect();
-    assert_eq!(engines, ["tract", "candle"]);
+    assert_eq!(engines, ["tract", "candle", "native"]);
 }

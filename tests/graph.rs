@@ -121,6 +121,12 @@ fn conv2d_matches_the_direct_sum() {
         assert_eq!(y.dims(), &ws_out, "case {stride} {pad:?} {dil} {groups}");
         assert_eq!(out_shape, ws_out[1..]);
         close(&flat(&y), &want, 1e-4, "conv");
+        // prunescope's own kernels (channels-last im2col + GEMM) against the same sum.
+        let fast = fast_params(&g, &model);
+        let (shape, yf) =
+            prunescope::graph::fast::forward(&g, &[(xs.to_vec(), &x)], &fast).unwrap();
+        assert_eq!(shape, ws_out);
+        close(&yf, &want, 1e-4, "native conv");
     }
 }
 
@@ -189,6 +195,15 @@ fn pools_batchnorm_layernorm_softmax_and_activations_match_their_formulas() {
         }
     }
     close(&run("bn"), &want, 1e-5, "batch norm");
+    let fast = fast_params(&g, &model);
+    let run_fast = |out: &str| {
+        let mut g2 = g.clone();
+        g2.output = out.into();
+        prunescope::graph::fast::forward(&g2, &[(vec![n, c, h, w], &x)], &fast)
+            .unwrap()
+            .1
+    };
+    close(&run_fast("bn"), &want, 1e-5, "native batch norm");
     let mut mx = Vec::new();
     let mut av = Vec::new();
     let mut gap = Vec::new();
@@ -223,9 +238,10 @@ fn pools_batchnorm_layernorm_softmax_and_activations_match_their_formulas() {
             gap.push(s / (h * w) as f32);
         }
     }
-    close(&run("mx"), &mx, 1e-6, "max pool");
-    close(&run("av"), &av, 1e-6, "avg pool");
-    close(&run("gap"), &gap, 1e-5, "global avg pool");
+    for (name, want) in [("mx", &mx), ("av", &av), ("gap", &gap)] {
+        close(&run(name), want, 1e-5, name);
+        close(&run_fast(name), want, 1e-5, name);
+    }
     let rows: Vec<&[f32]> = x.chunks(w).collect();
     let mut ln = Vec::new();
     let mut sm = Vec::new();
@@ -239,13 +255,27 @@ fn pools_batchnorm_layernorm_softmax_and_activations_match_their_formulas() {
     }
     close(&run("ln"), &ln, 1e-4, "layer norm");
     close(&run("sm"), &sm, 1e-5, "softmax");
+    close(&run_fast("ln"), &ln, 1e-4, "native layer norm");
+    close(&run_fast("sm"), &sm, 1e-5, "native softmax");
     let gelu: Vec<f32> = x
         .iter()
         .map(|&a| 0.5 * a * (1.0 + erf(a as f64 / 2f64.sqrt()) as f32))
         .collect();
     close(&run("ge"), &gelu, 1e-5, "gelu");
+    close(&run_fast("ge"), &gelu, 1e-5, "native gelu");
     let sig: Vec<f32> = x.iter().map(|&a| 1.0 / (1.0 + (-a).exp())).collect();
     close(&run("si"), &sig, 1e-6, "sigmoid");
+    close(&run_fast("si"), &sig, 1e-6, "native sigmoid");
+}
+
+fn fast_params(g: &Graph, model: &Model) -> prunescope::graph::fast::FastParams {
+    g.param_names()
+        .into_iter()
+        .map(|n| {
+            let t = model.find(&n).unwrap();
+            (n, (model.tensors[t].shape.clone(), model.to_f32_vec(t)))
+        })
+        .collect()
 }
 
 /// erf by its Maclaurin series (|x| small here), to 1e-12.

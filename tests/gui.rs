@@ -526,7 +526,16 @@ fn an_onnx_model_without_labels_gets_data_from_the_dialog_and_shows_fidelity() {
     )
     .unwrap();
     let direct = ev.evaluate(&model, &masks).unwrap().fidelity.unwrap();
-    assert_eq!(shown, direct);
+    // tract may pick a different thread count here than in the app: sums differ in the last bits.
+    assert!(
+        (shown.cosine - direct.cosine).abs() < 1e-6,
+        "{shown:?} vs {direct:?}"
+    );
+    assert!(
+        (shown.rel_l2 - direct.rel_l2).abs() < 1e-6,
+        "{shown:?} vs {direct:?}"
+    );
+    assert_eq!(shown.top1_agreement, direct.top1_agreement);
     h.get_by_label_contains(&format!(
         "top-1 agreement {:.1}%",
         direct.top1_agreement * 100.0

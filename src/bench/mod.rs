@@ -216,7 +216,7 @@ pub fn eval(
 ) -> anyhow::Result<EvalReport> {
     use crate::eval::{EnginePref, Evaluator};
     let mut engines = Vec::new();
-    for pref in [EnginePref::Tract, EnginePref::Candle] {
+    for pref in [EnginePref::Tract, EnginePref::Candle, EnginePref::Native] {
         if let Ok(ev) = crate::eval::evaluator_with(model, source, pref) {
             let r = eval_one(model, &ev, runs)?;
             engines.push(EngineTiming {

@@ -137,6 +137,93 @@ impl Runner for GraphRunner {
     }
 }
 
+/// Runs a graph with prunescope's own CPU kernels (inference only).
+pub struct FastRunner {
+    graph: Graph,
+    inputs: Vec<(Vec<usize>, Vec<f32>)>,
+    samples: usize,
+}
+
+impl FastRunner {
+    /// `None` when some op has no kernel here.
+    pub fn new(candle: &GraphRunner) -> Option<FastRunner> {
+        if !crate::graph::fast::supports(&candle.graph) {
+            return None;
+        }
+        let inputs = candle
+            .inputs
+            .iter()
+            .map(|t| {
+                Some((
+                    t.dims().to_vec(),
+                    t.flatten_all().ok()?.to_vec1::<f32>().ok()?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(FastRunner {
+            graph: candle.graph.clone(),
+            inputs,
+            samples: candle.samples,
+        })
+    }
+}
+
+impl Runner for FastRunner {
+    fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
+        use rayon::prelude::*;
+        let names = self.graph.param_names();
+        let params: crate::graph::fast::FastParams = names
+            .par_iter()
+            .map(|name| {
+                let t = model.find(name).ok_or_else(|| EvalError::Tensor {
+                    tensor: name.clone(),
+                    msg: "missing from the model".into(),
+                })?;
+                let mut v = model.to_f32_vec(t);
+                if let Some(m) = masks.and_then(|m| m.get(name)) {
+                    m.apply(&mut v);
+                }
+                Ok((name.clone(), (model.tensors[t].shape.clone(), v)))
+            })
+            .collect::<Result<_, EvalError>>()?;
+        let mut values = Vec::new();
+        let mut sample_shape = Vec::new();
+        let mut start = 0;
+        while start < self.samples {
+            let len = CHUNK.min(self.samples - start);
+            let batch: Vec<(Vec<usize>, &[f32])> = self
+                .inputs
+                .iter()
+                .map(|(shape, v)| {
+                    let per: usize = shape[1..].iter().product();
+                    let mut s = shape.clone();
+                    s[0] = len;
+                    (s, &v[start * per..(start + len) * per])
+                })
+                .collect();
+            let (shape, y) = crate::graph::fast::forward(&self.graph, &batch, &params)?;
+            sample_shape = shape[1..].to_vec();
+            values.extend(y);
+            start += len;
+        }
+        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
+        Ok(Outputs {
+            rows: values.len() / cols,
+            cols,
+            values,
+            sample_shape,
+        })
+    }
+
+    fn engine(&self) -> Engine {
+        Engine {
+            name: "native",
+            trainable: true,
+            why: "prunescope's own CPU kernels run the graph forward; candle trains it".into(),
+        }
+    }
+}
+
 /// Two engines for one graph: the first run times both and keeps the faster.
 pub struct Fastest {
     runners: Vec<Box<dyn Runner>>,

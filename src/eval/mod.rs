@@ -12,7 +12,7 @@ mod score;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-pub use graph_runner::{Fastest, GraphRunner};
+pub use graph_runner::{FastRunner, Fastest, GraphRunner};
 pub use mlp::{ARCH_METADATA_KEY, Activation, MlpArch, MlpLayer, MlpRunner, metrics, mlp_forward};
 pub use onnx::OnnxRunner;
 pub use score::{Fidelity, Metrics, Outputs, argmax, score};
@@ -262,6 +262,41 @@ impl Evaluator for DataEvaluator {
     }
 }
 
+/// The runner for a graph that candle runs: the one asked for, or the fastest of candle,
+/// prunescope's kernels (where they cover every op) and tract (for ONNX files).
+fn choose(
+    candle: GraphRunner,
+    tract: Option<Box<dyn Runner>>,
+    engine: EnginePref,
+) -> Result<Box<dyn Runner>, EvalError> {
+    let native = FastRunner::new(&candle);
+    Ok(match engine {
+        EnginePref::Candle => Box::new(candle),
+        EnginePref::Native => Box::new(native.ok_or_else(|| {
+            EvalError::Input(
+                "prunescope's kernels do not cover every op of this graph (Concat, MatMul)".into(),
+            )
+        })?),
+        EnginePref::Tract => match tract {
+            Some(t) => t,
+            None => {
+                return Err(EvalError::Input(
+                    "tract runs ONNX files; this model's graph runs on candle".into(),
+                ));
+            }
+        },
+        EnginePref::Auto => {
+            let mut all: Vec<Box<dyn Runner>> = Vec::new();
+            if let Some(n) = native {
+                all.push(Box::new(n));
+            }
+            all.push(Box::new(candle));
+            all.extend(tract);
+            Box::new(Fastest::new(all))
+        }
+    })
+}
+
 /// Where evaluation data comes from.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum DataSource {
@@ -327,6 +362,8 @@ pub enum EnginePref {
     Auto,
     Tract,
     Candle,
+    /// prunescope's own CPU kernels (graphs of convolutions, pools, norms and linear layers).
+    Native,
 }
 
 impl EnginePref {
@@ -335,6 +372,7 @@ impl EnginePref {
             "auto" => Some(EnginePref::Auto),
             "tract" => Some(EnginePref::Tract),
             "candle" => Some(EnginePref::Candle),
+            "native" => Some(EnginePref::Native),
             _ => None,
         }
     }
@@ -386,11 +424,12 @@ pub fn evaluator_with(
                  backward"
                     .into(),
             )?;
-            return Ok(DataEvaluator::new(Box::new(runner), Arc::new(data), notes));
+            let runner = choose(runner, None, engine)?;
+            return Ok(DataEvaluator::new(runner, Arc::new(data), notes));
         }
-        if engine == EnginePref::Tract {
+        if matches!(engine, EnginePref::Tract | EnginePref::Native) {
             return Err(EvalError::Input(
-                "tract runs ONNX files; this MLP runs on candle".into(),
+                "this MLP description runs on candle only".into(),
             ));
         }
         let arch = MlpArch::from_json(json)?;
@@ -445,19 +484,16 @@ pub fn evaluator_with(
         tract.import_graph(model)
     };
     let runner: Box<dyn Runner> = match (imported, engine) {
-        (Ok(graph), EnginePref::Candle) => {
+        (Ok(graph), _) => {
             let why = "every operator is in prunescope's trainable graph; runs on candle, \
                        forward and backward"
                 .to_string();
-            Box::new(GraphRunner::new(model, graph, &data, why)?.0)
+            let (candle, _) = GraphRunner::new(model, graph, &data, why)?;
+            choose(candle, Some(Box::new(tract)), engine)?
         }
-        (Ok(graph), _) => {
-            let (candle, _) = GraphRunner::new(model, graph, &data, String::new())?;
-            Box::new(Fastest::new(vec![Box::new(candle), Box::new(tract)]))
-        }
-        (Err(why), EnginePref::Candle) => {
+        (Err(why), EnginePref::Candle | EnginePref::Native) => {
             return Err(EvalError::Input(format!(
-                "this graph cannot run on candle: {why}"
+                "this graph cannot run on candle or prunescope's kernels: {why}"
             )));
         }
         (Err(why), _) => {

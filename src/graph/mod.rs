@@ -6,6 +6,7 @@
 //! `MODEL.arch.json`); weights are referred to by tensor name. Shapes are per sample: the batch
 //! dimension is implicit everywhere.
 
+pub mod fast;
 pub mod onnx_import;
 
 use std::collections::HashMap;

@@ -1,0 +1,606 @@
+//! Inference of a [`Graph`] with prunescope's own CPU kernels: channels-last activations,
+//! convolution as one im2col + GEMM over the whole batch, BatchNorm as a per-channel affine
+//! map. candle's convolution runs one small GEMM per image (11 ms for a 16→16 3×3 layer on 360
+//! digits where this takes well under one), so the interactive path uses this engine for the
+//! graphs it covers; candle stays the engine for training, and the reference in tests.
+
+use rayon::prelude::*;
+
+use super::{Graph, GraphError, Op};
+
+thread_local! {
+    /// Freed activation buffers and the im2col scratch, reused by the next run on this thread:
+    /// fresh multi-megabyte buffers cost more in page faults than the arithmetic on them.
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `len` floats, recycled where one is free.
+fn buffer(len: usize) -> Vec<f32> {
+    let recycled = POOL.with_borrow_mut(|p| {
+        let i = p.iter().position(|b| b.capacity() >= len)?;
+        Some(p.swap_remove(i))
+    });
+    match recycled {
+        Some(mut b) => {
+            b.clear();
+            b.resize(len, 0.0);
+            b
+        }
+        None => vec![0f32; len],
+    }
+}
+
+fn recycle(b: Vec<f32>) {
+    POOL.with_borrow_mut(|p| {
+        if p.len() < 16 {
+            p.push(b);
+        }
+    });
+}
+
+/// An activation: logical shape `[N, …]` as PyTorch sees it; 4-D ones are stored channels-last
+/// (`[N, H, W, C]`), the rest row-major in logical order.
+#[derive(Clone, Debug)]
+struct Act {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Act {
+    fn nhwc(&self) -> bool {
+        self.shape.len() == 4
+    }
+
+    /// The data in logical (NCHW) order.
+    fn logical(&self) -> Vec<f32> {
+        if !self.nhwc() {
+            return self.data.clone();
+        }
+        let [_, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
+        let mut out = buffer(self.data.len());
+        out.par_chunks_mut(c * h * w)
+            .enumerate()
+            .for_each(|(b, dst)| {
+                let src = &self.data[b * h * w * c..(b + 1) * h * w * c];
+                for p in 0..h * w {
+                    for ch in 0..c {
+                        dst[ch * h * w + p] = src[p * c + ch];
+                    }
+                }
+            });
+        out
+    }
+
+    /// An activation from logical-order data.
+    fn from_logical(shape: Vec<usize>, data: Vec<f32>) -> Act {
+        if shape.len() != 4 {
+            return Act { shape, data };
+        }
+        let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+        let mut out = buffer(data.len());
+        out.par_chunks_mut(c * h * w)
+            .enumerate()
+            .for_each(|(b, dst)| {
+                let src = &data[b * c * h * w..(b + 1) * c * h * w];
+                for ch in 0..c {
+                    for p in 0..h * w {
+                        dst[p * c + ch] = src[ch * h * w + p];
+                    }
+                }
+            });
+        debug_assert_eq!(out.len(), n * c * h * w);
+        recycle(data);
+        Act { shape, data: out }
+    }
+}
+
+/// `c[m×n] = a[m×k] · b` where b is given by its strides (row stride along k, column stride
+/// along n); c is written at `c_off` with row stride `c_rs`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_off: usize,
+    c_rs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= m * k, "lhs too short");
+    assert!(
+        k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+        "rhs too short"
+    );
+    assert!(c.len() >= c_off + (m - 1) * c_rs + n, "dst too short");
+    if k == 0 {
+        for r in 0..m {
+            c[c_off + r * c_rs..c_off + r * c_rs + n].fill(0.0);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k >= 1 << 16 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index gemm reads or writes: a is m×k row-major,
+    // b reaches (k−1)·b_rs + (n−1)·b_cs, c reaches c_off + (m−1)·c_rs + n − 1.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(c_off),
+            1,
+            c_rs as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The weights by name, as plain f32 vectors with their shapes.
+pub type FastParams = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Whether every op of the graph has a kernel here.
+pub fn supports(graph: &Graph) -> bool {
+    graph
+        .nodes
+        .iter()
+        .all(|n| !matches!(n.op, Op::Concat { .. } | Op::MatMul))
+}
+
+/// Most floats an im2col buffer may take before the batch is split (64 MB).
+const PATCH_BUDGET: usize = 16 << 20;
+
+fn conv2d(
+    x: &Act,
+    w: &(Vec<usize>, Vec<f32>),
+    bias: Option<&(Vec<usize>, Vec<f32>)>,
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+    groups: usize,
+) -> Act {
+    let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let (ws, wv) = w;
+    let [o, cg, kh, kw] = [ws[0], ws[1], ws[2], ws[3]];
+    let og = o / groups;
+    let oh = (h + 2 * pad[0] - dil[0] * (kh - 1) - 1) / stride[0] + 1;
+    let ow = (wd + 2 * pad[1] - dil[1] * (kw - 1) - 1) / stride[1] + 1;
+    let k = kh * kw * cg;
+    // Weights as [group][k = (i, j, c)][o'] for a row-major GEMM.
+    let mut wk = vec![0f32; groups * k * og];
+    for g in 0..groups {
+        for oo in 0..og {
+            for ci in 0..cg {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let src = (((g * og + oo) * cg + ci) * kh + i) * kw + j;
+                        let row = (i * kw + j) * cg + ci;
+                        wk[(g * k + row) * og + oo] = wv[src];
+                    }
+                }
+            }
+        }
+    }
+    let per_image = oh * ow;
+    let mut out = buffer(n * per_image * o);
+    let chunk = (PATCH_BUDGET / (per_image * k).max(1)).clamp(1, n.max(1));
+    let mut patches = PATCHES.with_borrow_mut(std::mem::take);
+    if patches.len() < chunk * per_image * k {
+        patches = vec![0f32; chunk * per_image * k];
+    }
+    for start in (0..n).step_by(chunk) {
+        let imgs = chunk.min(n - start);
+        for g in 0..groups {
+            patches[..imgs * per_image * k]
+                .par_chunks_mut(per_image * k)
+                .enumerate()
+                .for_each(|(b, dst)| {
+                    let img = &x.data[(start + b) * h * wd * c..(start + b + 1) * h * wd * c];
+                    for y in 0..oh {
+                        for xo in 0..ow {
+                            let row = &mut dst[(y * ow + xo) * k..(y * ow + xo + 1) * k];
+                            for i in 0..kh {
+                                let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
+                                for j in 0..kw {
+                                    let ix =
+                                        (xo * stride[1] + j * dil[1]) as isize - pad[1] as isize;
+                                    let seg = &mut row[(i * kw + j) * cg..(i * kw + j + 1) * cg];
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        seg.fill(0.0);
+                                    } else {
+                                        let at = (iy as usize * wd + ix as usize) * c + g * cg;
+                                        seg.copy_from_slice(&img[at..at + cg]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            let rows = imgs * per_image;
+            matmul(
+                rows,
+                og,
+                k,
+                &patches[..rows * k],
+                &wk[g * k * og..(g + 1) * k * og],
+                og,
+                1,
+                &mut out,
+                start * per_image * o + g * og,
+                o,
+            );
+        }
+    }
+    PATCHES.with_borrow_mut(|p| *p = patches);
+    if let Some((_, b)) = bias {
+        out.par_chunks_mut(o).for_each(|px| {
+            for (v, bb) in px.iter_mut().zip(b) {
+                *v += bb;
+            }
+        });
+    }
+    Act {
+        shape: vec![n, o, oh, ow],
+        data: out,
+    }
+}
+
+fn pool(x: &Act, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Act {
+    let [n, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let oh = (h - kernel[0]) / stride[0] + 1;
+    let ow = (w - kernel[1]) / stride[1] + 1;
+    let mut out = buffer(n * oh * ow * c);
+    let area = (kernel[0] * kernel[1]) as f32;
+    out.par_chunks_mut(oh * ow * c)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let img = &x.data[b * h * w * c..(b + 1) * h * w * c];
+            for y in 0..oh {
+                for xo in 0..ow {
+                    let cell = &mut dst[(y * ow + xo) * c..(y * ow + xo + 1) * c];
+                    cell.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                    for i in 0..kernel[0] {
+                        for j in 0..kernel[1] {
+                            let at = ((y * stride[0] + i) * w + xo * stride[1] + j) * c;
+                            for (d, &v) in cell.iter_mut().zip(&img[at..at + c]) {
+                                if max {
+                                    // NaN propagates, as in candle and PyTorch.
+                                    if v > *d || v.is_nan() {
+                                        *d = v;
+                                    }
+                                } else {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                    if !max {
+                        cell.iter_mut().for_each(|v| *v /= area);
+                    }
+                }
+            }
+        });
+    Act {
+        shape: vec![n, c, oh, ow],
+        data: out,
+    }
+}
+
+/// Runs the graph in inference mode on batched logical-order inputs; returns the output in
+/// logical order with its batched shape.
+pub fn forward(
+    graph: &Graph,
+    inputs: &[(Vec<usize>, &[f32])],
+    params: &FastParams,
+) -> Result<(Vec<usize>, Vec<f32>), GraphError> {
+    let mut values: std::collections::HashMap<&str, Act> = std::collections::HashMap::new();
+    for (spec, (shape, data)) in graph.inputs.iter().zip(inputs) {
+        values.insert(&spec.name, Act::from_logical(shape.clone(), data.to_vec()));
+    }
+    let profile = std::env::var_os("PRUNESCOPE_PROFILE").is_some();
+    // Uses left of each value: an op that is a value's last reader may overwrite it in place.
+    let mut uses: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for n in &graph.nodes {
+        for i in &n.inputs {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    *uses.entry(graph.output.as_str()).or_default() += 1;
+    let mut skip = false;
+    for (k, n) in graph.nodes.iter().enumerate() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        for i in &n.inputs {
+            if let Some(u) = uses.get_mut(i.as_str()) {
+                *u -= 1;
+            }
+        }
+        // A ReLU that is the only reader of this node's output runs in the same pass.
+        let fused_relu = graph.nodes.get(k + 1).filter(|next| {
+            matches!(next.op, Op::Relu)
+                && next.inputs[0] == n.output
+                && uses.get(n.output.as_str()).copied() == Some(1)
+                && matches!(n.op, Op::BatchNorm { .. } | Op::Add)
+        });
+        let last_use = |v: &str, uses: &std::collections::HashMap<&str, usize>| {
+            uses.get(v).copied() == Some(0)
+        };
+        // The first input, owned: moved out when this node is its last reader, else copied.
+        let owned_first = |values: &mut std::collections::HashMap<&str, Act>| -> Option<Act> {
+            if last_use(&n.inputs[0], &uses)
+                && n.inputs.iter().filter(|i| **i == n.inputs[0]).count() == 1
+            {
+                values.remove(n.inputs[0].as_str())
+            } else {
+                values.get(n.inputs[0].as_str()).map(|a| {
+                    let mut data = buffer(a.data.len());
+                    data.copy_from_slice(&a.data);
+                    Act {
+                        shape: a.shape.clone(),
+                        data,
+                    }
+                })
+            }
+        };
+        let t0 = std::time::Instant::now();
+        let err = |msg: &str| GraphError::Node {
+            node: n.name.clone(),
+            msg: msg.into(),
+        };
+        let p = |name: &str| {
+            params.get(name).ok_or_else(|| GraphError::Tensor {
+                node: n.name.clone(),
+                tensor: name.into(),
+                msg: "no value given".into(),
+            })
+        };
+        let x = values
+            .get(n.inputs[0].as_str())
+            .ok_or_else(|| err("an input has no value"))?;
+        let out = match &n.op {
+            Op::Conv2d {
+                weight,
+                bias,
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                if !x.nhwc() {
+                    return Err(err("convolution of a non-image value"));
+                }
+                let b = bias.as_deref().map(p).transpose()?;
+                conv2d(x, p(weight)?, b, *stride, *padding, *dilation, *groups)
+            }
+            Op::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                eps,
+                ..
+            } => {
+                // Channels are the last stored dimension for 4-D (channels-last) and 2-D values.
+                if !(x.nhwc() || x.shape.len() == 2) {
+                    return Err(err("batch norm of a value that is neither [N, C] nor 4-D"));
+                }
+                let (g, b, m, v) = (
+                    &p(weight)?.1,
+                    &p(bias)?.1,
+                    &p(running_mean)?.1,
+                    &p(running_var)?.1,
+                );
+                let scale: Vec<f32> = g
+                    .iter()
+                    .zip(v)
+                    .map(|(g, v)| g / (v + *eps as f32).sqrt())
+                    .collect();
+                let shift: Vec<f32> = b
+                    .iter()
+                    .zip(m)
+                    .zip(&scale)
+                    .map(|((b, m), s)| b - m * s)
+                    .collect();
+                let c = scale.len();
+                let relu = fused_relu.is_some();
+                let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
+                a.data.par_chunks_mut(c * 256).for_each(|block| {
+                    for px in block.chunks_exact_mut(c) {
+                        for ((v, s), t) in px.iter_mut().zip(&scale).zip(&shift) {
+                            let y = *v * s + t;
+                            *v = if relu { y.max(0.0) } else { y };
+                        }
+                    }
+                });
+                a
+            }
+            Op::Linear { weight, bias } => {
+                let logical = x.logical();
+                let (ws, wv) = p(weight)?;
+                let (out_f, in_f) = (ws[0], ws[1]);
+                let rows = logical.len() / in_f;
+                let mut out = vec![0f32; rows * out_f];
+                // Wᵀ without a copy: element (k, j) of Wᵀ is W[j][k].
+                matmul(rows, out_f, in_f, &logical, wv, 1, in_f, &mut out, 0, out_f);
+                if let Some(b) = bias {
+                    let b = &p(b)?.1;
+                    out.par_chunks_mut(out_f).for_each(|r| {
+                        for (v, bb) in r.iter_mut().zip(b) {
+                            *v += bb;
+                        }
+                    });
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().expect("rank ≥ 1") = out_f;
+                Act::from_logical(shape, out)
+            }
+            Op::LayerNorm { weight, bias, eps } => {
+                let mut data = x.logical();
+                let g = &p(weight)?.1;
+                let b = bias.as_deref().map(p).transpose()?.map(|t| &t.1);
+                let d = *x.shape.last().expect("rank ≥ 1");
+                data.par_chunks_mut(d).for_each(|r| {
+                    let mean = r.iter().sum::<f32>() / d as f32;
+                    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let inv = 1.0 / (var + *eps as f32).sqrt();
+                    for i in 0..d {
+                        r[i] = (r[i] - mean) * inv * g[i] + b.map_or(0.0, |b| b[i]);
+                    }
+                });
+                Act::from_logical(x.shape.clone(), data)
+            }
+            Op::Softmax => {
+                let mut data = x.logical();
+                let d = *x.shape.last().expect("rank ≥ 1");
+                data.par_chunks_mut(d).for_each(|r| {
+                    let max = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for v in r.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    r.iter_mut().for_each(|v| *v /= sum);
+                });
+                Act::from_logical(x.shape.clone(), data)
+            }
+            Op::Relu | Op::Gelu | Op::Tanh | Op::Sigmoid => {
+                let f: fn(f32) -> f32 = match n.op {
+                    Op::Relu => |v| v.max(0.0),
+                    Op::Gelu => {
+                        |v| 0.5 * v * (1.0 + libm::erf(v as f64 / std::f64::consts::SQRT_2) as f32)
+                    }
+                    Op::Tanh => f32::tanh,
+                    _ => |v| 1.0 / (1.0 + (-v).exp()),
+                };
+                let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
+                a.data
+                    .par_chunks_mut(4096)
+                    .for_each(|b| b.iter_mut().for_each(|v| *v = f(*v)));
+                a
+            }
+            Op::Dropout { .. } => {
+                owned_first(&mut values).ok_or_else(|| err("an input has no value"))?
+            }
+            Op::MaxPool { kernel, stride } | Op::AvgPool { kernel, stride } => {
+                if !x.nhwc() {
+                    return Err(err("pooling of a non-image value"));
+                }
+                pool(x, *kernel, *stride, matches!(n.op, Op::MaxPool { .. }))
+            }
+            Op::GlobalAvgPool { keep_dims } => {
+                if !x.nhwc() {
+                    return Err(err("pooling of a non-image value"));
+                }
+                let [b, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+                let mut data = vec![0f32; b * c];
+                data.par_chunks_mut(c).enumerate().for_each(|(i, dst)| {
+                    for px in x.data[i * h * w * c..(i + 1) * h * w * c].chunks(c) {
+                        for (d, v) in dst.iter_mut().zip(px) {
+                            *d += v;
+                        }
+                    }
+                    dst.iter_mut().for_each(|v| *v /= (h * w) as f32);
+                });
+                // [N, C, 1, 1] channels-last is the same data as [N, C].
+                let shape = if *keep_dims {
+                    vec![b, c, 1, 1]
+                } else {
+                    vec![b, c]
+                };
+                Act { shape, data }
+            }
+            Op::Flatten => {
+                let rest: usize = x.shape[1..].iter().product();
+                Act {
+                    shape: vec![x.shape[0], rest],
+                    data: x.logical(),
+                }
+            }
+            Op::Reshape { shape } => {
+                let mut s = vec![x.shape[0]];
+                s.extend(shape);
+                Act::from_logical(s, x.logical())
+            }
+            Op::Add => {
+                let y = values
+                    .get(n.inputs[1].as_str())
+                    .ok_or_else(|| err("an input has no value"))?;
+                if y.shape != x.shape {
+                    return Err(err("adds values of different shapes"));
+                }
+                let mut y_data = buffer(y.data.len());
+                y_data.copy_from_slice(&y.data);
+                let relu = fused_relu.is_some();
+                let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
+                a.data
+                    .par_chunks_mut(4096)
+                    .zip(y_data.par_chunks(4096))
+                    .for_each(|(a, b)| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            let s = *x + y;
+                            *x = if relu { s.max(0.0) } else { s };
+                        }
+                    });
+                recycle(y_data);
+                a
+            }
+            Op::Concat { .. } | Op::MatMul => {
+                return Err(err("no fast kernel for this op; use candle"));
+            }
+        };
+        for i in &n.inputs {
+            if last_use(i, &uses)
+                && let Some(a) = values.remove(i.as_str())
+            {
+                recycle(a.data);
+            }
+        }
+        if profile {
+            eprintln!(
+                "{:<24} {:>8.3} ms",
+                n.name,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        match fused_relu {
+            Some(next) => {
+                if let Some(u) = uses.get_mut(next.inputs[0].as_str()) {
+                    *u -= 1;
+                }
+                values.insert(&next.output, out);
+                skip = true;
+            }
+            None => {
+                values.insert(&n.output, out);
+            }
+        }
+    }
+    let out = values
+        .remove(graph.output.as_str())
+        .ok_or_else(|| GraphError::Json(format!("the output '{}' is never made", graph.output)))?;
+    Ok((out.shape.clone(), out.logical()))
+}
