@@ -23,6 +23,11 @@ fn touch(m: &Model) {
         // The pruned-ONNX writer re-reads the file: what loaded must re-read the same.
         let inits = crate::model::onnx_io::initializers(m.backing_bytes());
         assert_eq!(inits.map(|v| v.len()).ok(), Some(m.tensors.len()));
+        // The graph importer reads nodes, attributes and constants the loader never looks at;
+        // what it accepts must pass the graph's own checks.
+        if let Ok(g) = crate::eval::import_onnx_graph(m) {
+            assert!(g.check(m).is_ok(), "an imported graph failed its own check");
+        }
     }
     for (t, e) in m.tensors.iter().enumerate() {
         let bytes = m.tensor_bytes(t);

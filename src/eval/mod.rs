@@ -297,6 +297,22 @@ fn choose(
     })
 }
 
+/// Parses an ONNX model's graph and imports it into prunescope's graph, with every declared
+/// input dimension that is not fixed taken as 1 (fuzzing; no data or engine involved).
+pub fn import_onnx_graph(model: &Model) -> Result<crate::graph::Graph, String> {
+    let info = onnx::GraphInfo::read(model).map_err(|e| e.to_string())?;
+    let shapes: Vec<(String, Vec<usize>)> = info
+        .data_inputs
+        .iter()
+        .map(|i| {
+            let dims = i.dims.clone().unwrap_or_default();
+            let per = dims.iter().skip(1).map(|d| d.unwrap_or(1)).collect();
+            (i.name.clone(), per)
+        })
+        .collect();
+    info.import(model, &shapes)
+}
+
 /// Where evaluation data comes from.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum DataSource {

@@ -143,6 +143,15 @@ impl GraphInfo {
         })
     }
 
+    /// Imports the graph into prunescope's graph with the given per-sample input shapes.
+    pub fn import(
+        &self,
+        model: &Model,
+        shapes: &[(String, Vec<usize>)],
+    ) -> Result<crate::graph::Graph, String> {
+        crate::graph::onnx_import::import(&self.proto, model, shapes)
+    }
+
     pub fn describe_inputs(&self) -> String {
         self.data_inputs
             .iter()
@@ -333,7 +342,7 @@ impl OnnxRunner {
             .zip(&self.feeds)
             .map(|(i, f)| (i.name.clone(), f.sample_shape.clone()))
             .collect();
-        crate::graph::onnx_import::import(&self.graph.proto, model, &shapes)
+        self.graph.import(model, &shapes)
     }
 
     pub fn set_untrainable_reason(&mut self, why: String) {

@@ -172,6 +172,134 @@ pub fn supports(graph: &Graph) -> bool {
 /// Most floats an im2col buffer may take before the batch is split (64 MB).
 const PATCH_BUDGET: usize = 16 << 20;
 
+/// One output row of a direct convolution (channels-last) with `O` output channels: each
+/// pixel's outputs accumulate in a local array the compiler keeps in vector registers, the
+/// weight rows laid out `[(i, j, c)][o]`.
+macro_rules! direct_row {
+    ($name:ident, $fma:expr $(, $attr:meta)?) => {
+        $(#[$attr])?
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const O: usize>(
+            row: &mut [f32],
+            img: &[f32],
+            wt: &[f32],
+            bias: Option<&[f32]>,
+            y: usize,
+            dims: [usize; 6],
+            stride: [usize; 2],
+            pad: [usize; 2],
+            dil: [usize; 2],
+        ) {
+            let [h, wd, c, kh, kw, ow] = dims;
+            for xo in 0..ow {
+                let mut acc = [0f32; O];
+                if let Some(b) = bias {
+                    acc.copy_from_slice(&b[..O]);
+                }
+                for i in 0..kh {
+                    let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for j in 0..kw {
+                        let ix = (xo * stride[1] + j * dil[1]) as isize - pad[1] as isize;
+                        if ix < 0 || ix >= wd as isize {
+                            continue;
+                        }
+                        let px = &img[(iy as usize * wd + ix as usize) * c..][..c];
+                        let wbase = (i * kw + j) * c * O;
+                        let wrows = &wt[wbase..wbase + c * O];
+                        for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
+                            for k in 0..O {
+                                acc[k] = $fma(a, wr[k], acc[k]);
+                            }
+                        }
+                    }
+                }
+                row[xo * O..(xo + 1) * O].copy_from_slice(&acc);
+            }
+        }
+    };
+}
+
+direct_row!(direct_row_generic, |a: f32, w: f32, s: f32| s + a * w);
+#[cfg(target_arch = "x86_64")]
+direct_row!(
+    direct_row_avx2,
+    |a: f32, w: f32, s: f32| a.mul_add(w, s),
+    target_feature(enable = "avx2,fma")
+);
+
+#[allow(clippy::too_many_arguments)]
+fn direct_rows<const O: usize>(
+    out: &mut [f32],
+    x: &Act,
+    wk: &[f32],
+    bias: Option<&[f32]>,
+    k: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+    out_hw: [usize; 2],
+) {
+    let [_, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [oh, ow] = out_hw;
+    #[cfg(target_arch = "x86_64")]
+    let fast =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    out.par_chunks_mut(ow * O).enumerate().for_each(|(r, row)| {
+        let (b, y) = (r / oh, r % oh);
+        let img = &x.data[b * h * wd * c..(b + 1) * h * wd * c];
+        let dims = [h, wd, c, k[0], k[1], ow];
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the body is safe Rust.
+            unsafe { direct_row_avx2::<O>(row, img, wk, bias, y, dims, stride, pad, dil) };
+            return;
+        }
+        // SAFETY: no target features are assumed; the body is safe Rust.
+        unsafe { direct_row_generic::<O>(row, img, wk, bias, y, dims, stride, pad, dil) };
+    });
+}
+
+/// Direct convolution for one group and 8, 16 or 32 output channels: no im2col buffer, a
+/// pixel's outputs stay in registers. `None` for other channel counts.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_direct(
+    x: &Act,
+    wk: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    k: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+    out_hw: [usize; 2],
+) -> Option<Vec<f32>> {
+    let n = x.shape[0];
+    let mut out = buffer(n * out_hw[0] * out_hw[1] * o);
+    let args = (x, wk, bias, k, stride, pad, dil, out_hw);
+    match o {
+        8 => direct_rows::<8>(
+            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        ),
+        16 => direct_rows::<16>(
+            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        ),
+        32 => direct_rows::<32>(
+            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        ),
+        _ => {
+            recycle(out);
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Output channels up to which the direct kernel beats im2col + GEMM (measured on the samples).
+const DIRECT_MAX_OUT: usize = 64;
+
 fn conv2d(
     x: &Act,
     w: &(Vec<usize>, Vec<f32>),
@@ -202,6 +330,26 @@ fn conv2d(
                 }
             }
         }
+    }
+    if groups == 1
+        && o <= DIRECT_MAX_OUT
+        && std::env::var_os("PRUNESCOPE_NO_DIRECT").is_none_or(|v| v.is_empty())
+        && let Some(data) = conv2d_direct(
+            x,
+            &wk,
+            bias.map(|b| b.1.as_slice()),
+            o,
+            [kh, kw],
+            stride,
+            pad,
+            dil,
+            [oh, ow],
+        )
+    {
+        return Act {
+            shape: vec![n, o, oh, ow],
+            data,
+        };
     }
     let per_image = oh * ow;
     let mut out = buffer(n * per_image * o);
