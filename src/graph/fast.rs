@@ -189,9 +189,68 @@ macro_rules! direct_row {
             stride: [usize; 2],
             pad: [usize; 2],
             dil: [usize; 2],
+            relu: bool,
         ) {
             let [h, wd, c, kh, kw, ow] = dims;
-            for xo in 0..ow {
+            let mut xo = 0;
+            // Four pixels at a time: each weight load then feeds four FMAs per lane.
+            while xo + 4 <= ow {
+                let mut acc = [[0f32; O]; 4];
+                if let Some(b) = bias {
+                    for a in acc.iter_mut() {
+                        a.copy_from_slice(&b[..O]);
+                    }
+                }
+                for i in 0..kh {
+                    let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let line = &img[iy as usize * wd * c..(iy as usize + 1) * wd * c];
+                    for j in 0..kw {
+                        let ix = |p: usize| {
+                            ((xo + p) * stride[1] + j * dil[1]) as isize - pad[1] as isize
+                        };
+                        let ok = |p: usize| ix(p) >= 0 && ix(p) < wd as isize;
+                        let wbase = (i * kw + j) * c * O;
+                        let wrows = &wt[wbase..wbase + c * O];
+                        if ok(0) && ok(3) {
+                            let px: [&[f32]; 4] =
+                                std::array::from_fn(|p| &line[ix(p) as usize * c..][..c]);
+                            for (ci, wr) in wrows.chunks_exact(O).enumerate() {
+                                let a = [px[0][ci], px[1][ci], px[2][ci], px[3][ci]];
+                                for k in 0..O {
+                                    let w = wr[k];
+                                    acc[0][k] = $fma(a[0], w, acc[0][k]);
+                                    acc[1][k] = $fma(a[1], w, acc[1][k]);
+                                    acc[2][k] = $fma(a[2], w, acc[2][k]);
+                                    acc[3][k] = $fma(a[3], w, acc[3][k]);
+                                }
+                            }
+                        } else {
+                            for (p, accp) in acc.iter_mut().enumerate() {
+                                if !ok(p) {
+                                    continue;
+                                }
+                                let px = &line[ix(p) as usize * c..][..c];
+                                for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
+                                    for k in 0..O {
+                                        accp[k] = $fma(a, wr[k], accp[k]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (p, a) in acc.iter().enumerate() {
+                    let dst = &mut row[(xo + p) * O..(xo + p + 1) * O];
+                    for (d, &v) in dst.iter_mut().zip(a) {
+                        *d = if relu { v.max(0.0) } else { v };
+                    }
+                }
+                xo += 4;
+            }
+            while xo < ow {
                 let mut acc = [0f32; O];
                 if let Some(b) = bias {
                     acc.copy_from_slice(&b[..O]);
@@ -216,7 +275,10 @@ macro_rules! direct_row {
                         }
                     }
                 }
-                row[xo * O..(xo + 1) * O].copy_from_slice(&acc);
+                for (d, &v) in row[xo * O..(xo + 1) * O].iter_mut().zip(&acc) {
+                    *d = if relu { v.max(0.0) } else { v };
+                }
+                xo += 1;
             }
         }
     };
@@ -241,6 +303,7 @@ fn direct_rows<const O: usize>(
     pad: [usize; 2],
     dil: [usize; 2],
     out_hw: [usize; 2],
+    relu: bool,
 ) {
     let [_, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let [oh, ow] = out_hw;
@@ -254,11 +317,11 @@ fn direct_rows<const O: usize>(
         #[cfg(target_arch = "x86_64")]
         if fast {
             // SAFETY: the CPU has AVX2 and FMA (checked above); the body is safe Rust.
-            unsafe { direct_row_avx2::<O>(row, img, wk, bias, y, dims, stride, pad, dil) };
+            unsafe { direct_row_avx2::<O>(row, img, wk, bias, y, dims, stride, pad, dil, relu) };
             return;
         }
         // SAFETY: no target features are assumed; the body is safe Rust.
-        unsafe { direct_row_generic::<O>(row, img, wk, bias, y, dims, stride, pad, dil) };
+        unsafe { direct_row_generic::<O>(row, img, wk, bias, y, dims, stride, pad, dil, relu) };
     });
 }
 
@@ -275,20 +338,15 @@ fn conv2d_direct(
     pad: [usize; 2],
     dil: [usize; 2],
     out_hw: [usize; 2],
+    relu: bool,
 ) -> Option<Vec<f32>> {
     let n = x.shape[0];
     let mut out = buffer(n * out_hw[0] * out_hw[1] * o);
-    let args = (x, wk, bias, k, stride, pad, dil, out_hw);
+    let a = (x, wk, bias, k, stride, pad, dil, out_hw, relu);
     match o {
-        8 => direct_rows::<8>(
-            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
-        ),
-        16 => direct_rows::<16>(
-            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
-        ),
-        32 => direct_rows::<32>(
-            &mut out, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
-        ),
+        8 => direct_rows::<8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        16 => direct_rows::<16>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        32 => direct_rows::<32>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
         _ => {
             recycle(out);
             return None;
@@ -300,6 +358,7 @@ fn conv2d_direct(
 /// Output channels up to which the direct kernel beats im2col + GEMM (measured on the samples).
 const DIRECT_MAX_OUT: usize = 64;
 
+#[allow(clippy::too_many_arguments)]
 fn conv2d(
     x: &Act,
     w: &(Vec<usize>, Vec<f32>),
@@ -308,6 +367,7 @@ fn conv2d(
     pad: [usize; 2],
     dil: [usize; 2],
     groups: usize,
+    relu: bool,
 ) -> Act {
     let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let (ws, wv) = w;
@@ -344,6 +404,7 @@ fn conv2d(
             pad,
             dil,
             [oh, ow],
+            relu,
         )
     {
         return Act {
@@ -402,13 +463,16 @@ fn conv2d(
         }
     }
     PATCHES.with_borrow_mut(|p| *p = patches);
-    if let Some((_, b)) = bias {
-        out.par_chunks_mut(o).for_each(|px| {
+    let zero = vec![0f32; o];
+    let b = bias.map_or(&zero, |b| &b.1);
+    out.par_chunks_mut(o * 64).for_each(|block| {
+        for px in block.chunks_exact_mut(o) {
             for (v, bb) in px.iter_mut().zip(b) {
-                *v += bb;
+                let y = *v + bb;
+                *v = if relu { y.max(0.0) } else { y };
             }
-        });
-    }
+        }
+    });
     Act {
         shape: vec![n, o, oh, ow],
         data: out,
@@ -492,7 +556,7 @@ pub fn forward(
             matches!(next.op, Op::Relu)
                 && next.inputs[0] == n.output
                 && uses.get(n.output.as_str()).copied() == Some(1)
-                && matches!(n.op, Op::BatchNorm { .. } | Op::Add)
+                && matches!(n.op, Op::BatchNorm { .. } | Op::Add | Op::Conv2d { .. })
         });
         let last_use = |v: &str, uses: &std::collections::HashMap<&str, usize>| {
             uses.get(v).copied() == Some(0)
@@ -542,7 +606,17 @@ pub fn forward(
                     return Err(err("convolution of a non-image value"));
                 }
                 let b = bias.as_deref().map(p).transpose()?;
-                conv2d(x, p(weight)?, b, *stride, *padding, *dilation, *groups)
+                let relu = fused_relu.is_some();
+                conv2d(
+                    x,
+                    p(weight)?,
+                    b,
+                    *stride,
+                    *padding,
+                    *dilation,
+                    *groups,
+                    relu,
+                )
             }
             Op::BatchNorm {
                 weight,
