@@ -530,3 +530,181 @@ fn bench_eval_reports_medians_and_no_rebuild() {
         .collect();
     assert_eq!(engines, ["tract", "candle", "native"]);
 }
+
+/// A small ONNX model built node by node (prost types), for import cases PyTorch rarely writes.
+fn onnx_model(
+    nodes: Vec<tract_onnx::pb::NodeProto>,
+    inits: &[(&str, Vec<i64>)],
+    x: &[i64],
+) -> Model {
+    use prost::Message;
+    use tract_onnx::pb;
+    let value_info = |name: &str, dims: &[i64]| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            denotation: String::new(),
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| pb::tensor_shape_proto::Dimension {
+                            denotation: String::new(),
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                        })
+                        .collect(),
+                }),
+            })),
+        }),
+        doc_string: String::new(),
+    };
+    let initializer = inits
+        .iter()
+        .map(|(name, dims)| {
+            let n: i64 = dims.iter().product();
+            pb::TensorProto {
+                name: name.to_string(),
+                dims: dims.clone(),
+                data_type: 1,
+                raw_data: (0..n)
+                    .flat_map(|i| (i as f32 * 0.1).to_le_bytes())
+                    .collect(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "g".into(),
+            node: nodes,
+            initializer,
+            input: vec![value_info("x", x)],
+            output: vec![value_info("out", &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Model::from_bytes(
+        "built.onnx",
+        prunescope::model::ModelFormat::Onnx,
+        model.encode_to_vec(),
+    )
+    .unwrap()
+}
+
+fn node(
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+    attrs: Vec<tract_onnx::pb::AttributeProto>,
+) -> tract_onnx::pb::NodeProto {
+    tract_onnx::pb::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_importer_refuses_what_it_would_get_wrong() {
+    use prunescope::eval::import_onnx_graph;
+    use tract_onnx::pb::AttributeProto;
+    let perm = AttributeProto {
+        name: "perm".into(),
+        ints: vec![1, 0],
+        r#type: 7,
+        ..Default::default()
+    };
+    // y = x·Wᵀ is read by the bias Add and by a ReLU: folding b into the Linear would give the
+    // ReLU y + b.
+    let linear = |extra: Vec<tract_onnx::pb::NodeProto>| {
+        let mut nodes = vec![
+            node("Transpose", &["W"], "Wt", vec![perm.clone()]),
+            node("MatMul", &["x", "Wt"], "y", vec![]),
+            node("Add", &["y", "b"], "z", vec![]),
+        ];
+        nodes.extend(extra);
+        nodes
+    };
+    let shared = onnx_model(
+        linear(vec![
+            node("Relu", &["y"], "r", vec![]),
+            node("Add", &["z", "r"], "out", vec![]),
+        ]),
+        &[("W", vec![3, 4]), ("b", vec![3])],
+        &[2, 4],
+    );
+    let e = import_onnx_graph(&shared).unwrap_err();
+    assert!(e.contains("read elsewhere"), "{e}");
+    // The sole reader: the bias folds, and the graph is a Linear.
+    let single = onnx_model(
+        linear(vec![node("Relu", &["z"], "out", vec![])]),
+        &[("W", vec![3, 4]), ("b", vec![3])],
+        &[2, 4],
+    );
+    let g = import_onnx_graph(&single).unwrap();
+    assert_eq!(g.nodes.len(), 2, "{g:?}");
+    // A weight of another shape is not a bias.
+    let pos = onnx_model(
+        linear(vec![node("Relu", &["z"], "out", vec![])]),
+        &[("W", vec![3, 4]), ("b", vec![2, 3])],
+        &[2, 4],
+    );
+    let e = import_onnx_graph(&pos).unwrap_err();
+    assert!(e.contains("not a [out] bias"), "{e}");
+    // A pool with auto_pad SAME would be imported unpadded.
+    let attr_ints = |name: &str, v: Vec<i64>| AttributeProto {
+        name: name.into(),
+        ints: v,
+        r#type: 7,
+        ..Default::default()
+    };
+    let same = AttributeProto {
+        name: "auto_pad".into(),
+        s: b"SAME_UPPER".to_vec(),
+        r#type: 3,
+        ..Default::default()
+    };
+    let pool = onnx_model(
+        vec![node(
+            "MaxPool",
+            &["x"],
+            "out",
+            vec![
+                attr_ints("kernel_shape", vec![3, 3]),
+                attr_ints("strides", vec![2, 2]),
+                same,
+            ],
+        )],
+        &[("unused", vec![2, 2])],
+        &[1, 1, 8, 8],
+    );
+    let e = import_onnx_graph(&pool).unwrap_err();
+    assert!(e.contains("MaxPool"), "{e}");
+}
+
+#[test]
+fn a_model_exported_with_a_fixed_batch_runs_in_batches_of_that_size() {
+    // cnn_bn_residual_opset17.onnx was exported without a dynamic batch axis: its input is
+    // [2, 1, 8, 8]. 360 digits run as 180 batches, and every engine agrees.
+    let model = Model::open(&fixture("cnn_bn_residual_opset17.onnx")).unwrap();
+    let masks = half(&model);
+    let run = |e| {
+        evaluator_with(&model, &DataSource::Digits, e)
+            .unwrap()
+            .evaluate(&model, &masks)
+            .unwrap()
+    };
+    let (t, c) = (run(EnginePref::Tract), run(EnginePref::Candle));
+    assert_eq!(t.samples, 360);
+    assert_eq!(t.accuracy, c.accuracy);
+    assert!((t.loss.unwrap() - c.loss.unwrap()).abs() < 1e-5);
+}

@@ -246,19 +246,32 @@ impl Runner for Fastest {
             return self.runners[*k].run(model, masks);
         }
         // Each engine's first run includes one-off work (plans, thread pools): time a second.
+        // An engine that fails here (an op one of them cannot run) is left out.
         let mut best: Option<(usize, f64, Outputs)> = None;
         let mut times = Vec::new();
+        let mut first_error = None;
         for (k, r) in self.runners.iter().enumerate() {
-            let out = r.run(model, masks)?;
-            let t0 = Instant::now();
-            r.run(model, masks)?;
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let timed = r.run(model, masks).and_then(|out| {
+                let t0 = Instant::now();
+                r.run(model, masks)?;
+                Ok((out, t0.elapsed().as_secs_f64() * 1e3))
+            });
+            let (out, ms) = match timed {
+                Ok(x) => x,
+                Err(e) => {
+                    times.push(format!("{} failed: {e}", r.engine().name));
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
             times.push(format!("{} {ms:.2} ms", r.engine().name));
             if best.as_ref().is_none_or(|b| ms < b.1) {
                 best = Some((k, ms, out));
             }
         }
-        let (k, _, out) = best.expect("at least one runner");
+        let Some((k, _, out)) = best else {
+            return Err(first_error.expect("at least one runner ran"));
+        };
         *chosen = Some((k, times.join(", ")));
         Ok(out)
     }

@@ -301,7 +301,23 @@ impl OnnxRunner {
             .iter()
             .map(|f| f.sample_shape.iter().product::<usize>().max(1))
             .sum();
-        let batch = (BATCH_ELEMENTS / per_sample.max(1)).clamp(1, data.samples.max(1));
+        // A batch size the model fixes (exported without a dynamic batch axis) is kept: its
+        // graph may reshape with it. The last batch is padded either way.
+        let fixed: Vec<usize> = graph
+            .data_inputs
+            .iter()
+            .filter_map(|i| i.dims.as_ref().and_then(|d| d.first().copied().flatten()))
+            .collect();
+        let batch = match fixed.first() {
+            Some(&b) if fixed.iter().all(|&f| f == b) => b,
+            Some(_) => {
+                return Err(EvalError::Input(format!(
+                    "the model's inputs fix different batch sizes: {}",
+                    graph.describe_inputs()
+                )));
+            }
+            None => (BATCH_ELEMENTS / per_sample.max(1)).clamp(1, data.samples.max(1)),
+        };
         let default_weights = graph
             .proto
             .graph

@@ -104,6 +104,17 @@ pub fn import(
     for (name, shape) in inputs {
         rank.insert(name.clone(), shape.len() + 1);
     }
+    // Readers of each value (and the graph's outputs), so that folding an Add into a Linear's
+    // bias is done only where no one else reads the product without the bias.
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    for o in &g.output {
+        *readers.entry(o.name.as_str()).or_default() += 1;
+    }
     let mut nodes: Vec<Node> = Vec::new();
     // Value made by a Linear without bias → index in `nodes` (for folding a following Add).
     let mut biasless: HashMap<String, usize> = HashMap::new();
@@ -226,8 +237,31 @@ pub fn import(
                 let Some(&k) = biasless.get(&value) else {
                     return Err(unsupported("only a Linear's bias can be added as a weight"));
                 };
-                if let Op::Linear { bias, .. } = &mut nodes[k].op {
-                    *bias = Some(weight);
+                let raw = n
+                    .input
+                    .iter()
+                    .find(|v| resolve(v) == value)
+                    .cloned()
+                    .unwrap_or_default();
+                if readers.get(raw.as_str()).copied().unwrap_or(0) != 1 {
+                    return Err(unsupported(
+                        "the product without its bias is read elsewhere; cannot fold the bias",
+                    ));
+                }
+                let Op::Linear { weight: w, bias } = &mut nodes[k].op else {
+                    return Err(unsupported("only a Linear's bias can be added as a weight"));
+                };
+                let out_f = model.find(w).map(|t| model.tensors[t].shape.clone());
+                let b_shape = model.find(&weight).map(|t| model.tensors[t].shape.clone());
+                match (out_f, b_shape) {
+                    (Some(ws), Some(bs)) if ws.len() == 2 && bs == [ws[0]] => {
+                        *bias = Some(weight);
+                    }
+                    _ => {
+                        return Err(unsupported(
+                            "adds a weight that is not a [out] bias of the preceding Linear",
+                        ));
+                    }
                 }
                 biasless.remove(&value);
                 alias.insert(out.clone(), value.clone());
@@ -372,7 +406,11 @@ pub fn import(
                 )?;
                 let pads = attr_ints(n, "pads").unwrap_or_default();
                 let dil = attr_ints(n, "dilations").unwrap_or_default();
-                if pads.iter().any(|&p| p != 0)
+                let auto_pad = attr(n, "auto_pad")
+                    .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+                    .unwrap_or_default();
+                if !(auto_pad.is_empty() || auto_pad == "NOTSET" || auto_pad == "VALID")
+                    || pads.iter().any(|&p| p != 0)
                     || dil.iter().any(|&d| d != 1)
                     || attr_i(n, "ceil_mode", 0) != 0
                     || n.output.len() > 1
@@ -395,7 +433,10 @@ pub fn import(
             "ReduceMean" => {
                 let x = input(0)?;
                 let axes = match n.input.get(1).filter(|s| !s.is_empty()) {
-                    Some(a) => consts.get(a).cloned().or_else(|| int_init(a)),
+                    Some(_) => {
+                        let a = input(1)?;
+                        consts.get(&a).cloned().or_else(|| int_init(&a))
+                    }
                     None => attr_ints(n, "axes"),
                 };
                 let keep = attr_i(n, "keepdims", 1) != 0;
