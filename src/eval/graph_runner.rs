@@ -228,6 +228,8 @@ impl Runner for FastRunner {
 pub struct Fastest {
     runners: Vec<Box<dyn Runner>>,
     chosen: Mutex<Option<(usize, String)>>,
+    /// Held while the first run times the engines, so that `chosen` is never locked for long.
+    timing: Mutex<()>,
 }
 
 impl Fastest {
@@ -235,15 +237,26 @@ impl Fastest {
         Fastest {
             runners,
             chosen: Mutex::new(None),
+            timing: Mutex::new(()),
         }
     }
 }
 
 impl Runner for Fastest {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
-        let mut chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, _)) = chosen.as_ref() {
-            return self.runners[*k].run(model, masks);
+        let chosen = |s: &Self| {
+            s.chosen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(k, _)| *k)
+        };
+        if let Some(k) = chosen(self) {
+            return self.runners[k].run(model, masks);
+        }
+        let _timing = self.timing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = chosen(self) {
+            return self.runners[k].run(model, masks);
         }
         // Each engine's first run includes one-off work (plans, thread pools): time a second.
         // An engine that fails here (an op one of them cannot run) is left out.
@@ -272,7 +285,7 @@ impl Runner for Fastest {
         let Some((k, _, out)) = best else {
             return Err(first_error.expect("at least one runner ran"));
         };
-        *chosen = Some((k, times.join(", ")));
+        *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((k, times.join(", ")));
         Ok(out)
     }
 
