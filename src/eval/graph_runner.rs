@@ -104,27 +104,14 @@ impl GraphRunner {
 impl Runner for GraphRunner {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
         let params = load_params(&self.graph, model, masks, &Device::Cpu)?;
-        let mut values = Vec::new();
-        let mut sample_shape = Vec::new();
-        let mut start = 0;
-        while start < self.samples {
-            let len = CHUNK.min(self.samples - start);
+        Outputs::gather(self.samples, CHUNK, |start, len| {
             let batch: Vec<Tensor> = self
                 .inputs
                 .iter()
                 .map(|t| t.narrow(0, start, len))
                 .collect::<candle_core::Result<_>>()?;
             let (y, _) = self.graph.forward(&batch, &params, Mode::Eval)?;
-            sample_shape = y.dims()[1..].to_vec();
-            values.extend(y.flatten_all()?.to_vec1::<f32>()?);
-            start += len;
-        }
-        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
-        Ok(Outputs {
-            rows: values.len() / cols,
-            cols,
-            values,
-            sample_shape,
+            Ok((y.dims()[1..].to_vec(), y.flatten_all()?.to_vec1::<f32>()?))
         })
     }
 
@@ -179,18 +166,11 @@ impl Runner for FastRunner {
                     tensor: name.clone(),
                     msg: "missing from the model".into(),
                 })?;
-                let mut v = model.to_f32_vec(t);
-                if let Some(m) = masks.and_then(|m| m.get(name)) {
-                    m.apply(&mut v);
-                }
+                let v = crate::prune::masked_f32(model, t, masks);
                 Ok((name.clone(), (model.tensors[t].shape.clone(), v)))
             })
             .collect::<Result<_, EvalError>>()?;
-        let mut values = Vec::new();
-        let mut sample_shape = Vec::new();
-        let mut start = 0;
-        while start < self.samples {
-            let len = CHUNK.min(self.samples - start);
+        Outputs::gather(self.samples, CHUNK, |start, len| {
             let batch: Vec<(Vec<usize>, &[f32])> = self
                 .inputs
                 .iter()
@@ -202,16 +182,7 @@ impl Runner for FastRunner {
                 })
                 .collect();
             let (shape, y) = crate::graph::fast::forward(&self.graph, &batch, &params)?;
-            sample_shape = shape[1..].to_vec();
-            values.extend(y);
-            start += len;
-        }
-        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
-        Ok(Outputs {
-            rows: values.len() / cols,
-            cols,
-            values,
-            sample_shape,
+            Ok((shape[1..].to_vec(), y))
         })
     }
 

@@ -139,14 +139,7 @@ impl MlpRunner {
     ) -> Result<Vec<(Tensor, Option<Tensor>, Activation)>, EvalError> {
         let load = |name: &str| -> Result<Tensor, EvalError> {
             let t = find_float(model, name)?;
-            let mut v = model.to_f32_vec(t);
-            if let Some(m) = masks.and_then(|m| m.get(name)) {
-                for (i, x) in v.iter_mut().enumerate() {
-                    if !m.kept(i) {
-                        *x = 0.0;
-                    }
-                }
-            }
+            let v = crate::prune::masked_f32(model, t, masks);
             Ok(Tensor::from_vec(
                 v,
                 model.tensors[t].shape.clone(),
@@ -170,14 +163,7 @@ impl MlpRunner {
 impl Runner for MlpRunner {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
         let layers = self.layer_tensors(model, masks)?;
-        let logits = mlp_forward(&self.x, &layers)?;
-        let (rows, cols) = logits.dims2()?;
-        Ok(Outputs {
-            rows,
-            cols,
-            values: logits.flatten_all()?.to_vec1::<f32>()?,
-            sample_shape: vec![cols],
-        })
+        logit_outputs(&mlp_forward(&self.x, &layers)?)
     }
 
     fn engine(&self) -> Engine {
@@ -206,13 +192,16 @@ fn find_float(model: &Model, name: &str) -> Result<usize, EvalError> {
 
 /// Accuracy and mean cross-entropy of logits against labels (training's test figures).
 pub fn metrics(logits: &Tensor, y: &Tensor) -> Result<Metrics, EvalError> {
-    let (rows, cols) = logits.dims2()?;
-    let out = Outputs {
-        rows,
-        cols,
-        values: logits.flatten_all()?.to_vec1::<f32>()?,
-        sample_shape: vec![cols],
-    };
+    let out = logit_outputs(logits)?;
     let labels = y.to_vec1::<u32>()?;
-    score(&out, rows, Some(&labels), None)
+    score(&out, out.rows, Some(&labels), None)
+}
+
+/// A `[samples, classes]` logits tensor as outputs.
+fn logit_outputs(logits: &Tensor) -> Result<Outputs, EvalError> {
+    let (_, cols) = logits.dims2()?;
+    Ok(Outputs::new(
+        logits.flatten_all()?.to_vec1::<f32>()?,
+        vec![cols],
+    ))
 }

@@ -561,10 +561,7 @@ impl OnnxRunner {
             .par_iter()
             .map(|&(t, k)| {
                 let e = &model.tensors[t];
-                let mut v = model.to_f32_vec(t);
-                if let Some(m) = masks.and_then(|m| m.get(&e.name)) {
-                    m.apply(&mut v);
-                }
+                let v = crate::prune::masked_f32(model, t, masks);
                 let dt = weight_datum(&e.dtype).unwrap_or(DatumType::F32);
                 let terr = |err: String| EvalError::Tensor {
                     tensor: e.name.clone(),
@@ -626,12 +623,7 @@ impl OnnxRunner {
         weights: &[Option<TValue>],
         executor: &Executor,
     ) -> Result<Outputs, EvalError> {
-        let n = self.data.samples;
-        let mut values = Vec::new();
-        let mut sample_shape = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let real = self.batch.min(n - start);
+        Outputs::gather(self.data.samples, self.batch, |start, real| {
             let mut inputs: TVec<TValue> = tvec![];
             for (i, slot) in built.slots.iter().enumerate() {
                 inputs.push(match slot {
@@ -660,20 +652,15 @@ impl OnnxRunner {
                     self.batch
                 )));
             }
-            sample_shape = shape[1..].to_vec();
-            let per: usize = sample_shape.iter().product();
+            let per: usize = shape[1..].iter().product();
             let view = y
                 .to_plain_array_view::<f32>()
                 .map_err(|e| EvalError::Compute(format!("output: {e:#}")))?;
-            values.extend(view.iter().take(real * per).copied());
-            start += real;
-        }
-        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
-        Ok(Outputs {
-            rows: values.len() / cols,
-            cols,
-            values,
-            sample_shape,
+            // Padding rows of the last batch are dropped.
+            Ok((
+                shape[1..].to_vec(),
+                view.iter().take(real * per).copied().collect(),
+            ))
         })
     }
 }

@@ -19,6 +19,37 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// All samples' outputs, row-major, each sample of shape `sample_shape`.
+    pub fn new(values: Vec<f32>, sample_shape: Vec<usize>) -> Outputs {
+        let cols = sample_shape.last().copied().unwrap_or(1).max(1);
+        Outputs {
+            rows: values.len() / cols,
+            cols,
+            values,
+            sample_shape,
+        }
+    }
+
+    /// Runs `run(start, len)` over `samples` in chunks of at most `chunk` samples and gathers
+    /// what each returns: the per-sample output shape and the chunk's values.
+    pub fn gather(
+        samples: usize,
+        chunk: usize,
+        mut run: impl FnMut(usize, usize) -> Result<(Vec<usize>, Vec<f32>), EvalError>,
+    ) -> Result<Outputs, EvalError> {
+        let mut values = Vec::new();
+        let mut sample_shape = Vec::new();
+        let mut start = 0;
+        while start < samples {
+            let len = chunk.max(1).min(samples - start);
+            let (shape, v) = run(start, len)?;
+            sample_shape = shape;
+            values.extend(v);
+            start += len;
+        }
+        Ok(Outputs::new(values, sample_shape))
+    }
+
     pub fn row(&self, r: usize) -> &[f32] {
         &self.values[r * self.cols..(r + 1) * self.cols]
     }

@@ -768,10 +768,7 @@ pub fn load_params(
             tensor: name.clone(),
             msg: "missing from the model".into(),
         })?;
-        let mut v = model.to_f32_vec(t);
-        if let Some(m) = masks.and_then(|m| m.get(&name)) {
-            m.apply(&mut v);
-        }
+        let v = crate::prune::masked_f32(model, t, masks);
         let tensor = Tensor::from_vec(v, model.tensors[t].shape.as_slice(), device)?;
         params.insert(name, tensor.to_dtype(DType::F32)?);
     }

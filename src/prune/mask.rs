@@ -280,6 +280,15 @@ fn nm_mask(model: &Model, settings: &PruneSettings, t: usize, n: usize, m: usize
     mask
 }
 
+/// Tensor `t` decoded to f32, with its mask applied where `masks` holds one.
+pub fn masked_f32(model: &Model, t: usize, masks: Option<&MaskSet>) -> Vec<f32> {
+    let mut v = model.to_f32_vec(t);
+    if let Some(m) = masks.and_then(|m| m.get(&model.tensors[t].name)) {
+        m.apply(&mut v);
+    }
+    v
+}
+
 #[cfg(test)]
 mod apply_tests {
     use super::Mask;
