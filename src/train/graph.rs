@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
-use super::{NamedTensors, TrainConfig, TrainError, TrainResult};
-use crate::data::{Dataset, Split};
+use super::{NamedTensors, TrainConfig, TrainError, TrainResult, batch, run_epochs};
+use crate::data::Split;
 use crate::graph::{GRAPH_KIND, Graph, InputSpec, Mode, Node, Op};
 use crate::util::SplitMix64;
 
@@ -221,25 +221,6 @@ fn init_params(
         .collect()
 }
 
-fn batch(
-    d: &Dataset,
-    idx: &[usize],
-    sample: &[usize],
-    dev: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let mut x = Vec::with_capacity(idx.len() * d.dim);
-    for &i in idx {
-        x.extend_from_slice(&d.inputs[i * d.dim..(i + 1) * d.dim]);
-    }
-    let y: Vec<u32> = idx.iter().map(|&i| d.labels[i]).collect();
-    let mut shape = vec![idx.len()];
-    shape.extend(sample);
-    Ok((
-        Tensor::from_vec(x, shape, dev)?,
-        Tensor::from_vec(y, idx.len(), dev)?,
-    ))
-}
-
 /// Trains a one-input graph on a labelled split with AdamW and shuffled minibatches, fixed seed.
 /// `shapes` gives every tensor the graph reads; they start from PyTorch's initialisation.
 pub fn train_graph(
@@ -297,41 +278,25 @@ pub fn train_graph(
         p
     };
     let train = &data.train;
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut epoch_loss = Vec::with_capacity(cfg.epochs);
-    for epoch in 0..cfg.epochs {
-        progress.check().map_err(|_| TrainError::Cancelled)?;
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i as u64 + 1) as usize);
+    let epoch_loss = run_epochs(cfg, train.len(), &mut rng, progress, |chunk, rng| {
+        let (x, y) = batch(train, chunk, &sample, &dev)?;
+        let p = current(&vars, &state);
+        let (logits, updates) = graph
+            .forward(
+                &[x],
+                &p,
+                Mode::Train {
+                    seed: rng.next_u64(),
+                },
+            )
+            .map_err(|e| TrainError::Compute(e.to_string()))?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        opt.backward_step(&loss)?;
+        for (name, t) in updates {
+            state.insert(name, t);
         }
-        let (mut sum, mut batches) = (0.0, 0usize);
-        for chunk in order.chunks(cfg.batch_size) {
-            let (x, y) = batch(train, chunk, &sample, &dev)?;
-            let p = current(&vars, &state);
-            let (logits, updates) = graph
-                .forward(
-                    &[x],
-                    &p,
-                    Mode::Train {
-                        seed: rng.next_u64(),
-                    },
-                )
-                .map_err(|e| TrainError::Compute(e.to_string()))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            opt.backward_step(&loss)?;
-            for (name, t) in updates {
-                state.insert(name, t);
-            }
-            sum += loss.to_scalar::<f32>()? as f64;
-            batches += 1;
-        }
-        let mean = sum / batches.max(1) as f64;
-        epoch_loss.push(mean);
-        progress.report(
-            (epoch + 1) as f32 / cfg.epochs as f32,
-            &format!("epoch {}/{}: loss {mean:.4}", epoch + 1, cfg.epochs),
-        );
-    }
+        Ok(loss.to_scalar::<f32>()? as f64)
+    })?;
     let all: Vec<usize> = (0..data.test.len()).collect();
     let (xt, yt) = batch(&data.test, &all, &sample, &dev)?;
     let (logits, _) = graph

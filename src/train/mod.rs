@@ -131,35 +131,16 @@ pub fn train_mlp(
             .collect()
     };
     let train = &data.train;
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut epoch_loss = Vec::with_capacity(cfg.epochs);
-    for epoch in 0..cfg.epochs {
-        progress.check().map_err(|_| TrainError::Cancelled)?;
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-        let (mut sum, mut batches) = (0.0, 0usize);
-        for chunk in order.chunks(cfg.batch_size) {
-            let (x, y) = batch(train, chunk, &dev)?;
-            let logits = mlp_forward(&x, &forward_layers(&vars))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            opt.backward_step(&loss)?;
-            sum += loss.to_scalar::<f32>()? as f64;
-            batches += 1;
-        }
-        epoch_loss.push(sum / batches.max(1) as f64);
-        progress.report(
-            (epoch + 1) as f32 / cfg.epochs as f32,
-            &format!(
-                "epoch {}/{}: loss {:.4}",
-                epoch + 1,
-                cfg.epochs,
-                sum / batches.max(1) as f64
-            ),
-        );
-    }
+    let sample = [train.dim];
+    let epoch_loss = run_epochs(cfg, train.len(), &mut rng, progress, |chunk, _| {
+        let (x, y) = batch(train, chunk, &sample, &dev)?;
+        let logits = mlp_forward(&x, &forward_layers(&vars))?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        opt.backward_step(&loss)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    })?;
     let all: Vec<usize> = (0..data.test.len()).collect();
-    let (xt, yt) = batch(&data.test, &all, &dev)?;
+    let (xt, yt) = batch(&data.test, &all, &sample, &dev)?;
     let logits = mlp_forward(&xt, &forward_layers(&vars))?;
     let test = crate::eval::metrics(&logits, &yt)?;
     let trained = init
@@ -189,16 +170,56 @@ pub fn train_mlp(
     })
 }
 
-fn batch(d: &Dataset, idx: &[usize], dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+/// The samples `idx` of `d` as a batch of shape `[idx.len(), …sample]`, and their labels.
+fn batch(
+    d: &Dataset,
+    idx: &[usize],
+    sample: &[usize],
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let mut x = Vec::with_capacity(idx.len() * d.dim);
     for &i in idx {
         x.extend_from_slice(&d.inputs[i * d.dim..(i + 1) * d.dim]);
     }
     let y: Vec<u32> = idx.iter().map(|&i| d.labels[i]).collect();
+    let mut shape = vec![idx.len()];
+    shape.extend(sample);
     Ok((
-        Tensor::from_vec(x, (idx.len(), d.dim), dev)?,
+        Tensor::from_vec(x, shape, dev)?,
         Tensor::from_vec(y, idx.len(), dev)?,
     ))
+}
+
+/// The training loop both trainers share: each epoch shuffles the order with `rng` and calls
+/// `step(batch, rng)` on every minibatch (it returns the batch's loss); progress and cancel
+/// between epochs. Returns the mean loss of each epoch.
+fn run_epochs(
+    cfg: &TrainConfig,
+    samples: usize,
+    rng: &mut SplitMix64,
+    progress: &Progress,
+    mut step: impl FnMut(&[usize], &mut SplitMix64) -> Result<f64, TrainError>,
+) -> Result<Vec<f64>, TrainError> {
+    let mut order: Vec<usize> = (0..samples).collect();
+    let mut epoch_loss = Vec::with_capacity(cfg.epochs);
+    for epoch in 0..cfg.epochs {
+        progress.check().map_err(|_| TrainError::Cancelled)?;
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let (mut sum, mut batches) = (0.0, 0usize);
+        for chunk in order.chunks(cfg.batch_size) {
+            sum += step(chunk, rng)?;
+            batches += 1;
+        }
+        let mean = sum / batches.max(1) as f64;
+        epoch_loss.push(mean);
+        progress.report(
+            (epoch + 1) as f32 / cfg.epochs as f32,
+            &format!("epoch {}/{}: loss {mean:.4}", epoch + 1, cfg.epochs),
+        );
+    }
+    Ok(epoch_loss)
 }
 
 /// Saves the trained model (with its architecture in the metadata) and its initial weights.
