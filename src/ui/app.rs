@@ -398,51 +398,56 @@ impl App {
         }
     }
 
-    fn pick_file(&mut self, ctx: &egui::Context) {
+    /// Runs a native file dialog on its own thread (the UI never waits on it); its answer
+    /// comes back through `dialog_rx`. One at a time. Returns false if no thread could start.
+    fn spawn_dialog(
+        &mut self,
+        ctx: &egui::Context,
+        ask: impl FnOnce() -> DialogAnswer + Send + 'static,
+    ) -> bool {
         if self.dialog_open {
-            return;
+            return true;
         }
-        self.dialog_open = true;
         let tx = self.dialog_tx.clone();
         let ctx = ctx.clone();
         let spawned = std::thread::Builder::new()
             .name("file-dialog".into())
             .spawn(move || {
-                let picked = rfd::FileDialog::new()
+                let _ = tx.send(ask());
+                ctx.request_repaint();
+            });
+        self.dialog_open = spawned.is_ok();
+        self.dialog_open
+    }
+
+    fn pick_file(&mut self, ctx: &egui::Context) {
+        let spawned = self.spawn_dialog(ctx, || {
+            DialogAnswer::Open(
+                rfd::FileDialog::new()
                     .set_title("Open a model")
                     .add_filter(
                         "Models",
                         &["safetensors", "pt", "pth", "bin", "npz", "onnx"],
                     )
                     .add_filter("All files", &["*"])
-                    .pick_file();
-                let _ = tx.send(DialogAnswer::Open(picked));
-                ctx.request_repaint();
-            });
-        if spawned.is_err() {
-            self.dialog_open = false;
+                    .pick_file(),
+            )
+        });
+        if !spawned {
             self.open_path.open = true;
         }
     }
 
     fn pick_data_file(&mut self, ctx: &egui::Context) {
-        if self.dialog_open {
-            return;
-        }
-        self.dialog_open = true;
-        let tx = self.dialog_tx.clone();
-        let ctx = ctx.clone();
-        let _ = std::thread::Builder::new()
-            .name("file-dialog".into())
-            .spawn(move || {
-                let picked = rfd::FileDialog::new()
+        self.spawn_dialog(ctx, || {
+            DialogAnswer::DataFile(
+                rfd::FileDialog::new()
                     .set_title("Evaluation data")
                     .add_filter("Arrays", &["npz", "safetensors"])
                     .add_filter("All files", &["*"])
-                    .pick_file();
-                let _ = tx.send(DialogAnswer::DataFile(picked));
-                ctx.request_repaint();
-            });
+                    .pick_file(),
+            )
+        });
     }
 
     fn pick_save_path(
@@ -451,26 +456,16 @@ impl App {
         target: super::dialogs::ExportTarget,
         current: PathBuf,
     ) {
-        if self.dialog_open {
-            return;
-        }
-        self.dialog_open = true;
-        let tx = self.dialog_tx.clone();
-        let ctx = ctx.clone();
-        let _ = std::thread::Builder::new()
-            .name("file-dialog".into())
-            .spawn(move || {
-                let mut d = rfd::FileDialog::new().set_title(target.title());
-                if let Some(dir) = current.parent().filter(|d| d.is_dir()) {
-                    d = d.set_directory(dir);
-                }
-                if let Some(name) = current.file_name() {
-                    d = d.set_file_name(name.to_string_lossy());
-                }
-                let picked = d.save_file();
-                let _ = tx.send(DialogAnswer::SaveAs(target, picked));
-                ctx.request_repaint();
-            });
+        self.spawn_dialog(ctx, move || {
+            let mut d = rfd::FileDialog::new().set_title(target.title());
+            if let Some(dir) = current.parent().filter(|d| d.is_dir()) {
+                d = d.set_directory(dir);
+            }
+            if let Some(name) = current.file_name() {
+                d = d.set_file_name(name.to_string_lossy());
+            }
+            DialogAnswer::SaveAs(target, d.save_file())
+        });
     }
 
     fn handle_dialog_answers(&mut self) {
