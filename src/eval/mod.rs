@@ -427,11 +427,6 @@ pub fn evaluator_with(
                     crate::data::load_eval_data(path, &names, spec)?
                 }
             };
-            if engine == EnginePref::Tract {
-                return Err(EvalError::Input(
-                    "tract runs ONNX files; this model's graph runs on candle".into(),
-                ));
-            }
             let (runner, notes) = GraphRunner::new(
                 model,
                 graph,

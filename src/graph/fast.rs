@@ -355,8 +355,13 @@ fn conv2d_direct(
     Some(out)
 }
 
-/// Output channels up to which the direct kernel beats im2col + GEMM (measured on the samples).
-const DIRECT_MAX_OUT: usize = 64;
+/// `PRUNESCOPE_NO_DIRECT=1` (im2col + GEMM for every convolution) and `PRUNESCOPE_PROFILE=1`
+/// (time per node on stderr), read once rather than on every convolution.
+fn env_flag(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+static NO_DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[allow(clippy::too_many_arguments)]
 fn conv2d(
@@ -392,8 +397,7 @@ fn conv2d(
         }
     }
     if groups == 1
-        && o <= DIRECT_MAX_OUT
-        && std::env::var_os("PRUNESCOPE_NO_DIRECT").is_none_or(|v| v.is_empty())
+        && !env_flag(&NO_DIRECT, "PRUNESCOPE_NO_DIRECT")
         && let Some(data) = conv2d_direct(
             x,
             &wk,
@@ -531,7 +535,7 @@ pub fn forward(
     for (spec, (shape, data)) in graph.inputs.iter().zip(inputs) {
         values.insert(&spec.name, Act::from_logical(shape.clone(), data.to_vec()));
     }
-    let profile = std::env::var_os("PRUNESCOPE_PROFILE").is_some();
+    let profile = env_flag(&PROFILE, "PRUNESCOPE_PROFILE");
     // Uses left of each value: an op that is a value's last reader may overwrite it in place.
     let mut uses: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for n in &graph.nodes {
