@@ -57,7 +57,7 @@ fn first_launch_shows_the_sample_model_and_its_accuracy() {
     step_until(&mut h, "the sample model", settled);
     let snap = h.state().state().model.as_ref().unwrap().snapshot.clone();
     assert!(snap.name.contains("digits_mlp"), "{}", snap.name);
-    let dense = snap.dense_metrics.expect("the sample model is runnable");
+    let dense = snap.eval.dense.expect("the sample model is runnable");
     let acc = dense.accuracy.unwrap();
     assert!(acc > 0.95, "dense accuracy {acc}");
     h.get_by_label_contains(&format!("Accuracy: dense {:.2}%", acc * 100.0));

@@ -66,7 +66,7 @@ pub struct ModelView {
 impl ModelView {
     fn new(snapshot: Arc<ModelSnapshot>) -> ModelView {
         ModelView {
-            eval: snapshot.eval_info(),
+            eval: snapshot.eval.clone(),
             snapshot,
             preview: None,
             detail: None,

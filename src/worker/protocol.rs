@@ -167,38 +167,23 @@ pub struct ModelSnapshot {
     pub histograms: Vec<Option<Arc<Histogram>>>,
     pub total_params: u64,
     pub data_bytes: u64,
-    /// What the evaluator measures, if the model can be run.
-    pub evaluator: Option<String>,
-    /// The engine that runs it, and whether prunescope can train it there.
-    pub engine: Option<crate::eval::Engine>,
-    /// The first samples of the evaluation data, for the gallery.
-    pub samples: Option<Arc<crate::eval::SampleView>>,
-    /// Why the model cannot be evaluated, when it declares an architecture that is broken.
-    pub evaluator_error: Option<String>,
-    pub dense_metrics: Option<Metrics>,
+    /// How the model is evaluated as it opens (File → Evaluation data… changes it later).
+    pub eval: EvalInfo,
     pub load_ms: f64,
 }
 
 /// How the open model is evaluated: on what, by which engine, and its dense figures.
 #[derive(Clone, Debug, Default)]
 pub struct EvalInfo {
+    /// What the evaluator measures, if the model can be run.
     pub evaluator: Option<String>,
+    /// The engine that runs it, and whether prunescope can train it there.
     pub engine: Option<crate::eval::Engine>,
+    /// Why the model cannot be evaluated, when it has a graph that cannot run.
     pub error: Option<String>,
     pub dense: Option<Metrics>,
+    /// The first samples of the evaluation data, for the gallery.
     pub samples: Option<Arc<crate::eval::SampleView>>,
-}
-
-impl ModelSnapshot {
-    pub fn eval_info(&self) -> EvalInfo {
-        EvalInfo {
-            evaluator: self.evaluator.clone(),
-            engine: self.engine.clone(),
-            error: self.evaluator_error.clone(),
-            dense: self.dense_metrics,
-            samples: self.samples.clone(),
-        }
-    }
 }
 
 #[derive(Debug)]

@@ -240,9 +240,15 @@ impl Worker {
                 });
             }
         };
-        let (evaluator, evaluator_error, dense_metrics) = match evaluator_for(&model) {
+        let (evaluator, eval) = match evaluator_for(&model) {
             Ok(e) => dense_eval(&model, e.map(|e| Box::new(e) as Box<dyn Evaluator>)),
-            Err(e) => (None, Some(e.to_string()), None),
+            Err(e) => (
+                None,
+                EvalInfo {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+            ),
         };
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let snapshot = ModelSnapshot {
@@ -268,14 +274,7 @@ impl Worker {
             histograms: histograms.clone(),
             total_params: model.total_params(),
             data_bytes: model.data_bytes(),
-            evaluator: evaluator.as_ref().map(|e| e.describe()),
-            engine: evaluator.as_ref().map(|e| e.engine()),
-            samples: evaluator
-                .as_ref()
-                .and_then(|e| e.samples(GALLERY_SAMPLES))
-                .map(Arc::new),
-            evaluator_error,
-            dense_metrics,
+            eval,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
         self.session = Some(Session {
@@ -560,13 +559,7 @@ impl Worker {
                 });
             }
         };
-        let info = EvalInfo {
-            evaluator: Some(evaluator.describe()),
-            engine: Some(evaluator.engine()),
-            error: None,
-            dense: Some(dense),
-            samples: evaluator.samples(GALLERY_SAMPLES).map(Arc::new),
-        };
+        let info = eval_info(evaluator.as_ref(), dense);
         s.evaluator = Some(evaluator);
         if let Some(c) = s.cache.as_mut() {
             c.metrics = None;
@@ -640,16 +633,32 @@ impl Worker {
 fn dense_eval(
     model: &Model,
     evaluator: Option<Box<dyn Evaluator>>,
-) -> (
-    Option<Box<dyn Evaluator>>,
-    Option<String>,
-    Option<crate::eval::Metrics>,
-) {
+) -> (Option<Box<dyn Evaluator>>, EvalInfo) {
     let Some(e) = evaluator else {
-        return (None, None, None);
+        return (None, EvalInfo::default());
     };
     match e.evaluate(model, &MaskSet::new()) {
-        Ok(m) => (Some(e), None, Some(m)),
-        Err(err) => (None, Some(err.to_string()), None),
+        Ok(m) => {
+            let info = eval_info(e.as_ref(), m);
+            (Some(e), info)
+        }
+        Err(err) => (
+            None,
+            EvalInfo {
+                error: Some(err.to_string()),
+                ..Default::default()
+            },
+        ),
+    }
+}
+
+/// What the UI is told about a working evaluator and its dense figures.
+fn eval_info(e: &dyn Evaluator, dense: crate::eval::Metrics) -> EvalInfo {
+    EvalInfo {
+        evaluator: Some(e.describe()),
+        engine: Some(e.engine()),
+        error: None,
+        dense: Some(dense),
+        samples: e.samples(GALLERY_SAMPLES).map(Arc::new),
     }
 }
