@@ -31,14 +31,31 @@ fn file_data(name: &str) -> DataSource {
     }
 }
 
-fn half(model: &Model) -> MaskSet {
+/// Global magnitude pruning at sparsity `s`.
+fn pruned_at(model: &Model, s: f64) -> MaskSet {
     let s = PruneSettings {
-        sparsity: 0.5,
+        sparsity: s,
         ..PruneSettings::default()
     };
     prune(model, &s, &Default::default(), &Progress::none())
         .unwrap()
         .masks
+}
+
+fn half(model: &Model) -> MaskSet {
+    pruned_at(model, 0.5)
+}
+
+/// Fidelity against onnxruntime's on the file pruned in NumPy.
+fn close_fidelity(f: &prunescope::eval::Fidelity, want: &Value) {
+    close(f.cosine, &want["cosine"], 1e-5, "cosine");
+    close(f.rel_l2, &want["rel_l2"], 1e-5, "rel_l2");
+    close(
+        f.top1_agreement,
+        &want["top1_agreement"],
+        1e-12,
+        "top-1 agreement",
+    );
 }
 
 fn close(a: f64, b: &Value, tol: f64, what: &str) {
@@ -75,14 +92,7 @@ fn pytorch_exports_score_what_onnxruntime_scores_dense_and_pruned() {
         close(pruned.loss.unwrap(), &want["loss"], 1e-4, name);
         let f = pruned.fidelity.unwrap();
         let wf = &want["fidelity"];
-        close(f.cosine, &wf["cosine"], 1e-5, "cosine");
-        close(f.rel_l2, &wf["rel_l2"], 1e-5, "rel_l2");
-        close(
-            f.top1_agreement,
-            &wf["top1_agreement"],
-            1e-12,
-            "top-1 agreement",
-        );
+        close_fidelity(&f, wf);
     }
 }
 
@@ -167,14 +177,7 @@ fn a_two_input_encoder_without_labels_gives_fidelity() {
         .fidelity
         .unwrap();
     let wf = &r[name]["pruned50"]["fidelity"];
-    close(f.cosine, &wf["cosine"], 1e-5, "cosine");
-    close(f.rel_l2, &wf["rel_l2"], 1e-5, "rel_l2");
-    close(
-        f.top1_agreement,
-        &wf["top1_agreement"],
-        1e-12,
-        "top-1 agreement",
-    );
+    close_fidelity(&f, wf);
 }
 
 #[test]
@@ -184,14 +187,7 @@ fn a_mask_change_reuses_the_plan() {
     let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
     let mut last = None;
     for s in [0.2, 0.4, 0.6, 0.8] {
-        let settings = PruneSettings {
-            sparsity: s,
-            ..PruneSettings::default()
-        };
-        let masks = prune(&model, &settings, &Default::default(), &Progress::none())
-            .unwrap()
-            .masks;
-        let m = ev.evaluate(&model, &masks).unwrap();
+        let m = ev.evaluate(&model, &pruned_at(&model, s)).unwrap();
         last = Some(m);
     }
     assert_eq!(ev.plan_builds(), 1, "a mask change rebuilt the model");

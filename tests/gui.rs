@@ -47,6 +47,18 @@ fn settled(app: &App) -> bool {
     s.model.is_some() && s.counts_current() && !app.busy()
 }
 
+/// The masks the core library builds for `settings`, independently of the app.
+fn masks_for(model: &Model, settings: &PruneSettings) -> prunescope::prune::MaskSet {
+    prune(
+        model,
+        settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap()
+    .masks
+}
+
 fn sample() -> Model {
     prunescope::sample::open_sample().expect("the bundled sample opens")
 }
@@ -511,14 +523,7 @@ fn an_onnx_model_without_labels_gets_data_from_the_dialog_and_shows_fidelity() {
     // Independent: the library, on a fresh copy of the model and data.
     let model = Model::open(&onnx).unwrap();
     let settings = h.state().state().settings.clone();
-    let masks = prune(
-        &model,
-        &settings,
-        &ScoreInputs::default(),
-        &prunescope::progress::Progress::none(),
-    )
-    .unwrap()
-    .masks;
+    let masks = masks_for(&model, &settings);
     let ev = prunescope::eval::evaluator_with_data(
         &model,
         &prunescope::eval::DataSource::File {
@@ -573,14 +578,7 @@ fn the_samples_menu_opens_the_cnn_and_the_gallery_shows_what_pruning_changed() {
     // Independent: the library's predictions on the same samples.
     let model = prunescope::sample::open_named("rescnn").unwrap();
     let settings = h.state().state().settings.clone();
-    let masks = prune(
-        &model,
-        &settings,
-        &ScoreInputs::default(),
-        &prunescope::progress::Progress::none(),
-    )
-    .unwrap()
-    .masks;
+    let masks = masks_for(&model, &settings);
     let ev = evaluator_for(&model).unwrap().unwrap();
     let (_, p) = ev.evaluate_with_predictions(&model, &masks, 120).unwrap();
     let p = p.unwrap();
