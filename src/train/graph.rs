@@ -173,33 +173,26 @@ fn init_params(
     let mut fill: HashMap<&str, f32> = HashMap::new();
     for n in &graph.nodes {
         match &n.op {
-            Op::Linear { weight, bias } | Op::Conv2d { weight, bias, .. } => {
+            Op::Linear { weight, .. } | Op::Conv2d { weight, .. } => {
                 let shape = &shapes.iter().find(|(s, _)| s == weight).expect("shape").1;
                 let f: usize = shape[1..].iter().product();
-                fan_in.insert(weight, f);
-                if let Some(b) = bias {
-                    fan_in.insert(b, f);
+                for (_, t) in n.op.params() {
+                    fan_in.insert(t, f);
                 }
             }
-            Op::BatchNorm {
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                ..
-            } => {
-                fill.insert(weight, 1.0);
-                fill.insert(bias, 0.0);
-                fill.insert(running_mean, 0.0);
-                fill.insert(running_var, 1.0);
-            }
-            Op::LayerNorm { weight, bias, .. } => {
-                fill.insert(weight, 1.0);
-                if let Some(b) = bias {
-                    fill.insert(b, 0.0);
+            // Norms: scale and variance 1, shift and mean 0.
+            _ => {
+                for (role, t) in n.op.params() {
+                    fill.insert(
+                        t,
+                        if matches!(role, "weight" | "running_var") {
+                            1.0
+                        } else {
+                            0.0
+                        },
+                    );
                 }
             }
-            _ => {}
         }
     }
     shapes
