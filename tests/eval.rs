@@ -2,6 +2,8 @@
 //! on user data, against what onnxruntime gives on the same data (dense, and pruned in NumPy by
 //! `tools/make_onnx_fixtures.py`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -278,7 +280,7 @@ fn data_error(model: &str, data: &Path, spec: DataSpec) -> String {
 
 #[test]
 fn data_that_does_not_fit_is_refused_with_names_and_shapes() {
-    let dir = tempdir("data-errors");
+    let dir = common::tempdir("eval-data-errors");
     let p = write_data(
         &dir,
         "wide.safetensors",
@@ -392,12 +394,6 @@ fn graphs_tract_cannot_run_give_errors_that_name_the_file() {
     }
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prunescope-eval-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_prunescope"))
         .args(args)
@@ -442,7 +438,7 @@ fn cli_eval_prints_one_json_object_and_masks_replay_the_same_numbers() {
         "agreement",
     );
     // The masks that `prune` writes give the same evaluation.
-    let dir = tempdir("cli");
+    let dir = common::tempdir("eval-cli");
     let masks = dir.join("m.safetensors");
     let pruned = dir.join("p.onnx");
     let (ok, _, err) = cli(&[

@@ -1,6 +1,8 @@
 //! prunescope's trainable graph against plain loops written out by hand (convolution, pooling,
 //! normalisation), against finite differences (the backward pass), and its refusals.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use prunescope::graph::{Graph, Mode, Params, load_params};
 use prunescope::model::Model;
@@ -494,8 +496,7 @@ fn a_sidecar_description_makes_a_plain_safetensors_file_runnable() {
     // The bundled CNN's weights without its metadata, and its graph in MODEL.arch.json.
     let cnn = prunescope::sample::open_named("cnn").unwrap();
     let arch = cnn.metadata["prunescope.arch"].clone();
-    let dir = std::env::temp_dir().join(format!("prunescope-sidecar-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tempdir("graph-sidecar");
     let tensors = (0..cnn.tensors.len())
         .map(|i| {
             (

@@ -1,6 +1,8 @@
 //! The real app under egui_kittest: widgets found by role and label, driven by pointer and
 //! keyboard, with the results checked against the core library computed independently.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -299,7 +301,7 @@ fn opening_a_corrupt_file_shows_the_error_and_keeps_the_model() {
 fn a_recipe_exported_from_the_app_replays_byte_identical_in_the_cli() {
     let mut h = harness();
     step_until(&mut h, "the sample model", settled);
-    let dir = tempdir();
+    let dir = common::tempdir("gui");
     let mut settings = PruneSettings {
         sparsity: 0.7,
         min_keep: 0.2,
@@ -349,23 +351,6 @@ fn a_recipe_exported_from_the_app_replays_byte_identical_in_the_cli() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "prunescope-gui-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 #[test]
 fn every_hostile_file_shows_an_error_and_keeps_the_open_model() {
     let mut h = harness();
@@ -401,7 +386,7 @@ fn every_hostile_file_shows_an_error_and_keeps_the_open_model() {
 
 #[test]
 fn the_export_dialog_refuses_to_overwrite_the_open_model() {
-    let dir = tempdir();
+    let dir = common::tempdir("gui");
     let model = dir.join("m.npz");
     std::fs::copy(fixture("tiny.npz"), &model).unwrap();
     let original = std::fs::read(&model).unwrap();

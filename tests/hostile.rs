@@ -9,6 +9,8 @@
 //! - Outputs never replace inputs, however the path is spelled; writes are atomic even when
 //!   the process is killed, the disk is full or the directory is read-only.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,19 +21,6 @@ use prunescope::model::{Model, ModelFormat};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let d = std::env::temp_dir().join(format!(
-        "prunescope-hostile-{tag}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Runs the CLI with a hang guard: a run past `limit` is killed and fails the test. Output is
@@ -235,7 +224,7 @@ fn numpy_archives_load_compressed_fortran_and_big_endian_as_numpy_recorded() {
 
 #[test]
 fn every_tensor_is_written_back_and_unpruned_ones_unchanged() {
-    let dir = tempdir("writeback");
+    let dir = common::tempdir("hostile-writeback");
     let src = fixtures().join("real/torch_dtypes.pt");
     let out = dir.join("out.safetensors");
     let o = prune_half(&src, &out);
@@ -383,7 +372,7 @@ fn every_hostile_file_is_a_clear_error_in_the_library() {
 
 #[test]
 fn every_hostile_file_is_one_line_from_the_cli_inspect_and_prune() {
-    let dir = tempdir("cli");
+    let dir = common::tempdir("hostile-cli");
     let out = dir.join("out.safetensors");
     for (f, phrase) in HOSTILE {
         let p = fixtures().join(f);
@@ -430,7 +419,7 @@ fn names_cannot_drive_the_terminal() {
         "evil\u{1b}[2J\u{1b}[31m\nerror: forged line\r"
     );
     // In an error message too.
-    let dir = tempdir("ctl");
+    let dir = common::tempdir("hostile-ctl");
     let bad = dir.join("evil\u{1b}[2J.safetensors");
     std::fs::write(&bad, b"garbage").unwrap();
     let o = cli(&["inspect", bad.to_str().unwrap()]);
@@ -441,7 +430,7 @@ fn names_cannot_drive_the_terminal() {
 
 #[test]
 fn a_tensor_name_longer_than_a_format_width_is_printed_not_a_panic() {
-    let dir = tempdir("longname");
+    let dir = common::tempdir("hostile-longname");
     let name = "x".repeat(70_000);
     let p = dir.join("long.safetensors");
     prunescope::export::write_f32_safetensors(
@@ -458,7 +447,7 @@ fn a_tensor_name_longer_than_a_format_width_is_printed_not_a_panic() {
 
 #[test]
 fn fifos_directories_and_missing_files_are_refused_at_once() {
-    let dir = tempdir("special");
+    let dir = common::tempdir("hostile-special");
     let fifo = dir.join("pipe.safetensors");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -503,7 +492,7 @@ fn many_tiny_tensors_inspect_and_prune_without_quadratic_lookups() {
     // 10^5 tensors in a 9 MB file took over 60 s when every lookup scanned the list; the
     // release-build figures for 10^6 are in the issue's closing note. This guards the
     // behaviour (and a hang) with a generous limit, not a speed target.
-    let dir = tempdir("many");
+    let dir = common::tempdir("hostile-many");
     let p = dir.join("many.safetensors");
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = (0..100_000)
         .map(|i| {
@@ -546,7 +535,7 @@ fn many_tiny_tensors_inspect_and_prune_without_quadratic_lookups() {
 
 #[test]
 fn an_output_that_names_an_input_is_refused_however_spelled() {
-    let dir = tempdir("clobber");
+    let dir = common::tempdir("hostile-clobber");
     let model = dir.join("x.pt");
     std::fs::copy(fixtures().join("real/torch_dtypes.pt"), &model).unwrap();
     let original = std::fs::read(&model).unwrap();
@@ -619,7 +608,7 @@ fn worker_open(w: &mut prunescope::worker::WorkerHandle, path: PathBuf) -> Resul
 #[test]
 fn the_worker_refuses_an_export_over_the_open_model_and_keeps_it() {
     use prunescope::worker::{Event, ExportRequest, WorkerHandle};
-    let dir = tempdir("worker-clobber");
+    let dir = common::tempdir("hostile-worker-clobber");
     let model = dir.join("m.npz");
     std::fs::copy(fixtures().join("real/np_layouts.npz"), &model).unwrap();
     let original = std::fs::read(&model).unwrap();
@@ -735,7 +724,7 @@ fn writing_unnamed_file(pid: u32, dir: &Path) -> bool {
 
 #[test]
 fn an_export_killed_midway_leaves_the_old_file_and_no_temporary() {
-    let dir = tempdir("kill");
+    let dir = common::tempdir("hostile-kill");
     let model = big_model(&dir, 40_000_000);
     let out = dir.join("out.safetensors");
     std::fs::write(&out, b"the previous export").unwrap();
@@ -808,7 +797,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_gives_an_error_and_leaves_nothing_half_written() {
-    let dir = tempdir("full");
+    let dir = common::tempdir("hostile-full");
     let model = big_model(&dir, 1_000_000); // 4 MB of weights
     // A file-size limit makes every write past 1 MB fail, as a full disk does; it works for
     // any user. SIGXFSZ is ignored so that the write returns EFBIG instead of killing us.
@@ -847,7 +836,7 @@ fn a_full_disk_gives_an_error_and_leaves_nothing_half_written() {
 
 #[test]
 fn a_read_only_directory_gives_an_error_and_writes_nothing() {
-    let dir = tempdir("ro");
+    let dir = common::tempdir("hostile-ro");
     let model = big_model(&dir, 10_000);
     let ro = dir.join("ro");
     std::fs::create_dir(&ro).unwrap();
@@ -877,7 +866,7 @@ fn a_read_only_directory_gives_an_error_and_writes_nothing() {
 fn the_named_temporary_fallback_cleans_up_after_killed_writers() {
     // Where O_TMPFILE is missing, temporaries are named; one left by a dead process is swept by
     // the next write to the same target. Simulate the leftover of a process that is gone.
-    let dir = tempdir("sweep");
+    let dir = common::tempdir("hostile-sweep");
     let target = dir.join("w.json");
     let dead_pid = 999_999_999u32;
     let stale = dir.join(format!(".w.json.tmp-{dead_pid}-0"));
@@ -906,7 +895,7 @@ fn empty_big_endian_arrays_with_huge_dimensions_load_as_empty() {
 #[test]
 fn a_tensor_named_like_the_metadata_key_is_refused_on_export() {
     use prunescope::model::zip::write_stored_zip;
-    let dir = tempdir("meta");
+    let dir = common::tempdir("hostile-meta");
     let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }";
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
@@ -923,7 +912,7 @@ fn a_tensor_named_like_the_metadata_key_is_refused_on_export() {
 
 #[test]
 fn an_output_over_an_onnx_models_external_data_is_refused() {
-    let dir = tempdir("ext");
+    let dir = common::tempdir("hostile-ext");
     for f in ["mlp_external.onnx", "mlp_external.onnx.data"] {
         std::fs::copy(fixtures().join("onnx").join(f), dir.join(f)).unwrap();
     }

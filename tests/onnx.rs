@@ -2,6 +2,8 @@
 //! the values onnx's own reader gives, prune to the same masks as the same weights in
 //! safetensors, and export to an .onnx that differs from the input only in pruned values.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -14,19 +16,6 @@ fn onnx(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/onnx")
         .join(name)
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let d = std::env::temp_dir().join(format!(
-        "prunescope-onnx-{tag}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// name → (dims, values) as onnx.numpy_helper read them.
@@ -73,7 +62,7 @@ fn pytorch_exports_load_with_the_values_onnx_reads() {
 
 #[test]
 fn an_onnx_model_prunes_exactly_as_its_weights_in_safetensors() {
-    let dir = tempdir("same");
+    let dir = common::tempdir("onnx-same");
     let want = recorded("cnn_bn_residual_opset17.onnx");
     let st = dir.join("cnn.safetensors");
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
@@ -95,7 +84,7 @@ fn an_onnx_model_prunes_exactly_as_its_weights_in_safetensors() {
 
 #[test]
 fn a_pruned_onnx_differs_from_its_input_only_in_pruned_values() {
-    let dir = tempdir("export");
+    let dir = common::tempdir("onnx-export");
     for f in ["mlp_opset13.onnx", "cnn_bn_residual_opset17.onnx"] {
         let input = Model::open(&onnx(f)).unwrap();
         let s = PruneSettings {
@@ -154,7 +143,7 @@ fn a_pruned_onnx_differs_from_its_input_only_in_pruned_values() {
 
 #[test]
 fn the_cli_writes_onnx_or_safetensors_by_the_output_name() {
-    let dir = tempdir("cli");
+    let dir = common::tempdir("onnx-cli");
     // `prune MODEL --sparsity 0.5 --out OUT [extra…]`
     let prune = |model: &Path, out: &str, extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_prunescope"))
