@@ -487,8 +487,6 @@ fn an_onnx_model_without_labels_gets_data_from_the_dialog_and_shows_fidelity() {
     h.get_by_label_contains("[evaluate only]");
 
     h.state_mut().state_mut().settings.sparsity = 0.5;
-    // Let a frame send the new settings, so that "current" refers to them.
-    h.run_steps(3);
     step_until(&mut h, "metrics at 50%", |a| {
         settled(a) && a.state().metrics_current()
     });
@@ -552,7 +550,6 @@ fn the_samples_menu_opens_the_cnn_and_the_gallery_shows_what_pruning_changed() {
     });
     h.get_by_label_contains("[evaluate + train]");
     h.state_mut().state_mut().settings.sparsity = 0.6;
-    h.run_steps(3);
     step_until(&mut h, "metrics at 60%", |a| {
         settled(a) && a.state().metrics_current()
     });

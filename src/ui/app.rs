@@ -125,14 +125,20 @@ impl AppState {
         }
     }
 
+    /// Whether an answer of `generation` is for the newest settings: settings changed since the
+    /// last preview was sent have no answer yet.
+    fn answers_newest(&self, generation: u64) -> bool {
+        generation >= self.settings_generation
+            && self.settings_generation > 0
+            && self.sent.as_ref().is_some_and(|s| s.1 == self.settings)
+    }
+
     /// Whether the shown counts answer the newest settings.
     pub fn counts_current(&self) -> bool {
         self.model
             .as_ref()
             .and_then(|m| m.preview.as_ref())
-            .is_some_and(|p| {
-                p.generation >= self.settings_generation && self.settings_generation > 0
-            })
+            .is_some_and(|p| self.answers_newest(p.generation))
     }
 
     /// Whether the shown accuracy answers the newest settings.
@@ -140,9 +146,7 @@ impl AppState {
         self.model
             .as_ref()
             .and_then(|m| m.metrics.as_ref())
-            .is_some_and(|p| {
-                p.generation >= self.settings_generation && self.settings_generation > 0
-            })
+            .is_some_and(|p| self.answers_newest(p.generation))
     }
 
     /// Sends the preview the panels now want, if it differs from the last one sent.
