@@ -43,6 +43,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Evaluate a model, dense or pruned, on data: accuracy, loss and, when pruned, fidelity.
     Eval(EvalArgs),
+    /// Prune each layer alone across a grid of sparsities and measure the model: how much
+    /// each layer can take.
+    Sensitivity(SensitivityArgs),
     /// Train the sample MLP on the bundled digits data (fixed seed) and save it with its
     /// initial weights.
     Train(TrainArgs),
@@ -59,9 +62,18 @@ pub struct PruneFlags {
     /// Fraction of prunable weights to remove (0..=1). Not needed for N:M or --recipe.
     #[arg(long)]
     pub sparsity: Option<f64>,
-    /// global: one threshold across all prunable tensors; layer: S in every tensor.
+    /// global: one threshold across all prunable tensors; layer: S in every tensor;
+    /// sensitivity: per-layer targets planned from measured sensitivity curves (needs data).
     #[arg(long, default_value = "global")]
     pub scope: String,
+    /// How --scope sensitivity splits the budget: marginal (equal marginal loss), threshold
+    /// (one tolerated drop, bisected), inverse (inversely proportional to the drop), uniform
+    /// or global.
+    #[arg(long, default_value = "marginal")]
+    pub rule: String,
+    /// The sensitivity grid for --scope sensitivity (default 0,0.1,…,0.9,0.95,0.99).
+    #[arg(long)]
+    pub grid: Option<String>,
     /// Global scope: every tensor keeps at least this fraction of its weights.
     #[arg(long, default_value_t = 0.0)]
     pub min_keep: f64,
@@ -94,6 +106,13 @@ pub struct PruneArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub flags: PruneFlags,
+    /// Data that --scope sensitivity measures on: `digits` or a .npz / .safetensors file.
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long)]
+    pub x: Option<String>,
+    #[arg(long)]
+    pub y: Option<String>,
     /// Where to write the pruned weights (.safetensors, or .onnx for an ONNX model).
     #[arg(long)]
     pub out: PathBuf,
@@ -127,6 +146,45 @@ pub struct EvalArgs {
     pub masks: Option<PathBuf>,
     #[command(flatten)]
     pub flags: PruneFlags,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SensitivityArgs {
+    pub model: PathBuf,
+    /// As for `prunescope eval`.
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long)]
+    pub x: Option<String>,
+    #[arg(long)]
+    pub y: Option<String>,
+    /// Sparsities to measure, comma-separated (default 0,0.1,…,0.9,0.95,0.99).
+    #[arg(long)]
+    pub grid: Option<String>,
+    /// magnitude or random.
+    #[arg(long, default_value = "magnitude")]
+    pub criterion: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// unstructured, or N:M (then each layer is measured dense and at 1 − N/M).
+    #[arg(long, default_value = "unstructured")]
+    pub pattern: String,
+    /// auto, tract, candle or native.
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
+    /// Also plan and measure every allocation rule at these overall sparsities
+    /// (comma-separated), added to the output as "compare".
+    #[arg(long)]
+    pub compare: Option<String>,
+    /// Write the table as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Measure again even when the cache holds this sweep.
+    #[arg(long)]
+    pub fresh: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -178,6 +236,24 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A full sensitivity sweep (every layer × the default grid), timed in medians: the sample
+    /// MLP on its 360 test images unless MODEL is given.
+    Sensitivity {
+        model: Option<PathBuf>,
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        x: Option<String>,
+        #[arg(long)]
+        y: Option<String>,
+        /// Sparsities (default 0,0.1,…,0.9,0.95,0.99).
+        #[arg(long)]
+        grid: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A progress bar on stderr when it is a terminal; silent otherwise.
@@ -211,6 +287,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Prune(args) => prune_cmd(args),
         Command::Eval(args) => eval_cmd(args),
+        Command::Sensitivity(args) => sensitivity_cmd(args),
         Command::Train(args) => train_cmd(args),
         Command::Bench {
             which: BenchCommand::Interactive { params, json },
@@ -237,6 +314,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let m = Model::open(&model)?;
             let source = data_source(data.as_deref(), x, y);
             let report = crate::bench::eval(&m, &source, runs.max(1), |msg| {
+                if !json {
+                    eprintln!("{msg}");
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Sensitivity {
+                    model,
+                    data,
+                    x,
+                    y,
+                    grid,
+                    runs,
+                    json,
+                },
+        } => {
+            let m = match &model {
+                Some(p) => Model::open(p)?,
+                None => crate::sample::open_sample()?,
+            };
+            let source = data_source(data.as_deref(), x, y);
+            let grid = match grid {
+                Some(g) => crate::sensitivity::parse_grid(&g)?,
+                None => crate::sensitivity::DEFAULT_GRID.to_vec(),
+            };
+            let report = crate::bench::sensitivity(&m, &source, grid, runs.max(1), |msg| {
                 if !json {
                     eprintln!("{msg}");
                 }
@@ -379,8 +485,15 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     let scope = match a.scope.as_str() {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
-        other => bail!("unknown scope '{other}' (expected global or layer)"),
+        "sensitivity" => Scope::Sensitivity,
+        other => bail!("unknown scope '{other}' (expected global, layer or sensitivity)"),
     };
+    let rule = crate::prune::Rule::parse(&a.rule).with_context(|| {
+        format!(
+            "unknown rule '{}' (marginal, threshold, inverse, uniform or global)",
+            a.rule
+        )
+    })?;
     let sparsity = match (a.sparsity, pattern) {
         (Some(s), _) => s,
         (None, Pattern::NM { .. }) => 0.0,
@@ -401,6 +514,7 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
         scope,
         sparsity,
         min_keep: a.min_keep,
+        rule,
         layers: Default::default(),
     })
 }
@@ -409,6 +523,7 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
 fn prune_from_flags(
     model: &Model,
     flags: &PruneFlags,
+    data: &DataSource,
     progress: &Progress,
 ) -> anyhow::Result<(crate::prune::Pruned, PruneSettings)> {
     let (mut settings, recipe) = match &flags.recipe {
@@ -428,6 +543,33 @@ fn prune_from_flags(
                 settings.layer_mut(&model.tensors[t].name).sparsity = settings.sparsity;
             }
         }
+    }
+    if recipe.is_none() && settings.scope == Scope::Sensitivity {
+        let grid = match &flags.grid {
+            Some(g) => crate::sensitivity::parse_grid(g)?,
+            None => crate::sensitivity::DEFAULT_GRID.to_vec(),
+        };
+        let evaluator = crate::eval::evaluator_with_data(model, data)
+            .map_err(|e| crate::sensitivity::SensitivityError::NoData(e.to_string()))?;
+        let spec = crate::sensitivity::SweepSpec::for_settings(&settings, grid);
+        let sens =
+            crate::sensitivity::measure(model, &evaluator, &spec, &settings, true, progress)?;
+        let index = crate::prune::ScoreIndex::build(
+            model,
+            settings.criterion,
+            settings.seed,
+            &ScoreInputs::default(),
+            progress,
+        )?;
+        let plan = crate::sensitivity::plan(model, &index, &settings, &sens, settings.rule)?;
+        eprintln!(
+            "{} plan from {} curves: predicted {} {:.4}",
+            settings.rule.label(),
+            sens.layers.len(),
+            sens.metric.label(),
+            plan.predicted
+        );
+        plan.apply(&mut settings);
     }
     let p = prune(model, &settings, &ScoreInputs::default(), progress)?;
     if let Some(r) = &recipe
@@ -458,7 +600,8 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     all_inputs.extend(inputs.iter().skip(1).copied());
     check_outputs(&all_inputs, &outputs)?;
     let progress = bar();
-    let (p, settings) = prune_from_flags(&model, &a.flags, &progress)?;
+    let data = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let (p, settings) = prune_from_flags(&model, &a.flags, &data, &progress)?;
     export_weights(&model, &p.masks, &a.out, &progress)?;
     if let Some(m) = &a.masks {
         export_masks(&model, &p.masks, m)?;
@@ -490,6 +633,7 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let model = Model::open(&a.model)?;
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let progress = bar();
+    let mut recorded = None;
     let (masks, sparsity) = if let Some(m) = &a.masks {
         let masks = crate::export::load_masks(&model, m)?;
         let (kept, total) = masks.iter().fold((0u64, 0u64), |(k, n), (_, m)| {
@@ -497,10 +641,15 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         });
         (masks, Some(1.0 - kept as f64 / total.max(1) as f64))
     } else if a.flags.any() {
-        let (p, _) = prune_from_flags(&model, &a.flags, &progress)?;
+        let (p, settings) = prune_from_flags(&model, &a.flags, &source, &progress)?;
         let s = p.alloc.sparsity();
+        recorded = Some((settings, p.alloc));
         (p.masks, Some(s))
     } else {
+        recorded = Some((
+            PruneSettings::default(),
+            crate::prune::Allocation::default(),
+        ));
         (crate::prune::MaskSet::new(), None)
     };
     let engine = EnginePref::parse(&a.engine).with_context(|| {
@@ -515,6 +664,29 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let now = evaluator.evaluate(&model, &masks)?;
     let eval_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The experiment history the GUI's Pareto view shows: settings the CLI measured too.
+    if let (Some((settings, alloc)), Ok(hash)) = (&recorded, model.content_hash()) {
+        let uses = evaluator.weight_uses(&model);
+        let flops = uses
+            .as_ref()
+            .map(|u| crate::history::flops(&model, alloc, u));
+        let sizes = crate::analysis::size_report(&model, alloc, settings.pattern);
+        let mut h = crate::history::History::load(&hash);
+        h.push(crate::history::Record::new(
+            "cli",
+            &model,
+            &hash,
+            settings,
+            alloc,
+            sizes.csr_bytes,
+            &now,
+            &evaluator.describe(),
+            flops,
+        ));
+        if let Err(e) = h.save() {
+            eprintln!("note: the experiment history was not saved: {e}");
+        }
+    }
     let pruned = sparsity.is_some();
     let labelled = |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "top5": m.top5, "loss": m.loss});
     let report = serde_json::json!({
@@ -572,6 +744,127 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         );
     } else if dense.accuracy.is_none() {
         println!("no labels and no pruning: nothing to compare (add --sparsity or labels)");
+    }
+    Ok(())
+}
+
+fn sensitivity_cmd(a: SensitivityArgs) -> anyhow::Result<()> {
+    use crate::sensitivity::{SweepSpec, measure, parse_grid};
+    let model = Model::open(&a.model)?;
+    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let grid = match &a.grid {
+        Some(g) => parse_grid(g)?,
+        None => crate::sensitivity::DEFAULT_GRID.to_vec(),
+    };
+    let settings = settings_from_args(&PruneFlags {
+        sparsity: Some(0.0),
+        criterion: a.criterion.clone(),
+        seed: a.seed,
+        pattern: a.pattern.clone(),
+        scope: "global".into(),
+        rule: "marginal".into(),
+        ..Default::default()
+    })?;
+    let engine = EnginePref::parse(&a.engine).with_context(|| {
+        format!(
+            "unknown engine '{}' (auto, tract, candle or native)",
+            a.engine
+        )
+    })?;
+    let evaluator = evaluator_with(&model, &source, engine)
+        .map_err(|e| crate::sensitivity::SensitivityError::NoData(e.to_string()))?;
+    let spec = SweepSpec::for_settings(&settings, grid);
+    let progress = bar();
+    let sens = measure(&model, &evaluator, &spec, &settings, !a.fresh, &progress)?;
+    if let Some(p) = &a.csv {
+        use std::io::Write as _;
+        check_outputs(&model.input_files(), &[("--csv", p.as_path())])?;
+        crate::util::atomic_write(p, |w| w.write_all(sens.to_csv().as_bytes()))
+            .with_context(|| format!("{}: cannot write CSV", p.display()))?;
+    }
+    let mut compare = Vec::new();
+    if let Some(targets) = &a.compare {
+        let index = crate::prune::ScoreIndex::build(
+            &model,
+            settings.criterion,
+            settings.seed,
+            &ScoreInputs::default(),
+            &progress,
+        )?;
+        for t in parse_grid(targets)? {
+            let mut st = settings.clone();
+            st.sparsity = t;
+            for plan in crate::sensitivity::compare_rules(&model, &index, &st, &sens) {
+                let plan = plan?;
+                let mut applied = st.clone();
+                plan.apply(&mut applied);
+                let p = prune(&model, &applied, &ScoreInputs::default(), &Progress::none())?;
+                let m = evaluator.evaluate(&model, &p.masks)?;
+                compare.push(serde_json::json!({
+                    "target": t,
+                    "rule": plan.rule.cli_name(),
+                    "predicted": plan.predicted,
+                    "measured": sens.metric.value(&m),
+                    "accuracy": m.accuracy,
+                    "loss": m.loss,
+                    "fidelity": m.fidelity,
+                    "pruned": p.alloc.pruned,
+                    "nonzeros": model.total_params() - p.alloc.pruned,
+                    "layers": plan.layers.iter().map(|l| serde_json::json!({
+                        "name": l.name, "sparsity": l.sparsity(), "pruned": l.pruned
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+        }
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&sens)?;
+        if a.compare.is_some() {
+            v["compare"] = serde_json::Value::Array(compare);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let dense = sens.dense_value();
+    println!(
+        "{} on {} — {} ({}), dense {:.4}{}",
+        printable(&a.model.display().to_string()),
+        sens.data,
+        sens.metric.label(),
+        spec.criterion.cli_name(),
+        dense,
+        if sens.cached { " [from cache]" } else { "" }
+    );
+    let points = spec.points();
+    print!("{:<40}", "layer \\ sparsity");
+    for s in &points {
+        print!(" {:>7}", format!("{:.0}%", s * 100.0));
+    }
+    println!();
+    for c in &sens.layers {
+        let mut name = c.name.join(" + ");
+        if name.chars().count() > 39 {
+            name = format!("…{}", &name[name.len().saturating_sub(38)..]);
+        }
+        print!("{name:<40}");
+        for p in &c.points {
+            print!(" {:>7.4}", sens.metric.value(&p.metrics));
+        }
+        println!();
+    }
+    println!(
+        "{} evaluations in {:.1} ms",
+        sens.evaluations, sens.sweep_ms
+    );
+    for row in &compare {
+        println!(
+            "target {:.0}% {:<10} predicted {:.4} measured {:.4} non-zeros {}",
+            row["target"].as_f64().unwrap_or(0.0) * 100.0,
+            row["rule"].as_str().unwrap_or(""),
+            row["predicted"].as_f64().unwrap_or(f64::NAN),
+            row["measured"].as_f64().unwrap_or(f64::NAN),
+            row["nonzeros"]
+        );
     }
     Ok(())
 }

@@ -184,6 +184,29 @@ impl EvalData {
     pub fn input(&self, name: &str) -> Option<&DataArray> {
         self.inputs.iter().find(|a| a.name == name)
     }
+
+    /// SHA-256 over the arrays' names, shapes and values and the labels: equal data, equal
+    /// fingerprint, whatever file it came from.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for a in &self.inputs {
+            h.update(a.name.as_bytes());
+            h.update([0]);
+            for d in &a.shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            match &a.values {
+                ArrayValues::F32(v) => v.iter().for_each(|x| h.update(x.to_le_bytes())),
+                ArrayValues::I64(v) => v.iter().for_each(|x| h.update(x.to_le_bytes())),
+            }
+        }
+        if let Some(l) = &self.labels {
+            h.update(b"labels");
+            l.iter().for_each(|x| h.update(x.to_le_bytes()));
+        }
+        format!("{:x}", h.finalize())
+    }
 }
 
 /// Which arrays of a data file to read.

@@ -16,10 +16,12 @@ pub mod eval;
 pub mod export;
 pub mod fuzzing;
 pub mod graph;
+pub mod history;
 pub mod model;
 pub mod progress;
 pub mod prune;
 pub mod sample;
+pub mod sensitivity;
 pub mod train;
 #[cfg(feature = "gui")]
 pub mod ui;

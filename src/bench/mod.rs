@@ -282,3 +282,130 @@ fn eval_one(
     };
     Ok(report)
 }
+
+/// `prunescope bench sensitivity`: one full sweep, timed in medians.
+#[derive(Debug, Serialize)]
+pub struct SensitivityReport {
+    pub model: String,
+    pub data: String,
+    pub engine: &'static str,
+    /// Rows swept (layers, tied tensors counted once).
+    pub layers: usize,
+    pub grid: Vec<f64>,
+    /// Evaluations per sweep (points at sparsity 0 reuse the dense metrics).
+    pub evaluations: usize,
+    /// One whole sweep: the dense evaluation, every mask and every evaluation.
+    pub sweep_ms: f64,
+    pub evals_per_s: f64,
+    pub per_point_ms: f64,
+    /// The same sweep evaluating the whole masked model at every point (no reuse of the dense
+    /// activations ahead of the swept layer): what the partial evaluation saves.
+    pub whole_model_sweep_ms: f64,
+    pub runs: usize,
+    pub threads: usize,
+}
+
+/// Forwards to an evaluator but evaluates every point on the whole model.
+struct WholeModel<'a>(&'a dyn crate::eval::Evaluator);
+
+impl crate::eval::Evaluator for WholeModel<'_> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn engine(&self) -> crate::eval::Engine {
+        self.0.engine()
+    }
+    fn evaluate(
+        &self,
+        model: &Model,
+        masks: &crate::prune::MaskSet,
+    ) -> Result<crate::eval::Metrics, crate::eval::EvalError> {
+        self.0.evaluate(model, masks)
+    }
+}
+
+pub fn sensitivity(
+    model: &Model,
+    source: &crate::eval::DataSource,
+    grid: Vec<f64>,
+    runs: usize,
+    log: impl Fn(&str),
+) -> anyhow::Result<SensitivityReport> {
+    use crate::eval::Evaluator;
+    use crate::sensitivity::{SweepSpec, groups, sweep};
+    let settings = PruneSettings::default();
+    let spec = SweepSpec::for_settings(&settings, grid);
+    let none = Progress::none();
+    let index = ScoreIndex::build(
+        model,
+        Criterion::Magnitude,
+        0,
+        &ScoreInputs::default(),
+        &none,
+    )?;
+    let mut times = Vec::new();
+    let mut whole = Vec::new();
+    let mut last = None;
+    for _ in 0..runs {
+        // A fresh evaluator each run, so the dense pass and its cached activations are timed
+        // too; the engine is chosen (and warmed) before the clock starts.
+        let ev = crate::eval::evaluator_with_data(model, source)?;
+        ev.run(model, None)?;
+        let t0 = Instant::now();
+        let s = sweep(
+            model,
+            &index,
+            &ev,
+            &spec,
+            groups(model, &settings),
+            None,
+            &none,
+            |_| {},
+        )?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let ev = crate::eval::evaluator_with_data(model, source)?;
+        ev.run(model, None)?;
+        let t0 = Instant::now();
+        let w = WholeModel(&ev);
+        sweep(
+            model,
+            &index,
+            &w,
+            &spec,
+            groups(model, &settings),
+            None,
+            &none,
+            |_| {},
+        )?;
+        whole.push(t0.elapsed().as_secs_f64() * 1e3);
+        last = Some((s, ev.engine().name));
+    }
+    let (s, engine) = last.expect("runs ≥ 1");
+    let sweep_ms = median(times);
+    let report = SensitivityReport {
+        model: model.display_name(),
+        data: s.data.clone(),
+        engine,
+        layers: s.layers.len(),
+        grid: s.grid.clone(),
+        evaluations: s.evaluations,
+        sweep_ms,
+        evals_per_s: s.evaluations as f64 / (sweep_ms / 1e3),
+        per_point_ms: sweep_ms / s.evaluations.max(1) as f64,
+        whole_model_sweep_ms: median(whole),
+        runs,
+        threads: rayon::current_num_threads(),
+    };
+    log(&format!(
+        "{}: {} layers × {} sparsities, {} evaluations in {:.2} ms ({:.0}/s); whole-model \
+         evaluation per point: {:.2} ms",
+        report.model,
+        report.layers,
+        report.grid.len(),
+        report.evaluations,
+        report.sweep_ms,
+        report.evals_per_s,
+        report.whole_model_sweep_ms
+    ));
+    Ok(report)
+}

@@ -122,6 +122,10 @@ impl Runner for GraphRunner {
             why: self.why.clone(),
         }
     }
+
+    fn weight_uses(&self, model: &Model) -> Option<Vec<(String, f64)>> {
+        self.graph.weight_uses(model).ok()
+    }
 }
 
 /// Runs a graph with prunescope's own CPU kernels (inference only).
@@ -192,6 +196,10 @@ impl Runner for FastRunner {
             trainable: true,
             why: "prunescope's own CPU kernels run the graph forward; candle trains it".into(),
         }
+    }
+
+    fn weight_uses(&self, model: &Model) -> Option<Vec<(String, f64)>> {
+        self.graph.weight_uses(model).ok()
     }
 }
 
@@ -275,6 +283,23 @@ impl Runner for Fastest {
 
     fn plan_builds(&self) -> usize {
         self.runners.iter().map(|r| r.plan_builds()).sum()
+    }
+
+    fn run_partial(&self, model: &Model, masks: &MaskSet) -> Result<Outputs, EvalError> {
+        let chosen = self
+            .chosen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(k, _)| *k);
+        match chosen {
+            Some(k) => self.runners[k].run_partial(model, masks),
+            None => self.run(model, Some(masks)),
+        }
+    }
+
+    fn weight_uses(&self, model: &Model) -> Option<Vec<(String, f64)>> {
+        self.runners.iter().find_map(|r| r.weight_uses(model))
     }
 
     fn detail(&self) -> String {

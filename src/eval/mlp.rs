@@ -1,6 +1,8 @@
 //! A multilayer perceptron described by JSON in the safetensors metadata, run with candle.
 
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EvalError, Metrics, Outputs, Runner, score};
@@ -79,7 +81,51 @@ pub fn mlp_forward(
 /// Runs an MLP with candle, on the one f32 input array of the data.
 pub struct MlpRunner {
     arch: MlpArch,
-    x: Tensor,
+    /// The inputs, `samples × input_dim`.
+    x: Arc<Vec<f32>>,
+    samples: usize,
+    dense: std::sync::Mutex<Option<Arc<DenseCache>>>,
+}
+
+/// The dense model's layers and the input each layer receives, so that a variant that differs
+/// from layer k on starts at layer k.
+struct DenseCache {
+    /// The model these values belong to (its address): another model gets a new cache.
+    model: usize,
+    layers: Vec<NativeLayer>,
+    /// `inputs[k]`: what layer k receives, `samples × in_k`, row-major.
+    inputs: Vec<Arc<Vec<f32>>>,
+}
+
+/// One layer's weights as plain vectors (`[out, in]` row-major).
+#[derive(Clone)]
+struct NativeLayer {
+    out: usize,
+    inp: usize,
+    weight: Arc<Vec<f32>>,
+    bias: Option<Arc<Vec<f32>>>,
+    activation: Activation,
+}
+
+/// `act(x Wᵀ + b)` for `rows` samples, with the same kernel as the native graph engine.
+fn native_layer(x: &[f32], rows: usize, l: &NativeLayer) -> Vec<f32> {
+    let mut out = vec![0f32; rows * l.out];
+    crate::graph::fast::matmul(
+        rows, l.out, l.inp, x, &l.weight, 1, l.inp, &mut out, 0, l.out,
+    );
+    for r in out.chunks_mut(l.out) {
+        if let Some(b) = &l.bias {
+            for (v, bb) in r.iter_mut().zip(b.iter()) {
+                *v += bb;
+            }
+        }
+        if l.activation == Activation::Relu {
+            for v in r.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
+    }
+    out
 }
 
 impl MlpRunner {
@@ -128,42 +174,114 @@ impl MlpRunner {
                 arch.input_dim
             )));
         }
-        let x = Tensor::from_slice(values, (data.samples, arch.input_dim), &Device::Cpu)?;
-        Ok(MlpRunner { arch, x })
+        Ok(MlpRunner {
+            arch,
+            x: Arc::new(values.clone()),
+            samples: data.samples,
+            dense: Default::default(),
+        })
     }
 
-    fn layer_tensors(
+    /// The layers' weights with `masks` applied (all dense for `None`).
+    fn native_layers(
         &self,
         model: &Model,
         masks: Option<&MaskSet>,
-    ) -> Result<Vec<(Tensor, Option<Tensor>, Activation)>, EvalError> {
-        let load = |name: &str| -> Result<Tensor, EvalError> {
+    ) -> Result<Vec<NativeLayer>, EvalError> {
+        let load = |name: &str| -> Result<(usize, Arc<Vec<f32>>), EvalError> {
             let t = find_float(model, name)?;
-            let v = crate::prune::masked_f32(model, t, masks);
-            Ok(Tensor::from_vec(
-                v,
-                model.tensors[t].shape.clone(),
-                &Device::Cpu,
-            )?)
+            Ok((t, Arc::new(crate::prune::masked_f32(model, t, masks))))
         };
         self.arch
             .layers
             .iter()
             .map(|l| {
-                Ok((
-                    load(&l.weight)?,
-                    l.bias.as_deref().map(load).transpose()?,
-                    l.activation,
-                ))
+                let (t, weight) = load(&l.weight)?;
+                let shape = &model.tensors[t].shape;
+                Ok(NativeLayer {
+                    out: shape[0],
+                    inp: shape[1],
+                    weight,
+                    bias: l.bias.as_deref().map(load).transpose()?.map(|b| b.1),
+                    activation: l.activation,
+                })
             })
             .collect()
+    }
+
+    fn forward_from(&self, mut h: Arc<Vec<f32>>, layers: &[NativeLayer]) -> Outputs {
+        for l in layers {
+            h = Arc::new(native_layer(&h, self.samples, l));
+        }
+        let cols = layers.last().map_or(self.arch.input_dim, |l| l.out);
+        Outputs::new(
+            Arc::try_unwrap(h).unwrap_or_else(|a| (*a).clone()),
+            vec![cols],
+        )
+    }
+
+    fn dense_cache(&self, model: &Model) -> Result<Arc<DenseCache>, EvalError> {
+        let id = model as *const Model as usize;
+        let mut slot = self.dense.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref().filter(|c| c.model == id) {
+            return Ok(c.clone());
+        }
+        let layers = self.native_layers(model, None)?;
+        let mut inputs = vec![self.x.clone()];
+        for l in layers.iter().take(layers.len() - 1) {
+            let h = native_layer(inputs.last().expect("starts with x"), self.samples, l);
+            inputs.push(Arc::new(h));
+        }
+        let c = Arc::new(DenseCache {
+            model: id,
+            layers,
+            inputs,
+        });
+        *slot = Some(c.clone());
+        Ok(c)
     }
 }
 
 impl Runner for MlpRunner {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
-        let layers = self.layer_tensors(model, masks)?;
-        logit_outputs(&mlp_forward(&self.x, &layers)?)
+        let layers = self.native_layers(model, masks)?;
+        Ok(self.forward_from(self.x.clone(), &layers))
+    }
+
+    fn run_partial(&self, model: &Model, masks: &MaskSet) -> Result<Outputs, EvalError> {
+        let c = self.dense_cache(model)?;
+        let touched = |name: &str| masks.get(name).is_some();
+        let first = self
+            .arch
+            .layers
+            .iter()
+            .position(|l| touched(&l.weight) || l.bias.as_deref().is_some_and(touched))
+            .unwrap_or(self.arch.layers.len() - 1);
+        // Only the masked tensors are copied; every other layer shares the cached dense one.
+        let mut layers = Vec::with_capacity(self.arch.layers.len() - first);
+        for (l, dense) in self.arch.layers.iter().zip(&c.layers).skip(first) {
+            let mut n = dense.clone();
+            if touched(&l.weight) {
+                let t = find_float(model, &l.weight)?;
+                n.weight = Arc::new(crate::prune::masked_f32(model, t, Some(masks)));
+            }
+            if let Some(b) = l.bias.as_deref().filter(|b| touched(b)) {
+                let t = find_float(model, b)?;
+                n.bias = Some(Arc::new(crate::prune::masked_f32(model, t, Some(masks))));
+            }
+            layers.push(n);
+        }
+        Ok(self.forward_from(c.inputs[first].clone(), &layers))
+    }
+
+    fn weight_uses(&self, _model: &Model) -> Option<Vec<(String, f64)>> {
+        Some(
+            self.arch
+                .layers
+                .iter()
+                .map(|l| (l.weight.clone(), 1.0))
+                .collect(),
+        )
     }
 
     fn engine(&self) -> Engine {

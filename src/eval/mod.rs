@@ -79,6 +79,16 @@ pub trait Runner: Send + Sync {
     fn detail(&self) -> String {
         String::new()
     }
+    /// The outputs when `masks` covers only a few tensors: an engine that can start from the
+    /// dense model's values just ahead of the first masked tensor does (sensitivity sweeps).
+    fn run_partial(&self, model: &Model, masks: &MaskSet) -> Result<Outputs, EvalError> {
+        self.run(model, Some(masks))
+    }
+    /// Multiplications per weight per sample of each Linear and Conv2d weight, where the
+    /// engine knows the graph's shapes (estimated FLOPs).
+    fn weight_uses(&self, _model: &Model) -> Option<Vec<(String, f64)>> {
+        None
+    }
 }
 
 /// The first samples of the data, for showing: pixels where a sample is an image.
@@ -110,6 +120,19 @@ pub trait Evaluator: Send + Sync {
     fn samples(&self, _n: usize) -> Option<SampleView> {
         None
     }
+    /// Metrics where `masks` covers a few tensors (a sensitivity point); the same numbers as
+    /// [`Evaluator::evaluate`], sooner where the engine reuses the dense computation.
+    fn evaluate_partial(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError> {
+        self.evaluate(model, masks)
+    }
+    /// Identifies what is measured (the data's content and labels), for caches.
+    fn fingerprint(&self) -> String {
+        self.describe()
+    }
+    /// Multiplications per weight per sample (see [`Runner::weight_uses`]).
+    fn weight_uses(&self, _model: &Model) -> Option<Vec<(String, f64)>> {
+        None
+    }
     /// Metrics, and the predictions on the first `n` samples where each sample gets one row
     /// of outputs.
     fn evaluate_with_predictions(
@@ -128,6 +151,7 @@ pub struct DataEvaluator {
     data: Arc<EvalData>,
     notes: Vec<String>,
     dense: Mutex<Option<Arc<Outputs>>>,
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl DataEvaluator {
@@ -137,6 +161,7 @@ impl DataEvaluator {
             data,
             notes,
             dense: Mutex::new(None),
+            fingerprint: std::sync::OnceLock::new(),
         }
     }
 
@@ -203,6 +228,31 @@ impl Evaluator for DataEvaluator {
 
     fn evaluate(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError> {
         Ok(self.evaluate_with_predictions(model, masks, 0)?.0)
+    }
+
+    fn evaluate_partial(&self, model: &Model, masks: &MaskSet) -> Result<Metrics, EvalError> {
+        let dense = self.dense_outputs(model)?;
+        let out = if masks.is_empty() {
+            dense.clone()
+        } else {
+            Arc::new(self.runner.run_partial(model, masks)?)
+        };
+        score(
+            &out,
+            self.data.samples,
+            self.data.labels.as_deref(),
+            Some(&dense),
+        )
+    }
+
+    fn fingerprint(&self) -> String {
+        self.fingerprint
+            .get_or_init(|| self.data.fingerprint())
+            .clone()
+    }
+
+    fn weight_uses(&self, model: &Model) -> Option<Vec<(String, f64)>> {
+        self.runner.weight_uses(model)
     }
 
     fn evaluate_with_predictions(

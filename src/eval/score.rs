@@ -3,7 +3,7 @@
 //! Plain loops in f64 over row-major outputs, with no engine in between, so that candle and
 //! tract models are scored by the same code.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::EvalError;
 
@@ -56,7 +56,7 @@ impl Outputs {
 }
 
 /// How close the pruned model's outputs stay to the dense model's on the same inputs.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fidelity {
     /// Mean over output rows of the cosine similarity between pruned and dense rows.
     pub cosine: f64,
@@ -66,7 +66,7 @@ pub struct Fidelity {
     pub top1_agreement: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
     pub samples: usize,
     /// Top-1 accuracy, 0..=1, when the data has labels.

@@ -98,7 +98,7 @@ impl Act {
 /// `c[m×n] = a[m×k] · b` where b is given by its strides (row stride along k, column stride
 /// along n); c is written at `c_off` with row stride `c_rs`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -125,7 +125,13 @@ fn matmul(
         }
         return;
     }
-    let threads = rayon::current_num_threads();
+    // Already on a pool thread (points of a sensitivity sweep run side by side): one thread
+    // per product, since splitting it again only adds synchronisation.
+    let threads = if rayon::current_thread_index().is_some() {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
     let par = if m * n * k >= 1 << 16 && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

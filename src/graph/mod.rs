@@ -298,6 +298,47 @@ impl Graph {
 
     /// Shape inference with weight shapes from `param_shape(node, tensor)`.
     pub fn infer(&self, param_shape: ParamShape) -> Result<Vec<usize>, GraphError> {
+        let shapes = self.infer_all(param_shape)?;
+        shapes
+            .get(self.output.as_str())
+            .cloned()
+            .ok_or_else(|| GraphError::Json(format!("the output '{}' is never made", self.output)))
+    }
+
+    /// How many times each weight of a Linear or Conv2d is multiplied per sample (its
+    /// multiply-adds per sample are this times its non-zero weights): the positions a Linear
+    /// sees (tokens), the output pixels of a convolution.
+    pub fn weight_uses(&self, model: &Model) -> Result<Vec<(String, f64)>, GraphError> {
+        let shape_of = |_: &str, name: &str| -> Result<Vec<usize>, GraphError> {
+            model
+                .find(name)
+                .map(|t| model.tensors[t].shape.clone())
+                .ok_or_else(|| GraphError::Json(format!("tensor '{name}' is missing")))
+        };
+        let shapes = self.infer_all(&shape_of)?;
+        let mut uses = Vec::new();
+        for n in &self.nodes {
+            let input = n.inputs.first().and_then(|v| shapes.get(v.as_str()));
+            let output = shapes.get(n.output.as_str());
+            match (&n.op, input, output) {
+                (Op::Linear { weight, .. }, Some(x), _) => {
+                    let positions: usize = x[..x.len().saturating_sub(1)].iter().product();
+                    uses.push((weight.clone(), positions as f64));
+                }
+                (Op::Conv2d { weight, .. }, _, Some(y)) if y.len() == 3 => {
+                    uses.push((weight.clone(), (y[1] * y[2]) as f64));
+                }
+                _ => {}
+            }
+        }
+        Ok(uses)
+    }
+
+    /// Every value's per-sample shape.
+    fn infer_all<'g>(
+        &'g self,
+        param_shape: ParamShape,
+    ) -> Result<HashMap<&'g str, Vec<usize>>, GraphError> {
         let mut shapes: HashMap<&str, Vec<usize>> = HashMap::new();
         for i in &self.inputs {
             shapes.insert(&i.name, i.shape.clone());
@@ -529,10 +570,7 @@ impl Graph {
                 )));
             }
         }
-        shapes
-            .get(self.output.as_str())
-            .cloned()
-            .ok_or_else(|| GraphError::Json(format!("the output '{}' is never made", self.output)))
+        Ok(shapes)
     }
 
     /// Every tensor the graph reads, in order of first use.

@@ -94,7 +94,7 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
             }
             requested = layers.iter().map(|l| l.pruned as u64).sum();
         }
-        (Pattern::Unstructured, Scope::Layer) => {
+        (Pattern::Unstructured, Scope::Layer | Scope::Sensitivity) => {
             for l in &mut layers {
                 if !locked(l.tensor) {
                     let s = settings

@@ -78,6 +78,76 @@ pub enum Scope {
     #[default]
     Global,
     Layer,
+    /// Per-layer targets planned from sensitivity curves (see [`Rule`]); allocated exactly as
+    /// layer-wise, so a recipe replays without the curves.
+    Sensitivity,
+}
+
+/// How a sensitivity-guided plan splits the budget across layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// The same sparsity in every layer.
+    Uniform,
+    /// One magnitude threshold across layers (the global scope).
+    Global,
+    /// Equal marginal loss: the cheapest weights, by the curves' drop per weight, go first.
+    #[default]
+    Marginal,
+    /// One tolerated drop for every layer, bisected until the budget is met.
+    Threshold,
+    /// Sparsity inversely proportional to the layer's normalised drop.
+    Inverse,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 5] = [
+        Rule::Uniform,
+        Rule::Global,
+        Rule::Marginal,
+        Rule::Threshold,
+        Rule::Inverse,
+    ];
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Rule::Uniform => "uniform",
+            Rule::Global => "global",
+            Rule::Marginal => "marginal",
+            Rule::Threshold => "threshold",
+            Rule::Inverse => "inverse",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Rule> {
+        Rule::ALL.into_iter().find(|r| r.cli_name() == s)
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Rule::Uniform => "uniform per layer",
+            Rule::Global => "global magnitude",
+            Rule::Marginal => "equal marginal loss",
+            Rule::Threshold => "drop threshold",
+            Rule::Inverse => "inverse to drop",
+        }
+    }
+    pub fn tooltip(self) -> &'static str {
+        match self {
+            Rule::Uniform => {
+                "Uniform: every layer loses the same fraction, whatever its curve says — the baseline."
+            }
+            Rule::Global => {
+                "Global magnitude: one |w| threshold over all layers; the curves are not used."
+            }
+            Rule::Marginal => {
+                "Equal marginal loss: weights go where the curves say they cost the least accuracy per weight removed, until the budget is met."
+            }
+            Rule::Threshold => {
+                "Drop threshold: every layer is pruned as far as its curve stays within one tolerated drop, and that tolerance is bisected until the budget is met (NVIDIA ModelOpt's FastNAS)."
+            }
+            Rule::Inverse => {
+                "Inverse: each layer's sparsity is inversely proportional to its normalised average drop (fasterai's to_layer_targets)."
+            }
+        }
+    }
 }
 
 /// Per-tensor settings; a tensor absent from the map uses the defaults.
@@ -106,6 +176,8 @@ pub struct PruneSettings {
     pub sparsity: f64,
     /// Global scope: every tensor keeps at least this fraction of its weights.
     pub min_keep: f64,
+    /// Sensitivity-guided scope: the rule that planned the per-layer targets.
+    pub rule: Rule,
     pub layers: BTreeMap<String, LayerSettings>,
 }
 
@@ -118,6 +190,7 @@ impl Default for PruneSettings {
             scope: Scope::Global,
             sparsity: 0.0,
             min_keep: 0.0,
+            rule: Rule::Marginal,
             layers: BTreeMap::new(),
         }
     }

@@ -61,12 +61,15 @@ pub struct ModelView {
     pub preview_error: Option<(u64, String)>,
     /// How the model is evaluated now (the data can change after opening).
     pub eval: EvalInfo,
+    /// The experiment history, oldest first (one record per configuration and data).
+    pub history: Vec<Arc<crate::history::Record>>,
 }
 
 impl ModelView {
     fn new(snapshot: Arc<ModelSnapshot>) -> ModelView {
         ModelView {
             eval: snapshot.eval.clone(),
+            history: snapshot.history.iter().cloned().map(Arc::new).collect(),
             snapshot,
             preview: None,
             detail: None,
@@ -99,6 +102,15 @@ pub struct AppState {
     pub prefs: Prefs,
     /// Generation at which the current settings were first sent.
     pub settings_generation: u64,
+    /// Sensitivity curves of the open model (partial while a sweep runs).
+    pub sensitivity: Option<Arc<crate::sensitivity::Sensitivity>>,
+    /// The newest sensitivity plan, or why there is none.
+    pub plan: Option<Result<Arc<crate::sensitivity::Plan>, String>>,
+    /// Every rule's plan at one target, measured.
+    pub comparison: Option<Arc<Vec<crate::worker::CompareRow>>>,
+    plan_generation: u64,
+    /// What the last plan request was for (the settings without per-layer targets).
+    plan_sent: Option<PruneSettings>,
     sent: Option<(
         ModelId,
         PruneSettings,
@@ -116,6 +128,11 @@ impl AppState {
             selected: None,
             generation: 0,
             settings_generation: 0,
+            sensitivity: None,
+            plan: None,
+            comparison: None,
+            plan_generation: 0,
+            plan_sent: None,
             jobs: Vec::new(),
             errors: Vec::new(),
             notice: None,
@@ -147,6 +164,35 @@ impl AppState {
             .as_ref()
             .and_then(|m| m.metrics.as_ref())
             .is_some_and(|p| self.answers_newest(p.generation))
+    }
+
+    /// Replaces the settings with restored ones (history, comparison) exactly as recorded: a
+    /// sensitivity plan is not recomputed over them.
+    pub fn restore(&mut self, settings: PruneSettings) {
+        self.plan_sent = Some(plan_key(&settings));
+        self.settings = settings;
+    }
+
+    /// In sensitivity-guided scope, asks for a plan whenever what it depends on changed.
+    fn sync_plan(&mut self, worker: &WorkerHandle) {
+        let Some(m) = &self.model else { return };
+        if self.settings.scope != crate::prune::Scope::Sensitivity || self.sensitivity.is_none() {
+            return;
+        }
+        let key = plan_key(&self.settings);
+        if self.plan_sent.as_ref() == Some(&key) {
+            return;
+        }
+        let generation = self.plan_generation + 1;
+        let cmd = crate::worker::Command::Plan {
+            generation,
+            model: m.snapshot.id,
+            settings: self.settings.clone(),
+        };
+        if worker.send(cmd).is_ok() {
+            self.plan_generation = generation;
+            self.plan_sent = Some(key);
+        }
     }
 
     /// Sends the preview the panels now want, if it differs from the last one sent.
@@ -240,6 +286,13 @@ impl AppState {
                 ));
                 self.model = Some(ModelView::new(snapshot));
                 self.sent = None;
+                self.sensitivity = None;
+                self.plan = None;
+                self.comparison = None;
+                self.plan_sent = None;
+                if self.settings.scope == crate::prune::Scope::Sensitivity {
+                    self.settings.scope = crate::prune::Scope::Global;
+                }
             }
             Event::Preview(p) => {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(p.model)) else {
@@ -285,6 +338,46 @@ impl AppState {
                 m.metrics = None;
                 // Ask again so the worker measures the current settings on the new data.
                 self.sent = None;
+                // Curves measured on other data plan nothing now.
+                self.sensitivity = None;
+                self.plan = None;
+                self.comparison = None;
+                self.plan_sent = None;
+            }
+            Event::Sensitivity { model, result } => {
+                if current == Some(model) {
+                    self.sensitivity = Some(result);
+                    // New curves: plan again.
+                    self.plan_sent = None;
+                }
+            }
+            Event::Plan {
+                generation,
+                model,
+                result,
+            } => {
+                if current != Some(model) || generation != self.plan_generation {
+                    return;
+                }
+                if let Ok(p) = &result
+                    && self.settings.scope == crate::prune::Scope::Sensitivity
+                {
+                    p.apply(&mut self.settings);
+                }
+                self.plan = Some(result);
+            }
+            Event::Comparison { model, rows } => {
+                if current == Some(model) {
+                    self.comparison = Some(rows);
+                }
+            }
+            Event::Recorded { model, record } => {
+                let Some(m) = self.model.as_mut().filter(|_| current == Some(model)) else {
+                    return;
+                };
+                m.history
+                    .retain(|r| !(r.settings == record.settings && r.data == record.data));
+                m.history.push(record);
             }
             Event::PreviewError { generation, error } => match self.model.as_mut() {
                 Some(m) if generation > 0 => m.preview_error = Some((generation, error)),
@@ -292,6 +385,15 @@ impl AppState {
             },
         }
     }
+}
+
+/// What a sensitivity plan depends on: the settings without the per-layer targets it sets.
+fn plan_key(s: &PruneSettings) -> PruneSettings {
+    let mut k = s.clone();
+    for l in k.layers.values_mut() {
+        l.sparsity = 0.0;
+    }
+    k
 }
 
 /// Stores `new` unless `slot` already holds an answer to a newer preview: answers can arrive
@@ -312,6 +414,16 @@ enum DialogAnswer {
     Open(Option<PathBuf>),
     DataFile(Option<PathBuf>),
     SaveAs(super::dialogs::ExportTarget, Option<PathBuf>),
+    SaveFile(SaveTarget, Option<PathBuf>),
+    /// A file written off the UI thread (the chart's PNG): what was written, or the error.
+    Saved(Result<String, String>),
+}
+
+/// Files the sensitivity and history windows save.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SaveTarget {
+    Sensitivity(super::sensitivity::SaveKind),
+    HistoryCsv,
 }
 
 /// The desktop app.
@@ -326,10 +438,13 @@ pub struct App {
     open_path: OpenPathDialog,
     data: DataDialog,
     gallery: super::gallery::GalleryPanel,
+    sensitivity: super::sensitivity::SensitivityPanel,
+    history: super::history::HistoryPanel,
     export: ExportDialog,
     dialog_tx: Sender<DialogAnswer>,
     dialog_rx: Receiver<DialogAnswer>,
     dialog_open: bool,
+    ctx: Option<egui::Context>,
 }
 
 impl App {
@@ -359,10 +474,13 @@ impl App {
             open_path: OpenPathDialog::default(),
             data: DataDialog::default(),
             gallery: Default::default(),
+            sensitivity: Default::default(),
+            history: Default::default(),
             export: ExportDialog::default(),
             dialog_tx,
             dialog_rx,
             dialog_open: false,
+            ctx: Some(ctx.clone()),
         };
         app.open(initial.map_or(OpenSource::Sample, OpenSource::Path));
         app
@@ -488,8 +606,154 @@ impl App {
                 DialogAnswer::SaveAs(_, None) => {}
                 DialogAnswer::DataFile(Some(p)) => self.data.path = p.display().to_string(),
                 DialogAnswer::DataFile(None) => {}
+                DialogAnswer::SaveFile(target, Some(p)) => self.save_file(target, p),
+                DialogAnswer::SaveFile(_, None) => {}
+                DialogAnswer::Saved(Ok(m)) => self.state.notice = Some(m),
+                DialogAnswer::Saved(Err(e)) => self.state.errors.push(e),
             }
         }
+    }
+
+    fn pick_save_file(&mut self, ctx: &egui::Context, target: SaveTarget) {
+        let (title, name) = match target {
+            SaveTarget::Sensitivity(k) => {
+                ("Save sensitivity", format!("sensitivity.{}", k.extension()))
+            }
+            SaveTarget::HistoryCsv => ("Save experiment history", "history.csv".to_string()),
+        };
+        self.spawn_dialog(ctx, move || {
+            DialogAnswer::SaveFile(
+                target,
+                rfd::FileDialog::new()
+                    .set_title(title)
+                    .set_file_name(name)
+                    .save_file(),
+            )
+        });
+    }
+
+    /// Writes what a window asked to save to `path` (atomically; never over the open model).
+    pub fn save_file_for_test(&mut self, ctx: &egui::Context, csv: bool, path: PathBuf) {
+        self.ctx = Some(ctx.clone());
+        let kind = if csv {
+            super::sensitivity::SaveKind::Csv
+        } else {
+            super::sensitivity::SaveKind::Json
+        };
+        self.save_file(SaveTarget::Sensitivity(kind), path);
+    }
+
+    fn save_file(&mut self, target: SaveTarget, path: PathBuf) {
+        use std::io::Write;
+        let inputs: Vec<(&'static str, PathBuf)> = self
+            .state
+            .model
+            .as_ref()
+            .and_then(|m| m.snapshot.path.clone())
+            .map(|p| vec![("model", p)])
+            .unwrap_or_default();
+        let inputs: Vec<(&'static str, &Path)> =
+            inputs.iter().map(|(w, p)| (*w, p.as_path())).collect();
+        if let Err(e) = crate::export::check_outputs(&inputs, &[("output", path.as_path())]) {
+            self.state.errors.push(e.to_string());
+            return;
+        }
+        let text = match target {
+            SaveTarget::Sensitivity(super::sensitivity::SaveKind::Png) => {
+                return self.save_chart_png(path);
+            }
+            SaveTarget::Sensitivity(super::sensitivity::SaveKind::Csv) => {
+                self.state.sensitivity.as_ref().map(|s| s.to_csv())
+            }
+            SaveTarget::Sensitivity(super::sensitivity::SaveKind::Json) => {
+                self.state.sensitivity.as_ref().map(|s| s.to_json())
+            }
+            SaveTarget::HistoryCsv => self.state.model.as_ref().map(|m| {
+                crate::history::History {
+                    model_hash: m.snapshot.hash.clone().unwrap_or_default(),
+                    records: m.history.iter().map(|r| (**r).clone()).collect(),
+                }
+                .to_csv()
+            }),
+        };
+        let Some(text) = text else {
+            self.state.errors.push("Nothing to save yet.".into());
+            return;
+        };
+        match crate::util::atomic_write(&path, |w| w.write_all(text.as_bytes())) {
+            Ok(()) => self.state.notice = Some(format!("Wrote {}", path.display())),
+            Err(e) => self.state.errors.push(format!(
+                "{}: {}",
+                path.display(),
+                crate::util::io_message(&e)
+            )),
+        }
+    }
+
+    /// Takes a screenshot of the next frame and writes the chart's region as a PNG.
+    fn save_chart_png(&mut self, path: PathBuf) {
+        let (Some(rect), Some(ctx)) = (self.sensitivity.plot_rect, self.ctx.clone()) else {
+            self.state
+                .errors
+                .push("The chart is not on screen: open View → Sensitivity.".into());
+            return;
+        };
+        self.sensitivity.open = true;
+        let tx = self.dialog_tx.clone();
+        let ppp = ctx.pixels_per_point();
+        let wake = ctx.clone();
+        ctx.request_screenshot(move |image| {
+            let region = image.region(&rect, Some(ppp));
+            let result = super::write_png(&path, &region)
+                .map(|()| format!("Wrote {}", path.display()))
+                .map_err(|e| format!("{}: {e}", path.display()));
+            let _ = tx.send(DialogAnswer::Saved(result));
+            wake.request_repaint();
+        });
+        ctx.request_repaint();
+    }
+
+    fn sensitivity_action(
+        &mut self,
+        ctx: &egui::Context,
+        a: super::sensitivity::SensitivityAction,
+    ) {
+        use super::sensitivity::SensitivityAction as A;
+        match a {
+            A::Run { grid, fresh } => {
+                let spec = crate::sensitivity::SweepSpec::for_settings(&self.state.settings, grid);
+                if let Err(e) = self
+                    .worker
+                    .sensitivity(spec, self.state.settings.clone(), fresh)
+                {
+                    self.state.errors.push(e.to_string());
+                }
+            }
+            A::Cancel => {
+                for j in self.state.jobs.iter().filter(|j| j.label == "Sensitivity") {
+                    self.worker.cancel(j.id);
+                }
+            }
+            A::Compare => {
+                if let Err(e) = self.worker.compare(self.state.settings.clone()) {
+                    self.state.errors.push(e.to_string());
+                }
+            }
+            A::Save(kind) => self.pick_save_file(ctx, SaveTarget::Sensitivity(kind)),
+            A::Restore(s) => self.state.restore(*s),
+        }
+    }
+
+    /// Presses the sensitivity window's Run with the default grid (tests).
+    pub fn run_sensitivity(&mut self) {
+        let ctx = self.ctx.clone().expect("built with a context");
+        self.sensitivity_action(
+            &ctx,
+            super::sensitivity::SensitivityAction::Run {
+                grid: crate::sensitivity::DEFAULT_GRID.to_vec(),
+                fresh: true,
+            },
+        );
     }
 
     fn shortcuts(&mut self, ctx: &egui::Context) {
@@ -587,6 +851,10 @@ impl App {
             ui.menu_button("View", |ui| {
                 ui.checkbox(&mut self.state.prefs.log_y, "Log-scale histogram counts")
                     .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
+                ui.checkbox(&mut self.sensitivity.open, "Sensitivity")
+                    .on_hover_text("How much each layer can take: each pruned alone across a grid of sparsities, measured on the data.");
+                ui.checkbox(&mut self.history.open, "Experiment history")
+                    .on_hover_text("Every configuration evaluated, metric against size, with the Pareto front; click a point to restore it.");
                 ui.checkbox(&mut self.gallery.open, "Dataset samples")
                     .on_hover_text("A gallery of test samples with the dense and the pruned model's predictions: see which ones a cut breaks.");
                 if ui.button("Fit heatmap").clicked() {
@@ -742,6 +1010,28 @@ impl eframe::App for App {
 
         let ctx = ui.ctx().clone();
         self.gallery.ui(&ctx, &self.state);
+        if std::mem::take(&mut self.controls.open_sensitivity) {
+            self.sensitivity.open = true;
+        }
+        if let Some(a) = self.sensitivity.ui(&ctx, &self.state) {
+            self.sensitivity_action(&ctx, a);
+        }
+        if let Some(a) = self.history.ui(&ctx, &self.state) {
+            match a {
+                super::history::HistoryAction::Restore(s) => self.state.restore(*s),
+                super::history::HistoryAction::SaveCsv => {
+                    self.pick_save_file(&ctx, SaveTarget::HistoryCsv)
+                }
+                super::history::HistoryAction::Clear => {
+                    if let Some(m) = self.state.model.as_mut() {
+                        m.history.clear();
+                        let _ = self.worker.send(crate::worker::Command::ClearHistory {
+                            model: m.snapshot.id,
+                        });
+                    }
+                }
+            }
+        }
         let mut browse = false;
         if let Some(source) = self.data.ui(&ctx, &mut browse) {
             match self.worker.set_data(source) {
@@ -763,6 +1053,7 @@ impl eframe::App for App {
             None => {}
         }
         drop_overlay(&ctx);
+        self.state.sync_plan(&self.worker);
         self.state.sync_preview(&self.worker, heatmap_request);
     }
 

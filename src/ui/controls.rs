@@ -18,6 +18,9 @@ pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N
 pub const TIP_SEED: &str = "The random criterion's seed: the same seed gives the same masks, a different one a fresh draw.";
 pub const TIP_ALL_LAYERS: &str = "Set every unlocked prunable layer to this sparsity (you can then adjust single layers in the table).";
 pub const TIP_RESET: &str = "Back to the dense model: sparsity 0 and no per-layer overrides.";
+pub const TIP_SENSITIVITY_SCOPE: &str = "Sensitivity-guided: the global target is split across layers by their measured sensitivity curves, so layers that lose little take more of the cut.";
+pub const TIP_RULE: &str =
+    "How the curves split the budget; compare the rules in the Sensitivity window.";
 
 #[derive(Default)]
 pub struct ControlsPanel {
@@ -25,27 +28,55 @@ pub struct ControlsPanel {
     all_layers: f64,
     /// Custom N:M being typed.
     custom: Option<(usize, usize)>,
+    /// The user asked for the sensitivity window.
+    pub open_sensitivity: bool,
 }
 
 impl ControlsPanel {
     pub fn ui(&mut self, ui: &mut Ui, state: &mut AppState) {
-        let Self { all_layers, custom } = self;
+        let Self {
+            all_layers,
+            custom,
+            open_sensitivity,
+        } = self;
         ui.heading("Prune");
         let Some(model) = state.model.as_ref() else {
             ui.label("Open a model to start.");
             return;
         };
         let tensors = &model.snapshot.tensors;
+        let measured_now = model
+            .metrics
+            .as_ref()
+            .filter(|_| state.metrics_current())
+            .and_then(|m| m.result.as_ref().ok())
+            .copied();
         let s = &mut state.settings;
 
         ui.add_space(4.0);
         ui.label(RichText::new("Scope").strong());
-        ui.horizontal(|ui| {
+        let has_curves = state.sensitivity.as_ref().is_some_and(|c| c.complete)
+            && s.pattern.fixed_sparsity().is_none();
+        ui.horizontal_wrapped(|ui| {
             ui.radio_value(&mut s.scope, Scope::Global, "Global")
                 .on_hover_text(TIP_GLOBAL);
             ui.radio_value(&mut s.scope, Scope::Layer, "Layer-wise")
                 .on_hover_text(TIP_LAYER);
+            ui.add_enabled_ui(has_curves || s.scope == Scope::Sensitivity, |ui| {
+                ui.radio_value(&mut s.scope, Scope::Sensitivity, "Sensitivity-guided")
+                    .on_hover_text(TIP_SENSITIVITY_SCOPE)
+                    .on_disabled_hover_text(
+                        "Needs finished sensitivity curves (and an unstructured pattern): run them in View → Sensitivity.",
+                    );
+            });
         });
+        if ui
+            .button("Sensitivity…")
+            .on_hover_text("Measure how much each layer can take: each pruned alone across a grid of sparsities.")
+            .clicked()
+        {
+            *open_sensitivity = true;
+        }
 
         let nm = s.pattern.fixed_sparsity();
         ui.add_space(6.0);
@@ -83,6 +114,58 @@ impl ControlsPanel {
                     }
                 });
                 ui.label(RichText::new("Set single layers with the sliders in the table.").weak());
+            }
+            Scope::Sensitivity => {
+                let label = ui.label(RichText::new("Global sparsity").strong());
+                percent_slider(ui, &mut s.sparsity, 0.0..=1.0)
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_SPARSITY);
+                let label = ui.label("Minimum kept per layer");
+                percent_slider(ui, &mut s.min_keep, 0.0..=1.0)
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_MIN_KEEP);
+                let label = ui.label("Rule");
+                ComboBox::from_id_salt("rule")
+                    .selected_text(s.rule.label())
+                    .show_ui(ui, |ui| {
+                        for r in crate::prune::Rule::ALL {
+                            ui.selectable_value(&mut s.rule, r, r.label())
+                                .on_hover_text(r.tooltip());
+                        }
+                    })
+                    .response
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_RULE);
+                match &state.plan {
+                    Some(Ok(p)) => {
+                        let measured = measured_now.as_ref().map(|m| p.metric.value(m));
+                        ui.label(format!(
+                            "Predicted {}: {:.4}{}",
+                            p.metric.label(),
+                            p.predicted,
+                            measured.map_or(String::new(), |v| format!(", measured {v:.4}"))
+                        ))
+                        .on_hover_text("Predicted: the dense value minus the drops the curves give at each layer's planned sparsity (as if they added up). Measured: the plan evaluated.");
+                        if !p.reached() {
+                            ui.colored_label(
+                                super::theme::CAPPED,
+                                "The caps keep the target out of reach.",
+                            );
+                        }
+                    }
+                    Some(Err(e)) => {
+                        ui.colored_label(super::theme::BAD, e);
+                    }
+                    None => {
+                        ui.label(RichText::new("Planning…").weak());
+                    }
+                }
+                ui.label(
+                    RichText::new(
+                        "The table's sliders show the plan; moving one makes it layer-wise.",
+                    )
+                    .weak(),
+                );
             }
         }
 
@@ -160,7 +243,7 @@ pub fn layer_limit_slider(
     locked: bool,
 ) -> (egui::Response, f64) {
     let (mut v, tip) = match s.scope {
-        Scope::Layer => (s.layer(name).sparsity, super::table::TIP_TARGET),
+        Scope::Layer | Scope::Sensitivity => (s.layer(name).sparsity, super::table::TIP_TARGET),
         Scope::Global => (
             s.layer(name).max_sparsity.unwrap_or(1.0),
             super::table::TIP_MAX,
@@ -175,6 +258,11 @@ pub fn layer_limit_slider(
         let l = s.layer_mut(name);
         match scope {
             Scope::Layer => l.sparsity = v,
+            // A hand edit of a planned layer makes the plan the user's own: layer-wise.
+            Scope::Sensitivity => {
+                l.sparsity = v;
+                s.scope = Scope::Layer;
+            }
             Scope::Global => l.max_sparsity = (v < 1.0).then_some(v),
         }
     }
@@ -318,7 +406,7 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
         s.layer_mut(&name).locked = locked;
     }
     let label = ui.label(match s.scope {
-        Scope::Layer => "Layer sparsity",
+        Scope::Layer | Scope::Sensitivity => "Layer sparsity",
         Scope::Global => "Maximum sparsity",
     });
     let (r, _) = layer_limit_slider(ui, s, &name, locked);

@@ -6,7 +6,9 @@ mod controls;
 mod dialogs;
 mod gallery;
 mod heatmap_view;
+mod history;
 mod plots;
+mod sensitivity;
 mod summary;
 mod table;
 pub mod theme;
@@ -15,6 +17,26 @@ pub use app::{App, AppState, JobView, ModelView, Prefs};
 pub use summary::non_zeros;
 
 use std::path::PathBuf;
+
+/// Writes an image as an 8-bit RGBA PNG, atomically.
+pub fn write_png(path: &std::path::Path, image: &egui::ColorImage) -> Result<(), String> {
+    let [w, h] = image.size;
+    let mut bytes = Vec::with_capacity(w * h * 4);
+    for c in &image.pixels {
+        bytes.extend_from_slice(&c.to_srgba_unmultiplied());
+    }
+    crate::util::atomic_write(path, |out| {
+        let mut enc = png::Encoder::new(out, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+        writer
+            .write_image_data(&bytes)
+            .map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)
+    })
+    .map_err(|e| crate::util::io_message(&e))
+}
 
 /// Opens the main window; `model` is opened at start (the bundled sample when `None`).
 pub fn run_gui(model: Option<PathBuf>) -> anyhow::Result<()> {

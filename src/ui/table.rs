@@ -175,7 +175,7 @@ impl LayerTable {
                 sortable(&mut h, "Kept", SortBy::Kept, "Weights that survive; click to sort.");
                 h.col(|ui| {
                     let (t, tip) = match scope {
-                        Scope::Layer => ("Target", TIP_TARGET),
+                        Scope::Layer | Scope::Sensitivity => ("Target", TIP_TARGET),
                         Scope::Global => ("Max sparsity", TIP_MAX),
                     };
                     ui.strong(t).on_hover_text(tip);
@@ -276,7 +276,7 @@ impl LayerTable {
                                 }
                                 ui.spacing_mut().slider_width = 80.0;
                                 let what = match scope {
-                                    Scope::Layer => "target",
+                                    Scope::Layer | Scope::Sensitivity => "target",
                                     Scope::Global => "max sparsity",
                                 };
                                 let (r, pct) = layer_limit_slider(ui, s, &info.name, locked);

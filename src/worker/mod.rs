@@ -92,6 +92,35 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Starts a sensitivity sweep of the open model.
+    pub fn sensitivity(
+        &mut self,
+        spec: crate::sensitivity::SweepSpec,
+        settings: crate::prune::PruneSettings,
+        fresh: bool,
+    ) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::Sensitivity {
+            job,
+            cancel,
+            spec,
+            settings,
+            fresh,
+        })?;
+        Ok(job)
+    }
+
+    /// Plans the settings' target with every rule and measures each plan.
+    pub fn compare(&mut self, settings: crate::prune::PruneSettings) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::Compare {
+            job,
+            cancel,
+            settings,
+        })?;
+        Ok(job)
+    }
+
     /// Asks for a new preview; returns `Err` if the queue is full (try again next frame).
     pub fn preview(&self, request: PreviewRequest) -> Result<(), WorkerBusy> {
         self.send(Command::Preview(Box::new(request)))

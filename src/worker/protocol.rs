@@ -38,6 +38,30 @@ pub enum Command {
         cancel: CancelFlag,
         source: crate::eval::DataSource,
     },
+    /// Measure every layer's sensitivity (from the cache when it holds this sweep).
+    Sensitivity {
+        job: JobId,
+        cancel: CancelFlag,
+        spec: crate::sensitivity::SweepSpec,
+        /// Which tensors are prunable (and so swept).
+        settings: PruneSettings,
+        /// Measure again even when the cache has the answer.
+        fresh: bool,
+    },
+    /// Split the settings' target across layers by the current sensitivity curves.
+    Plan {
+        generation: u64,
+        model: ModelId,
+        settings: PruneSettings,
+    },
+    /// Plan the settings' target with every rule and measure each plan.
+    Compare {
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+    },
+    /// Forget the open model's experiment history.
+    ClearHistory { model: ModelId },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },
@@ -135,11 +159,42 @@ pub enum Event {
         model: ModelId,
         info: EvalInfo,
     },
+    /// Sensitivity curves so far (sent as points arrive, and when the sweep ends).
+    Sensitivity {
+        model: ModelId,
+        result: Arc<crate::sensitivity::Sensitivity>,
+    },
+    /// A sensitivity plan for the settings of `generation`.
+    Plan {
+        generation: u64,
+        model: ModelId,
+        result: Result<Arc<crate::sensitivity::Plan>, String>,
+    },
+    /// Every rule's plan at one target, measured.
+    Comparison {
+        model: ModelId,
+        rows: Arc<Vec<CompareRow>>,
+    },
+    /// A configuration was evaluated and added to the experiment history.
+    Recorded {
+        model: ModelId,
+        record: Arc<crate::history::Record>,
+    },
     /// Settings the worker could not apply (invalid N:M, unknown tensor…).
     PreviewError {
         generation: u64,
         error: String,
     },
+}
+
+/// One rule's plan and what it measured.
+#[derive(Debug, Clone)]
+pub struct CompareRow {
+    pub plan: Result<crate::sensitivity::Plan, String>,
+    /// The settings the plan makes (restorable).
+    pub settings: Option<PruneSettings>,
+    pub measured: Option<Result<Metrics, String>>,
+    pub nonzeros: u64,
 }
 
 /// Static facts about a tensor, for the table.
@@ -170,6 +225,12 @@ pub struct ModelSnapshot {
     /// How the model is evaluated as it opens (File → Evaluation data… changes it later).
     pub eval: EvalInfo,
     pub load_ms: f64,
+    /// SHA-256 of the model's bytes, for runnable models (history and caches are keyed by it).
+    pub hash: Option<String>,
+    /// Configurations evaluated on this model before, oldest first.
+    pub history: Vec<crate::history::Record>,
+    /// Estimated FLOPs per sample of the dense model, where the graph's shapes are known.
+    pub dense_flops: Option<f64>,
 }
 
 /// How the open model is evaluated: on what, by which engine, and its dense figures.

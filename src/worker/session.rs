@@ -1,9 +1,9 @@
 //! The worker thread's loop and the state it owns.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -18,6 +18,7 @@ use crate::prune::{
     Allocation, Mask, MaskSet, PruneError, PruneSettings, ScoreIndex, ScoreInputs, allocate,
     build_layer_mask, build_masks,
 };
+use crate::sensitivity::{Sensitivity, SweepSpec};
 
 /// Samples whose predictions the dataset gallery shows.
 pub const GALLERY_SAMPLES: usize = 120;
@@ -33,8 +34,24 @@ struct Session {
     model: Arc<Model>,
     index: Arc<ScoreIndex>,
     histograms: Vec<Option<Arc<Histogram>>>,
-    evaluator: Option<Box<dyn Evaluator>>,
+    evaluator: Option<Arc<dyn Evaluator>>,
     cache: Option<Computed>,
+    /// SHA-256 of the model (runnable models only).
+    hash: Option<String>,
+    history: crate::history::History,
+    history_dirty: bool,
+    /// Multiplications per weight per sample, for FLOPs.
+    uses: Option<Vec<(String, f64)>>,
+    sweeps: Arc<Mutex<Sweeps>>,
+}
+
+/// Sensitivity results of this model: by cache key, and the newest one (plans use it).
+#[derive(Default)]
+struct Sweeps {
+    by_key: HashMap<String, Arc<Sensitivity>>,
+    current: Option<Arc<Sensitivity>>,
+    /// A sweep is running (one at a time).
+    running: bool,
 }
 
 /// Metrics for one set of settings and the gallery's predictions under them.
@@ -78,6 +95,11 @@ pub(super) fn run(rx: Receiver<Command>, tx: Sender<Event>, wake: Wake, ids: Arc
     };
     while !w.shutting_down {
         if w.pending.is_empty() {
+            w.poll();
+        }
+        if w.pending.is_empty() {
+            // Idle: the moment to write what the history gained.
+            w.save_history();
             match w.rx.recv() {
                 Ok(c) => w.pending.push_back(c),
                 Err(_) => break,
@@ -120,8 +142,13 @@ impl Worker {
             Command::Open { job, .. }
             | Command::Export { job, .. }
             | Command::SetData { job, .. }
+            | Command::Sensitivity { job, .. }
+            | Command::Compare { job, .. }
             | Command::PanicForTest { job } => Some(*job),
-            Command::Preview(_) | Command::Shutdown => None,
+            Command::Preview(_)
+            | Command::Plan { .. }
+            | Command::ClearHistory { .. }
+            | Command::Shutdown => None,
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.dispatch(cmd)));
         if let Err(panic) = result {
@@ -159,6 +186,29 @@ impl Worker {
                 request,
             } => self.export(job, cancel, request),
             Command::SetData { job, source, .. } => self.set_data(job, source),
+            Command::Sensitivity {
+                job,
+                cancel,
+                spec,
+                settings,
+                fresh,
+            } => self.sensitivity(job, cancel, spec, settings, fresh),
+            Command::Plan {
+                generation,
+                model,
+                settings,
+            } => self.plan(generation, model, settings),
+            Command::Compare {
+                job,
+                cancel,
+                settings,
+            } => self.compare(job, cancel, settings),
+            Command::ClearHistory { model } => {
+                if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
+                    s.history.records.clear();
+                    s.history_dirty = true;
+                }
+            }
             Command::PanicForTest { job } => {
                 self.emit(Event::JobStarted {
                     job,
@@ -166,7 +216,347 @@ impl Worker {
                 });
                 panic!("deliberate panic for testing");
             }
-            Command::Shutdown => self.shutting_down = true,
+            Command::Shutdown => {
+                self.save_history();
+                self.shutting_down = true
+            }
+        }
+    }
+
+    /// Makes the session's score index fit the settings' criterion (and seed, for seeded
+    /// criteria), rebuilding it as a visible job when it does not.
+    fn ensure_index(&mut self, s: &PruneSettings) -> Result<Arc<ScoreIndex>, String> {
+        let session = self.session.as_ref().ok_or("no model is open")?;
+        if session.index.criterion == s.criterion
+            && (!s.criterion.seeded() || session.index.seed == s.seed)
+        {
+            return Ok(session.index.clone());
+        }
+        let job = self.ids.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::JobStarted {
+            job,
+            label: format!("Scoring with {}", s.criterion.label()),
+        });
+        let progress = self.progress_for(job, CancelFlag::new());
+        let model = session.model.clone();
+        match ScoreIndex::build(
+            &model,
+            s.criterion,
+            s.seed,
+            &ScoreInputs::default(),
+            &progress,
+        ) {
+            Ok(i) => {
+                let session = self.session.as_mut().expect("checked above");
+                session.index = Arc::new(i);
+                session.cache = None;
+                let index = session.index.clone();
+                self.emit(Event::JobFinished {
+                    job,
+                    message: "Scores ready".into(),
+                });
+                Ok(index)
+            }
+            Err(e) => {
+                self.emit(Event::JobFailed {
+                    job,
+                    error: e.to_string(),
+                });
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Starts a sensitivity sweep on its own thread (the preview pipeline keeps answering),
+    /// or answers from the cache.
+    fn sensitivity(
+        &mut self,
+        job: JobId,
+        cancel: CancelFlag,
+        spec: SweepSpec,
+        settings: PruneSettings,
+        fresh: bool,
+    ) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "Sensitivity".into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let Some(evaluator) = s.evaluator.clone() else {
+            let why = self
+                .session
+                .as_ref()
+                .map(|_| "no graph to run, or no data that fits it")
+                .unwrap_or_default();
+            return fail(
+                self,
+                crate::sensitivity::SensitivityError::NoData(why.into()).to_string(),
+            );
+        };
+        if let Err(e) = settings.validate(&s.model) {
+            return fail(self, e.to_string());
+        }
+        let groups = crate::sensitivity::groups(&s.model, &settings);
+        if groups.is_empty() {
+            return fail(self, "no prunable tensors to sweep".into());
+        }
+        let key = crate::sensitivity::cache_key(
+            s.hash.as_deref().unwrap_or(""),
+            &evaluator.fingerprint(),
+            &spec,
+            &groups,
+        );
+        let (model_id, model, sweeps) = (s.id, s.model.clone(), s.sweeps.clone());
+        let resume = {
+            let mut sw = sweeps.lock().unwrap_or_else(|e| e.into_inner());
+            if sw.running {
+                drop(sw);
+                return fail(self, "a sensitivity sweep is already running".into());
+            }
+            let known = sw.by_key.get(&key).cloned().or_else(|| {
+                (!fresh && s.hash.is_some())
+                    .then(|| crate::sensitivity::load_cached(&key).map(Arc::new))
+                    .flatten()
+            });
+            match known {
+                Some(k) if k.complete && !fresh => {
+                    let mut k = (*k).clone();
+                    k.cached = true;
+                    let k = Arc::new(k);
+                    sw.by_key.insert(key.clone(), k.clone());
+                    sw.current = Some(k.clone());
+                    drop(sw);
+                    self.emit(Event::Sensitivity {
+                        model: model_id,
+                        result: k,
+                    });
+                    return self.emit(Event::JobFinished {
+                        job,
+                        message: "Sensitivity from the cache".into(),
+                    });
+                }
+                Some(k) if !k.complete && !fresh => Some(k),
+                _ => None,
+            }
+        };
+        let index = match self.ensure_index(&PruneSettings {
+            criterion: spec.criterion,
+            seed: spec.seed,
+            ..Default::default()
+        }) {
+            Ok(i) => i,
+            Err(e) => return fail(self, e),
+        };
+        sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = true;
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let progress = self.progress_for(job, cancel.clone());
+        let store = s_hash_known(self);
+        let thread_sweeps = sweeps.clone();
+        let spawned = std::thread::Builder::new()
+            .name("prunescope-sweep".into())
+            .spawn(move || {
+                let emit = |e: Event| {
+                    if tx.send(e).is_ok() {
+                        wake();
+                    }
+                };
+                let mut last = Instant::now();
+                let run = catch_unwind(AssertUnwindSafe(|| {
+                    crate::sensitivity::sweep(
+                        &model,
+                        &index,
+                        evaluator.as_ref(),
+                        &spec,
+                        groups,
+                        resume.as_deref(),
+                        &progress,
+                        |so_far| {
+                            // Enough updates for a chart that fills smoothly, not one per point.
+                            if last.elapsed().as_millis() >= 50 {
+                                last = Instant::now();
+                                emit(Event::Sensitivity {
+                                    model: model_id,
+                                    result: Arc::new(so_far.clone()),
+                                });
+                            }
+                        },
+                    )
+                }));
+                let mut sw = thread_sweeps.lock().unwrap_or_else(|e| e.into_inner());
+                sw.running = false;
+                let result = match run {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(p) => Err(format!(
+                        "internal error (the model is unchanged): {}",
+                        p.downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| p.downcast_ref::<&str>().copied())
+                            .unwrap_or("panic")
+                    )),
+                };
+                match result {
+                    Ok(r) => {
+                        let r = Arc::new(r);
+                        sw.by_key.insert(key.clone(), r.clone());
+                        sw.current = Some(r.clone());
+                        drop(sw);
+                        let mut message = format!(
+                            "Sensitivity: {} evaluations in {:.0} ms",
+                            r.evaluations, r.sweep_ms
+                        );
+                        if r.complete
+                            && store
+                            && let Err(e) = crate::sensitivity::store_cached(&key, &r)
+                        {
+                            message.push_str(&format!(" (not cached: {e})"));
+                        }
+                        let complete = r.complete;
+                        emit(Event::Sensitivity {
+                            model: model_id,
+                            result: r,
+                        });
+                        emit(if complete {
+                            Event::JobFinished { job, message }
+                        } else {
+                            Event::JobCancelled { job }
+                        });
+                    }
+                    Err(error) => {
+                        drop(sw);
+                        emit(Event::JobFailed { job, error });
+                    }
+                }
+            });
+        if spawned.is_err() {
+            sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+            fail(self, "could not start a thread for the sweep".into());
+        }
+    }
+
+    fn plan(&mut self, generation: u64, model: ModelId, settings: PruneSettings) {
+        let Some(s) = self.session.as_ref().filter(|s| s.id == model) else {
+            return;
+        };
+        let current = s
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone();
+        let result = match current {
+            None => Err("no sensitivity curves yet: run the sensitivity analysis first".into()),
+            Some(sens)
+                if sens.criterion != settings.criterion || sens.pattern != settings.pattern =>
+            {
+                Err(format!(
+                    "the curves were measured with {} / {}; run the analysis again for {} / {}",
+                    sens.criterion.cli_name(),
+                    sens.pattern,
+                    settings.criterion.cli_name(),
+                    settings.pattern
+                ))
+            }
+            Some(sens) => match self.ensure_index(&settings) {
+                Err(e) => Err(e),
+                Ok(index) => {
+                    let s = self.session.as_ref().expect("checked above");
+                    crate::sensitivity::plan(&s.model, &index, &settings, &sens, settings.rule)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                }
+            },
+        };
+        self.emit(Event::Plan {
+            generation,
+            model,
+            result,
+        });
+    }
+
+    /// Every rule's plan at the settings' target, each measured on the evaluation data.
+    fn compare(&mut self, job: JobId, cancel: CancelFlag, settings: PruneSettings) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "Comparing rules".into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let index = match self.ensure_index(&settings) {
+            Ok(i) => i,
+            Err(e) => return fail(self, e),
+        };
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let Some(sens) = s
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
+        else {
+            return fail(self, "run the sensitivity analysis first".into());
+        };
+        let (model, evaluator, id) = (s.model.clone(), s.evaluator.clone(), s.id);
+        let progress = self.progress_for(job, cancel.clone());
+        let plans = crate::sensitivity::compare_rules(&model, &index, &settings, &sens);
+        let total = plans.len();
+        let mut rows = Vec::new();
+        for (i, p) in plans.into_iter().enumerate() {
+            if cancel.is_cancelled() {
+                return self.emit(Event::JobCancelled { job });
+            }
+            progress.report(i as f32 / total as f32, "measuring");
+            let row = match p {
+                Err(e) => CompareRow {
+                    plan: Err(e.to_string()),
+                    settings: None,
+                    measured: None,
+                    nonzeros: 0,
+                },
+                Ok(plan) => {
+                    let mut st = settings.clone();
+                    plan.apply(&mut st);
+                    let alloc = allocate(&model, &index, &st);
+                    let measured = evaluator.as_ref().map(|e| {
+                        build_masks(&model, &index, &st, &alloc, &Progress::none())
+                            .map_err(|e| e.to_string())
+                            .and_then(|m| e.evaluate(&model, &m).map_err(|e| e.to_string()))
+                    });
+                    CompareRow {
+                        plan: Ok(plan),
+                        settings: Some(st),
+                        measured,
+                        nonzeros: model.total_params() - alloc.pruned,
+                    }
+                }
+            };
+            rows.push(row);
+        }
+        self.emit(Event::Comparison {
+            model: id,
+            rows: Arc::new(rows),
+        });
+        self.emit(Event::JobFinished {
+            job,
+            message: "Rules compared".into(),
+        });
+    }
+
+    fn save_history(&mut self) {
+        if let Some(s) = self.session.as_mut().filter(|s| s.history_dirty) {
+            s.history_dirty = false;
+            // A history that cannot be written costs only the history; say so once.
+            if let Err(e) = s.history.save() {
+                let error = format!("could not save the experiment history: {e}");
+                let _ = self.tx.try_send(Event::PreviewError {
+                    generation: 0,
+                    error,
+                });
+            }
         }
     }
 
@@ -241,7 +631,7 @@ impl Worker {
             }
         };
         let (evaluator, eval) = match evaluator_for(&model) {
-            Ok(e) => dense_eval(&model, e.map(|e| Box::new(e) as Box<dyn Evaluator>)),
+            Ok(e) => dense_eval(&model, e.map(|e| Arc::new(e) as Arc<dyn Evaluator>)),
             Err(e) => (
                 None,
                 EvalInfo {
@@ -250,6 +640,22 @@ impl Worker {
                 },
             ),
         };
+        // History and caches are keyed by content, hashed only for models that can be measured.
+        let hash = match evaluator {
+            Some(_) => {
+                progress.report(0.95, "hashing");
+                model.content_hash().ok()
+            }
+            None => None,
+        };
+        let history = hash
+            .as_deref()
+            .map(crate::history::History::load)
+            .unwrap_or_default();
+        let uses = evaluator.as_ref().and_then(|e| e.weight_uses(&model));
+        let dense_flops = uses
+            .as_ref()
+            .map(|u| crate::history::flops(&model, &Allocation::default(), u));
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let snapshot = ModelSnapshot {
             id,
@@ -276,7 +682,11 @@ impl Worker {
             data_bytes: model.data_bytes(),
             eval,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            hash: hash.clone(),
+            history: history.records.clone(),
+            dense_flops,
         };
+        self.save_history();
         self.session = Some(Session {
             id,
             model,
@@ -284,6 +694,11 @@ impl Worker {
             histograms,
             evaluator,
             cache: None,
+            hash,
+            history,
+            history_dirty: false,
+            uses,
+            sweeps: Default::default(),
         });
         self.emit(Event::ModelOpened(Arc::new(snapshot)));
         self.emit(Event::JobFinished {
@@ -308,41 +723,11 @@ impl Worker {
                 error: e.to_string(),
             });
         }
-        // A different criterion (or seed, for seeded ones) needs a new index.
-        let s = &req.settings;
-        if session.index.criterion != s.criterion
-            || (s.criterion.seeded() && session.index.seed != s.seed)
-        {
-            let job = self.ids.fetch_add(1, Ordering::Relaxed);
-            self.emit(Event::JobStarted {
-                job,
-                label: format!("Scoring with {}", s.criterion.label()),
+        if let Err(e) = self.ensure_index(&req.settings) {
+            return self.emit(Event::PreviewError {
+                generation,
+                error: e,
             });
-            let progress = self.progress_for(job, CancelFlag::new());
-            let model = session.model.clone();
-            match ScoreIndex::build(
-                &model,
-                s.criterion,
-                s.seed,
-                &ScoreInputs::default(),
-                &progress,
-            ) {
-                Ok(i) => {
-                    let session = self.session.as_mut().expect("checked above");
-                    session.index = Arc::new(i);
-                    session.cache = None;
-                    self.emit(Event::JobFinished {
-                        job,
-                        message: "Scores ready".into(),
-                    });
-                }
-                Err(e) => {
-                    return self.emit(Event::JobFailed {
-                        job,
-                        error: e.to_string(),
-                    });
-                }
-            }
         }
         let session = self.session.as_mut().expect("checked above");
         let fresh = session
@@ -524,6 +909,30 @@ impl Worker {
                     Err(e) => (Err(e.to_string()), None),
                 };
                 c.metrics = Some(r.clone());
+                if let (Ok(m), Some(hash)) = (&r.0, &s.hash) {
+                    let flops = s
+                        .uses
+                        .as_ref()
+                        .map(|u| crate::history::flops(&s.model, &c.alloc, u));
+                    let record = crate::history::Record::new(
+                        "gui",
+                        &s.model,
+                        hash,
+                        &c.settings,
+                        &c.alloc,
+                        c.sizes.csr_bytes,
+                        m,
+                        &eval.describe(),
+                        flops,
+                    );
+                    s.history.push(record.clone());
+                    s.history_dirty = true;
+                    let model = s.id;
+                    self.emit(Event::Recorded {
+                        model,
+                        record: Arc::new(record),
+                    });
+                }
                 r
             }
         };
@@ -547,7 +956,7 @@ impl Worker {
             });
         };
         let built = crate::eval::evaluator_with_data(&s.model, &source)
-            .map(|e| Box::new(e) as Box<dyn Evaluator>)
+            .map(|e| Arc::new(e) as Arc<dyn Evaluator>)
             .and_then(|e| e.evaluate(&s.model, &MaskSet::new()).map(|m| (e, m)));
         let (evaluator, dense) = match built {
             Ok(x) => x,
@@ -560,7 +969,16 @@ impl Worker {
             }
         };
         let info = eval_info(evaluator.as_ref(), dense);
+        if s.hash.is_none() {
+            s.hash = s.model.content_hash().ok();
+            if let Some(h) = &s.hash {
+                s.history = crate::history::History::load(h);
+            }
+        }
+        s.uses = evaluator.weight_uses(&s.model);
         s.evaluator = Some(evaluator);
+        // Curves measured on other data no longer plan anything.
+        s.sweeps.lock().unwrap_or_else(|e| e.into_inner()).current = None;
         if let Some(c) = s.cache.as_mut() {
             c.metrics = None;
         }
@@ -629,11 +1047,16 @@ impl Worker {
     }
 }
 
+/// Whether sweeps of the open model may go to the disk cache (its content hash is known).
+fn s_hash_known(w: &Worker) -> bool {
+    w.session.as_ref().is_some_and(|s| s.hash.is_some())
+}
+
 /// Runs the dense model once: an evaluator that cannot do that is dropped, and why is kept.
 fn dense_eval(
     model: &Model,
-    evaluator: Option<Box<dyn Evaluator>>,
-) -> (Option<Box<dyn Evaluator>>, EvalInfo) {
+    evaluator: Option<Arc<dyn Evaluator>>,
+) -> (Option<Arc<dyn Evaluator>>, EvalInfo) {
     let Some(e) = evaluator else {
         return (None, EvalInfo::default());
     };
