@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use prunescope::eval::{Evaluator, evaluator_for};
 use prunescope::model::Model;
 use prunescope::prune::{Pattern, PruneSettings, ScoreInputs, prune};
@@ -22,6 +22,13 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn harness() -> Harness<'static, App> {
+    // Histories and sensitivity caches of these tests stay out of the user's directories.
+    let dir = std::env::temp_dir().join(format!("prunescope-gui-tests-{}", std::process::id()));
+    // SAFETY: every test sets the same values before the app reads them.
+    unsafe {
+        std::env::set_var("PRUNESCOPE_CACHE_DIR", dir.join("cache"));
+        std::env::set_var("PRUNESCOPE_DATA_DIR", dir.join("data"));
+    }
     Harness::builder()
         .with_size(egui::vec2(1400.0, 900.0))
         .build_eframe(|cc| App::with_prefs(&cc.egui_ctx, None, Prefs::default()))
@@ -582,4 +589,147 @@ fn the_samples_menu_opens_the_cnn_and_the_gallery_shows_what_pruning_changed() {
         p.dense[i],
         p.pruned[i]
     ));
+}
+
+fn sweep_job(app: &App) -> Option<f32> {
+    app.state()
+        .jobs
+        .iter()
+        .find(|j| j.label == "Sensitivity")
+        .map(|j| j.fraction)
+}
+
+#[test]
+fn a_sensitivity_sweep_shows_progress_cancels_resumes_and_guides_the_layer_sliders() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Sensitivity").click();
+    h.run_steps(4);
+    // A long grid, so that the sweep is still running when Cancel is pressed.
+    let grid: Vec<f64> = (0..120).map(|i| i as f64 / 120.0).collect();
+    let text = grid
+        .iter()
+        .map(|v| format!("{v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    h.get_by_role_and_label(Role::TextInput, "Grid").focus();
+    h.run_steps(2);
+    h.key_combination_modifiers(egui::Modifiers::COMMAND, &[egui::Key::A]);
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::TextInput, "Grid")
+        .type_text(&text);
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::Button, "Run").click();
+    let start = Instant::now();
+    loop {
+        h.step();
+        let s = h.state().state();
+        if sweep_job(h.state()).is_some_and(|f| f > 0.0)
+            && s.sensitivity.as_ref().is_some_and(|c| c.points_done() > 0)
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.get_by_label_contains("Sensitivity: fc");
+    h.get_all_by_role_and_label(Role::Button, "Cancel")
+        .next()
+        .unwrap()
+        .click();
+    step_until(&mut h, "the sweep to stop", |a| sweep_job(a).is_none());
+    let partial = h.state().state().sensitivity.clone().unwrap();
+    assert!(!partial.complete);
+    let kept = partial.points_done();
+    assert!(kept > 0 && kept < 3 * grid.len(), "{kept}");
+    h.get_by_label_contains("(unfinished)");
+
+    h.get_by_role_and_label(Role::Button, "Resume").click();
+    step_until(&mut h, "the sweep to finish", |a| {
+        a.state().sensitivity.as_ref().is_some_and(|c| c.complete) && sweep_job(a).is_none()
+    });
+    let done = h.state().state().sensitivity.clone().unwrap();
+    assert_eq!(done.layers.len(), 3);
+    for c in &done.layers {
+        assert_eq!(c.points.len(), grid.len(), "{:?}", c.name);
+    }
+    // The finished points of the cancelled run were kept, not measured again.
+    for (a, b) in partial.layers.iter().zip(&done.layers) {
+        for p in &a.points {
+            assert!(b.points.contains(p));
+        }
+    }
+
+    h.state_mut().state_mut().settings.sparsity = 0.8;
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::RadioButton, "Sensitivity-guided")
+        .click();
+    step_until(&mut h, "the plan and its counts", |a| {
+        let s = a.state();
+        s.plan.as_ref().is_some_and(|p| p.is_ok()) && settled(a) && s.metrics_current()
+    });
+    let state = h.state().state();
+    let plan = state.plan.clone().unwrap().unwrap();
+    let targets: Vec<f64> = ["fc1.weight", "fc2.weight", "fc3.weight"]
+        .iter()
+        .map(|t| state.settings.layer(t).sparsity)
+        .collect();
+    assert!(
+        targets.iter().any(|t| (t - 0.8).abs() > 0.01),
+        "the plan is not uniform: {targets:?}"
+    );
+    for (name, s) in &plan.targets {
+        assert_eq!(state.settings.layer(name).sparsity, *s);
+    }
+    let preview = state.model.as_ref().unwrap().preview.clone().unwrap();
+    assert_eq!(
+        preview.alloc.pruned,
+        (0.8 * preview.alloc.prunable as f64).round() as u64
+    );
+    // The table's sliders show the plan.
+    for (name, s) in &plan.targets {
+        let label = format!("target {name}");
+        let node = h.get_by_label(&label);
+        let shown = node.accesskit_node().numeric_value().unwrap();
+        assert!((shown - s * 100.0).abs() <= 0.005 + 1e-9, "{name}: {shown} vs {s}");
+    }
+    h.get_by_label_contains("Predicted accuracy");
+}
+
+#[test]
+fn the_history_records_each_evaluated_configuration_and_restores_one() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    for s in [0.3, 0.6] {
+        h.state_mut().state_mut().settings.sparsity = s;
+        step_until(&mut h, "metrics", |a| settled(a) && a.state().metrics_current());
+    }
+    let m = h.state().state().model.as_ref().unwrap();
+    let records: Vec<_> = m.history.iter().map(|r| (**r).clone()).collect();
+    for s in [0.0, 0.3, 0.6] {
+        assert!(
+            records.iter().any(|r| r.settings.sparsity == s),
+            "no record at {s}: {records:?}"
+        );
+    }
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Experiment history").click();
+    h.run_steps(4);
+    h.get_by_label_contains(&format!("{} configurations", records.len()));
+    let r = records
+        .iter()
+        .find(|r| r.settings.sparsity == 0.3)
+        .unwrap()
+        .clone();
+    h.state_mut().state_mut().restore(r.settings.clone());
+    step_until(&mut h, "metrics of the restored settings", |a| {
+        settled(a) && a.state().metrics_current()
+    });
+    let state = h.state().state();
+    assert_eq!(state.settings, r.settings);
+    let now = state.model.as_ref().unwrap().metrics.clone().unwrap();
+    assert_eq!(now.result.unwrap().accuracy, r.accuracy);
 }

@@ -642,3 +642,35 @@ fn sensitivity_without_a_runnable_model_says_what_it_needs() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("needs data"), "{err}");
 }
+
+#[test]
+fn flops_count_each_weight_once_per_output_position() {
+    let model = prunescope::sample::open_named("cnn").unwrap();
+    let ev = evaluator_for(&model).unwrap().unwrap();
+    let uses = ev.weight_uses(&model).unwrap();
+    // By hand: conv1 3×3, padding 1 on 8×8 → 64 positions; 2×2 pooling → conv2 on 4×4 → 16;
+    // the linear layer once per sample.
+    let want = [("conv1.weight", 64.0), ("conv2.weight", 16.0), ("fc.weight", 1.0)];
+    assert_eq!(uses.len(), 3);
+    for (name, u) in want {
+        assert!(uses.contains(&(name.to_string(), u)), "{name}: {uses:?}");
+    }
+    let dense = prunescope::history::flops(&model, &Default::default(), &uses);
+    assert_eq!(dense, 2.0 * (144.0 * 64.0 + 4608.0 * 16.0 + 5120.0));
+    // Pruning conv2 by half removes half its multiply-adds.
+    let settings = PruneSettings {
+        scope: Scope::Layer,
+        layers: [(
+            "conv2.weight".to_string(),
+            prunescope::prune::LayerSettings {
+                sparsity: 0.5,
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let alloc = allocate(&model, &index(&model, Criterion::Magnitude), &settings);
+    let pruned = prunescope::history::flops(&model, &alloc, &uses);
+    assert_eq!(dense - pruned, 2.0 * 2304.0 * 16.0);
+}

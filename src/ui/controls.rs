@@ -57,11 +57,13 @@ impl ControlsPanel {
         ui.label(RichText::new("Scope").strong());
         let has_curves = state.sensitivity.as_ref().is_some_and(|c| c.complete)
             && s.pattern.fixed_sparsity().is_none();
-        ui.horizontal_wrapped(|ui| {
+        ui.horizontal(|ui| {
             ui.radio_value(&mut s.scope, Scope::Global, "Global")
                 .on_hover_text(TIP_GLOBAL);
             ui.radio_value(&mut s.scope, Scope::Layer, "Layer-wise")
                 .on_hover_text(TIP_LAYER);
+        });
+        ui.horizontal(|ui| {
             ui.add_enabled_ui(has_curves || s.scope == Scope::Sensitivity, |ui| {
                 ui.radio_value(&mut s.scope, Scope::Sensitivity, "Sensitivity-guided")
                     .on_hover_text(TIP_SENSITIVITY_SCOPE)
@@ -69,14 +71,14 @@ impl ControlsPanel {
                         "Needs finished sensitivity curves (and an unstructured pattern): run them in View → Sensitivity.",
                     );
             });
+            if ui
+                .button("Sensitivity…")
+                .on_hover_text("Measure how much each layer can take: each pruned alone across a grid of sparsities.")
+                .clicked()
+            {
+                *open_sensitivity = true;
+            }
         });
-        if ui
-            .button("Sensitivity…")
-            .on_hover_text("Measure how much each layer can take: each pruned alone across a grid of sparsities.")
-            .clicked()
-        {
-            *open_sensitivity = true;
-        }
 
         let nm = s.pattern.fixed_sparsity();
         ui.add_space(6.0);
@@ -221,14 +223,20 @@ pub fn percent_slider(
     value: &mut f64,
     range: std::ops::RangeInclusive<f64>,
 ) -> egui::Response {
-    let mut pct = *value * 100.0;
-    let r = ui.add(
+    let before = *value * 100.0;
+    let mut pct = before;
+    let mut r = ui.add(
         Slider::new(&mut pct, (range.start() * 100.0)..=(range.end() * 100.0))
             .suffix("%")
             .max_decimals(2),
     );
-    if r.changed() {
+    // The slider rounds a value it only shows to its two decimals; that is not an edit (a
+    // planned target of 78.5888…% must stay exact, or the plan's budget is off).
+    let rounding_only = (pct - before).abs() <= 0.005 + 1e-9 && !r.dragged() && !r.has_focus();
+    if r.changed() && !rounding_only {
         *value = (pct / 100.0).clamp(*range.start(), *range.end());
+    } else if rounding_only {
+        r.flags.remove(egui::response::Flags::CHANGED);
     }
     r
 }

@@ -136,7 +136,7 @@ impl HistoryPanel {
         let front_pts: Vec<[f64; 2]> = front.iter().map(|&k| pts[k].1).collect();
         let hover_records = records.clone();
         let r = Plot::new("history_plot")
-            .legend(Legend::default())
+            .legend(Legend::default().position(egui_plot::Corner::RightBottom))
             .x_axis_label(match axis {
                 Axis::NonZeros => "non-zero weights",
                 Axis::Flops => "FLOPs per sample",

@@ -2,7 +2,7 @@
 //! the allocation rules compared at one target.
 
 use egui::{Color32, Context, RichText, Ui};
-use egui_plot::{Legend, Line, Plot, PlotPoints};
+use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
 
 use super::app::AppState;
 use super::theme;
@@ -254,9 +254,15 @@ impl SensitivityPanel {
                     if c.name.len() > 1 {
                         name.push_str(" (tied)");
                     }
+                    let color = layer_color(i, n);
+                    p.points(
+                        Points::new(name.clone(), PlotPoints::from(pts.clone()))
+                            .color(color)
+                            .radius(if is_sel { 3.5 } else { 2.0 }),
+                    );
                     p.line(
                         Line::new(name, PlotPoints::from(pts))
-                            .color(layer_color(i, n))
+                            .color(color)
                             .width(if is_sel { 3.5 } else { 1.3 }),
                     );
                 }
@@ -275,14 +281,14 @@ impl SensitivityPanel {
             let busy = state.jobs.iter().any(|j| j.label == "Comparing rules");
             if ui
                 .add_enabled(
-                    sens.complete && !busy,
+                    sens.complete && !busy && state.settings.sparsity > 0.0,
                     egui::Button::new(format!(
                         "Compare rules at {:.0}%",
                         state.settings.sparsity * 100.0
                     )),
                 )
                 .on_hover_text(TIP_COMPARE)
-                .on_disabled_hover_text("Needs a finished sweep.")
+                .on_disabled_hover_text("Needs a finished sweep and a global sparsity above 0 %.")
                 .clicked()
             {
                 action = Some(SensitivityAction::Compare);

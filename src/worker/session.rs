@@ -526,6 +526,11 @@ impl Worker {
                             .map_err(|e| e.to_string())
                             .and_then(|m| e.evaluate(&model, &m).map_err(|e| e.to_string()))
                     });
+                    if let (Some(Ok(m)), Some(e)) = (&measured, &evaluator) {
+                        let csr = crate::analysis::size_report(&model, &alloc, st.pattern)
+                            .csr_bytes;
+                        self.record(&st, &alloc, csr, m, &e.describe());
+                    }
                     CompareRow {
                         plan: Ok(plan),
                         settings: Some(st),
@@ -909,29 +914,11 @@ impl Worker {
                     Err(e) => (Err(e.to_string()), None),
                 };
                 c.metrics = Some(r.clone());
-                if let (Ok(m), Some(hash)) = (&r.0, &s.hash) {
-                    let flops = s
-                        .uses
-                        .as_ref()
-                        .map(|u| crate::history::flops(&s.model, &c.alloc, u));
-                    let record = crate::history::Record::new(
-                        "gui",
-                        &s.model,
-                        hash,
-                        &c.settings,
-                        &c.alloc,
-                        c.sizes.csr_bytes,
-                        m,
-                        &eval.describe(),
-                        flops,
-                    );
-                    s.history.push(record.clone());
-                    s.history_dirty = true;
-                    let model = s.id;
-                    self.emit(Event::Recorded {
-                        model,
-                        record: Arc::new(record),
-                    });
+                if let Ok(m) = &r.0 {
+                    let (settings, alloc, csr) =
+                        (c.settings.clone(), c.alloc.clone(), c.sizes.csr_bytes);
+                    let desc = eval.describe();
+                    self.record(&settings, &alloc, csr, m, &desc);
                 }
                 r
             }
@@ -942,6 +929,37 @@ impl Worker {
             result,
             predictions,
         }));
+    }
+
+    /// Adds an evaluated configuration to the history (runnable models with a known hash).
+    fn record(
+        &mut self,
+        settings: &PruneSettings,
+        alloc: &Allocation,
+        csr_bytes: u64,
+        metrics: &crate::eval::Metrics,
+        data: &str,
+    ) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let Some(hash) = s.hash.clone() else {
+            return;
+        };
+        let flops = s
+            .uses
+            .as_ref()
+            .map(|u| crate::history::flops(&s.model, alloc, u));
+        let record = crate::history::Record::new(
+            "gui", &s.model, &hash, settings, alloc, csr_bytes, metrics, data, flops,
+        );
+        s.history.push(record.clone());
+        s.history_dirty = true;
+        let model = s.id;
+        self.emit(Event::Recorded {
+            model,
+            record: Arc::new(record),
+        });
     }
 
     fn set_data(&mut self, job: JobId, source: crate::eval::DataSource) {
