@@ -395,6 +395,7 @@ fn graphs_tract_cannot_run_give_errors_that_name_the_file() {
 }
 
 fn cli(args: &[&str]) -> (bool, String, String) {
+    common::isolate();
     let out = Command::new(env!("CARGO_BIN_EXE_prunescope"))
         .args(args)
         .output()

@@ -22,13 +22,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn harness() -> Harness<'static, App> {
-    // Histories and sensitivity caches of these tests stay out of the user's directories.
-    let dir = std::env::temp_dir().join(format!("prunescope-gui-tests-{}", std::process::id()));
-    // SAFETY: every test sets the same values before the app reads them.
-    unsafe {
-        std::env::set_var("PRUNESCOPE_CACHE_DIR", dir.join("cache"));
-        std::env::set_var("PRUNESCOPE_DATA_DIR", dir.join("data"));
-    }
+    common::isolate();
     Harness::builder()
         .with_size(egui::vec2(1400.0, 900.0))
         .build_eframe(|cc| App::with_prefs(&cc.egui_ctx, None, Prefs::default()))
@@ -605,7 +599,8 @@ fn a_sensitivity_sweep_shows_progress_cancels_resumes_and_guides_the_layer_slide
     step_until(&mut h, "the sample model", settled);
     h.get_by_label("View").click();
     h.run_steps(4);
-    h.get_by_role_and_label(Role::CheckBox, "Sensitivity").click();
+    h.get_by_role_and_label(Role::CheckBox, "Sensitivity")
+        .click();
     h.run_steps(4);
     // A long grid, so that the sweep is still running when Cancel is pressed.
     let grid: Vec<f64> = (0..120).map(|i| i as f64 / 120.0).collect();
@@ -693,7 +688,10 @@ fn a_sensitivity_sweep_shows_progress_cancels_resumes_and_guides_the_layer_slide
         let label = format!("target {name}");
         let node = h.get_by_label(&label);
         let shown = node.accesskit_node().numeric_value().unwrap();
-        assert!((shown - s * 100.0).abs() <= 0.005 + 1e-9, "{name}: {shown} vs {s}");
+        assert!(
+            (shown - s * 100.0).abs() <= 0.005 + 1e-9,
+            "{name}: {shown} vs {s}"
+        );
     }
     h.get_by_label_contains("Predicted accuracy");
 }
@@ -704,7 +702,9 @@ fn the_history_records_each_evaluated_configuration_and_restores_one() {
     step_until(&mut h, "the sample model", settled);
     for s in [0.3, 0.6] {
         h.state_mut().state_mut().settings.sparsity = s;
-        step_until(&mut h, "metrics", |a| settled(a) && a.state().metrics_current());
+        step_until(&mut h, "metrics", |a| {
+            settled(a) && a.state().metrics_current()
+        });
     }
     let m = h.state().state().model.as_ref().unwrap();
     let records: Vec<_> = m.history.iter().map(|r| (**r).clone()).collect();
@@ -716,7 +716,8 @@ fn the_history_records_each_evaluated_configuration_and_restores_one() {
     }
     h.get_by_label("View").click();
     h.run_steps(4);
-    h.get_by_role_and_label(Role::CheckBox, "Experiment history").click();
+    h.get_by_role_and_label(Role::CheckBox, "Experiment history")
+        .click();
     h.run_steps(4);
     h.get_by_label_contains(&format!("{} configurations", records.len()));
     let r = records

@@ -26,6 +26,7 @@ fn fixtures() -> PathBuf {
 /// Runs the CLI with a hang guard: a run past `limit` is killed and fails the test. Output is
 /// drained on threads so that a large one cannot block the child on a full pipe.
 fn cli_in(dir: Option<&Path>, args: &[&str], limit: Duration) -> Output {
+    common::isolate();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_prunescope"));
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(d) = dir {

@@ -19,15 +19,8 @@ use prunescope::sensitivity::{
     sweep,
 };
 
-/// Caches and histories go to a directory of this test binary, never the user's.
 fn isolate() {
-    let dir = std::env::temp_dir().join(format!("prunescope-sens-tests-{}", std::process::id()));
-    // SAFETY: every test sets the same values before reading them, so concurrent calls race
-    // only to write what is already there.
-    unsafe {
-        std::env::set_var("PRUNESCOPE_CACHE_DIR", dir.join("cache"));
-        std::env::set_var("PRUNESCOPE_DATA_DIR", dir.join("data"));
-    }
+    common::isolate();
 }
 
 fn index(model: &Model, c: Criterion) -> ScoreIndex {
@@ -650,7 +643,11 @@ fn flops_count_each_weight_once_per_output_position() {
     let uses = ev.weight_uses(&model).unwrap();
     // By hand: conv1 3×3, padding 1 on 8×8 → 64 positions; 2×2 pooling → conv2 on 4×4 → 16;
     // the linear layer once per sample.
-    let want = [("conv1.weight", 64.0), ("conv2.weight", 16.0), ("fc.weight", 1.0)];
+    let want = [
+        ("conv1.weight", 64.0),
+        ("conv2.weight", 16.0),
+        ("fc.weight", 1.0),
+    ];
     assert_eq!(uses.len(), 3);
     for (name, u) in want {
         assert!(uses.contains(&(name.to_string(), u)), "{name}: {uses:?}");

@@ -1,6 +1,8 @@
 //! The worker as the UI sees it: commands in, events out, in order; stale previews dropped;
 //! failures, cancels and panics reported while the model stays usable.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ fn wait_for<T>(w: &WorkerHandle, mut pick: impl FnMut(Event) -> Option<T>) -> T 
 }
 
 fn open_sample(w: &mut WorkerHandle) -> u64 {
+    common::isolate();
     let job = w.open(OpenSource::Sample).unwrap();
     match next(w) {
         Event::JobStarted { job: j, .. } => assert_eq!(j, job),
@@ -57,8 +60,9 @@ fn open_then_preview_gives_counts_detail_and_metrics_in_order() {
     let mut w = WorkerHandle::spawn(|| {});
     let model = open_sample(&mut w);
     w.preview(preview(model, 1, 0.5)).unwrap();
+    let mut recorded = None;
     let kinds: Vec<&str> = (0..3)
-        .map(|_| match next(&w) {
+        .map(|_| match next_skipping_records(&w, &mut recorded) {
             Event::Preview(p) => {
                 assert_eq!(p.generation, 1);
                 assert_eq!(
@@ -79,6 +83,23 @@ fn open_then_preview_gives_counts_detail_and_metrics_in_order() {
         })
         .collect();
     assert_eq!(kinds, ["preview", "detail", "metrics"]);
+    // The evaluated configuration went into the experiment history, with its figures.
+    let r = recorded.expect("the evaluation was recorded");
+    assert_eq!(r.settings.sparsity, 0.5);
+    assert_eq!(r.nonzeros, 17_226 - (0.5f64 * 17_024.0).round() as u64);
+}
+
+/// The next event that is not a history record (kept in `recorded`).
+fn next_skipping_records(
+    w: &WorkerHandle,
+    recorded: &mut Option<std::sync::Arc<prunescope::history::Record>>,
+) -> Event {
+    loop {
+        match next(w) {
+            Event::Recorded { record, .. } => *recorded = Some(record),
+            e => return e,
+        }
+    }
 }
 
 #[test]

@@ -85,6 +85,8 @@ pub struct MlpRunner {
     x: Arc<Vec<f32>>,
     samples: usize,
     dense: std::sync::Mutex<Option<Arc<DenseCache>>>,
+    /// Run the forward pass on candle (the training path) instead of prunescope's kernels.
+    candle: bool,
 }
 
 /// The dense model's layers and the input each layer receives, so that a variant that differs
@@ -179,7 +181,30 @@ impl MlpRunner {
             x: Arc::new(values.clone()),
             samples: data.samples,
             dense: Default::default(),
+            candle: false,
         })
+    }
+
+    /// Evaluates on candle, the engine training uses, instead of prunescope's kernels.
+    pub fn use_candle(&mut self, on: bool) {
+        self.candle = on;
+    }
+
+    fn run_candle(&self, layers: &[NativeLayer]) -> Result<Outputs, EvalError> {
+        let dev = candle_core::Device::Cpu;
+        let t = |v: &Arc<Vec<f32>>, shape: &[usize]| Tensor::from_slice(v.as_slice(), shape, &dev);
+        let layers = layers
+            .iter()
+            .map(|l| {
+                Ok((
+                    t(&l.weight, &[l.out, l.inp])?,
+                    l.bias.as_ref().map(|b| t(b, &[l.out])).transpose()?,
+                    l.activation,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let x = t(&self.x, &[self.samples, self.arch.input_dim])?;
+        logit_outputs(&mlp_forward(&x, &layers)?)
     }
 
     /// The layers' weights with `masks` applied (all dense for `None`).
@@ -245,10 +270,16 @@ impl MlpRunner {
 impl Runner for MlpRunner {
     fn run(&self, model: &Model, masks: Option<&MaskSet>) -> Result<Outputs, EvalError> {
         let layers = self.native_layers(model, masks)?;
+        if self.candle {
+            return self.run_candle(&layers);
+        }
         Ok(self.forward_from(self.x.clone(), &layers))
     }
 
     fn run_partial(&self, model: &Model, masks: &MaskSet) -> Result<Outputs, EvalError> {
+        if self.candle {
+            return self.run(model, Some(masks));
+        }
         let c = self.dense_cache(model)?;
         let touched = |name: &str| masks.get(name).is_some();
         let first = self
@@ -286,10 +317,14 @@ impl Runner for MlpRunner {
 
     fn engine(&self) -> Engine {
         Engine {
-            name: "candle",
+            name: if self.candle { "candle" } else { "native" },
             trainable: true,
-            why: "an MLP described in the file's metadata runs on candle, forward and backward"
-                .into(),
+            why: if self.candle {
+                "an MLP described in the file's metadata runs on candle, forward and backward"
+            } else {
+                "an MLP described in the file's metadata: prunescope's kernels evaluate it,                  candle trains it"
+            }
+            .into(),
         }
     }
 }

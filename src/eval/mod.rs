@@ -488,9 +488,9 @@ pub fn evaluator_with(
             let runner = choose(runner, None, engine)?;
             return Ok(DataEvaluator::new(runner, Arc::new(data), notes));
         }
-        if matches!(engine, EnginePref::Tract | EnginePref::Native) {
+        if engine == EnginePref::Tract {
             return Err(EvalError::Input(
-                "this MLP description runs on candle only".into(),
+                "tract runs ONNX files; this MLP runs on prunescope's kernels or candle".into(),
             ));
         }
         let arch = MlpArch::from_json(json)?;
@@ -503,7 +503,8 @@ pub fn evaluator_with(
                 crate::data::load_eval_data(path, &["x".to_string()], spec)?
             }
         };
-        let runner = MlpRunner::new(model, arch, &data)?;
+        let mut runner = MlpRunner::new(model, arch, &data)?;
+        runner.use_candle(engine == EnginePref::Candle);
         return Ok(DataEvaluator::new(
             Box::new(runner),
             Arc::new(data),

@@ -52,6 +52,8 @@ struct Sweeps {
     current: Option<Arc<Sensitivity>>,
     /// A sweep is running (one at a time).
     running: bool,
+    /// Its cancel flag: opening another model stops it.
+    cancel: Option<CancelFlag>,
 }
 
 /// Metrics for one set of settings and the gallery's predictions under them.
@@ -350,7 +352,11 @@ impl Worker {
             Ok(i) => i,
             Err(e) => return fail(self, e),
         };
-        sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = true;
+        {
+            let mut sw = sweeps.lock().unwrap_or_else(|e| e.into_inner());
+            sw.running = true;
+            sw.cancel = Some(cancel.clone());
+        }
         let tx = self.tx.clone();
         let wake = self.wake.clone();
         let progress = self.progress_for(job, cancel.clone());
@@ -527,8 +533,8 @@ impl Worker {
                             .and_then(|m| e.evaluate(&model, &m).map_err(|e| e.to_string()))
                     });
                     if let (Some(Ok(m)), Some(e)) = (&measured, &evaluator) {
-                        let csr = crate::analysis::size_report(&model, &alloc, st.pattern)
-                            .csr_bytes;
+                        let csr =
+                            crate::analysis::size_report(&model, &alloc, st.pattern).csr_bytes;
                         self.record(&st, &alloc, csr, m, &e.describe());
                     }
                     CompareRow {
@@ -692,6 +698,12 @@ impl Worker {
             dense_flops,
         };
         self.save_history();
+        // A sweep of the model being replaced would only spend the CPU on curves nobody sees.
+        if let Some(old) = self.session.as_ref()
+            && let Some(c) = &old.sweeps.lock().unwrap_or_else(|e| e.into_inner()).cancel
+        {
+            c.cancel();
+        }
         self.session = Some(Session {
             id,
             model,
