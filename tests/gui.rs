@@ -657,6 +657,27 @@ fn a_sensitivity_sweep_shows_progress_cancels_resumes_and_guides_the_layer_slide
         }
     }
 
+    // The curves go to CSV and JSON where the "Save to" field says.
+    let dir = common::tempdir("sens-save");
+    let base = dir.join("curves");
+    h.get_by_role_and_label(Role::TextInput, "Save to").focus();
+    h.run_steps(2);
+    h.key_combination_modifiers(egui::Modifiers::COMMAND, &[egui::Key::A]);
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::TextInput, "Save to")
+        .type_text(&base.display().to_string());
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::Button, "Save CSV").click();
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::Button, "Save JSON").click();
+    h.run_steps(2);
+    let csv = std::fs::read_to_string(base.with_extension("csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3 * grid.len());
+    let json: prunescope::sensitivity::Sensitivity =
+        serde_json::from_str(&std::fs::read_to_string(base.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(json.layers, done.layers);
+
     h.state_mut().state_mut().settings.sparsity = 0.8;
     h.run_steps(2);
     h.get_by_role_and_label(Role::RadioButton, "Sensitivity-guided")
@@ -733,4 +754,20 @@ fn the_history_records_each_evaluated_configuration_and_restores_one() {
     assert_eq!(state.settings, r.settings);
     let now = state.model.as_ref().unwrap().metrics.clone().unwrap();
     assert_eq!(now.result.unwrap().accuracy, r.accuracy);
+}
+
+#[test]
+fn the_chart_png_is_written_with_its_pixels() {
+    let dir = common::tempdir("png");
+    let path = dir.join("chart.png");
+    let mut img = egui::ColorImage::filled([3, 2], egui::Color32::from_rgb(10, 20, 30));
+    img.pixels[4] = egui::Color32::from_rgb(200, 100, 50);
+    prunescope::ui::write_png(&path, &img).unwrap();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (3, 2));
+    assert_eq!(&buf[..4], &[10, 20, 30, 255]);
+    assert_eq!(&buf[16..20], &[200, 100, 50, 255]);
 }

@@ -606,7 +606,12 @@ impl App {
                 DialogAnswer::SaveAs(_, None) => {}
                 DialogAnswer::DataFile(Some(p)) => self.data.path = p.display().to_string(),
                 DialogAnswer::DataFile(None) => {}
-                DialogAnswer::SaveFile(target, Some(p)) => self.save_file(target, p),
+                DialogAnswer::SaveFile(target, Some(p)) => match target {
+                    SaveTarget::Sensitivity(_) => {
+                        self.sensitivity.save_path = p.with_extension("").display().to_string()
+                    }
+                    SaveTarget::HistoryCsv => self.history.save_path = p.display().to_string(),
+                },
                 DialogAnswer::SaveFile(_, None) => {}
                 DialogAnswer::Saved(Ok(m)) => self.state.notice = Some(m),
                 DialogAnswer::Saved(Err(e)) => self.state.errors.push(e),
@@ -633,16 +638,6 @@ impl App {
     }
 
     /// Writes what a window asked to save to `path` (atomically; never over the open model).
-    pub fn save_file_for_test(&mut self, ctx: &egui::Context, csv: bool, path: PathBuf) {
-        self.ctx = Some(ctx.clone());
-        let kind = if csv {
-            super::sensitivity::SaveKind::Csv
-        } else {
-            super::sensitivity::SaveKind::Json
-        };
-        self.save_file(SaveTarget::Sensitivity(kind), path);
-    }
-
     fn save_file(&mut self, target: SaveTarget, path: PathBuf) {
         use std::io::Write;
         let inputs: Vec<(&'static str, PathBuf)> = self
@@ -739,7 +734,8 @@ impl App {
                     self.state.errors.push(e.to_string());
                 }
             }
-            A::Save(kind) => self.pick_save_file(ctx, SaveTarget::Sensitivity(kind)),
+            A::Save(kind, path) => self.save_file(SaveTarget::Sensitivity(kind), path),
+            A::Browse(kind) => self.pick_save_file(ctx, SaveTarget::Sensitivity(kind)),
             A::Restore(s) => self.state.restore(*s),
         }
     }
@@ -1019,7 +1015,10 @@ impl eframe::App for App {
         if let Some(a) = self.history.ui(&ctx, &self.state) {
             match a {
                 super::history::HistoryAction::Restore(s) => self.state.restore(*s),
-                super::history::HistoryAction::SaveCsv => {
+                super::history::HistoryAction::SaveCsv(path) => {
+                    self.save_file(SaveTarget::HistoryCsv, path)
+                }
+                super::history::HistoryAction::Browse => {
                     self.pick_save_file(&ctx, SaveTarget::HistoryCsv)
                 }
                 super::history::HistoryAction::Clear => {

@@ -22,11 +22,14 @@ pub enum Axis {
 pub struct HistoryPanel {
     pub open: bool,
     axis: Axis,
+    /// Where Save CSV writes.
+    pub save_path: String,
 }
 
 pub enum HistoryAction {
     Restore(Box<PruneSettings>),
-    SaveCsv,
+    SaveCsv(std::path::PathBuf),
+    Browse,
     Clear,
 }
 
@@ -111,12 +114,22 @@ impl HistoryPanel {
                     .on_disabled_hover_text("FLOPs are counted from the graph's shapes, which this model's engine does not expose.");
             });
             ui.label(RichText::new(format!("{} configurations", records.len())).weak());
+            if self.save_path.is_empty() {
+                self.save_path = super::sensitivity::default_save_path(m, "history.csv");
+            }
+            let l = ui.label("Save to");
+            ui.add(egui::TextEdit::singleline(&mut self.save_path).desired_width(200.0))
+                .labelled_by(l.id)
+                .on_hover_text("Where Save CSV writes.");
+            if ui.button("Browse…").on_hover_text("Choose the file with the system's dialog.").clicked() {
+                action = Some(HistoryAction::Browse);
+            }
             if ui
-                .button("Save CSV…")
+                .button("Save CSV")
                 .on_hover_text("Every record with its settings, one row each.")
                 .clicked()
             {
-                action = Some(HistoryAction::SaveCsv);
+                action = Some(HistoryAction::SaveCsv(self.save_path.trim().into()));
             }
             if ui
                 .button("Clear")

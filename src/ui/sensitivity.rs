@@ -18,10 +18,16 @@ pub const TIP_FRESH: &str =
 
 /// What the window asks the app to do.
 pub enum SensitivityAction {
-    Run { grid: Vec<f64>, fresh: bool },
+    Run {
+        grid: Vec<f64>,
+        fresh: bool,
+    },
     Cancel,
     Compare,
-    Save(SaveKind),
+    /// Write the curves (or the chart) to this path.
+    Save(SaveKind, std::path::PathBuf),
+    /// Choose the path with the system's save dialog.
+    Browse(SaveKind),
     Restore(Box<PruneSettings>),
 }
 
@@ -49,6 +55,8 @@ pub struct SensitivityPanel {
     show_drop: bool,
     /// Where the chart was drawn last frame, for the PNG export.
     pub plot_rect: Option<egui::Rect>,
+    /// Where exports go, without extension (each kind adds its own).
+    pub save_path: String,
 }
 
 impl Default for SensitivityPanel {
@@ -63,6 +71,7 @@ impl Default for SensitivityPanel {
             grid_error: None,
             show_drop: false,
             plot_rect: None,
+            save_path: String::new(),
         }
     }
 }
@@ -192,22 +201,38 @@ impl SensitivityPanel {
                 .on_hover_text(TIP_DROP);
         });
         self.chart(ui, state, &sens);
+        if self.save_path.is_empty() {
+            self.save_path = default_save_path(m, "sensitivity");
+        }
         ui.horizontal(|ui| {
+            let l = ui.label("Save to");
+            ui.add(egui::TextEdit::singleline(&mut self.save_path).desired_width(260.0))
+                .labelled_by(l.id)
+                .on_hover_text("The file name without extension: each format adds its own.");
+            if ui
+                .button("Browse…")
+                .on_hover_text("Choose the file with the system's dialog.")
+                .clicked()
+            {
+                action = Some(SensitivityAction::Browse(SaveKind::Csv));
+            }
             for (kind, label, tip) in [
                 (
                     SaveKind::Csv,
-                    "Save CSV…",
+                    "Save CSV",
                     "The table, one row per layer and sparsity.",
                 ),
                 (
                     SaveKind::Json,
-                    "Save JSON…",
+                    "Save JSON",
                     "Everything measured, as `prunescope sensitivity --json` prints it.",
                 ),
-                (SaveKind::Png, "Save PNG…", "The chart as it is drawn now."),
+                (SaveKind::Png, "Save PNG", "The chart as it is drawn now."),
             ] {
                 if ui.button(label).on_hover_text(tip).clicked() {
-                    action = Some(SensitivityAction::Save(kind));
+                    let path = std::path::PathBuf::from(self.save_path.trim())
+                        .with_extension(kind.extension());
+                    action = Some(SensitivityAction::Save(kind, path));
                 }
             }
         });
@@ -234,40 +259,43 @@ impl SensitivityPanel {
         let selected = state.selected;
         let show_drop = self.show_drop;
         let h = (ui.available_height() - 200.0).max(220.0);
-        let r = Plot::new("sensitivity_plot")
-            .height(h)
-            .legend(Legend::default())
-            .x_axis_label("sparsity of the layer")
-            .y_axis_label(what)
-            .show(ui, |p| {
-                for (i, c) in sens.layers.iter().enumerate() {
-                    let pts: Vec<[f64; 2]> = c
-                        .points
-                        .iter()
-                        .map(|pt| {
-                            let v = sens.metric.value(&pt.metrics);
-                            [pt.sparsity, if show_drop { dense - v } else { v }]
-                        })
-                        .collect();
-                    let is_sel = selected.is_some_and(|t| c.tensors.contains(&t));
-                    let mut name = c.name.join(" + ");
-                    if c.name.len() > 1 {
-                        name.push_str(" (tied)");
+        // The PNG export takes the whole chart, axes and their labels included.
+        let scope = ui.scope(|ui| {
+            Plot::new("sensitivity_plot")
+                .height(h)
+                .legend(Legend::default())
+                .x_axis_label("sparsity of the layer")
+                .y_axis_label(what)
+                .show(ui, |p| {
+                    for (i, c) in sens.layers.iter().enumerate() {
+                        let pts: Vec<[f64; 2]> = c
+                            .points
+                            .iter()
+                            .map(|pt| {
+                                let v = sens.metric.value(&pt.metrics);
+                                [pt.sparsity, if show_drop { dense - v } else { v }]
+                            })
+                            .collect();
+                        let is_sel = selected.is_some_and(|t| c.tensors.contains(&t));
+                        let mut name = c.name.join(" + ");
+                        if c.name.len() > 1 {
+                            name.push_str(" (tied)");
+                        }
+                        let color = layer_color(i, n);
+                        p.points(
+                            Points::new(name.clone(), PlotPoints::from(pts.clone()))
+                                .color(color)
+                                .radius(if is_sel { 3.5 } else { 2.0 }),
+                        );
+                        p.line(
+                            Line::new(name, PlotPoints::from(pts))
+                                .color(color)
+                                .width(if is_sel { 3.5 } else { 1.3 }),
+                        );
                     }
-                    let color = layer_color(i, n);
-                    p.points(
-                        Points::new(name.clone(), PlotPoints::from(pts.clone()))
-                            .color(color)
-                            .radius(if is_sel { 3.5 } else { 2.0 }),
-                    );
-                    p.line(
-                        Line::new(name, PlotPoints::from(pts))
-                            .color(color)
-                            .width(if is_sel { 3.5 } else { 1.3 }),
-                    );
-                }
-            });
-        self.plot_rect = Some(r.response.rect);
+                });
+        });
+        self.plot_rect = Some(scope.response.rect);
     }
 
     fn comparison_ui(
@@ -355,5 +383,22 @@ impl SensitivityPanel {
                 }
             });
         action
+    }
+}
+
+/// `<model dir>/<model stem>-<what>`, or `<what>` in the working directory for a model without
+/// a file.
+pub fn default_save_path(m: &super::app::ModelView, what: &str) -> String {
+    match &m.snapshot.path {
+        Some(p) => {
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            p.with_file_name(format!("{stem}-{what}"))
+                .display()
+                .to_string()
+        }
+        None => what.to_string(),
     }
 }

@@ -131,6 +131,20 @@ fn accuracy_ui(ui: &mut Ui, state: &AppState) {
                 ));
         }
     }
+    // Sensitivity-guided: what the curves promised, before what was measured.
+    if state.settings.scope == crate::prune::Scope::Sensitivity
+        && let Some(Ok(p)) = &state.plan
+    {
+        let v = match p.metric {
+            crate::sensitivity::MetricKind::Accuracy => format!("{:.2}%", p.predicted * 100.0),
+            crate::sensitivity::MetricKind::Fidelity => format!("cosine {:.4}", p.predicted),
+        };
+        ui.label(RichText::new(format!("predicted {v}")).weak())
+            .on_hover_text(
+                "The sensitivity plan's prediction: the dense value minus each layer's drop at its \
+             planned sparsity, as if the drops added up. The measured figure follows.",
+            );
+    }
     match now {
         Some(Ok(now)) => {
             let (text, bad) = match (now.accuracy, dense.accuracy) {
