@@ -46,6 +46,23 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
+    /// A seeded shuffle split: `test_fraction` of the samples (at least one) for testing.
+    pub fn split_seeded(&self, test_fraction: f64, seed: u64) -> Split {
+        let mut perm: Vec<usize> = (0..self.len()).collect();
+        let mut rng = SplitMix64::new(seed);
+        for i in (1..perm.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            perm.swap(i, j);
+        }
+        let n_test = ((self.len() as f64 * test_fraction).round() as usize)
+            .clamp(1.min(self.len()), self.len());
+        let (test, train) = perm.split_at(n_test);
+        Split {
+            train: self.subset(&format!("{}/train", self.name), train),
+            test: self.subset(&format!("{}/test", self.name), test),
+        }
+    }
+
     fn subset(&self, name: &str, idx: &[usize]) -> Dataset {
         let mut inputs = Vec::with_capacity(idx.len() * self.dim);
         for &i in idx {

@@ -157,6 +157,24 @@ impl History {
         crate::util::atomic_write(&path, |w| w.write_all(json.as_bytes()))
     }
 
+    /// Writes the history after taking in records another process (the CLI) added to the file
+    /// since it was loaded; records of the same configuration keep the newer one.
+    pub fn save_merged(&mut self) -> std::io::Result<()> {
+        let disk = History::load(&self.model_hash);
+        let mut merged = disk.records;
+        for r in std::mem::take(&mut self.records) {
+            merged.retain(|o| !(o.settings == r.settings && o.data == r.data));
+            merged.push(r);
+        }
+        merged.sort_by_key(|r| r.time);
+        self.records = merged;
+        if self.records.len() > MAX_RECORDS {
+            let extra = self.records.len() - MAX_RECORDS;
+            self.records.drain(..extra);
+        }
+        self.save()
+    }
+
     /// Adds a record; an earlier record of the same settings on the same data is replaced
     /// (the newest measurement wins and the scatter has one point per configuration).
     pub fn push(&mut self, r: Record) {

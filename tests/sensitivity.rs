@@ -671,3 +671,32 @@ fn flops_count_each_weight_once_per_output_position() {
     let pruned = prunescope::history::flops(&model, &alloc, &uses);
     assert_eq!(dense - pruned, 2.0 * 2304.0 * 16.0);
 }
+
+#[test]
+fn a_locked_tensor_of_a_tied_pair_passes_its_share_to_the_other() {
+    isolate();
+    let model = tied_mlp();
+    let ev = evaluator_for(&model).unwrap().unwrap();
+    let sens = full_sweep(&model, &ev, &[0.5, 0.9]);
+    let idx = index(&model, Criterion::Magnitude);
+    let mut settings = PruneSettings {
+        sparsity: 0.3,
+        ..Default::default()
+    };
+    settings.layer_mut("fc2.weight").locked = true;
+    for p in compare_rules(&model, &idx, &settings, &sens) {
+        let p = p.unwrap();
+        let counts = p.tensor_counts();
+        let fc2 = model.find("fc2.weight").unwrap();
+        assert!(
+            counts.iter().any(|&(t, c)| t == fc2 && c == 0),
+            "{:?}: the locked tensor loses nothing",
+            p.rule
+        );
+        let mut applied = settings.clone();
+        p.apply(&mut applied);
+        let alloc = allocate(&model, &idx, &applied);
+        assert_eq!(alloc.pruned, p.pruned, "{:?}", p.rule);
+        assert_eq!(p.pruned, p.requested, "{:?}: reachable, so reached", p.rule);
+    }
+}

@@ -41,8 +41,8 @@ def splitmix(seed):
         yield z ^ (z >> 31)
 
 
-def digits_test():
-    """prunescope's digits test split (data::digits_split), pixels / 16."""
+def digits_split():
+    """prunescope's digits split (data::digits_split), pixels / 16: ((x, y) train, (x, y) test)."""
     rows = [
         [float(v) for v in line.split(",")]
         for line in gzip.open(ROOT / "assets/digits/digits.csv.gz", "rt").read().splitlines()
@@ -54,8 +54,14 @@ def digits_test():
     for i in range(len(perm) - 1, 0, -1):
         j = (next(rng) * (i + 1)) >> 64
         perm[i], perm[j] = perm[j], perm[i]
-    test = a[perm[:360]]
-    return test[:, :64] / 16.0, test[:, 64].astype(np.int64)
+    test, train = a[perm[:360]], a[perm[360:]]
+    xy = lambda t: ((t[:, :64] / 16.0).astype(np.float32), t[:, 64].astype(np.int64))
+    return xy(train), xy(test)
+
+
+def digits_test():
+    """prunescope's digits test split."""
+    return digits_split()[1]
 
 
 GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]

@@ -409,3 +409,106 @@ pub fn sensitivity(
     ));
     Ok(report)
 }
+
+/// `prunescope bench finetune`: masked fine-tuning of the sample MLP, timed.
+#[derive(Debug, Serialize)]
+pub struct FinetuneReport {
+    pub model: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: &'static str,
+    pub lr: f64,
+    pub momentum: f64,
+    /// Fraction of each weight matrix pruned (per-layer magnitude masks).
+    pub sparsity: f64,
+    /// Median over runs of the training steps alone (no evaluation).
+    pub samples_per_s: f64,
+    /// Test accuracy after fine-tuning (median run).
+    pub test_accuracy: f64,
+    pub dense_accuracy: f64,
+    pub pruned_accuracy: f64,
+    /// Pruned weights that were not exactly zero after training (must be 0).
+    pub masked_nonzeros: usize,
+    pub runs: usize,
+}
+
+pub fn finetune(epochs: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Result<FinetuneReport> {
+    use crate::prune::{LayerSettings, Scope};
+    use crate::train::{FinetuneConfig, Net, finetune};
+    let model = crate::sample::open_sample()?;
+    let arch = crate::eval::MlpArch::from_json(
+        model
+            .metadata
+            .get(crate::eval::ARCH_METADATA_KEY)
+            .ok_or_else(|| anyhow::anyhow!("the sample has no architecture"))?,
+    )?;
+    let mut settings = PruneSettings {
+        scope: Scope::Layer,
+        ..Default::default()
+    };
+    for l in &arch.layers {
+        settings.layers.insert(
+            l.weight.clone(),
+            LayerSettings {
+                sparsity: 0.5,
+                ..Default::default()
+            },
+        );
+    }
+    let masks = crate::prune::prune(
+        &model,
+        &settings,
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )?
+    .masks;
+    let split = crate::data::digits_split()?;
+    let cfg = FinetuneConfig {
+        epochs,
+        ..Default::default()
+    };
+    let dense_accuracy = Net::from_model(&model, &arch, &crate::prune::MaskSet::new())?
+        .metrics(&split.test)?
+        .accuracy
+        .unwrap_or(f64::NAN);
+    let mut results = Vec::new();
+    for _ in 0..runs {
+        let net = Net::from_model(&model, &arch, &masks)?;
+        let r = finetune(
+            net,
+            None,
+            &split.train,
+            &split.test,
+            &cfg,
+            &Progress::none(),
+            |_, _| {},
+        )?;
+        results.push(r);
+    }
+    results.sort_by(|a, b| a.samples_per_s.total_cmp(&b.samples_per_s));
+    let mid = &results[results.len() / 2];
+    let report = FinetuneReport {
+        model: model.display_name(),
+        epochs,
+        batch_size: cfg.batch_size,
+        optimizer: "sgd",
+        lr: cfg.lr,
+        momentum: cfg.momentum,
+        sparsity: 0.5,
+        samples_per_s: mid.samples_per_s,
+        test_accuracy: mid.after.accuracy.unwrap_or(f64::NAN),
+        dense_accuracy,
+        pruned_accuracy: mid.before.accuracy.unwrap_or(f64::NAN),
+        masked_nonzeros: results.iter().map(|r| r.net.masked_nonzeros()).sum(),
+        runs,
+    };
+    log(&format!(
+        "{}: {:.0} samples/s, test accuracy {:.2}% (pruned {:.2}%, dense {:.2}%)",
+        report.model,
+        report.samples_per_s,
+        report.test_accuracy * 100.0,
+        report.pruned_accuracy * 100.0,
+        report.dense_accuracy * 100.0
+    ));
+    Ok(report)
+}

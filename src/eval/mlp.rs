@@ -134,6 +134,12 @@ impl MlpRunner {
     /// Checks the architecture against the model's tensors and the data against the first
     /// layer.
     pub fn new(model: &Model, arch: MlpArch, data: &EvalData) -> Result<MlpRunner, EvalError> {
+        if arch.layers.is_empty() {
+            return Err(EvalError::Arch {
+                key: ARCH_METADATA_KEY,
+                msg: "no layers".into(),
+            });
+        }
         let mut dim = arch.input_dim;
         for l in &arch.layers {
             let t = find_float(model, &l.weight)?;
@@ -322,7 +328,8 @@ impl Runner for MlpRunner {
             why: if self.candle {
                 "an MLP described in the file's metadata runs on candle, forward and backward"
             } else {
-                "an MLP described in the file's metadata: prunescope's kernels evaluate it,                  candle trains it"
+                "an MLP described in the file's metadata: prunescope's kernels evaluate it, \
+                 candle trains it"
             }
             .into(),
         }

@@ -110,6 +110,40 @@ pub(crate) fn matmul(
     c_off: usize,
     c_rs: usize,
 ) {
+    matmul_threads(m, n, k, a, b, b_rs, b_cs, c, c_off, c_rs, true)
+}
+
+/// [`matmul`] on the calling thread only (training steps of tiny models).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_off: usize,
+    c_rs: usize,
+) {
+    matmul_threads(m, n, k, a, b, b_rs, b_cs, c, c_off, c_rs, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_threads(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_off: usize,
+    c_rs: usize,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -127,7 +161,7 @@ pub(crate) fn matmul(
     }
     // Already on a pool thread (points of a sensitivity sweep run side by side): one thread
     // per product, since splitting it again only adds synchronisation.
-    let threads = if rayon::current_thread_index().is_some() {
+    let threads = if !parallel || rayon::current_thread_index().is_some() {
         1
     } else {
         rayon::current_num_threads()

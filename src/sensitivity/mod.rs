@@ -27,6 +27,10 @@ use crate::prune::{
     build_layer_mask, nm_pruned_count,
 };
 
+/// Above this many parameters a sweep measures one point at a time (memory: each concurrent
+/// point may hold a decoded copy of the model).
+const PARALLEL_POINTS_MAX_PARAMS: u64 = 64_000_000;
+
 /// The default grid: 0, 0.1 … 0.9, 0.95, 0.99.
 pub const DEFAULT_GRID: [f64; 12] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99];
 
@@ -462,8 +466,13 @@ pub fn sweep(
     let total = out.points_total().max(1);
     let mut done = out.points_done();
     // Points run side by side, as many at once as there are threads: small models are
-    // latency-bound per evaluation, and the curves still fill a few points at a time.
-    let threads = rayon::current_num_threads().max(1);
+    // latency-bound per evaluation, and the curves still fill a few points at a time. Engines
+    // without a partial path decode the whole model per point, so big models go one at a time.
+    let threads = if model.total_params() > PARALLEL_POINTS_MAX_PARAMS {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     for g in 0..out.layers.len() {
         let pending: Vec<f64> = points
             .iter()
@@ -532,10 +541,7 @@ pub fn measure(
     progress: &Progress,
 ) -> Result<Sensitivity, SensitivityError> {
     let groups = groups(model, settings);
-    let key = model
-        .content_hash()
-        .ok()
-        .map(|h| cache_key(&h, &evaluator.fingerprint(), spec, &groups));
+    let key = model_key(model).map(|h| cache_key(&h, &sweep_data_key(evaluator), spec, &groups));
     if use_cache && let Some(s) = key.as_deref().and_then(load_cached) {
         return Ok(s);
     }
@@ -564,6 +570,24 @@ pub fn measure(
         let _ = store_cached(k, &s);
     }
     Ok(s)
+}
+
+/// Everything of a model that changes its outputs: the file's SHA-256, its external data
+/// files' and the architecture description's (a sidecar can change without the file).
+pub fn model_key(model: &Model) -> Option<String> {
+    let mut parts = vec![model.content_hash().ok()?];
+    for (_, path) in model.input_files().into_iter().skip(1) {
+        parts.push(crate::util::sha256_file(path).ok()?);
+    }
+    if let Ok(Some(arch)) = crate::eval::arch_json(model) {
+        parts.push(crate::util::sha256_hex(arch.as_bytes()));
+    }
+    Some(crate::util::sha256_hex(parts.join(":").as_bytes()))
+}
+
+/// What is measured and by which engine (engines agree to float tolerance, not bit for bit).
+pub fn sweep_data_key(evaluator: &dyn Evaluator) -> String {
+    format!("{}|{}", evaluator.fingerprint(), evaluator.engine().name)
 }
 
 /// The cache key of a sweep: the model's content, what is measured, the criterion, pattern

@@ -31,6 +31,8 @@ pub struct PlanLayer {
     pub numel: u64,
     /// The most this group may lose (locks, min-keep, max sparsity).
     pub cap: u64,
+    /// The same, per tensor of the group.
+    pub tensor_caps: Vec<u64>,
     pub pruned: u64,
     /// The metric's drop the curve predicts at this sparsity.
     pub predicted_drop: f64,
@@ -68,22 +70,18 @@ impl Plan {
         self.pruned == self.requested
     }
 
-    /// Each tensor's pruned count, splitting a tied group's count evenly over its tensors.
-    pub fn tensor_counts(&self, model: &Model) -> Vec<(usize, u64)> {
+    /// Each tensor's pruned count: a tied group's count split over its tensors in proportion
+    /// to what each may lose (a locked one loses nothing, the others take its share).
+    pub fn tensor_counts(&self) -> Vec<(usize, u64)> {
         let mut out = Vec::new();
         for l in &self.layers {
-            let sizes: Vec<f64> = l
-                .tensors
+            let room: f64 = l.tensor_caps.iter().sum::<u64>() as f64;
+            let x: Vec<f64> = l
+                .tensor_caps
                 .iter()
-                .map(|&t| model.tensors[t].numel as f64)
+                .map(|&c| l.pruned as f64 * c as f64 / room.max(1.0))
                 .collect();
-            let total: f64 = sizes.iter().sum();
-            let x: Vec<f64> = sizes
-                .iter()
-                .map(|n| l.pruned as f64 * n / total.max(1.0))
-                .collect();
-            let caps: Vec<u64> = sizes.iter().map(|&n| n as u64).collect();
-            let counts = integerize(&x, &caps, l.pruned);
+            let counts = integerize(&x, &l.tensor_caps, l.pruned);
             out.extend(l.tensors.iter().copied().zip(counts));
         }
         out
@@ -159,16 +157,17 @@ pub fn plan(
         .map(|&t| model.tensors[t].numel as u64)
         .sum();
     let requested = (settings.sparsity.clamp(0.0, 1.0) * n as f64).round() as u64;
-    let caps: Vec<u64> = sens
+    let tensor_caps: Vec<Vec<u64>> = sens
         .layers
         .iter()
         .map(|c| {
             c.tensors
                 .iter()
                 .map(|&t| tensor_cap(model, settings, t))
-                .sum()
+                .collect()
         })
         .collect();
+    let caps: Vec<u64> = tensor_caps.iter().map(|c| c.iter().sum()).collect();
     let k = requested.min(caps.iter().sum());
     let dense = sens.dense_value();
     let kind = sens.metric;
@@ -236,11 +235,13 @@ pub fn plan(
         .iter()
         .zip(&counts)
         .zip(&caps)
-        .map(|((c, &pruned), &cap)| PlanLayer {
+        .zip(tensor_caps)
+        .map(|(((c, &pruned), &cap), tensor_caps)| PlanLayer {
             name: c.name.clone(),
             tensors: c.tensors.clone(),
             numel: c.numel,
             cap,
+            tensor_caps,
             pruned,
             predicted_drop: if pruned == 0 {
                 0.0
@@ -264,8 +265,9 @@ pub fn plan(
         layers,
         targets: Vec::new(),
     };
-    plan.targets = plan
-        .tensor_counts(model)
+    let per_tensor = plan.tensor_counts();
+    plan.pruned = per_tensor.iter().map(|(_, c)| c).sum();
+    plan.targets = per_tensor
         .into_iter()
         .map(|(t, c)| {
             let e = &model.tensors[t];

@@ -3,8 +3,13 @@
 //! The initial weights are returned and saved too: lottery-ticket rewinding needs them.
 
 mod graph;
+mod native;
 
 pub use graph::{SampleArch, sample_graph, train_graph};
+pub use native::{
+    Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim, finetune,
+    training_split, write_finetuned,
+};
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};

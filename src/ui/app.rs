@@ -111,6 +111,9 @@ pub struct AppState {
     plan_generation: u64,
     /// What the last plan request was for (the settings without per-layer targets).
     plan_sent: Option<PruneSettings>,
+    /// A plan was asked for and has not come back: previews wait for it, so no configuration
+    /// is measured (and recorded) with the new target but the old plan's layer targets.
+    plan_pending: bool,
     sent: Option<(
         ModelId,
         PruneSettings,
@@ -133,6 +136,7 @@ impl AppState {
             comparison: None,
             plan_generation: 0,
             plan_sent: None,
+            plan_pending: false,
             jobs: Vec::new(),
             errors: Vec::new(),
             notice: None,
@@ -170,7 +174,15 @@ impl AppState {
     /// sensitivity plan is not recomputed over them.
     pub fn restore(&mut self, settings: PruneSettings) {
         self.plan_sent = Some(plan_key(&settings));
+        self.plan_pending = false;
+        // The plan shown belonged to other settings.
+        self.plan = None;
         self.settings = settings;
+    }
+
+    /// A sensitivity plan for the current settings is on its way.
+    pub fn planning(&self) -> bool {
+        self.plan_pending
     }
 
     /// In sensitivity-guided scope, asks for a plan whenever what it depends on changed.
@@ -192,12 +204,16 @@ impl AppState {
         if worker.send(cmd).is_ok() {
             self.plan_generation = generation;
             self.plan_sent = Some(key);
+            self.plan_pending = true;
         }
     }
 
     /// Sends the preview the panels now want, if it differs from the last one sent.
     fn sync_preview(&mut self, worker: &WorkerHandle, heatmap: Option<HeatmapRequest>) {
         let Some(m) = &self.model else { return };
+        if self.settings.scope == crate::prune::Scope::Sensitivity && self.plan_pending {
+            return;
+        }
         let want = (m.snapshot.id, self.settings.clone(), self.selected, heatmap);
         if self.sent.as_ref() == Some(&want) {
             return;
@@ -338,11 +354,21 @@ impl AppState {
                 m.metrics = None;
                 // Ask again so the worker measures the current settings on the new data.
                 self.sent = None;
-                // Curves measured on other data plan nothing now.
+                // Curves measured on other data plan nothing now; the planned targets stay, as
+                // the user's own layer-wise settings.
                 self.sensitivity = None;
                 self.plan = None;
                 self.comparison = None;
                 self.plan_sent = None;
+                self.plan_pending = false;
+                if self.settings.scope == crate::prune::Scope::Sensitivity {
+                    self.settings.scope = crate::prune::Scope::Layer;
+                    self.notice = Some(
+                        "Other data: the sensitivity plan's targets are kept as layer-wise \
+                         targets; run the analysis on the new data to plan again."
+                            .into(),
+                    );
+                }
             }
             Event::Sensitivity { model, result } => {
                 if current == Some(model) {
@@ -357,6 +383,12 @@ impl AppState {
                 result,
             } => {
                 if current != Some(model) || generation != self.plan_generation {
+                    return;
+                }
+                self.plan_pending = false;
+                // Only a plan for what the settings ask now (not one overtaken by an edit
+                // whose request could not be sent yet).
+                if self.plan_sent.as_ref() != Some(&plan_key(&self.settings)) {
                     return;
                 }
                 if let Ok(p) = &result
@@ -380,6 +412,11 @@ impl AppState {
                 m.history.push(record);
             }
             Event::PreviewError { generation, error } => match self.model.as_mut() {
+                // A failure outside a preview (a plan, for one) must not leave previews held.
+                Some(_) | None if generation == 0 && self.plan_pending => {
+                    self.plan_pending = false;
+                    self.errors.push(error);
+                }
                 Some(m) if generation > 0 => m.preview_error = Some((generation, error)),
                 _ => self.errors.push(error),
             },
@@ -607,8 +644,12 @@ impl App {
                 DialogAnswer::DataFile(Some(p)) => self.data.path = p.display().to_string(),
                 DialogAnswer::DataFile(None) => {}
                 DialogAnswer::SaveFile(target, Some(p)) => match target {
-                    SaveTarget::Sensitivity(_) => {
-                        self.sensitivity.save_path = p.with_extension("").display().to_string()
+                    SaveTarget::Sensitivity(k) => {
+                        // The field holds the name without the format's extension.
+                        let shown = p.display().to_string();
+                        let ext = format!(".{}", k.extension());
+                        self.sensitivity.save_path =
+                            shown.strip_suffix(&ext).unwrap_or(&shown).to_string();
                     }
                     SaveTarget::HistoryCsv => self.history.save_path = p.display().to_string(),
                 },
@@ -644,8 +685,13 @@ impl App {
             .state
             .model
             .as_ref()
-            .and_then(|m| m.snapshot.path.clone())
-            .map(|p| vec![("model", p)])
+            .map(|m| {
+                m.snapshot
+                    .inputs
+                    .iter()
+                    .map(|p| ("an input of the open model", p.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let inputs: Vec<(&'static str, &Path)> =
             inputs.iter().map(|(w, p)| (*w, p.as_path())).collect();

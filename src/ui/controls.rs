@@ -51,6 +51,7 @@ impl ControlsPanel {
             .filter(|_| state.metrics_current())
             .and_then(|m| m.result.as_ref().ok())
             .copied();
+        let planning = state.planning();
         let s = &mut state.settings;
 
         ui.add_space(4.0);
@@ -158,8 +159,13 @@ impl ControlsPanel {
                     Some(Err(e)) => {
                         ui.colored_label(super::theme::BAD, e);
                     }
-                    None => {
+                    None if planning => {
                         ui.label(RichText::new("Planning…").weak());
+                    }
+                    None => {
+                        ui.label(
+                            RichText::new("Restored targets (no prediction for them).").weak(),
+                        );
                     }
                 }
                 ui.label(

@@ -230,8 +230,12 @@ impl SensitivityPanel {
                 (SaveKind::Png, "Save PNG", "The chart as it is drawn now."),
             ] {
                 if ui.button(label).on_hover_text(tip).clicked() {
-                    let path = std::path::PathBuf::from(self.save_path.trim())
-                        .with_extension(kind.extension());
+                    // Appended, not replaced: "bert.base-sensitivity" must not become "bert.csv".
+                    let path = std::path::PathBuf::from(format!(
+                        "{}.{}",
+                        self.save_path.trim(),
+                        kind.extension()
+                    ));
                     action = Some(SensitivityAction::Save(kind, path));
                 }
             }

@@ -225,6 +225,8 @@ pub struct ModelSnapshot {
     /// How the model is evaluated as it opens (File → Evaluation data… changes it later).
     pub eval: EvalInfo,
     pub load_ms: f64,
+    /// Every file the model was read from (the file, external data): outputs must not be one.
+    pub inputs: Vec<PathBuf>,
     /// SHA-256 of the model's bytes, for runnable models (history and caches are keyed by it).
     pub hash: Option<String>,
     /// Configurations evaluated on this model before, oldest first.

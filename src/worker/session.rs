@@ -40,6 +40,8 @@ struct Session {
     hash: Option<String>,
     history: crate::history::History,
     history_dirty: bool,
+    /// The user cleared the history: the next save replaces the file instead of merging.
+    history_cleared: bool,
     /// Multiplications per weight per sample, for FLOPs.
     uses: Option<Vec<(String, f64)>>,
     sweeps: Arc<Mutex<Sweeps>>,
@@ -52,8 +54,10 @@ struct Sweeps {
     current: Option<Arc<Sensitivity>>,
     /// A sweep is running (one at a time).
     running: bool,
-    /// Its cancel flag: opening another model stops it.
+    /// Its cancel flag: opening another model or choosing other data stops it.
     cancel: Option<CancelFlag>,
+    /// Bumped when the data changes: a sweep started before reports nothing after.
+    generation: u64,
 }
 
 /// Metrics for one set of settings and the gallery's predictions under them.
@@ -209,6 +213,7 @@ impl Worker {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
                     s.history_dirty = true;
+                    s.history_cleared = true;
                 }
             }
             Command::PanicForTest { job } => {
@@ -305,9 +310,10 @@ impl Worker {
         if groups.is_empty() {
             return fail(self, "no prunable tensors to sweep".into());
         }
+        let model_key = crate::sensitivity::model_key(&s.model);
         let key = crate::sensitivity::cache_key(
-            s.hash.as_deref().unwrap_or(""),
-            &evaluator.fingerprint(),
+            model_key.as_deref().unwrap_or(""),
+            &crate::sensitivity::sweep_data_key(evaluator.as_ref()),
             &spec,
             &groups,
         );
@@ -319,7 +325,7 @@ impl Worker {
                 return fail(self, "a sensitivity sweep is already running".into());
             }
             let known = sw.by_key.get(&key).cloned().or_else(|| {
-                (!fresh && s.hash.is_some())
+                (!fresh && model_key.is_some())
                     .then(|| crate::sensitivity::load_cached(&key).map(Arc::new))
                     .flatten()
             });
@@ -352,15 +358,16 @@ impl Worker {
             Ok(i) => i,
             Err(e) => return fail(self, e),
         };
-        {
+        let sweep_generation = {
             let mut sw = sweeps.lock().unwrap_or_else(|e| e.into_inner());
             sw.running = true;
             sw.cancel = Some(cancel.clone());
-        }
+            sw.generation
+        };
         let tx = self.tx.clone();
         let wake = self.wake.clone();
         let progress = self.progress_for(job, cancel.clone());
-        let store = s_hash_known(self);
+        let store = model_key.is_some();
         let thread_sweeps = sweeps.clone();
         let spawned = std::thread::Builder::new()
             .name("prunescope-sweep".into())
@@ -371,6 +378,9 @@ impl Worker {
                     }
                 };
                 let mut last = Instant::now();
+                let still_current = |sweeps: &Mutex<Sweeps>| {
+                    sweeps.lock().unwrap_or_else(|e| e.into_inner()).generation == sweep_generation
+                };
                 let run = catch_unwind(AssertUnwindSafe(|| {
                     crate::sensitivity::sweep(
                         &model,
@@ -382,7 +392,7 @@ impl Worker {
                         &progress,
                         |so_far| {
                             // Enough updates for a chart that fills smoothly, not one per point.
-                            if last.elapsed().as_millis() >= 50 {
+                            if last.elapsed().as_millis() >= 50 && still_current(&thread_sweeps) {
                                 last = Instant::now();
                                 emit(Event::Sensitivity {
                                     model: model_id,
@@ -404,11 +414,15 @@ impl Worker {
                             .unwrap_or("panic")
                     )),
                 };
+                let current = sw.generation == sweep_generation;
                 match result {
                     Ok(r) => {
                         let r = Arc::new(r);
                         sw.by_key.insert(key.clone(), r.clone());
-                        sw.current = Some(r.clone());
+                        // Only finished curves on the data now chosen plan anything.
+                        if r.complete && current {
+                            sw.current = Some(r.clone());
+                        }
                         drop(sw);
                         let mut message = format!(
                             "Sensitivity: {} evaluations in {:.0} ms",
@@ -421,10 +435,12 @@ impl Worker {
                             message.push_str(&format!(" (not cached: {e})"));
                         }
                         let complete = r.complete;
-                        emit(Event::Sensitivity {
-                            model: model_id,
-                            result: r,
-                        });
+                        if current {
+                            emit(Event::Sensitivity {
+                                model: model_id,
+                                result: r,
+                            });
+                        }
                         emit(if complete {
                             Event::JobFinished { job, message }
                         } else {
@@ -447,26 +463,9 @@ impl Worker {
         let Some(s) = self.session.as_ref().filter(|s| s.id == model) else {
             return;
         };
-        let current = s
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .clone();
-        let result = match current {
-            None => Err("no sensitivity curves yet: run the sensitivity analysis first".into()),
-            Some(sens)
-                if sens.criterion != settings.criterion || sens.pattern != settings.pattern =>
-            {
-                Err(format!(
-                    "the curves were measured with {} / {}; run the analysis again for {} / {}",
-                    sens.criterion.cli_name(),
-                    sens.pattern,
-                    settings.criterion.cli_name(),
-                    settings.pattern
-                ))
-            }
-            Some(sens) => match self.ensure_index(&settings) {
+        let result = match curves_for(s, &settings) {
+            Err(e) => Err(e),
+            Ok(sens) => match self.ensure_index(&settings) {
                 Err(e) => Err(e),
                 Ok(index) => {
                     let s = self.session.as_ref().expect("checked above");
@@ -497,14 +496,9 @@ impl Worker {
         let Some(s) = self.session.as_ref() else {
             return fail(self, "no model is open".into());
         };
-        let Some(sens) = s
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .clone()
-        else {
-            return fail(self, "run the sensitivity analysis first".into());
+        let sens = match curves_for(s, &settings) {
+            Ok(c) => c,
+            Err(e) => return fail(self, e),
         };
         let (model, evaluator, id) = (s.model.clone(), s.evaluator.clone(), s.id);
         let progress = self.progress_for(job, cancel.clone());
@@ -560,8 +554,13 @@ impl Worker {
     fn save_history(&mut self) {
         if let Some(s) = self.session.as_mut().filter(|s| s.history_dirty) {
             s.history_dirty = false;
+            let saved = if std::mem::take(&mut s.history_cleared) {
+                s.history.save()
+            } else {
+                s.history.save_merged()
+            };
             // A history that cannot be written costs only the history; say so once.
-            if let Err(e) = s.history.save() {
+            if let Err(e) = saved {
                 let error = format!("could not save the experiment history: {e}");
                 let _ = self.tx.try_send(Event::PreviewError {
                     generation: 0,
@@ -693,6 +692,11 @@ impl Worker {
             data_bytes: model.data_bytes(),
             eval,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            inputs: model
+                .input_files()
+                .into_iter()
+                .map(|(_, p)| p.to_path_buf())
+                .collect(),
             hash: hash.clone(),
             history: history.records.clone(),
             dense_flops,
@@ -714,6 +718,7 @@ impl Worker {
             hash,
             history,
             history_dirty: false,
+            history_cleared: false,
             uses,
             sweeps: Default::default(),
         });
@@ -1007,8 +1012,15 @@ impl Worker {
         }
         s.uses = evaluator.weight_uses(&s.model);
         s.evaluator = Some(evaluator);
-        // Curves measured on other data no longer plan anything.
-        s.sweeps.lock().unwrap_or_else(|e| e.into_inner()).current = None;
+        // Curves measured on other data no longer plan anything; a sweep on the old data stops.
+        {
+            let mut sw = s.sweeps.lock().unwrap_or_else(|e| e.into_inner());
+            sw.current = None;
+            sw.generation += 1;
+            if let Some(c) = sw.cancel.take() {
+                c.cancel();
+            }
+        }
         if let Some(c) = s.cache.as_mut() {
             c.metrics = None;
         }
@@ -1077,9 +1089,29 @@ impl Worker {
     }
 }
 
-/// Whether sweeps of the open model may go to the disk cache (its content hash is known).
-fn s_hash_known(w: &Worker) -> bool {
-    w.session.as_ref().is_some_and(|s| s.hash.is_some())
+/// The finished curves that plans for `settings` may use: measured with the same criterion
+/// (and seed), pattern, and on the data now chosen.
+fn curves_for(s: &Session, settings: &PruneSettings) -> Result<Arc<Sensitivity>, String> {
+    let current = s
+        .sweeps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .current
+        .clone();
+    let Some(sens) = current else {
+        return Err("no finished sensitivity curves: run the sensitivity analysis first".into());
+    };
+    let seed_differs = settings.criterion.seeded() && sens.seed != settings.seed;
+    if sens.criterion != settings.criterion || sens.pattern != settings.pattern || seed_differs {
+        return Err(format!(
+            "the curves were measured with {} / {}; run the analysis again for {} / {}",
+            sens.criterion.cli_name(),
+            sens.pattern,
+            settings.criterion.cli_name(),
+            settings.pattern
+        ));
+    }
+    Ok(sens)
 }
 
 /// Runs the dense model once: an evaluator that cannot do that is dropped, and why is kept.

@@ -1,0 +1,736 @@
+//! Fine-tuning MLPs with their masks held, in plain loops and single-threaded `gemm` calls.
+//!
+//! A tiny model trains in microseconds per step, so per-step overhead decides the speed: every
+//! buffer is allocated once, each product is one `gemm` call on one thread (splitting a
+//! 64×128×64 product across threads costs more than it saves), and no autograd graph is built.
+//! Pruned weights stay exactly zero: their gradients are zeroed before the optimiser step and
+//! the mask is applied again after it.
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use crate::data::Dataset;
+use crate::eval::{Activation, Metrics, MlpArch, Outputs, score};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::prune::MaskSet;
+use crate::util::SplitMix64;
+
+/// The optimiser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Optim {
+    /// SGD with (PyTorch-style) momentum.
+    #[default]
+    Sgd,
+    /// Adam with decoupled weight decay (Loshchilov & Hutter; PyTorch's AdamW).
+    AdamW,
+}
+
+impl Optim {
+    pub fn parse(s: &str) -> Option<Optim> {
+        match s {
+            "sgd" => Some(Optim::Sgd),
+            "adamw" => Some(Optim::AdamW),
+            _ => None,
+        }
+    }
+}
+
+/// How the learning rate moves over the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Multiply by `gamma` every `every` epochs.
+    Step { every: usize, gamma: f64 },
+    /// Linear warm-up over `warmup` steps, then half a cosine down to 0.
+    Cosine { warmup: usize },
+}
+
+impl LrSchedule {
+    /// The learning rate at `step` (0-based) of `total` steps with `per_epoch` steps an epoch.
+    pub fn lr(self, base: f64, step: usize, total: usize, per_epoch: usize) -> f64 {
+        match self {
+            LrSchedule::Constant => base,
+            LrSchedule::Step { every, gamma } => {
+                let epoch = step / per_epoch.max(1);
+                base * gamma.powi((epoch / every.max(1)) as i32)
+            }
+            LrSchedule::Cosine { warmup } => {
+                if step < warmup {
+                    base * (step + 1) as f64 / warmup as f64
+                } else {
+                    let span = total.saturating_sub(warmup).max(1) as f64;
+                    let t = (step - warmup) as f64 / span;
+                    base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                }
+            }
+        }
+    }
+}
+
+/// Knowledge distillation from the dense model: `(1 − α)·CE + α·T²·KL(teacher_T ‖ student_T)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Distill {
+    pub temperature: f64,
+    pub alpha: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub optimizer: Optim,
+    /// SGD momentum.
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: LrSchedule,
+    pub seed: u64,
+    pub distill: Option<Distill>,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            epochs: 5,
+            batch_size: 64,
+            lr: 0.05,
+            optimizer: Optim::Sgd,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            schedule: LrSchedule::Constant,
+            seed: 0,
+            distill: None,
+        }
+    }
+}
+
+/// One layer: `act(x Wᵀ + b)`, W `[out, in]` row-major.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub weight_name: String,
+    pub bias_name: Option<String>,
+    pub out: usize,
+    pub inp: usize,
+    pub w: Vec<f32>,
+    /// Zeros when the model has no bias (then it is not trained).
+    pub b: Vec<f32>,
+    pub relu: bool,
+    /// 1 where the weight is kept, 0 where pruned; `None`: dense.
+    pub mask: Option<Vec<f32>>,
+}
+
+/// An MLP as plain vectors.
+#[derive(Clone, Debug)]
+pub struct Net {
+    pub layers: Vec<Layer>,
+}
+
+impl Net {
+    /// The model's MLP with `masks` applied to its weights (biases are never masked here).
+    pub fn from_model(model: &Model, arch: &MlpArch, masks: &MaskSet) -> Result<Net, TrainError> {
+        let mut layers = Vec::new();
+        for l in &arch.layers {
+            let t = model
+                .find(&l.weight)
+                .ok_or_else(|| TrainError::Compute(format!("tensor '{}' is missing", l.weight)))?;
+            let shape = &model.tensors[t].shape;
+            if shape.len() != 2 {
+                return Err(TrainError::Compute(format!(
+                    "'{}' has shape {shape:?}, not [out, in]",
+                    l.weight
+                )));
+            }
+            let (out, inp) = (shape[0], shape[1]);
+            let mut w = model.to_f32_vec(t);
+            let mask = masks.get(&l.weight).map(|m| {
+                m.apply(&mut w);
+                (0..m.len()).map(|i| m.kept(i) as u8 as f32).collect()
+            });
+            let b = match &l.bias {
+                Some(name) => {
+                    let bt = model.find(name).ok_or_else(|| {
+                        TrainError::Compute(format!("tensor '{name}' is missing"))
+                    })?;
+                    model.to_f32_vec(bt)
+                }
+                None => vec![0.0; out],
+            };
+            if b.len() != out {
+                return Err(TrainError::Compute(format!(
+                    "bias of '{}' has {} values, not {out}",
+                    l.weight,
+                    b.len()
+                )));
+            }
+            layers.push(Layer {
+                weight_name: l.weight.clone(),
+                bias_name: l.bias.clone(),
+                out,
+                inp,
+                w,
+                b,
+                relu: l.activation == Activation::Relu,
+                mask,
+            });
+        }
+        if layers.is_empty() {
+            return Err(TrainError::Compute("the MLP has no layers".into()));
+        }
+        for w in layers.windows(2) {
+            if w[0].out != w[1].inp {
+                return Err(TrainError::Compute(format!(
+                    "'{}' gives {} values, '{}' takes {}",
+                    w[0].weight_name, w[0].out, w[1].weight_name, w[1].inp
+                )));
+            }
+        }
+        Ok(Net { layers })
+    }
+
+    pub fn input_dim(&self) -> usize {
+        self.layers[0].inp
+    }
+
+    pub fn classes(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.out)
+    }
+
+    /// Logits of `rows` samples (`x`: `rows × input_dim`).
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut h = x.to_vec();
+        for l in &self.layers {
+            let mut z = vec![0f32; rows * l.out];
+            dense_forward(l, &h, rows, &mut z);
+            h = z;
+        }
+        h
+    }
+
+    /// Accuracy and loss on a labelled dataset.
+    pub fn metrics(&self, d: &Dataset) -> Result<Metrics, TrainError> {
+        let logits = self.forward(&d.inputs, d.len());
+        let out = Outputs::new(logits, vec![self.classes()]);
+        Ok(score(&out, d.len(), Some(&d.labels), None)?)
+    }
+
+    /// Every trained tensor by name: weights and the biases the model has.
+    pub fn tensors(&self) -> super::NamedTensors {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.push((l.weight_name.clone(), vec![l.out, l.inp], l.w.clone()));
+            if let Some(b) = &l.bias_name {
+                out.push((b.clone(), vec![l.out], l.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Weights pruned by the masks that are not exactly zero (0 after every step).
+    pub fn masked_nonzeros(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.mask.as_ref().map(|m| (l, m)))
+            .map(|(l, m)| {
+                l.w.iter()
+                    .zip(m)
+                    .filter(|(w, m)| **m == 0.0 && **w != 0.0)
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// `z = act(h Wᵀ + b)` for `rows` samples, one thread.
+fn dense_forward(l: &Layer, h: &[f32], rows: usize, z: &mut [f32]) {
+    crate::graph::fast::matmul_serial(rows, l.out, l.inp, h, &l.w, 1, l.inp, z, 0, l.out);
+    for r in z.chunks_mut(l.out) {
+        for (v, b) in r.iter_mut().zip(&l.b) {
+            *v += b;
+            if l.relu && *v < 0.0 {
+                *v = 0.0;
+            }
+        }
+    }
+}
+
+/// Optimiser state of one layer.
+struct State {
+    mw: Vec<f32>,
+    mb: Vec<f32>,
+    vw: Vec<f32>,
+    vb: Vec<f32>,
+}
+
+/// One training epoch's figures.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub lr: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct FinetuneResult {
+    pub before: Metrics,
+    pub after: Metrics,
+    pub epochs: Vec<EpochStats>,
+    /// Training samples per second over the optimisation steps alone.
+    pub samples_per_s: f64,
+    /// The best weights by test accuracy (the last ones when none beat the start).
+    pub net: Net,
+    /// Stopped by Cancel: `net` is the best so far.
+    pub cancelled: bool,
+}
+
+/// Trains `net` on `train` with its masks held; `test` is measured after every epoch and the
+/// best epoch's weights are returned. `teacher` (the dense model) enables distillation.
+pub fn finetune(
+    mut net: Net,
+    teacher: Option<&Net>,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &FinetuneConfig,
+    progress: &Progress,
+    mut on_epoch: impl FnMut(&EpochStats, &Net),
+) -> Result<FinetuneResult, TrainError> {
+    if train.dim != net.input_dim() || test.dim != net.input_dim() {
+        return Err(TrainError::Compute(format!(
+            "the model takes {} values per sample, the data has {}",
+            net.input_dim(),
+            train.dim
+        )));
+    }
+    if train.is_empty() {
+        return Err(TrainError::Compute("no training samples".into()));
+    }
+    if let Some(&bad) = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .find(|&&y| y as usize >= net.classes())
+    {
+        return Err(TrainError::Compute(format!(
+            "label {bad} is out of range for {} outputs",
+            net.classes()
+        )));
+    }
+    let before = net.metrics(test)?;
+    let bs = cfg.batch_size.max(1);
+    let per_epoch = train.len().div_ceil(bs);
+    let total = per_epoch * cfg.epochs;
+    let mut trainer = Trainer::new(&net, bs);
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut epochs = Vec::new();
+    let mut best: Option<(f64, Net)> = None;
+    let mut step = 0usize;
+    let mut train_secs = 0.0;
+    let mut seen = 0usize;
+    let mut cancelled = false;
+    'epochs: for epoch in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        let t0 = std::time::Instant::now();
+        for chunk in order.chunks(bs) {
+            if progress.check().is_err() {
+                cancelled = true;
+                train_secs += t0.elapsed().as_secs_f64();
+                break 'epochs;
+            }
+            let lr = cfg.schedule.lr(cfg.lr, step, total, per_epoch);
+            let (l, c) = trainer.step(&mut net, teacher, train, chunk, cfg, lr, step + 1);
+            loss_sum += l * chunk.len() as f64;
+            correct += c;
+            seen += chunk.len();
+            step += 1;
+        }
+        train_secs += t0.elapsed().as_secs_f64();
+        let m = net.metrics(test)?;
+        let stats = EpochStats {
+            epoch: epoch + 1,
+            train_loss: loss_sum / train.len() as f64,
+            train_accuracy: correct as f64 / train.len() as f64,
+            test_loss: m.loss.unwrap_or(f64::NAN),
+            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
+            lr: cfg
+                .schedule
+                .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+        };
+        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+            best = Some((stats.test_accuracy, net.clone()));
+        }
+        progress.report(
+            (epoch + 1) as f32 / cfg.epochs.max(1) as f32,
+            &format!(
+                "epoch {}/{}: loss {:.4}, test accuracy {:.2}%",
+                epoch + 1,
+                cfg.epochs,
+                stats.train_loss,
+                stats.test_accuracy * 100.0
+            ),
+        );
+        on_epoch(&stats, &net);
+        epochs.push(stats);
+    }
+    let net = match (cancelled, best) {
+        (true, Some((_, b))) => b,
+        (_, _) => net,
+    };
+    let after = net.metrics(test)?;
+    Ok(FinetuneResult {
+        before,
+        after,
+        epochs,
+        samples_per_s: if train_secs > 0.0 {
+            seen as f64 / train_secs
+        } else {
+            0.0
+        },
+        net,
+        cancelled,
+    })
+}
+
+/// Buffers for one batch size, allocated once.
+struct Trainer {
+    /// Inputs of each layer: `acts[0]` the batch, `acts[l + 1]` layer l's output.
+    acts: Vec<Vec<f32>>,
+    /// Gradient with respect to each layer's output (pre-activation where it matters).
+    grads: Vec<Vec<f32>>,
+    /// `dz` transposed, `out × batch`, for the weight gradient.
+    dzt: Vec<f32>,
+    gw: Vec<Vec<f32>>,
+    gb: Vec<Vec<f32>>,
+    states: Vec<State>,
+    teacher_logits: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+impl Trainer {
+    fn new(net: &Net, bs: usize) -> Trainer {
+        let mut acts = vec![vec![0f32; bs * net.input_dim()]];
+        acts.extend(net.layers.iter().map(|l| vec![0f32; bs * l.out]));
+        let zeros = |n: usize| vec![0f32; n];
+        Trainer {
+            grads: net.layers.iter().map(|l| zeros(bs * l.out)).collect(),
+            dzt: zeros(bs * net.layers.iter().map(|l| l.out).max().unwrap_or(0)),
+            gw: net.layers.iter().map(|l| zeros(l.w.len())).collect(),
+            gb: net.layers.iter().map(|l| zeros(l.out)).collect(),
+            states: net
+                .layers
+                .iter()
+                .map(|l| State {
+                    mw: zeros(l.w.len()),
+                    mb: zeros(l.out),
+                    vw: zeros(l.w.len()),
+                    vb: zeros(l.out),
+                })
+                .collect(),
+            teacher_logits: zeros(bs * net.classes()),
+            acts,
+            labels: Vec::with_capacity(bs),
+        }
+    }
+
+    /// One optimiser step on the samples `idx`; returns the batch's mean loss and how many it
+    /// classified right (before the step).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        net: &mut Net,
+        teacher: Option<&Net>,
+        data: &Dataset,
+        idx: &[usize],
+        cfg: &FinetuneConfig,
+        lr: f64,
+        t: usize,
+    ) -> (f64, usize) {
+        let b = idx.len();
+        let dim = data.dim;
+        let x = &mut self.acts[0];
+        for (r, &i) in idx.iter().enumerate() {
+            x[r * dim..(r + 1) * dim].copy_from_slice(&data.inputs[i * dim..(i + 1) * dim]);
+        }
+        self.labels.clear();
+        self.labels.extend(idx.iter().map(|&i| data.labels[i]));
+        for (l, layer) in net.layers.iter().enumerate() {
+            let (ins, outs) = self.acts.split_at_mut(l + 1);
+            dense_forward(
+                layer,
+                &ins[l][..b * layer.inp],
+                b,
+                &mut outs[0][..b * layer.out],
+            );
+        }
+        let classes = net.classes();
+        if let Some(tn) = teacher {
+            let logits = tn.forward(&self.acts[0][..b * dim], b);
+            self.teacher_logits[..b * classes].copy_from_slice(&logits);
+        }
+        // Softmax cross-entropy (and the distillation term) and its gradient wrt the logits.
+        let last = net.layers.len() - 1;
+        let logits = &self.acts[last + 1][..b * classes];
+        let dz = &mut self.grads[last][..b * classes];
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        let inv_b = 1.0 / b as f32;
+        for r in 0..b {
+            let row = &logits[r * classes..(r + 1) * classes];
+            let y = self.labels[r] as usize;
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+            let arg = crate::eval::argmax(row);
+            correct += (arg == y) as usize;
+            let ce = (sum.ln() + max - row[y]) as f64;
+            let g = &mut dz[r * classes..(r + 1) * classes];
+            let hard = cfg.distill.map_or(1.0, |d| 1.0 - d.alpha as f32);
+            for (j, gj) in g.iter_mut().enumerate() {
+                let p = (row[j] - max).exp() / sum;
+                *gj = hard * (p - (j == y) as u8 as f32) * inv_b;
+            }
+            loss += hard as f64 * ce;
+            if let Some(d) = cfg.distill {
+                let tt = d.temperature as f32;
+                let trow = &self.teacher_logits[r * classes..(r + 1) * classes];
+                let smax = row.iter().map(|v| v / tt).fold(f32::NEG_INFINITY, f32::max);
+                let tmax = trow
+                    .iter()
+                    .map(|v| v / tt)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let ssum: f32 = row.iter().map(|v| (v / tt - smax).exp()).sum();
+                let tsum: f32 = trow.iter().map(|v| (v / tt - tmax).exp()).sum();
+                let mut kl = 0.0f64;
+                for j in 0..classes {
+                    let ps = (row[j] / tt - smax).exp() / ssum;
+                    let pt = (trow[j] / tt - tmax).exp() / tsum;
+                    if pt > 0.0 {
+                        kl += (pt as f64) * ((pt as f64).ln() - (ps.max(1e-30) as f64).ln());
+                    }
+                    // d/dz of α·T²·KL = α·T·(p_s − p_t).
+                    g[j] += d.alpha as f32 * tt * (ps - pt) * inv_b;
+                }
+                loss += d.alpha * d.temperature * d.temperature * kl;
+            }
+        }
+        loss /= b as f64;
+        // Backward, last layer first.
+        for l in (0..net.layers.len()).rev() {
+            let layer = &net.layers[l];
+            let (out, inp) = (layer.out, layer.inp);
+            let dz = &self.grads[l][..b * out];
+            // dzᵀ, so that dW = dzᵀ · h is one row-major product.
+            let dzt = &mut self.dzt[..out * b];
+            for r in 0..b {
+                for o in 0..out {
+                    dzt[o * b + r] = dz[r * out + o];
+                }
+            }
+            crate::graph::fast::matmul_serial(
+                out,
+                inp,
+                b,
+                dzt,
+                &self.acts[l][..b * inp],
+                inp,
+                1,
+                &mut self.gw[l],
+                0,
+                inp,
+            );
+            let gb = &mut self.gb[l];
+            gb.iter_mut().for_each(|v| *v = 0.0);
+            for r in 0..b {
+                for (g, d) in gb.iter_mut().zip(&dz[r * out..(r + 1) * out]) {
+                    *g += d;
+                }
+            }
+            if l > 0 {
+                let (lower, upper) = self.grads.split_at_mut(l);
+                let dh = &mut lower[l - 1][..b * inp];
+                crate::graph::fast::matmul_serial(
+                    b,
+                    inp,
+                    out,
+                    &upper[0][..b * out],
+                    &layer.w,
+                    inp,
+                    1,
+                    dh,
+                    0,
+                    inp,
+                );
+                // Through the ReLU of layer l − 1 (its output is this layer's input).
+                if net.layers[l - 1].relu {
+                    for (g, a) in dh.iter_mut().zip(&self.acts[l][..b * inp]) {
+                        if *a <= 0.0 {
+                            *g = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+        for (l, layer) in net.layers.iter_mut().enumerate() {
+            if let Some(m) = &layer.mask {
+                for (g, m) in self.gw[l].iter_mut().zip(m) {
+                    *g *= m;
+                }
+            }
+            let st = &mut self.states[l];
+            let has_bias = layer.bias_name.is_some();
+            update(
+                cfg,
+                lr,
+                t,
+                &mut layer.w,
+                &self.gw[l],
+                &mut st.mw,
+                &mut st.vw,
+            );
+            if has_bias {
+                update(
+                    cfg,
+                    lr,
+                    t,
+                    &mut layer.b,
+                    &self.gb[l],
+                    &mut st.mb,
+                    &mut st.vb,
+                );
+            }
+            if let Some(m) = &layer.mask {
+                for (w, m) in layer.w.iter_mut().zip(m) {
+                    *w *= m;
+                }
+            }
+        }
+        (loss, correct)
+    }
+}
+
+/// One optimiser update of `w` by gradient `g`, PyTorch's formulas.
+fn update(
+    cfg: &FinetuneConfig,
+    lr: f64,
+    t: usize,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let lr32 = lr as f32;
+    let wd = cfg.weight_decay as f32;
+    match cfg.optimizer {
+        Optim::Sgd => {
+            let mom = cfg.momentum as f32;
+            for i in 0..w.len() {
+                let gi = g[i] + wd * w[i];
+                // PyTorch: the buffer starts as the first gradient.
+                m[i] = if t == 1 { gi } else { mom * m[i] + gi };
+                w[i] -= lr32 * if mom > 0.0 { m[i] } else { gi };
+            }
+        }
+        Optim::AdamW => {
+            let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+            let c1 = 1.0 - b1.powi(t as i32);
+            let c2 = 1.0 - b2.powi(t as i32);
+            for i in 0..w.len() {
+                w[i] -= lr32 * wd * w[i];
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let mh = m[i] / c1;
+                let vh = v[i] / c2;
+                w[i] -= lr32 * mh / (vh.sqrt() + eps);
+            }
+        }
+    }
+}
+
+/// The training and test data of a fine-tune: the model's own dataset split (the digits), or a
+/// labelled `.npz` / `.safetensors` file split 80/20 by a seeded shuffle.
+pub fn training_split(
+    arch: &MlpArch,
+    source: &crate::eval::DataSource,
+    seed: u64,
+) -> Result<crate::data::Split, TrainError> {
+    use crate::eval::DataSource;
+    let err = |e: crate::data::DataError| TrainError::Eval(e.into());
+    match source {
+        DataSource::Default => crate::data::by_name(&arch.dataset).map_err(err),
+        DataSource::Digits => crate::data::digits_split().map_err(err),
+        DataSource::File { path, spec } => {
+            let d = crate::data::load_eval_data(path, &["x".to_string()], spec).map_err(err)?;
+            let Some(labels) = d.labels.clone() else {
+                return Err(TrainError::Compute(format!(
+                    "{}: fine-tuning needs labels (an array named y, or --y NAME)",
+                    d.name
+                )));
+            };
+            let [input] = &d.inputs[..] else {
+                return Err(TrainError::Compute(format!(
+                    "{}: an MLP takes one input array, the file gives {}",
+                    d.name,
+                    d.inputs.len()
+                )));
+            };
+            let crate::data::ArrayValues::F32(values) = &input.values else {
+                return Err(TrainError::Compute(format!(
+                    "array '{}' holds integers; the MLP takes floats",
+                    input.name
+                )));
+            };
+            let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+            let all = Dataset {
+                name: d.name.clone(),
+                inputs: values.clone(),
+                labels,
+                dim: input.sample_len(),
+                classes,
+            };
+            Ok(all.split_seeded(0.2, seed))
+        }
+    }
+}
+
+/// Writes the model with the fine-tuned tensors in place of the originals (every tensor as
+/// F32; the architecture and other metadata kept), atomically.
+pub fn write_finetuned(
+    model: &Model,
+    net: &Net,
+    cfg: &FinetuneConfig,
+    out: &std::path::Path,
+) -> Result<(), TrainError> {
+    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = net
+        .tensors()
+        .into_iter()
+        .map(|(n, s, v)| (n, (s, v)))
+        .collect();
+    let mut tensors = Vec::with_capacity(model.tensors.len());
+    for (t, e) in model.tensors.iter().enumerate() {
+        if !e.analysable() {
+            return Err(TrainError::Compute(format!(
+                "tensor '{}' ({}) cannot be written as F32",
+                e.name, e.dtype
+            )));
+        }
+        let (shape, values) = trained
+            .get(&e.name)
+            .cloned()
+            .unwrap_or_else(|| (e.shape.clone(), model.to_f32_vec(t)));
+        tensors.push((e.name.clone(), shape, values));
+    }
+    let mut meta = model.metadata.clone();
+    meta.insert(
+        "prunescope.finetune".into(),
+        serde_json::to_string(cfg).map_err(|e| TrainError::Compute(e.to_string()))?,
+    );
+    crate::export::write_f32_safetensors(out, &meta, &tensors)
+        .map_err(|e| TrainError::Compute(format!("{}: {}", out.display(), e)))
+}
