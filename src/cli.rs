@@ -48,6 +48,11 @@ pub enum Command {
     Sensitivity(SensitivityArgs),
     /// Fine-tune a pruned model with its masks held (pruned weights stay exactly zero).
     Finetune(FinetuneArgs),
+    /// Prune to a target on a schedule (one-shot, iterative, gradual AGP) with fine-tuning.
+    Schedule(ScheduleArgs),
+    /// The lottery-ticket experiment: iterative magnitude pruning with rewinding, against a
+    /// re-initialised and a random-mask control.
+    Lottery(LotteryArgs),
     /// Train the sample MLP on the bundled digits data (fixed seed) and save it with its
     /// initial weights.
     Train(TrainArgs),
@@ -192,6 +197,99 @@ pub struct SensitivityArgs {
     pub json: bool,
 }
 
+/// How to train: the flags `finetune`, `schedule` and `lottery` share.
+#[derive(Args, Debug, Clone)]
+pub struct TrainFlags {
+    /// Epochs (finetune: 5; schedule: 10 in all; lottery: 15 per training).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// sgd (with --momentum) or adamw.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Learning-rate schedule: constant, step:EVERY:GAMMA (epochs) or cosine:WARMUP (steps).
+    #[arg(long = "lr-schedule", default_value = "constant")]
+    pub lr_schedule: String,
+    /// Knowledge distillation from the dense model: TEMPERATURE,ALPHA (e.g. 4,0.5).
+    #[arg(long)]
+    pub distill: Option<String>,
+    /// Seed of the batch order.
+    #[arg(long = "train-seed", default_value_t = 0)]
+    pub train_seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    pub model: PathBuf,
+    /// The sparsity to reach (per layer, by magnitude).
+    #[arg(long)]
+    pub sparsity: f64,
+    /// oneshot, iterative (--rounds, --skip-below) or agp (--ramp, --every).
+    #[arg(long, default_value = "agp")]
+    pub kind: String,
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Iterative: skip a round's fine-tuning when pruning cost less accuracy than this.
+    #[arg(long, default_value_t = 0.0)]
+    pub skip_below: f64,
+    /// AGP: the fraction of the steps over which sparsity ramps up.
+    #[arg(long, default_value_t = 0.75)]
+    pub ramp: f64,
+    /// AGP: steps between mask updates.
+    #[arg(long, default_value_t = 10)]
+    pub every: usize,
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long)]
+    pub x: Option<String>,
+    #[arg(long)]
+    pub y: Option<String>,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LotteryArgs {
+    pub model: PathBuf,
+    /// Pruning levels.
+    #[arg(long, default_value_t = 5)]
+    pub levels: usize,
+    /// Fraction of the remaining weights each level prunes (0.2 = 20 %).
+    #[arg(long, default_value_t = 0.2)]
+    pub rate: f64,
+    /// Rewind survivors to their initial values (init) or to those after ITER steps of dense
+    /// training.
+    #[arg(long, default_value = "init")]
+    pub rewind: String,
+    /// The initial weights (default: the file the model's metadata names, beside it).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long)]
+    pub x: Option<String>,
+    #[arg(long)]
+    pub y: Option<String>,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    /// A directory for each level's weights and masks and lottery.csv.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
     pub model: PathBuf,
@@ -208,28 +306,8 @@ pub struct FinetuneArgs {
     pub x: Option<String>,
     #[arg(long)]
     pub y: Option<String>,
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 0.05)]
-    pub lr: f64,
-    /// sgd (with --momentum) or adamw.
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// constant, step:EVERY:GAMMA (epochs) or cosine:WARMUP (steps).
-    #[arg(long, default_value = "constant")]
-    pub schedule: String,
-    /// Knowledge distillation from the dense model: TEMPERATURE,ALPHA (e.g. 4,0.5).
-    #[arg(long)]
-    pub distill: Option<String>,
-    /// Seed of the batch order.
-    #[arg(long = "train-seed", default_value_t = 0)]
-    pub train_seed: u64,
+    #[command(flatten)]
+    pub train: TrainFlags,
     /// Where to write the fine-tuned model (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -347,6 +425,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval_cmd(args),
         Command::Sensitivity(args) => sensitivity_cmd(args),
         Command::Finetune(args) => finetune_cmd(args),
+        Command::Schedule(args) => schedule_cmd(args),
+        Command::Lottery(args) => lottery_cmd(args),
         Command::Train(args) => train_cmd(args),
         Command::Bench {
             which: BenchCommand::Interactive { params, json },
@@ -975,21 +1055,15 @@ pub fn parse_schedule(s: &str) -> anyhow::Result<crate::train::LrSchedule> {
     })
 }
 
-fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
-    use crate::train::{Distill, FinetuneConfig, Net, Optim, finetune, training_split};
-    let mut inputs = vec![("model", a.model.as_path())];
-    if let Some(m) = &a.masks {
-        inputs.push(("masks", m.as_path()));
-    }
-    check_outputs(&inputs, &[("--out", a.out.as_path())])?;
-    let model = Model::open(&a.model)?;
-    let arch = match crate::eval::arch_json(&model)? {
+/// The MLP a model describes, for training; graphs (CNNs) and plain weights are refused.
+fn trainable_mlp(model: &Model) -> anyhow::Result<crate::eval::MlpArch> {
+    match crate::eval::arch_json(model)? {
         Some(j) if crate::eval::MlpArch::from_json(&j).is_ok() => {
-            crate::eval::MlpArch::from_json(&j)?
+            Ok(crate::eval::MlpArch::from_json(&j)?)
         }
         Some(_) => bail!(
-            "{}: fine-tuning runs on MLPs (Linear and ReLU layers) today; this graph can be \
-             evaluated but not fine-tuned yet",
+            "{}: training runs on MLPs (Linear and ReLU layers) today; this graph can be \
+             evaluated but not trained here yet",
             model.display_name()
         ),
         None => bail!(
@@ -997,30 +1071,25 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
              sidecar MODEL.arch.json)",
             model.display_name()
         ),
-    };
-    let progress = bar();
-    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let masks = match &a.masks {
-        Some(m) => crate::export::load_masks(&model, m)?,
-        None if a.flags.any() => {
-            prune_from_flags(&model, &a.flags, &source, &progress)?
-                .0
-                .masks
-        }
-        None => bail!(
-            "say what to prune: --masks, --recipe or --sparsity (fine-tuning a dense model is training)"
-        ),
-    };
-    let optimizer = Optim::parse(&a.optimizer)
-        .with_context(|| format!("unknown optimizer '{}' (sgd or adamw)", a.optimizer))?;
-    let distill = match &a.distill {
+    }
+}
+
+/// The training flags as a configuration.
+fn train_config(
+    t: &TrainFlags,
+    default_epochs: usize,
+) -> anyhow::Result<crate::train::FinetuneConfig> {
+    use crate::train::{Distill, FinetuneConfig, Optim};
+    let optimizer = Optim::parse(&t.optimizer)
+        .with_context(|| format!("unknown optimizer '{}' (sgd or adamw)", t.optimizer))?;
+    let distill = match &t.distill {
         None => None,
         Some(d) => {
-            let (t, alpha) = d
+            let (temp, alpha) = d
                 .split_once(',')
                 .context("--distill takes TEMPERATURE,ALPHA (e.g. 4,0.5)")?;
             let (temperature, alpha): (f64, f64) = (
-                t.trim()
+                temp.trim()
                     .parse()
                     .context("--distill: temperature is not a number")?,
                 alpha
@@ -1034,21 +1103,222 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
             Some(Distill { temperature, alpha })
         }
     };
-    if !(a.lr > 0.0 && a.lr.is_finite()) {
+    if !(t.lr > 0.0 && t.lr.is_finite()) {
         bail!("--lr must be a positive number");
     }
-    let cfg = FinetuneConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size.max(1),
-        lr: a.lr,
+    Ok(FinetuneConfig {
+        epochs: t.epochs.unwrap_or(default_epochs),
+        batch_size: t.batch_size.max(1),
+        lr: t.lr,
         optimizer,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        schedule: parse_schedule(&a.schedule)?,
-        seed: a.train_seed,
+        momentum: t.momentum,
+        weight_decay: t.weight_decay,
+        schedule: parse_schedule(&t.lr_schedule)?,
+        seed: t.train_seed,
         distill,
+    })
+}
+
+fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
+    use crate::train::{Net, Schedule, run_schedule, training_split};
+    check_outputs(
+        &[("model", a.model.as_path())],
+        &[("--out", a.out.as_path())],
+    )?;
+    if !(0.0..=1.0).contains(&a.sparsity) {
+        bail!("--sparsity {} is outside 0..=1", a.sparsity);
+    }
+    let model = Model::open(&a.model)?;
+    let arch = trainable_mlp(&model)?;
+    let cfg = train_config(&a.train, 10)?;
+    let schedule = match a.kind.as_str() {
+        "oneshot" => Schedule::OneShot,
+        "iterative" => Schedule::Iterative {
+            rounds: a.rounds.max(1),
+            skip_below: a.skip_below,
+        },
+        "agp" => Schedule::Agp {
+            ramp: a.ramp,
+            every: a.every.max(1),
+        },
+        other => bail!("unknown schedule '{other}' (oneshot, iterative or agp)"),
     };
-    let split = training_split(&arch, &source, a.train_seed)?;
+    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let split = training_split(&arch, &source, cfg.seed)?;
+    let net = Net::from_model(&model, &arch, &crate::prune::MaskSet::new())?;
+    let progress = bar();
+    let r = run_schedule(net, a.sparsity, schedule, &split, &cfg, &progress, |_| {})?;
+    crate::train::write_finetuned(&model, &r.net, &cfg, &a.out)?;
+    if a.json {
+        let v = serde_json::json!({
+            "schedule": schedule,
+            "target": a.sparsity,
+            "sparsity": r.net.sparsity(),
+            "timeline": r.timeline,
+            "final": {"accuracy": r.final_accuracy, "loss": r.final_loss},
+            "epochs": cfg.epochs,
+            "out": a.out.display().to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for p in &r.timeline {
+            println!(
+                "step {:>6}  sparsity {:>6.2}%  accuracy {:>6.2}%  {}",
+                p.step,
+                p.sparsity * 100.0,
+                p.test_accuracy * 100.0,
+                p.event
+            );
+        }
+        println!(
+            "final: {:.2}% sparse, accuracy {:.2}% → {}",
+            r.net.sparsity() * 100.0,
+            r.final_accuracy * 100.0,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
+    use crate::train::{Net, Rewind, lottery, training_split};
+    let model = Model::open(&a.model)?;
+    let arch = trainable_mlp(&model)?;
+    let init_path = match &a.init {
+        Some(p) => p.clone(),
+        None => {
+            let name = model
+                .metadata
+                .get("prunescope.init_weights")
+                .with_context(|| {
+                    format!(
+                        "{}: no initial weights named in the metadata; give them with --init",
+                        model.display_name()
+                    )
+                })?;
+            let dir = a.model.parent().unwrap_or(Path::new("."));
+            dir.join(
+                Path::new(name)
+                    .file_name()
+                    .context("bad init_weights name")?,
+            )
+        }
+    };
+    let init_model = Model::open(&init_path)
+        .with_context(|| format!("the initial weights ({})", init_path.display()))?;
+    if !(0.0 < a.rate && a.rate < 1.0) {
+        bail!("--rate {} must lie strictly between 0 and 1", a.rate);
+    }
+    let rewind = match a.rewind.as_str() {
+        "init" => Rewind::Init,
+        n => Rewind::Iteration(
+            n.parse()
+                .with_context(|| format!("--rewind takes init or a number of steps, not '{n}'"))?,
+        ),
+    };
+    check_outputs(
+        &[("model", a.model.as_path())],
+        &[("--out", a.out.as_path())],
+    )?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create the directory", a.out.display()))?;
+    let cfg = train_config(&a.train, 15)?;
+    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let split = training_split(&arch, &source, cfg.seed)?;
+    let init = Net::from_model(&init_model, &arch, &crate::prune::MaskSet::new())?;
+    let progress = bar();
+    let r = lottery(
+        &init,
+        &split,
+        &cfg,
+        a.levels.max(1),
+        a.rate,
+        rewind,
+        &progress,
+        |_| {},
+    )?;
+    let mut csv = String::from("level,remaining,ticket,reinit,random_mask\n");
+    for (l, t) in r.levels.iter().zip(&r.tickets) {
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            l.level, l.remaining, l.ticket, l.reinit, l.random_mask
+        ));
+        let w = a.out.join(format!("level_{}.safetensors", l.level));
+        crate::train::write_finetuned(&model, t, &cfg, &w)?;
+        let mut masks = crate::prune::MaskSet::new();
+        for layer in &t.layers {
+            if let Some(m) = &layer.mask {
+                let kept: Vec<bool> = m.iter().map(|v| *v != 0.0).collect();
+                masks.insert(
+                    &model,
+                    &layer.weight_name,
+                    crate::prune::Mask::from_kept(&kept),
+                )?;
+            }
+        }
+        export_masks(
+            &model,
+            &masks,
+            &a.out.join(format!("level_{}.masks.safetensors", l.level)),
+        )?;
+    }
+    {
+        use std::io::Write as _;
+        let p = a.out.join("lottery.csv");
+        crate::util::atomic_write(&p, |w| w.write_all(csv.as_bytes()))
+            .with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "dense": r.dense,
+            "rate": a.rate,
+            "rewind": rewind,
+            "levels": r.levels,
+            "out": a.out.display().to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("dense: {:.2}%", r.dense * 100.0);
+        println!("level  remaining   ticket   reinit  random mask");
+        for l in &r.levels {
+            println!(
+                "{:>5}  {:>8.2}%  {:>6.2}%  {:>6.2}%  {:>10.2}%",
+                l.level,
+                l.remaining * 100.0,
+                l.ticket * 100.0,
+                l.reinit * 100.0,
+                l.random_mask * 100.0
+            );
+        }
+    }
+    Ok(())
+}
+
+fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
+    use crate::train::{Net, finetune, training_split};
+    let mut inputs = vec![("model", a.model.as_path())];
+    if let Some(m) = &a.masks {
+        inputs.push(("masks", m.as_path()));
+    }
+    check_outputs(&inputs, &[("--out", a.out.as_path())])?;
+    let model = Model::open(&a.model)?;
+    let arch = trainable_mlp(&model)?;
+    let progress = bar();
+    let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let masks = match &a.masks {
+        Some(m) => crate::export::load_masks(&model, m)?,
+        None if a.flags.any() => {
+            prune_from_flags(&model, &a.flags, &source, &progress)?
+                .0
+                .masks
+        }
+        None => bail!(
+            "say what to prune: --masks, --recipe or --sparsity (fine-tuning a dense model is training)"
+        ),
+    };
+    let cfg = train_config(&a.train, 5)?;
+    let distill = cfg.distill;
+    let split = training_split(&arch, &source, cfg.seed)?;
     let net = Net::from_model(&model, &arch, &masks)?;
     let teacher = match distill {
         Some(_) => Some(Net::from_model(

@@ -4,11 +4,16 @@
 
 mod graph;
 mod native;
+mod recovery;
 
 pub use graph::{SampleArch, sample_graph, train_graph};
 pub use native::{
     Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim, finetune,
     training_split, write_finetuned,
+};
+pub use recovery::{
+    LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint, agp_sparsity,
+    iterative_sparsity, lottery, run_schedule,
 };
 
 use candle_core::{Device, Tensor, Var};

@@ -1,0 +1,480 @@
+//! Pruning schedules (one-shot, iterative, gradual AGP) and lottery tickets, on the native
+//! MLP trainer.
+
+use serde::Serialize;
+
+use super::native::{FinetuneConfig, Net, finetune};
+use super::{NamedTensors, TrainError};
+use crate::data::Split;
+use crate::progress::Progress;
+use crate::util::SplitMix64;
+
+/// Zhu & Gupta's gradual schedule: `s_t = s_f + (s_i − s_f)(1 − (t − t0)/(n·Δt))³` for
+/// `t0 ≤ t ≤ t0 + n·Δt`, `s_i` before and `s_f` after.
+pub fn agp_sparsity(initial: f64, target: f64, t0: usize, n: usize, dt: usize, t: usize) -> f64 {
+    let span = (n * dt).max(1) as f64;
+    if t <= t0 {
+        return initial;
+    }
+    let frac = ((t - t0) as f64 / span).min(1.0);
+    target + (initial - target) * (1.0 - frac).powi(3)
+}
+
+/// The sparsity after round `r` (1-based) of `k` iterative rounds that each remove the same
+/// fraction of the remaining weights: `1 − (1 − s)^(r/k)`.
+pub fn iterative_sparsity(target: f64, r: usize, k: usize) -> f64 {
+    1.0 - (1.0 - target).powf(r as f64 / k.max(1) as f64)
+}
+
+impl Net {
+    /// Prunes every layer's weights to `sparsity` by magnitude (smallest first, ties by flat
+    /// index); weights pruned before stay pruned (they are zero, so the smallest).
+    pub fn prune_layerwise(&mut self, sparsity: f64) {
+        for l in &mut self.layers {
+            let n = l.w.len();
+            let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| l.w[a].abs().total_cmp(&l.w[b].abs()).then(a.cmp(&b)));
+            let mut mask = vec![1f32; n];
+            for &i in &order[..k] {
+                mask[i] = 0.0;
+                l.w[i] = 0.0;
+            }
+            l.mask = Some(mask);
+        }
+    }
+
+    /// Random masks at each layer's current sparsity (the lottery ticket's control).
+    pub fn random_masks_like(&mut self, other: &Net, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        for (l, o) in self.layers.iter_mut().zip(&other.layers) {
+            let n = l.w.len();
+            let pruned = o
+                .mask
+                .as_ref()
+                .map_or(0, |m| m.iter().filter(|v| **v == 0.0).count());
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut mask = vec![1f32; n];
+            for &i in &order[..pruned] {
+                mask[i] = 0.0;
+                l.w[i] = 0.0;
+            }
+            l.mask = Some(mask);
+        }
+    }
+
+    /// Every weight and bias set from `values` (by name), then the masks applied.
+    pub fn set_values(&mut self, values: &NamedTensors) {
+        for l in &mut self.layers {
+            if let Some((_, _, v)) = values.iter().find(|(n, _, _)| *n == l.weight_name) {
+                l.w.copy_from_slice(v);
+            }
+            if let Some(b) = &l.bias_name
+                && let Some((_, _, v)) = values.iter().find(|(n, _, _)| n == b)
+            {
+                l.b.copy_from_slice(v);
+            }
+            if let Some(m) = &l.mask {
+                for (w, m) in l.w.iter_mut().zip(m) {
+                    *w *= m;
+                }
+            }
+        }
+    }
+
+    /// A fresh draw of PyTorch's `nn.Linear` default initialisation, U(−1/√in, 1/√in), for
+    /// weights and biases, masks kept and applied.
+    pub fn reinitialise(&mut self, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        for l in &mut self.layers {
+            let bound = 1.0 / (l.inp as f64).sqrt();
+            for w in l.w.iter_mut() {
+                *w = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
+            }
+            if l.bias_name.is_some() {
+                for b in l.b.iter_mut() {
+                    *b = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
+                }
+            }
+            if let Some(m) = &l.mask {
+                for (w, m) in l.w.iter_mut().zip(m) {
+                    *w *= m;
+                }
+            }
+        }
+    }
+
+    /// Fraction of all layer weights that are pruned.
+    pub fn sparsity(&self) -> f64 {
+        let (p, n) = self.layers.iter().fold((0usize, 0usize), |(p, n), l| {
+            let pruned = l
+                .mask
+                .as_ref()
+                .map_or(0, |m| m.iter().filter(|v| **v == 0.0).count());
+            (p + pruned, n + l.w.len())
+        });
+        p as f64 / n.max(1) as f64
+    }
+}
+
+/// How a schedule reaches its target.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Schedule {
+    /// Prune to the target at once, then fine-tune every epoch.
+    OneShot,
+    /// `rounds` rounds of pruning a fraction of the remaining weights, each followed by
+    /// `epochs / rounds` epochs of fine-tuning (skipped when the drop is below `skip_below`).
+    Iterative { rounds: usize, skip_below: f64 },
+    /// Gradual AGP over the first `ramp` fraction of the steps, masks updated every `every`
+    /// steps, then fine-tuning at the target.
+    Agp { ramp: f64, every: usize },
+}
+
+/// One point of a schedule's timeline.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Optimiser steps so far.
+    pub step: usize,
+    pub sparsity: f64,
+    pub test_accuracy: f64,
+    /// What happened: "pruned", "fine-tuned", "skipped fine-tuning".
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct ScheduleResult {
+    pub timeline: Vec<TimelinePoint>,
+    pub net: Net,
+    pub final_accuracy: f64,
+    pub final_loss: f64,
+}
+
+/// Runs `schedule` from the dense `net` to `target` sparsity on `data`, `cfg.epochs` epochs
+/// in all. `on_point` sees the timeline as it grows.
+pub fn run_schedule(
+    mut net: Net,
+    target: f64,
+    schedule: Schedule,
+    data: &Split,
+    cfg: &FinetuneConfig,
+    progress: &Progress,
+    mut on_point: impl FnMut(&TimelinePoint),
+) -> Result<ScheduleResult, TrainError> {
+    let mut timeline = Vec::new();
+    let mut push = |t: TimelinePoint, timeline: &mut Vec<TimelinePoint>| {
+        on_point(&t);
+        timeline.push(t);
+    };
+    let acc = |n: &Net| -> Result<f64, TrainError> {
+        Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
+    };
+    let per_epoch = data.train.len().div_ceil(cfg.batch_size.max(1));
+    let mut step = 0;
+    push(
+        TimelinePoint {
+            step,
+            sparsity: net.sparsity(),
+            test_accuracy: acc(&net)?,
+            event: "dense",
+        },
+        &mut timeline,
+    );
+    match schedule {
+        Schedule::OneShot => {
+            net.prune_layerwise(target);
+            push(
+                TimelinePoint {
+                    step,
+                    sparsity: net.sparsity(),
+                    test_accuracy: acc(&net)?,
+                    event: "pruned",
+                },
+                &mut timeline,
+            );
+            let r = finetune(net, None, &data.train, &data.test, cfg, progress, |e, _| {
+                step = e.epoch * per_epoch;
+            })?;
+            net = r.net;
+            push(
+                TimelinePoint {
+                    step,
+                    sparsity: net.sparsity(),
+                    test_accuracy: acc(&net)?,
+                    event: "fine-tuned",
+                },
+                &mut timeline,
+            );
+        }
+        Schedule::Iterative { rounds, skip_below } => {
+            let rounds = rounds.max(1);
+            let epochs = (cfg.epochs / rounds).max(1);
+            for r in 1..=rounds {
+                progress.check().map_err(|_| TrainError::Cancelled)?;
+                let before = acc(&net)?;
+                net.prune_layerwise(iterative_sparsity(target, r, rounds));
+                let after = acc(&net)?;
+                push(
+                    TimelinePoint {
+                        step,
+                        sparsity: net.sparsity(),
+                        test_accuracy: after,
+                        event: "pruned",
+                    },
+                    &mut timeline,
+                );
+                // ICE-Pruning's idea: a round that cost (almost) nothing needs no recovery.
+                if before - after < skip_below && r < rounds {
+                    push(
+                        TimelinePoint {
+                            step,
+                            sparsity: net.sparsity(),
+                            test_accuracy: after,
+                            event: "skipped fine-tuning",
+                        },
+                        &mut timeline,
+                    );
+                    continue;
+                }
+                let round_cfg = FinetuneConfig {
+                    epochs,
+                    seed: cfg.seed + r as u64,
+                    ..cfg.clone()
+                };
+                let res = finetune(
+                    net,
+                    None,
+                    &data.train,
+                    &data.test,
+                    &round_cfg,
+                    &Progress::none(),
+                    |_, _| {},
+                )?;
+                net = res.net;
+                step += epochs * per_epoch;
+                push(
+                    TimelinePoint {
+                        step,
+                        sparsity: net.sparsity(),
+                        test_accuracy: acc(&net)?,
+                        event: "fine-tuned",
+                    },
+                    &mut timeline,
+                );
+                progress.report(r as f32 / rounds as f32, &format!("round {r}/{rounds}"));
+            }
+        }
+        Schedule::Agp { ramp, every } => {
+            let total = per_epoch * cfg.epochs.max(1);
+            let every = every.max(1);
+            let ramp_steps = ((ramp.clamp(0.0, 1.0) * total as f64) as usize).max(every);
+            let n = ramp_steps.div_ceil(every);
+            let initial = net.sparsity();
+            // Train in chunks of `every` steps; prune at each boundary on the cubic.
+            let mut done = 0;
+            let mut seed = cfg.seed;
+            while done < total {
+                progress.check().map_err(|_| TrainError::Cancelled)?;
+                let s = agp_sparsity(initial, target, 0, n, every, done);
+                if s > net.sparsity() + 1e-12 {
+                    net.prune_layerwise(s);
+                }
+                let chunk = every.min(total - done);
+                net = train_steps(net, data, cfg, chunk, seed)?;
+                seed += 1;
+                done += chunk;
+                step = done;
+                if done.is_multiple_of(per_epoch) || done == total || done <= ramp_steps {
+                    push(
+                        TimelinePoint {
+                            step,
+                            sparsity: net.sparsity(),
+                            test_accuracy: acc(&net)?,
+                            event: if done <= ramp_steps {
+                                "pruned"
+                            } else {
+                                "fine-tuned"
+                            },
+                        },
+                        &mut timeline,
+                    );
+                }
+                progress.report(done as f32 / total as f32, "gradual pruning");
+            }
+            if net.sparsity() + 1e-12 < target {
+                net.prune_layerwise(target);
+            }
+        }
+    }
+    let m = net.metrics(&data.test)?;
+    Ok(ScheduleResult {
+        final_accuracy: m.accuracy.unwrap_or(f64::NAN),
+        final_loss: m.loss.unwrap_or(f64::NAN),
+        timeline,
+        net,
+    })
+}
+
+/// `steps` optimiser steps (batches in a seeded order), masks held.
+fn train_steps(
+    net: Net,
+    data: &Split,
+    cfg: &FinetuneConfig,
+    steps: usize,
+    seed: u64,
+) -> Result<Net, TrainError> {
+    let bs = cfg.batch_size.max(1);
+    let mut rng = SplitMix64::new(seed);
+    let mut idx: Vec<usize> = (0..data.train.len()).collect();
+    for i in (1..idx.len()).rev() {
+        idx.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    idx.truncate((steps * bs).min(idx.len()));
+    // The steps as one short epoch over those samples.
+    let sub = crate::data::Dataset {
+        name: data.train.name.clone(),
+        inputs: idx
+            .iter()
+            .flat_map(|&i| data.train.inputs[i * data.train.dim..(i + 1) * data.train.dim].to_vec())
+            .collect(),
+        labels: idx.iter().map(|&i| data.train.labels[i]).collect(),
+        dim: data.train.dim,
+        classes: data.train.classes,
+    };
+    let step_cfg = FinetuneConfig {
+        epochs: 1,
+        seed,
+        ..cfg.clone()
+    };
+    Ok(finetune(
+        net,
+        None,
+        &sub,
+        &data.test,
+        &step_cfg,
+        &Progress::none(),
+        |_, _| {},
+    )?
+    .net)
+}
+
+/// One level of the lottery-ticket experiment: test accuracies after training.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LotteryLevel {
+    pub level: usize,
+    /// Fraction of the weights that remain.
+    pub remaining: f64,
+    /// The winning ticket: survivors rewound, retrained.
+    pub ticket: f64,
+    /// The same masks with a fresh random initialisation.
+    pub reinit: f64,
+    /// Random masks at the same per-layer sparsities, from the rewound values.
+    pub random_mask: f64,
+}
+
+/// Where survivors are rewound to.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rewind {
+    /// The initial values.
+    Init,
+    /// The values after this many steps of dense training (late rewinding).
+    Iteration(usize),
+}
+
+pub struct LotteryResult {
+    pub dense: f64,
+    pub levels: Vec<LotteryLevel>,
+    /// Each level's ticket (trained), for export.
+    pub tickets: Vec<Net>,
+}
+
+/// Iterative magnitude pruning with rewinding: train dense from `init`; then for each level
+/// prune `rate` of each layer's remaining weights by magnitude, rewind the survivors, retrain;
+/// beside each ticket, train the two controls.
+#[allow(clippy::too_many_arguments)]
+pub fn lottery(
+    init: &Net,
+    data: &Split,
+    cfg: &FinetuneConfig,
+    levels: usize,
+    rate: f64,
+    rewind: Rewind,
+    progress: &Progress,
+    mut on_level: impl FnMut(&LotteryLevel),
+) -> Result<LotteryResult, TrainError> {
+    let train = |net: Net, seed: u64| -> Result<Net, TrainError> {
+        let c = FinetuneConfig {
+            seed,
+            ..cfg.clone()
+        };
+        // The last epoch's weights: a ticket is judged after its training, not at its best.
+        let r = finetune(
+            net,
+            None,
+            &data.train,
+            &data.test,
+            &c,
+            &Progress::none(),
+            |_, _| {},
+        )?;
+        Ok(r.net)
+    };
+    let acc = |n: &Net| -> Result<f64, TrainError> {
+        Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
+    };
+    // The rewind point: the initial values, or those after `k` steps of dense training.
+    let rewind_to: NamedTensors = match rewind {
+        Rewind::Init => init.tensors(),
+        Rewind::Iteration(k) => train_steps(init.clone(), data, cfg, k, cfg.seed)?.tensors(),
+    };
+    let total = levels * 3 + 1;
+    let mut done = 0;
+    let mut tick = |what: &str| {
+        done += 1;
+        progress.report(done as f32 / total as f32, what);
+    };
+    let mut trained = train(init.clone(), cfg.seed)?;
+    let dense = acc(&trained)?;
+    tick("dense");
+    let mut out = Vec::new();
+    let mut tickets = Vec::new();
+    for level in 1..=levels {
+        progress.check().map_err(|_| TrainError::Cancelled)?;
+        let remaining = (1.0 - rate).powi(level as i32);
+        trained.prune_layerwise(1.0 - remaining);
+        let mut ticket = trained.clone();
+        ticket.set_values(&rewind_to);
+        let ticket = train(ticket, cfg.seed + 1000 + level as u64)?;
+        tick("ticket");
+        let mut reinit = trained.clone();
+        reinit.reinitialise(0x5EED_0000 + level as u64);
+        let reinit = train(reinit, cfg.seed + 2000 + level as u64)?;
+        tick("reinitialised control");
+        let mut random = init.clone();
+        random.random_masks_like(&trained, 0xAA00 + level as u64);
+        random.set_values(&rewind_to);
+        let random = train(random, cfg.seed + 3000 + level as u64)?;
+        tick("random-mask control");
+        let l = LotteryLevel {
+            level,
+            remaining: 1.0 - ticket.sparsity(),
+            ticket: acc(&ticket)?,
+            reinit: acc(&reinit)?,
+            random_mask: acc(&random)?,
+        };
+        on_level(&l);
+        out.push(l);
+        // The next level prunes from this ticket's trained weights.
+        trained = ticket.clone();
+        tickets.push(ticket);
+    }
+    Ok(LotteryResult {
+        dense,
+        levels: out,
+        tickets,
+    })
+}
