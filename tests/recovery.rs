@@ -86,8 +86,8 @@ fn rewinding_restores_the_initial_values_of_the_survivors_exactly() {
     ticket.set_values(&init_values);
     for (l, i) in ticket.layers.iter().zip(&init.layers) {
         let m = l.mask.as_ref().unwrap();
-        for k in 0..m.len() {
-            if m[k] != 0.0 {
+        for (k, &keep) in m.iter().enumerate() {
+            if keep != 0.0 {
                 assert_eq!(l.w[k].to_bits(), i.w[k].to_bits());
             } else {
                 assert_eq!(l.w[k], 0.0);
