@@ -1184,28 +1184,18 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
     use crate::train::{Net, Rewind, lottery, training_split};
     let model = Model::open(&a.model)?;
     let arch = trainable_mlp(&model)?;
-    let init_path = match &a.init {
-        Some(p) => p.clone(),
-        None => {
-            let name = model
-                .metadata
-                .get("prunescope.init_weights")
-                .with_context(|| {
-                    format!(
-                        "{}: no initial weights named in the metadata; give them with --init",
-                        model.display_name()
-                    )
-                })?;
-            let dir = a.model.parent().unwrap_or(Path::new("."));
-            dir.join(
-                Path::new(name)
-                    .file_name()
-                    .context("bad init_weights name")?,
-            )
+    let init_model = match &a.init {
+        Some(p) => {
+            Model::open(p).with_context(|| format!("the initial weights ({})", p.display()))?
         }
+        None => crate::sample::init_weights_for(&model).with_context(|| {
+            format!(
+                "{}: no initial weights beside it (the metadata's prunescope.init_weights); \
+                 give them with --init",
+                model.display_name()
+            )
+        })?,
     };
-    let init_model = Model::open(&init_path)
-        .with_context(|| format!("the initial weights ({})", init_path.display()))?;
     if !(0.0 < a.rate && a.rate < 1.0) {
         bail!("--rate {} must lie strictly between 0 and 1", a.rate);
     }

@@ -58,3 +58,35 @@ pub fn open_named(id: &str) -> Result<Model, ModelError> {
         })?;
     Model::from_static_safetensors(s.name, s.bytes)
 }
+
+/// The bundled samples' initial weights, by the file name their metadata gives.
+static INIT_WEIGHTS: [(&str, &[u8]); 3] = [
+    (
+        "digits_mlp.init.safetensors",
+        include_bytes!("../sample_models/digits_mlp.init.safetensors"),
+    ),
+    (
+        "digits_cnn.init.safetensors",
+        include_bytes!("../sample_models/digits_cnn.init.safetensors"),
+    ),
+    (
+        "digits_rescnn.init.safetensors",
+        include_bytes!("../sample_models/digits_rescnn.init.safetensors"),
+    ),
+];
+
+/// The initial weights a model's metadata names (`prunescope.init_weights`): the file beside
+/// it, or for a bundled sample (and models derived from one) the bundled copy.
+pub fn init_weights_for(model: &Model) -> Option<Model> {
+    let name = model.metadata.get("prunescope.init_weights")?;
+    let file = std::path::Path::new(name).file_name()?;
+    if let Some(dir) = model.source.path().and_then(|p| p.parent())
+        && let Ok(m) = Model::open(&dir.join(file))
+    {
+        return Some(m);
+    }
+    let (n, bytes) = INIT_WEIGHTS
+        .iter()
+        .find(|(n, _)| std::ffi::OsStr::new(n) == file)?;
+    Model::from_static_safetensors(n, bytes).ok()
+}

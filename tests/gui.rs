@@ -771,3 +771,75 @@ fn the_chart_png_is_written_with_its_pixels() {
     assert_eq!(&buf[..4], &[10, 20, 30, 255]);
     assert_eq!(&buf[16..20], &[200, 100, 50, 255]);
 }
+
+#[test]
+fn fine_tuning_in_the_app_grows_its_curve_raises_accuracy_and_undoes() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.state_mut().state_mut().settings.sparsity = 0.9;
+    step_until(&mut h, "metrics at 90 %", |a| {
+        settled(a) && a.state().metrics_current()
+    });
+    let acc = |a: &App| {
+        a.state()
+            .model
+            .as_ref()
+            .unwrap()
+            .metrics
+            .clone()
+            .unwrap()
+            .result
+            .unwrap()
+            .accuracy
+            .unwrap()
+    };
+    let before = acc(h.state());
+    let pruned_before = h
+        .state()
+        .state()
+        .model
+        .as_ref()
+        .unwrap()
+        .preview
+        .clone()
+        .unwrap()
+        .alloc
+        .pruned;
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Recover (fine-tune, schedules, lottery)")
+        .click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Start").click();
+    step_until(&mut h, "the fine-tuned model", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.derived.as_deref() == Some("fine-tuned"))
+            && settled(a)
+            && a.state().metrics_current()
+    });
+    let view = h.state().state().training.clone().unwrap();
+    assert_eq!(view.kind, "finetune");
+    assert_eq!(view.epochs.len(), 5, "one point per epoch on the curve");
+    let after = acc(h.state());
+    assert!(after > before + 0.1, "{before} → {after}");
+    h.get_by_label_contains(&format!("→ now {:.2}%", after * 100.0));
+    // The same settings still select exactly the weights that are zero now.
+    let state = h.state().state();
+    assert_eq!(state.settings.sparsity, 0.9);
+    let m = state.model.as_ref().unwrap();
+    assert_eq!(m.preview.clone().unwrap().alloc.pruned, pruned_before);
+
+    h.get_by_role_and_label(Role::Button, "Undo training")
+        .click();
+    step_until(&mut h, "the model before training", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.derived.as_deref() == Some("restored"))
+            && settled(a)
+            && a.state().metrics_current()
+    });
+    assert_eq!(acc(h.state()), before);
+}

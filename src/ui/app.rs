@@ -108,6 +108,8 @@ pub struct AppState {
     pub plan: Option<Result<Arc<crate::sensitivity::Plan>, String>>,
     /// Every rule's plan at one target, measured.
     pub comparison: Option<Arc<Vec<crate::worker::CompareRow>>>,
+    /// The current (or last) training run's curves.
+    pub training: Option<super::recovery::TrainView>,
     plan_generation: u64,
     /// What the last plan request was for (the settings without per-layer targets).
     plan_sent: Option<PruneSettings>,
@@ -134,6 +136,7 @@ impl AppState {
             sensitivity: None,
             plan: None,
             comparison: None,
+            training: None,
             plan_generation: 0,
             plan_sent: None,
             plan_pending: false,
@@ -289,17 +292,23 @@ impl AppState {
                 if let Some(p) = &snapshot.path {
                     self.prefs.remember(p);
                 }
-                // Global knobs carry over; per-tensor settings belong to the old model's names.
-                self.settings.layers.clear();
+                // Global knobs carry over; per-tensor settings belong to the old model's names,
+                // except for a model trained from the open one (same names, and a schedule's
+                // result comes with the settings that select its zeros).
+                if let Some(adopt) = &snapshot.adopt {
+                    self.settings = adopt.clone();
+                } else if snapshot.derived.is_none() {
+                    self.settings.layers.clear();
+                }
                 self.selected = snapshot
                     .tensors
                     .iter()
                     .position(|t| t.default_prunable)
                     .or_else(|| snapshot.tensors.iter().position(|t| t.analysable));
-                self.notice = Some(format!(
-                    "Opened {} in {:.0} ms.",
-                    snapshot.name, snapshot.load_ms
-                ));
+                self.notice = Some(match &snapshot.derived {
+                    Some(how) => format!("The model is now {how}."),
+                    None => format!("Opened {} in {:.0} ms.", snapshot.name, snapshot.load_ms),
+                });
                 self.model = Some(ModelView::new(snapshot));
                 self.sent = None;
                 self.sensitivity = None;
@@ -403,6 +412,34 @@ impl AppState {
                     self.comparison = Some(rows);
                 }
             }
+            Event::Training { model, update } => {
+                if current != Some(model) {
+                    return;
+                }
+                use crate::worker::TrainUpdate as U;
+                match update {
+                    U::Started { kind, start } => {
+                        self.training = Some(super::recovery::TrainView {
+                            kind,
+                            start,
+                            ..Default::default()
+                        });
+                    }
+                    other => {
+                        let Some(v) = self.training.as_mut() else {
+                            return;
+                        };
+                        match other {
+                            U::Epoch(e) => v.epochs.push(e),
+                            U::Timeline(t) => v.timeline.push(t),
+                            U::Level(l) => v.levels.push(l),
+                            U::LotteryDense(d) => v.lottery_dense = Some(d),
+                            U::Done(msg) => v.done = Some(msg),
+                            U::Started { .. } => {}
+                        }
+                    }
+                }
+            }
             Event::Recorded { model, record } => {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(model)) else {
                     return;
@@ -477,6 +514,7 @@ pub struct App {
     gallery: super::gallery::GalleryPanel,
     sensitivity: super::sensitivity::SensitivityPanel,
     history: super::history::HistoryPanel,
+    recovery: super::recovery::RecoveryPanel,
     export: ExportDialog,
     dialog_tx: Sender<DialogAnswer>,
     dialog_rx: Receiver<DialogAnswer>,
@@ -513,6 +551,7 @@ impl App {
             gallery: Default::default(),
             sensitivity: Default::default(),
             history: Default::default(),
+            recovery: Default::default(),
             export: ExportDialog::default(),
             dialog_tx,
             dialog_rx,
@@ -895,6 +934,8 @@ impl App {
                     .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
                 ui.checkbox(&mut self.sensitivity.open, "Sensitivity")
                     .on_hover_text("How much each layer can take: each pruned alone across a grid of sparsities, measured on the data.");
+                ui.checkbox(&mut self.recovery.open, "Recover (fine-tune, schedules, lottery)")
+                    .on_hover_text("Win back accuracy: fine-tune with the masks held, prune on a schedule, or run the lottery-ticket experiment.");
                 ui.checkbox(&mut self.history.open, "Experiment history")
                     .on_hover_text("Every configuration evaluated, metric against size, with the Pareto front; click a point to restore it.");
                 ui.checkbox(&mut self.gallery.open, "Dataset samples")
@@ -1057,6 +1098,33 @@ impl eframe::App for App {
         }
         if let Some(a) = self.sensitivity.ui(&ctx, &self.state) {
             self.sensitivity_action(&ctx, a);
+        }
+        if let Some(a) = self.recovery.ui(&ctx, &self.state) {
+            use super::recovery::RecoveryAction as R;
+            match a {
+                R::Start(request) => {
+                    if let Err(e) = self.worker.train(request) {
+                        self.state.errors.push(e.to_string());
+                    }
+                }
+                R::Cancel => {
+                    for j in self.state.jobs.iter().filter(|j| {
+                        matches!(
+                            j.label.as_str(),
+                            "Fine-tuning" | "Pruning on a schedule" | "Lottery tickets"
+                        )
+                    }) {
+                        self.worker.cancel(j.id);
+                    }
+                }
+                R::Undo => {
+                    if let Some(m) = &self.state.model {
+                        let _ = self.worker.send(crate::worker::Command::Undo {
+                            model: m.snapshot.id,
+                        });
+                    }
+                }
+            }
         }
         if let Some(a) = self.history.ui(&ctx, &self.state) {
             match a {

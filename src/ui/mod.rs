@@ -8,6 +8,7 @@ mod gallery;
 mod heatmap_view;
 mod history;
 mod plots;
+mod recovery;
 mod sensitivity;
 mod summary;
 mod table;

@@ -110,6 +110,17 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Starts a training job (fine-tune, schedule or lottery) on the open model.
+    pub fn train(&mut self, request: TrainRequest) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::Train {
+            job,
+            cancel,
+            request,
+        })?;
+        Ok(job)
+    }
+
     /// Plans the settings' target with every rule and measures each plan.
     pub fn compare(&mut self, settings: crate::prune::PruneSettings) -> Result<JobId, WorkerBusy> {
         let (job, cancel) = self.next_job();

@@ -62,6 +62,14 @@ pub enum Command {
     },
     /// Forget the open model's experiment history.
     ClearHistory { model: ModelId },
+    /// Train the open model: fine-tune, a schedule, or the lottery-ticket experiment.
+    Train {
+        job: JobId,
+        cancel: CancelFlag,
+        request: TrainRequest,
+    },
+    /// Bring back the model the last fine-tune or schedule replaced.
+    Undo { model: ModelId },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },
@@ -175,6 +183,11 @@ pub enum Event {
         model: ModelId,
         rows: Arc<Vec<CompareRow>>,
     },
+    /// Progress of a training job.
+    Training {
+        model: ModelId,
+        update: TrainUpdate,
+    },
     /// A configuration was evaluated and added to the experiment history.
     Recorded {
         model: ModelId,
@@ -185,6 +198,46 @@ pub enum Event {
         generation: u64,
         error: String,
     },
+}
+
+/// What to train.
+#[derive(Clone, Debug)]
+pub enum TrainRequest {
+    /// Fine-tune the model pruned by `settings`, masks held.
+    Finetune {
+        settings: PruneSettings,
+        config: crate::train::FinetuneConfig,
+    },
+    /// Prune the dense model to `target` on a schedule.
+    Schedule {
+        target: f64,
+        schedule: crate::train::Schedule,
+        config: crate::train::FinetuneConfig,
+    },
+    /// Iterative magnitude pruning with rewinding against two controls.
+    Lottery {
+        levels: usize,
+        rate: f64,
+        rewind: crate::train::Rewind,
+        config: crate::train::FinetuneConfig,
+    },
+}
+
+/// A training job's progress, streamed as it happens.
+#[derive(Clone, Debug)]
+pub enum TrainUpdate {
+    /// A run began: what it is, and the accuracy it starts from.
+    Started {
+        kind: &'static str,
+        start: f64,
+    },
+    Epoch(crate::train::EpochStats),
+    Timeline(crate::train::TimelinePoint),
+    /// The dense model the lottery starts from, then each level.
+    LotteryDense(f64),
+    Level(crate::train::LotteryLevel),
+    /// Finished: what happened, in a sentence.
+    Done(String),
 }
 
 /// One rule's plan and what it measured.
@@ -233,6 +286,13 @@ pub struct ModelSnapshot {
     pub history: Vec<crate::history::Record>,
     /// Estimated FLOPs per sample of the dense model, where the graph's shapes are known.
     pub dense_flops: Option<f64>,
+    /// Made by prunescope from the model that was open ("fine-tuned", "undone"): the UI keeps
+    /// its settings instead of starting over.
+    pub derived: Option<String>,
+    /// Settings to take with this model (a schedule's result: its per-layer targets).
+    pub adopt: Option<PruneSettings>,
+    /// Undo can bring back the model this one replaced.
+    pub can_undo: bool,
 }
 
 /// How the open model is evaluated: on what, by which engine, and its dense figures.

@@ -79,7 +79,15 @@ struct Computed {
     metrics: Option<MetricsResult>,
 }
 
+/// How a model the worker made came to be, and the settings the UI should take with it.
+struct Derived {
+    what: String,
+    settings: Option<PruneSettings>,
+}
+
 struct Worker {
+    /// Models replaced by a fine-tune, newest last: Undo reinstalls them.
+    undo: Vec<Arc<Model>>,
     rx: Receiver<Command>,
     tx: Sender<Event>,
     wake: Wake,
@@ -91,6 +99,7 @@ struct Worker {
 
 pub(super) fn run(rx: Receiver<Command>, tx: Sender<Event>, wake: Wake, ids: Arc<AtomicU64>) {
     let mut w = Worker {
+        undo: Vec::new(),
         rx,
         tx,
         wake,
@@ -150,10 +159,12 @@ impl Worker {
             | Command::SetData { job, .. }
             | Command::Sensitivity { job, .. }
             | Command::Compare { job, .. }
+            | Command::Train { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_)
             | Command::Plan { .. }
             | Command::ClearHistory { .. }
+            | Command::Undo { .. }
             | Command::Shutdown => None,
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.dispatch(cmd)));
@@ -209,6 +220,12 @@ impl Worker {
                 cancel,
                 settings,
             } => self.compare(job, cancel, settings),
+            Command::Train {
+                job,
+                cancel,
+                request,
+            } => self.train(job, cancel, request),
+            Command::Undo { model } => self.undo(model),
             Command::ClearHistory { model } => {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
@@ -551,6 +568,245 @@ impl Worker {
         });
     }
 
+    /// Runs a training job on the worker thread (MLPs train in milliseconds to seconds),
+    /// streaming its progress; a fine-tune or schedule's result becomes the open model.
+    fn train(&mut self, job: JobId, cancel: CancelFlag, request: TrainRequest) {
+        use crate::train::{Net, finetune, lottery, run_schedule, training_split};
+        let label = match &request {
+            TrainRequest::Finetune { .. } => "Fine-tuning",
+            TrainRequest::Schedule { .. } => "Pruning on a schedule",
+            TrainRequest::Lottery { .. } => "Lottery tickets",
+        };
+        self.emit(Event::JobStarted {
+            job,
+            label: label.into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let (id, model) = (s.id, s.model.clone());
+        let arch = match crate::eval::arch_json(&model) {
+            Ok(Some(j)) => match crate::eval::MlpArch::from_json(&j) {
+                Ok(a) => a,
+                Err(_) => {
+                    return fail(
+                        self,
+                        "training runs on MLPs (Linear and ReLU layers) today; this graph can \
+                         be evaluated but not trained here yet"
+                            .into(),
+                    );
+                }
+            },
+            Ok(None) => {
+                return fail(
+                    self,
+                    "this model has no architecture to train (weights only)".into(),
+                );
+            }
+            Err(e) => return fail(self, e.to_string()),
+        };
+        let progress = self.progress_for(job, cancel.clone());
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let send = move |update: TrainUpdate| {
+            if tx.send(Event::Training { model: id, update }).is_ok() {
+                wake();
+            }
+        };
+        let t0 = Instant::now();
+        let outcome: Result<Option<(Net, Derived, String)>, crate::train::TrainError> = (|| {
+            match request {
+                TrainRequest::Finetune { settings, config } => {
+                    let index = self
+                        .ensure_index(&settings)
+                        .map_err(crate::train::TrainError::Compute)?;
+                    settings
+                        .validate(&model)
+                        .map_err(|e| crate::train::TrainError::Compute(e.to_string()))?;
+                    let alloc = allocate(&model, &index, &settings);
+                    let masks = build_masks(&model, &index, &settings, &alloc, &progress)
+                        .map_err(|e| crate::train::TrainError::Compute(e.to_string()))?;
+                    let split =
+                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
+                    let net = Net::from_model(&model, &arch, &masks)?;
+                    let teacher = match config.distill {
+                        Some(_) => Some(Net::from_model(&model, &arch, &MaskSet::new())?),
+                        None => None,
+                    };
+                    send(TrainUpdate::Started {
+                        kind: "finetune",
+                        start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
+                    });
+                    let r = finetune(
+                        net,
+                        teacher.as_ref(),
+                        &split.train,
+                        &split.test,
+                        &config,
+                        &progress,
+                        |e, _| send(TrainUpdate::Epoch(e.clone())),
+                    )?;
+                    let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
+                    let msg = format!(
+                        "{}: accuracy {:.2}% → {:.2}% in {} epochs ({:.0} samples/s)",
+                        if r.cancelled {
+                            "Cancelled, best epoch kept"
+                        } else {
+                            "Fine-tuned"
+                        },
+                        pct(&r.before),
+                        pct(&r.after),
+                        r.epochs.len(),
+                        r.samples_per_s
+                    );
+                    Ok(Some((
+                        r.net,
+                        Derived {
+                            what: "fine-tuned".into(),
+                            settings: None,
+                        },
+                        msg,
+                    )))
+                }
+                TrainRequest::Schedule {
+                    target,
+                    schedule,
+                    config,
+                } => {
+                    let split =
+                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
+                    let net = Net::from_model(&model, &arch, &MaskSet::new())?;
+                    send(TrainUpdate::Started {
+                        kind: "schedule",
+                        start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
+                    });
+                    let r = run_schedule(net, target, schedule, &split, &config, &progress, |p| {
+                        send(TrainUpdate::Timeline(p.clone()))
+                    })?;
+                    // The result is pruned layer by layer to the target: so are the settings
+                    // it comes with, which select exactly its zeros.
+                    let mut settings = PruneSettings {
+                        scope: crate::prune::Scope::Layer,
+                        ..Default::default()
+                    };
+                    for l in &r.net.layers {
+                        settings.layer_mut(&l.weight_name).sparsity = target;
+                    }
+                    let msg = format!(
+                        "Schedule done: {:.2}% sparse, accuracy {:.2}%",
+                        r.net.sparsity() * 100.0,
+                        r.final_accuracy * 100.0
+                    );
+                    Ok(Some((
+                        r.net,
+                        Derived {
+                            what: "pruned on a schedule".into(),
+                            settings: Some(settings),
+                        },
+                        msg,
+                    )))
+                }
+                TrainRequest::Lottery {
+                    levels,
+                    rate,
+                    rewind,
+                    config,
+                } => {
+                    let init = crate::sample::init_weights_for(&model).ok_or_else(|| {
+                        crate::train::TrainError::Compute(
+                            "no initial weights: the lottery rewinds to them (the samples keep \
+                             theirs; `prunescope lottery --init` takes any file)"
+                                .into(),
+                        )
+                    })?;
+                    let split =
+                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
+                    let init = Net::from_model(&init, &arch, &MaskSet::new())?;
+                    send(TrainUpdate::Started {
+                        kind: "lottery",
+                        start: f64::NAN,
+                    });
+                    let r = lottery(
+                        &init,
+                        &split,
+                        &config,
+                        levels,
+                        rate,
+                        rewind,
+                        &progress,
+                        |l| send(TrainUpdate::Level(l.clone())),
+                    )?;
+                    send(TrainUpdate::LotteryDense(r.dense));
+                    Ok(None)
+                }
+            }
+        })(
+        );
+        match outcome {
+            Ok(None) => {
+                send(TrainUpdate::Done("Lottery finished".into()));
+                self.emit(Event::JobFinished {
+                    job,
+                    message: "Lottery finished".into(),
+                });
+            }
+            Ok(Some((net, derived, message))) => {
+                let mut tensors = Vec::new();
+                for (t, e) in model.tensors.iter().enumerate() {
+                    let trained = net.tensors().into_iter().find(|(n, _, _)| *n == e.name);
+                    tensors.push(match trained {
+                        Some(x) => x,
+                        None => (e.name.clone(), e.shape.clone(), model.to_f32_vec(t)),
+                    });
+                }
+                let name: &'static str = Box::leak(
+                    format!("{} ({})", base_name(&model.display_name()), derived.what)
+                        .into_boxed_str(),
+                );
+                let mut m = Model::from_f32_tensors(name, tensors);
+                m.metadata = model.metadata.clone();
+                self.undo.push(model);
+                send(TrainUpdate::Done(message.clone()));
+                if self.install(job, Arc::new(m), &Progress::none(), t0, Some(derived)) {
+                    self.emit(Event::JobFinished { job, message });
+                }
+            }
+            Err(crate::train::TrainError::Cancelled) => self.emit(Event::JobCancelled { job }),
+            Err(e) => fail(self, e.to_string()),
+        }
+    }
+
+    fn undo(&mut self, model: ModelId) {
+        if self.session.as_ref().is_none_or(|s| s.id != model) {
+            return;
+        }
+        let Some(previous) = self.undo.pop() else {
+            return;
+        };
+        let job = self.ids.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::JobStarted {
+            job,
+            label: "Undo".into(),
+        });
+        let derived = Derived {
+            what: "restored".into(),
+            settings: None,
+        };
+        if self.install(
+            job,
+            previous,
+            &Progress::none(),
+            Instant::now(),
+            Some(derived),
+        ) {
+            self.emit(Event::JobFinished {
+                job,
+                message: "Back to the model before training".into(),
+            });
+        }
+    }
+
     fn save_history(&mut self) {
         if let Some(s) = self.session.as_mut().filter(|s| s.history_dirty) {
             s.history_dirty = false;
@@ -620,24 +876,51 @@ impl Worker {
             );
             return self.emit(Event::JobFailed { job, error });
         }
-        let histograms = match all_histograms(&model, HISTOGRAM_BINS, &progress) {
+        // Another model: the fine-tunes of this one can no longer be undone into it.
+        self.undo.clear();
+        if self.install(job, model, &progress, t0, None) {
+            self.emit(Event::JobFinished {
+                job,
+                message: "Model opened".into(),
+            });
+        }
+    }
+
+    /// Analyses `model` and makes it the open one (histograms, index, evaluator, history).
+    /// Returns false when it was cancelled or failed (and said so).
+    fn install(
+        &mut self,
+        job: JobId,
+        model: Arc<Model>,
+        progress: &Progress,
+        t0: Instant,
+        derived: Option<Derived>,
+    ) -> bool {
+        let histograms = match all_histograms(&model, HISTOGRAM_BINS, progress) {
             Ok(h) => h.into_iter().map(|h| h.map(Arc::new)).collect::<Vec<_>>(),
-            Err(_) => return self.emit(Event::JobCancelled { job }),
+            Err(_) => {
+                self.emit(Event::JobCancelled { job });
+                return false;
+            }
         };
         let index = match ScoreIndex::build(
             &model,
             Default::default(),
             0,
             &ScoreInputs::default(),
-            &progress,
+            progress,
         ) {
             Ok(i) => Arc::new(i),
-            Err(PruneError::Cancelled) => return self.emit(Event::JobCancelled { job }),
+            Err(PruneError::Cancelled) => {
+                self.emit(Event::JobCancelled { job });
+                return false;
+            }
             Err(e) => {
-                return self.emit(Event::JobFailed {
+                self.emit(Event::JobFailed {
                     job,
                     error: e.to_string(),
                 });
+                return false;
             }
         };
         let (evaluator, eval) = match evaluator_for(&model) {
@@ -700,6 +983,9 @@ impl Worker {
             hash: hash.clone(),
             history: history.records.clone(),
             dense_flops,
+            derived: derived.as_ref().map(|d| d.what.clone()),
+            adopt: derived.and_then(|d| d.settings),
+            can_undo: !self.undo.is_empty(),
         };
         self.save_history();
         // A sweep of the model being replaced would only spend the CPU on curves nobody sees.
@@ -723,10 +1009,7 @@ impl Worker {
             sweeps: Default::default(),
         });
         self.emit(Event::ModelOpened(Arc::new(snapshot)));
-        self.emit(Event::JobFinished {
-            job,
-            message: "Model opened".into(),
-        });
+        true
     }
 
     /// The preview pipeline: counts, then the selected layer, the heatmap and accuracy,
@@ -1112,6 +1395,11 @@ fn curves_for(s: &Session, settings: &PruneSettings) -> Result<Arc<Sensitivity>,
         ));
     }
     Ok(sens)
+}
+
+/// A display name without the suffixes earlier trainings added ("x (fine-tuned)" → "x").
+fn base_name(name: &str) -> &str {
+    name.split(" (").next().unwrap_or(name)
 }
 
 /// Runs the dense model once: an evaluator that cannot do that is dropped, and why is kept.
