@@ -308,6 +308,10 @@ pub struct FinetuneArgs {
     pub y: Option<String>,
     #[command(flatten)]
     pub train: TrainFlags,
+    /// Where to train: native (prunescope's CPU loops, the fastest on CPU), candle (candle on
+    /// the CPU), cuda[:N] or metal[:N] (builds with the cuda / metal feature).
+    #[arg(long, default_value = "native")]
+    pub device: String,
     /// Where to write the fine-tuned model (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -1318,15 +1322,33 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let r = finetune(
-        net,
-        teacher.as_ref(),
-        &split.train,
-        &split.test,
-        &cfg,
-        &progress,
-        |_, _| {},
-    )?;
+    let device = crate::train::TrainDevice::parse(&a.device).with_context(|| {
+        format!(
+            "unknown device '{}' (native, candle, cuda[:N] or metal[:N])",
+            a.device
+        )
+    })?;
+    let r = match device.candle()? {
+        None => finetune(
+            net,
+            teacher.as_ref(),
+            &split.train,
+            &split.test,
+            &cfg,
+            &progress,
+            |_, _| {},
+        )?,
+        Some(dev) => crate::train::finetune_on(
+            &dev,
+            net,
+            teacher.as_ref(),
+            &split.train,
+            &split.test,
+            &cfg,
+            &progress,
+            |_, _| {},
+        )?,
+    };
     crate::train::write_finetuned(&model, &r.net, &cfg, &a.out)?;
     let fig =
         |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "loss": m.loss});
@@ -1336,6 +1358,7 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
             "after": fig(&r.after),
             "epochs": r.epochs,
             "samples_per_s": r.samples_per_s,
+            "device": a.device,
             "train": split.train.name,
             "test": split.test.name,
             "out": a.out.display().to_string(),

@@ -45,6 +45,15 @@ pub struct Record {
 }
 
 impl Record {
+    /// The same configuration measured the same way: equal settings and data, and either both
+    /// plain measurements (GUI or CLI) or the same kind of training run.
+    pub fn same_configuration(&self, o: &Record) -> bool {
+        let plain = |r: &Record| r.source == "gui" || r.source == "cli";
+        self.settings == o.settings
+            && self.data == o.data
+            && (plain(self) && plain(o) || self.source == o.source)
+    }
+
     /// A record of `metrics` for `settings` and their allocation.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -163,7 +172,7 @@ impl History {
         let disk = History::load(&self.model_hash);
         let mut merged = disk.records;
         for r in std::mem::take(&mut self.records) {
-            merged.retain(|o| !(o.settings == r.settings && o.data == r.data));
+            merged.retain(|o| !o.same_configuration(&r));
             merged.push(r);
         }
         merged.sort_by_key(|r| r.time);
@@ -178,8 +187,7 @@ impl History {
     /// Adds a record; an earlier record of the same settings on the same data is replaced
     /// (the newest measurement wins and the scatter has one point per configuration).
     pub fn push(&mut self, r: Record) {
-        self.records
-            .retain(|o| !(o.settings == r.settings && o.data == r.data));
+        self.records.retain(|o| !o.same_configuration(&r));
         self.records.push(r);
         if self.records.len() > MAX_RECORDS {
             let extra = self.records.len() - MAX_RECORDS;

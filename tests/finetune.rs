@@ -393,3 +393,64 @@ fn the_cli_fine_tunes_and_the_export_reloads_with_the_same_figures() {
         });
     assert_eq!(zeros, (0.9 * total as f64).round() as usize);
 }
+
+#[test]
+fn the_candle_device_path_trains_like_the_native_one() {
+    let (model, arch) = sample();
+    let masks = masks_at(&model, 0.7);
+    let d = small_batch(128);
+    let teacher = Net::from_model(&model, &arch, &Default::default()).unwrap();
+    for cfg in [
+        FinetuneConfig {
+            epochs: 3,
+            batch_size: 128,
+            ..Default::default()
+        },
+        FinetuneConfig {
+            epochs: 3,
+            batch_size: 128,
+            lr: 1e-3,
+            optimizer: Optim::AdamW,
+            weight_decay: 0.01,
+            distill: Some(Distill {
+                temperature: 2.0,
+                alpha: 0.5,
+            }),
+            ..Default::default()
+        },
+    ] {
+        let net = Net::from_model(&model, &arch, &masks).unwrap();
+        let t = cfg.distill.map(|_| &teacher);
+        let native = ours(net.clone(), t, &d, &cfg);
+        let r = prunescope::train::finetune_on(
+            &Device::Cpu,
+            net,
+            t,
+            &d,
+            &d,
+            &cfg,
+            &Progress::none(),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.net.masked_nonzeros(), 0);
+        let candle: Vec<Vec<f32>> = r
+            .net
+            .layers
+            .iter()
+            .flat_map(|l| [l.w.clone(), l.b.clone()])
+            .collect();
+        let tol = match cfg.optimizer {
+            Optim::AdamW => (cfg.lr / 10.0) as f32,
+            Optim::Sgd => 2e-5,
+        };
+        assert_close(&candle, &native, tol, &format!("{:?}", cfg.optimizer));
+    }
+    // Without the cuda feature (CI), asking for a GPU is a clear error, not a crash.
+    if !candle_core::utils::cuda_is_available() {
+        let e = prunescope::train::TrainDevice::Cuda(0)
+            .candle()
+            .unwrap_err();
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+    }
+}

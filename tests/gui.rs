@@ -842,4 +842,19 @@ fn fine_tuning_in_the_app_grows_its_curve_raises_accuracy_and_undoes() {
             && a.state().metrics_current()
     });
     assert_eq!(acc(h.state()), before);
+    // The run entered the history of the model it started from, beside the plain measurement.
+    let m = h.state().state().model.as_ref().unwrap();
+    let trained = m
+        .history
+        .iter()
+        .find(|r| r.source.starts_with("fine-tune"))
+        .expect("the fine-tune was recorded");
+    assert_eq!(trained.settings.sparsity, 0.9);
+    assert_eq!(trained.accuracy, Some(after));
+    assert!(
+        m.history
+            .iter()
+            .any(|r| r.source == "gui" && r.settings.sparsity == 0.9),
+        "the untrained measurement at 90 % is still there"
+    );
 }

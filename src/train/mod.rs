@@ -8,8 +8,8 @@ mod recovery;
 
 pub use graph::{SampleArch, sample_graph, train_graph};
 pub use native::{
-    Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim, finetune,
-    training_split, write_finetuned,
+    Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim,
+    TrainDevice, finetune, finetune_on, training_split, write_finetuned,
 };
 pub use recovery::{
     LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint, agp_sparsity,

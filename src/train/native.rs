@@ -734,3 +734,260 @@ pub fn write_finetuned(
     crate::export::write_f32_safetensors(out, &meta, &tensors)
         .map_err(|e| TrainError::Compute(format!("{}: {}", out.display(), e)))
 }
+
+/// Where a fine-tune runs: prunescope's CPU loops, or candle on a device (CPU, or a CUDA /
+/// Metal GPU in builds with the `cuda` / `metal` feature).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum TrainDevice {
+    #[default]
+    Native,
+    CandleCpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl TrainDevice {
+    pub fn parse(s: &str) -> Option<TrainDevice> {
+        let (kind, n) = match s.split_once(':') {
+            Some((k, n)) => (k, n.parse().ok()?),
+            None => (s, 0),
+        };
+        match kind {
+            "native" | "cpu" => Some(TrainDevice::Native),
+            "candle" | "candle-cpu" => Some(TrainDevice::CandleCpu),
+            "cuda" => Some(TrainDevice::Cuda(n)),
+            "metal" => Some(TrainDevice::Metal(n)),
+            _ => None,
+        }
+    }
+
+    /// The candle device, or why there is none in this build.
+    pub fn candle(&self) -> Result<Option<candle_core::Device>, TrainError> {
+        let unavailable = |what: &str, feature: &str, e: candle_core::Error| {
+            TrainError::Compute(format!(
+                "{what} is not available: {e} (build with `--features {feature}` where its \
+                 toolkit is installed)"
+            ))
+        };
+        Ok(match self {
+            TrainDevice::Native => None,
+            TrainDevice::CandleCpu => Some(candle_core::Device::Cpu),
+            TrainDevice::Cuda(n) => Some(
+                candle_core::Device::new_cuda(*n)
+                    .map_err(|e| unavailable(&format!("CUDA device {n}"), "cuda", e))?,
+            ),
+            TrainDevice::Metal(n) => Some(
+                candle_core::Device::new_metal(*n)
+                    .map_err(|e| unavailable(&format!("Metal device {n}"), "metal", e))?,
+            ),
+        })
+    }
+
+    /// The devices this build can offer, for a picker.
+    pub fn available() -> Vec<(TrainDevice, String)> {
+        let mut v = vec![
+            (
+                TrainDevice::Native,
+                "CPU (prunescope's kernels)".to_string(),
+            ),
+            (TrainDevice::CandleCpu, "CPU (candle)".to_string()),
+        ];
+        if candle_core::utils::cuda_is_available() {
+            v.push((TrainDevice::Cuda(0), "CUDA GPU 0 (candle)".into()));
+        }
+        if candle_core::utils::metal_is_available() {
+            v.push((TrainDevice::Metal(0), "Metal GPU (candle)".into()));
+        }
+        v
+    }
+}
+
+/// [`finetune`] on a candle device: the same steps (cross-entropy, optional distillation,
+/// SGD with momentum or AdamW, masks applied after every step) with candle's autograd.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_on(
+    device: &candle_core::Device,
+    net: Net,
+    teacher: Option<&Net>,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &FinetuneConfig,
+    progress: &Progress,
+    mut on_epoch: impl FnMut(&EpochStats, &Net),
+) -> Result<FinetuneResult, TrainError> {
+    use candle_core::{D, Tensor, Var};
+    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+    let before = net.metrics(test)?;
+    let dev = device;
+    let vars: Vec<(Var, Var)> = net
+        .layers
+        .iter()
+        .map(|l| {
+            Ok((
+                Var::from_slice(&l.w, (l.out, l.inp), dev)?,
+                Var::from_slice(&l.b, l.out, dev)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let masks: Vec<Option<Tensor>> = net
+        .layers
+        .iter()
+        .map(|l| {
+            l.mask
+                .as_ref()
+                .map(|m| Tensor::from_slice(m, (l.out, l.inp), dev))
+                .transpose()
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let all: Vec<Var> = vars
+        .iter()
+        .zip(&net.layers)
+        .flat_map(|((w, b), l)| {
+            let mut v = vec![w.clone()];
+            if l.bias_name.is_some() {
+                v.push(b.clone());
+            }
+            v
+        })
+        .collect();
+    let mut adam = AdamW::new(
+        all.clone(),
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut momentum: Vec<Option<Tensor>> = vec![None; all.len()];
+    let forward = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        for ((w, b), l) in vars.iter().zip(&net.layers) {
+            h = h
+                .matmul(&w.as_tensor().t()?)?
+                .broadcast_add(b.as_tensor())?;
+            if l.relu {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    };
+    let bs = cfg.batch_size.max(1);
+    let per_epoch = train.len().div_ceil(bs);
+    let total = per_epoch * cfg.epochs;
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let (mut step, mut seen, mut secs) = (0usize, 0usize, 0.0f64);
+    let mut epochs = Vec::new();
+    let mut current = net.clone();
+    let mut best: Option<(f64, Net)> = None;
+    let mut cancelled = false;
+    let snapshot = |into: &mut Net| -> candle_core::Result<()> {
+        for (l, (w, b)) in into.layers.iter_mut().zip(&vars) {
+            l.w = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            l.b = b.as_tensor().to_vec1::<f32>()?;
+        }
+        Ok(())
+    };
+    'epochs: for epoch in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let t0 = std::time::Instant::now();
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        for chunk in order.chunks(bs) {
+            if progress.check().is_err() {
+                cancelled = true;
+                secs += t0.elapsed().as_secs_f64();
+                break 'epochs;
+            }
+            let lr = cfg.schedule.lr(cfg.lr, step, total, per_epoch);
+            let mut xs = Vec::with_capacity(chunk.len() * train.dim);
+            for &i in chunk {
+                xs.extend_from_slice(&train.inputs[i * train.dim..(i + 1) * train.dim]);
+            }
+            let ys: Vec<u32> = chunk.iter().map(|&i| train.labels[i]).collect();
+            let x = Tensor::from_vec(xs.clone(), (chunk.len(), train.dim), dev)?;
+            let y = Tensor::from_vec(ys.clone(), chunk.len(), dev)?;
+            let logits = forward(&x)?;
+            let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            if let (Some(d), Some(t)) = (cfg.distill, teacher) {
+                let tl =
+                    Tensor::from_vec(t.forward(&xs, chunk.len()), (chunk.len(), t.classes()), dev)?;
+                let ls = candle_nn::ops::log_softmax(&(&logits / d.temperature)?, D::Minus1)?;
+                let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
+                let kl = (&pt * (pt.log()? - ls)?)?
+                    .sum_all()?
+                    .affine(1.0 / chunk.len() as f64, 0.0)?;
+                loss = ((loss * (1.0 - d.alpha))?
+                    + (kl * (d.alpha * d.temperature * d.temperature))?)?;
+            }
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
+            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            match cfg.optimizer {
+                Optim::AdamW => {
+                    adam.set_learning_rate(lr);
+                    adam.backward_step(&loss)?;
+                }
+                Optim::Sgd => {
+                    let grads = loss.backward()?;
+                    for (i, v) in all.iter().enumerate() {
+                        let Some(g) = grads.get(v.as_tensor()) else {
+                            continue;
+                        };
+                        let g = (g + (v.as_tensor() * cfg.weight_decay)?)?;
+                        let buf = match (&momentum[i], cfg.momentum > 0.0) {
+                            (Some(m), true) => ((m * cfg.momentum)? + g)?,
+                            _ => g,
+                        };
+                        v.set(&(v.as_tensor() - (&buf * lr)?)?)?;
+                        momentum[i] = Some(buf);
+                    }
+                }
+            }
+            for ((w, _), m) in vars.iter().zip(&masks) {
+                if let Some(m) = m {
+                    w.set(&(w.as_tensor() * m)?)?;
+                }
+            }
+            step += 1;
+            seen += chunk.len();
+        }
+        secs += t0.elapsed().as_secs_f64();
+        snapshot(&mut current)?;
+        let m = current.metrics(test)?;
+        let stats = EpochStats {
+            epoch: epoch + 1,
+            train_loss: loss_sum / train.len() as f64,
+            train_accuracy: correct as f64 / train.len() as f64,
+            test_loss: m.loss.unwrap_or(f64::NAN),
+            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
+            lr: cfg
+                .schedule
+                .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+        };
+        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+            best = Some((stats.test_accuracy, current.clone()));
+        }
+        progress.report(
+            (epoch + 1) as f32 / cfg.epochs.max(1) as f32,
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+        );
+        on_epoch(&stats, &current);
+        epochs.push(stats);
+    }
+    snapshot(&mut current)?;
+    let net = match (cancelled, best) {
+        (true, Some((_, b))) => b,
+        _ => current,
+    };
+    let after = net.metrics(test)?;
+    Ok(FinetuneResult {
+        before,
+        after,
+        epochs,
+        samples_per_s: if secs > 0.0 { seen as f64 / secs } else { 0.0 },
+        net,
+        cancelled,
+    })
+}

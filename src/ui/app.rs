@@ -444,8 +444,7 @@ impl AppState {
                 let Some(m) = self.model.as_mut().filter(|_| current == Some(model)) else {
                     return;
                 };
-                m.history
-                    .retain(|r| !(r.settings == record.settings && r.data == record.data));
+                m.history.retain(|r| !r.same_configuration(&record));
                 m.history.push(record);
             }
             Event::PreviewError { generation, error } => match self.model.as_mut() {

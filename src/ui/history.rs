@@ -162,8 +162,12 @@ impl HistoryPanel {
                 };
                 // The nearest record's settings.
                 pts_nearest(&hover_records, axis, &p).map(|r| {
+                    let how = match r.source.as_str() {
+                        "gui" | "cli" => String::new(),
+                        other => format!("\nafter {other}"),
+                    };
                     format!(
-                        "{:.4} at {} non-zeros\n{}",
+                        "{:.4} at {} non-zeros\n{}{how}",
                         r.value,
                         crate::util::group_digits(r.nonzeros),
                         describe(&r.settings)
@@ -171,13 +175,25 @@ impl HistoryPanel {
                 })
             })
             .show(ui, |p| {
+                let trained = |i: usize| !matches!(records[i].source.as_str(), "gui" | "cli");
+                let of = |t: bool| -> Vec<[f64; 2]> {
+                    pts.iter()
+                        .filter(|(i, _)| trained(*i) == t)
+                        .map(|(_, p)| *p)
+                        .collect()
+                };
+                p.points(
+                    Points::new("pruned", PlotPoints::from(of(false)))
+                        .radius(3.0)
+                        .color(theme::KEPT),
+                );
                 p.points(
                     Points::new(
-                        "configurations",
-                        PlotPoints::from(pts.iter().map(|(_, p)| *p).collect::<Vec<_>>()),
+                        "after training (fine-tune, schedule)",
+                        PlotPoints::from(of(true)),
                     )
-                    .radius(3.0)
-                    .color(theme::KEPT),
+                    .radius(4.0)
+                    .color(theme::GOOD),
                 );
                 p.line(
                     Line::new("Pareto front", PlotPoints::from(front_pts))

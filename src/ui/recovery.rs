@@ -68,6 +68,7 @@ pub struct RecoveryPanel {
     skip_below: f64,
     levels: usize,
     rate: f64,
+    device: crate::train::TrainDevice,
 }
 
 impl Default for RecoveryPanel {
@@ -89,6 +90,7 @@ impl Default for RecoveryPanel {
             skip_below: 0.0,
             levels: 6,
             rate: 0.4,
+            device: crate::train::TrainDevice::Native,
         }
     }
 }
@@ -210,9 +212,28 @@ impl RecoveryPanel {
                             .on_hover_text("Weight of the teacher's soft targets against the true labels.");
                     });
                 });
+                ui.horizontal(|ui| {
+                    let l = ui.label("Device");
+                    let devices = crate::train::TrainDevice::available();
+                    let current = devices
+                        .iter()
+                        .find(|(d, _)| *d == self.device)
+                        .map_or("CPU".to_string(), |(_, n)| n.clone());
+                    ComboBox::from_id_salt("train_device")
+                        .selected_text(current)
+                        .show_ui(ui, |ui| {
+                            for (d, name) in devices {
+                                ui.selectable_value(&mut self.device, d, name);
+                            }
+                        })
+                        .response
+                        .labelled_by(l.id)
+                        .on_hover_text("Where the fine-tune runs. GPUs appear in builds with the cuda or metal feature on machines that have one; on the CPU prunescope's own loops are the fastest for small models.");
+                });
                 TrainRequest::Finetune {
                     settings: state.settings.clone(),
                     config: self.config(),
+                    device: self.device.clone(),
                 }
             }
             Tab::Schedule => {

@@ -207,6 +207,7 @@ pub enum TrainRequest {
     Finetune {
         settings: PruneSettings,
         config: crate::train::FinetuneConfig,
+        device: crate::train::TrainDevice,
     },
     /// Prune the dense model to `target` on a schedule.
     Schedule {

@@ -79,6 +79,17 @@ struct Computed {
     metrics: Option<MetricsResult>,
 }
 
+/// A training run's result, before it becomes the open model.
+struct Trained {
+    net: crate::train::Net,
+    derived: Derived,
+    message: String,
+    /// The settings it was pruned by, and its test figures, for the history.
+    settings: PruneSettings,
+    metrics: crate::eval::Metrics,
+    source: String,
+}
+
 /// How a model the worker made came to be, and the settings the UI should take with it.
 struct Derived {
     what: String,
@@ -615,9 +626,14 @@ impl Worker {
             }
         };
         let t0 = Instant::now();
-        let outcome: Result<Option<(Net, Derived, String)>, crate::train::TrainError> = (|| {
+        let data_desc = s.evaluator.as_ref().map(|e| e.describe());
+        let outcome: Result<Option<Trained>, crate::train::TrainError> = (|| {
             match request {
-                TrainRequest::Finetune { settings, config } => {
+                TrainRequest::Finetune {
+                    settings,
+                    config,
+                    device,
+                } => {
                     let index = self
                         .ensure_index(&settings)
                         .map_err(crate::train::TrainError::Compute)?;
@@ -638,15 +654,27 @@ impl Worker {
                         kind: "finetune",
                         start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
                     });
-                    let r = finetune(
-                        net,
-                        teacher.as_ref(),
-                        &split.train,
-                        &split.test,
-                        &config,
-                        &progress,
-                        |e, _| send(TrainUpdate::Epoch(e.clone())),
-                    )?;
+                    let r = match device.candle()? {
+                        None => finetune(
+                            net,
+                            teacher.as_ref(),
+                            &split.train,
+                            &split.test,
+                            &config,
+                            &progress,
+                            |e, _| send(TrainUpdate::Epoch(e.clone())),
+                        )?,
+                        Some(dev) => crate::train::finetune_on(
+                            &dev,
+                            net,
+                            teacher.as_ref(),
+                            &split.train,
+                            &split.test,
+                            &config,
+                            &progress,
+                            |e, _| send(TrainUpdate::Epoch(e.clone())),
+                        )?,
+                    };
                     let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
                     let msg = format!(
                         "{}: accuracy {:.2}% → {:.2}% in {} epochs ({:.0} samples/s)",
@@ -660,14 +688,17 @@ impl Worker {
                         r.epochs.len(),
                         r.samples_per_s
                     );
-                    Ok(Some((
-                        r.net,
-                        Derived {
+                    Ok(Some(Trained {
+                        source: format!("fine-tune, {} epochs", r.epochs.len()),
+                        metrics: r.after,
+                        settings,
+                        net: r.net,
+                        derived: Derived {
                             what: "fine-tuned".into(),
                             settings: None,
                         },
-                        msg,
-                    )))
+                        message: msg,
+                    }))
                 }
                 TrainRequest::Schedule {
                     target,
@@ -698,14 +729,24 @@ impl Worker {
                         r.net.sparsity() * 100.0,
                         r.final_accuracy * 100.0
                     );
-                    Ok(Some((
-                        r.net,
-                        Derived {
+                    let metrics = r.net.metrics(&split.test)?;
+                    Ok(Some(Trained {
+                        source: match schedule {
+                            crate::train::Schedule::OneShot => "schedule: one-shot".into(),
+                            crate::train::Schedule::Iterative { rounds, .. } => {
+                                format!("schedule: iterative, {rounds} rounds")
+                            }
+                            crate::train::Schedule::Agp { .. } => "schedule: AGP".into(),
+                        },
+                        metrics,
+                        settings: settings.clone(),
+                        net: r.net,
+                        derived: Derived {
                             what: "pruned on a schedule".into(),
                             settings: Some(settings),
                         },
-                        msg,
-                    )))
+                        message: msg,
+                    }))
                 }
                 TrainRequest::Lottery {
                     levels,
@@ -741,8 +782,7 @@ impl Worker {
                     Ok(None)
                 }
             }
-        })(
-        );
+        })();
         match outcome {
             Ok(None) => {
                 send(TrainUpdate::Done("Lottery finished".into()));
@@ -751,7 +791,47 @@ impl Worker {
                     message: "Lottery finished".into(),
                 });
             }
-            Ok(Some((net, derived, message))) => {
+            Ok(Some(Trained {
+                net,
+                derived,
+                message,
+                settings,
+                metrics,
+                source,
+            })) => {
+                // The run enters the history of the model it started from, beside the
+                // configurations measured without training.
+                if let (Some(data), Some(s)) = (data_desc, self.session.as_mut())
+                    && let Some(hash) = s.hash.clone()
+                {
+                    let params = model.total_params();
+                    let prunable: u64 = net.layers.iter().map(|l| l.w.len() as u64).sum();
+                    let zeros = (net.sparsity() * prunable as f64).round() as u64;
+                    let kind = crate::sensitivity::MetricKind::of(&metrics);
+                    let record = crate::history::Record {
+                        time: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                        source,
+                        model_hash: hash,
+                        settings,
+                        data,
+                        metric: kind,
+                        value: kind.value(&metrics),
+                        accuracy: metrics.accuracy,
+                        loss: metrics.loss,
+                        fidelity: None,
+                        sparsity: net.sparsity(),
+                        params,
+                        nonzeros: params - zeros,
+                        csr_bytes: 0,
+                        flops: None,
+                    };
+                    s.history.push(record);
+                    s.history_dirty = true;
+                    // Written now: the open model is about to change.
+                    self.save_history();
+                }
                 let mut tensors = Vec::new();
                 for (t, e) in model.tensors.iter().enumerate() {
                     let trained = net.tensors().into_iter().find(|(n, _, _)| *n == e.name);
