@@ -1148,7 +1148,7 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
         other => bail!("unknown schedule '{other}' (oneshot, iterative or agp)"),
     };
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let split = training_split(&arch, &source, cfg.seed)?;
+    let split = training_split(&arch.dataset, &source, cfg.seed)?;
     let net = Net::from_model(&model, &arch, &crate::prune::MaskSet::new())?;
     let progress = bar();
     let r = run_schedule(net, a.sparsity, schedule, &split, &cfg, &progress, |_| {})?;
@@ -1218,7 +1218,7 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot create the directory", a.out.display()))?;
     let cfg = train_config(&a.train, 15)?;
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let split = training_split(&arch, &source, cfg.seed)?;
+    let split = training_split(&arch.dataset, &source, cfg.seed)?;
     let init = Net::from_model(&init_model, &arch, &crate::prune::MaskSet::new())?;
     let progress = bar();
     let r = lottery(
@@ -1288,6 +1288,55 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `finetune` for a model described as a graph (the CNN samples): candle, masks held.
+fn finetune_graph_cmd(
+    a: &FinetuneArgs,
+    model: &Model,
+    graph: &crate::graph::Graph,
+    source: &DataSource,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let masks = match &a.masks {
+        Some(m) => crate::export::load_masks(model, m)?,
+        None if a.flags.any() => prune_from_flags(model, &a.flags, source, progress)?.0.masks,
+        None => bail!("say what to prune: --masks, --recipe or --sparsity"),
+    };
+    let cfg = train_config(&a.train, 5)?;
+    let dataset = graph.dataset.clone().unwrap_or_else(|| "uci-digits".into());
+    let split = crate::train::training_split(&dataset, source, cfg.seed)?;
+    let device = crate::train::TrainDevice::parse(&a.device)
+        .with_context(|| format!("unknown device '{}'", a.device))?;
+    let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
+    let r =
+        crate::train::finetune_graph(model, graph, &masks, &split, &cfg, &dev, progress, |_| {})?;
+    crate::train::write_trained(model, r.tensors, &cfg, &a.out)?;
+    let fig =
+        |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "loss": m.loss});
+    if a.json {
+        let v = serde_json::json!({
+            "before": fig(&r.before),
+            "after": fig(&r.after),
+            "epochs": r.epochs,
+            "samples_per_s": r.samples_per_s,
+            "device": a.device,
+            "engine": "candle",
+            "out": a.out.display().to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: accuracy {:.2}% → {:.2}%, {} epochs on candle, {:.0} samples/s → {}",
+            printable(&a.model.display().to_string()),
+            r.before.accuracy.unwrap_or(f64::NAN) * 100.0,
+            r.after.accuracy.unwrap_or(f64::NAN) * 100.0,
+            r.epochs.len(),
+            r.samples_per_s,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
 fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     use crate::train::{Net, finetune, training_split};
     let mut inputs = vec![("model", a.model.as_path())];
@@ -1296,9 +1345,16 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     }
     check_outputs(&inputs, &[("--out", a.out.as_path())])?;
     let model = Model::open(&a.model)?;
-    let arch = trainable_mlp(&model)?;
     let progress = bar();
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
+    let graph = crate::eval::arch_json(&model)?
+        .filter(|j| crate::eval::MlpArch::from_json(j).is_err())
+        .map(|j| crate::graph::Graph::from_json(&j))
+        .transpose()?;
+    if let Some(graph) = graph {
+        return finetune_graph_cmd(&a, &model, &graph, &source, &progress);
+    }
+    let arch = trainable_mlp(&model)?;
     let masks = match &a.masks {
         Some(m) => crate::export::load_masks(&model, m)?,
         None if a.flags.any() => {
@@ -1312,7 +1368,7 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     };
     let cfg = train_config(&a.train, 5)?;
     let distill = cfg.distill;
-    let split = training_split(&arch, &source, cfg.seed)?;
+    let split = training_split(&arch.dataset, &source, cfg.seed)?;
     let net = Net::from_model(&model, &arch, &masks)?;
     let teacher = match distill {
         Some(_) => Some(Net::from_model(

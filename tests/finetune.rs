@@ -454,3 +454,54 @@ fn the_candle_device_path_trains_like_the_native_one() {
         assert!(e.to_string().contains("--features cuda"), "{e}");
     }
 }
+
+#[test]
+fn graphs_fine_tune_on_candle_with_masks_held_and_batchnorm_updated() {
+    let model = prunescope::sample::open_named("rescnn").unwrap();
+    let graph = prunescope::graph::Graph::from_json(&model.metadata["prunescope.arch"]).unwrap();
+    let masks = masks_at(&model, 0.7);
+    let split = prunescope::data::digits_split().unwrap();
+    let cfg = FinetuneConfig {
+        epochs: 2,
+        ..Default::default()
+    };
+    let mut seen = 0;
+    let r = prunescope::train::finetune_graph(
+        &model,
+        &graph,
+        &masks,
+        &split,
+        &cfg,
+        &Device::Cpu,
+        &Progress::none(),
+        |_| seen += 1,
+    )
+    .unwrap();
+    assert_eq!(seen, 2);
+    assert!(
+        r.after.accuracy.unwrap() > r.before.accuracy.unwrap() + 0.3,
+        "{:?} → {:?}",
+        r.before.accuracy,
+        r.after.accuracy
+    );
+    let get = |name: &str| &r.tensors.iter().find(|(n, _, _)| n == name).unwrap().2;
+    for (name, m) in masks.iter() {
+        let v = get(name);
+        for (i, x) in v.iter().enumerate() {
+            if !m.kept(i) {
+                assert_eq!(*x, 0.0, "{name}[{i}] is pruned but {x}");
+            }
+        }
+    }
+    // BatchNorm trained in training mode: its running statistics moved.
+    let rm = model.find("bn1.running_mean").unwrap();
+    assert_ne!(get("bn1.running_mean"), &model.to_f32_vec(rm));
+    // The written model evaluates to the reported accuracy.
+    let dir = common::tempdir("graph-ft");
+    let out = dir.join("ft.safetensors");
+    prunescope::train::write_trained(&model, r.tensors.clone(), &cfg, &out).unwrap();
+    let back = Model::open(&out).unwrap();
+    let ev = prunescope::eval::evaluator_for(&back).unwrap().unwrap();
+    let m = prunescope::eval::Evaluator::evaluate(&ev, &back, &Default::default()).unwrap();
+    assert_eq!(m.accuracy, r.after.accuracy);
+}

@@ -195,3 +195,82 @@ fn cancelling_an_export_reports_cancelled_and_writes_nothing() {
     });
     assert!(!out.exists());
 }
+
+#[test]
+fn a_cnn_fine_tunes_in_the_worker_and_undo_brings_the_pruned_one_back() {
+    common::isolate();
+    let mut w = WorkerHandle::spawn(|| {});
+    let job = w.open(OpenSource::NamedSample("cnn")).unwrap();
+    wait_for(&w, |e| {
+        matches!(e, Event::JobFinished { job: j, .. } if j == job).then_some(())
+    });
+    let settings = PruneSettings {
+        sparsity: 0.8,
+        ..Default::default()
+    };
+    let config = prunescope::train::FinetuneConfig {
+        epochs: 2,
+        ..Default::default()
+    };
+    let job = w
+        .train(prunescope::worker::TrainRequest::Finetune {
+            settings: settings.clone(),
+            config,
+            device: prunescope::train::TrainDevice::Native,
+        })
+        .unwrap();
+    let mut epochs = 0;
+    let snap = wait_for(&w, |e| match e {
+        Event::Training {
+            update: prunescope::worker::TrainUpdate::Epoch(_),
+            ..
+        } => {
+            epochs += 1;
+            None
+        }
+        Event::ModelOpened(s) => Some(s),
+        Event::JobFailed { error, .. } => panic!("{error}"),
+        _ => None,
+    });
+    assert_eq!(epochs, 2);
+    assert_eq!(snap.derived.as_deref(), Some("fine-tuned"));
+    assert!(snap.can_undo);
+    wait_for(&w, |e| {
+        matches!(e, Event::JobFinished { job: j, .. } if j == job).then_some(())
+    });
+    // The fine-tuned CNN at the same settings: accuracy recovered well above the pruned one.
+    w.preview(PreviewRequest {
+        generation: 1,
+        model: snap.id,
+        settings: settings.clone(),
+        selected: None,
+        heatmap: None,
+    })
+    .unwrap();
+    let tuned = wait_for(&w, |e| match e {
+        Event::Metrics(m) => Some(m.result.unwrap().accuracy.unwrap()),
+        _ => None,
+    });
+    w.send(Command::Undo { model: snap.id }).unwrap();
+    let back = wait_for(&w, |e| match e {
+        Event::ModelOpened(s) => Some(s),
+        _ => None,
+    });
+    assert_eq!(back.derived.as_deref(), Some("restored"));
+    w.preview(PreviewRequest {
+        generation: 2,
+        model: back.id,
+        settings,
+        selected: None,
+        heatmap: None,
+    })
+    .unwrap();
+    let pruned = wait_for(&w, |e| match e {
+        Event::Metrics(m) => Some(m.result.unwrap().accuracy.unwrap()),
+        _ => None,
+    });
+    assert!(
+        tuned > pruned + 0.1,
+        "fine-tuned {tuned} vs pruned {pruned}"
+    );
+}

@@ -310,3 +310,241 @@ pub fn train_graph(
         epoch_loss,
     })
 }
+
+/// A fine-tune of a graph (CNNs, imported ONNX graphs) on candle.
+pub struct GraphFinetune {
+    pub before: crate::eval::Metrics,
+    pub after: crate::eval::Metrics,
+    pub epochs: Vec<super::EpochStats>,
+    pub samples_per_s: f64,
+    /// Every parameter and running statistic after training (the best epoch's when cancelled).
+    pub tensors: NamedTensors,
+    pub cancelled: bool,
+}
+
+/// Fine-tunes `graph`'s parameters from `model` with `masks` held (pruned weights are zeroed
+/// after every step), SGD with momentum or AdamW, BatchNorm in training mode with its running
+/// statistics updated. Distillation runs on MLPs only.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_graph(
+    model: &crate::model::Model,
+    graph: &Graph,
+    masks: &crate::prune::MaskSet,
+    data: &Split,
+    cfg: &super::FinetuneConfig,
+    dev: &Device,
+    progress: &crate::progress::Progress,
+    mut on_epoch: impl FnMut(&super::EpochStats),
+) -> Result<GraphFinetune, TrainError> {
+    use candle_core::D;
+    if cfg.distill.is_some() {
+        return Err(TrainError::Compute(
+            "distillation runs on MLPs today; fine-tune this graph without it".into(),
+        ));
+    }
+    let sample = graph.inputs[0].shape.clone();
+    if graph.inputs.len() != 1 || sample.iter().product::<usize>() != data.train.dim {
+        return Err(TrainError::Compute(format!(
+            "the graph takes {sample:?} per sample, the data {} values",
+            data.train.dim
+        )));
+    }
+    let params = crate::graph::load_params(graph, model, Some(masks), dev)
+        .map_err(|e| TrainError::Compute(e.to_string()))?;
+    let trainable = graph.trainable_names();
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in &params {
+        if trainable.contains(name) {
+            vars.push((name.clone(), Var::from_tensor(t)?));
+        } else {
+            state.insert(name.clone(), t.clone());
+        }
+    }
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mask_of: Vec<Option<Tensor>> = vars
+        .iter()
+        .map(|(name, v)| {
+            masks
+                .get(name)
+                .map(|m| {
+                    let keep: Vec<f32> = (0..m.len()).map(|i| m.kept(i) as u8 as f32).collect();
+                    Tensor::from_vec(keep, v.as_tensor().dims(), dev)
+                })
+                .transpose()
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut adam = AdamW::new(
+        all.clone(),
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut momentum: Vec<Option<Tensor>> = vec![None; all.len()];
+    let current = |vars: &[(String, Var)], state: &HashMap<String, Tensor>| {
+        let mut p: crate::graph::Params = state.clone();
+        for (n, v) in vars {
+            p.insert(n.clone(), v.as_tensor().clone());
+        }
+        p
+    };
+    let evaluate = |vars: &[(String, Var)],
+                    state: &HashMap<String, Tensor>|
+     -> Result<crate::eval::Metrics, TrainError> {
+        let p = current(vars, state);
+        let mut logits = Vec::new();
+        let idx: Vec<usize> = (0..data.test.len()).collect();
+        for chunk in idx.chunks(512) {
+            let (x, _) = batch(&data.test, chunk, &sample, dev)?;
+            let (y, _) = graph
+                .forward(&[x], &p, Mode::Eval)
+                .map_err(|e| TrainError::Compute(e.to_string()))?;
+            logits.push(y);
+        }
+        let logits = Tensor::cat(&logits, 0)?;
+        let y = Tensor::from_slice(&data.test.labels, data.test.len(), dev)?;
+        Ok(crate::eval::metrics(&logits, &y)?)
+    };
+    let snapshot = |vars: &[(String, Var)],
+                    state: &HashMap<String, Tensor>|
+     -> candle_core::Result<NamedTensors> {
+        let p = current(vars, state);
+        let mut out: NamedTensors = p
+            .iter()
+            .map(|(n, t)| {
+                Ok((
+                    n.clone(),
+                    t.dims().to_vec(),
+                    t.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    };
+    let before = evaluate(&vars, &state)?;
+    let train = &data.train;
+    let bs = cfg.batch_size.max(1);
+    let per_epoch = train.len().div_ceil(bs);
+    let total = per_epoch * cfg.epochs;
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let (mut step, mut seen, mut secs) = (0usize, 0usize, 0.0f64);
+    let mut epochs = Vec::new();
+    let mut best: Option<(f64, NamedTensors)> = None;
+    let mut cancelled = false;
+    'epochs: for epoch in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let t0 = std::time::Instant::now();
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        for chunk in order.chunks(bs) {
+            if progress.check().is_err() {
+                cancelled = true;
+                secs += t0.elapsed().as_secs_f64();
+                break 'epochs;
+            }
+            let lr = cfg.schedule.lr(cfg.lr, step, total, per_epoch);
+            let (x, y) = batch(train, chunk, &sample, dev)?;
+            let (logits, updates) = graph
+                .forward(
+                    &[x],
+                    &current(&vars, &state),
+                    Mode::Train {
+                        seed: rng.next_u64(),
+                    },
+                )
+                .map_err(|e| TrainError::Compute(e.to_string()))?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += pred
+                .iter()
+                .zip(chunk)
+                .filter(|(p, i)| **p == train.labels[**i])
+                .count();
+            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            match cfg.optimizer {
+                super::Optim::AdamW => {
+                    adam.set_learning_rate(lr);
+                    adam.backward_step(&loss)?;
+                }
+                super::Optim::Sgd => {
+                    let grads = loss.backward()?;
+                    for (i, v) in all.iter().enumerate() {
+                        let Some(g) = grads.get(v.as_tensor()) else {
+                            continue;
+                        };
+                        let g = (g + (v.as_tensor() * cfg.weight_decay)?)?;
+                        let buf = match (&momentum[i], cfg.momentum > 0.0) {
+                            (Some(m), true) => ((m * cfg.momentum)? + g)?,
+                            _ => g,
+                        };
+                        v.set(&(v.as_tensor() - (&buf * lr)?)?)?;
+                        momentum[i] = Some(buf);
+                    }
+                }
+            }
+            for ((_, v), m) in vars.iter().zip(&mask_of) {
+                if let Some(m) = m {
+                    v.set(&(v.as_tensor() * m)?)?;
+                }
+            }
+            for (name, t) in updates {
+                state.insert(name, t);
+            }
+            step += 1;
+            seen += chunk.len();
+        }
+        secs += t0.elapsed().as_secs_f64();
+        let m = evaluate(&vars, &state)?;
+        let stats = super::EpochStats {
+            epoch: epoch + 1,
+            train_loss: loss_sum / train.len().max(1) as f64,
+            train_accuracy: correct as f64 / train.len().max(1) as f64,
+            test_loss: m.loss.unwrap_or(f64::NAN),
+            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
+            lr: cfg
+                .schedule
+                .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+        };
+        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+            best = Some((stats.test_accuracy, snapshot(&vars, &state)?));
+        }
+        progress.report(
+            (epoch + 1) as f32 / cfg.epochs.max(1) as f32,
+            &format!(
+                "epoch {}/{}: test accuracy {:.2}%",
+                epoch + 1,
+                cfg.epochs,
+                stats.test_accuracy * 100.0
+            ),
+        );
+        on_epoch(&stats);
+        epochs.push(stats);
+    }
+    let (tensors, after) = match (cancelled, best) {
+        (true, Some((acc, t))) => {
+            let mut m = evaluate(&vars, &state)?;
+            // The best epoch's figures: its tensors are what is returned.
+            m.accuracy = Some(acc);
+            m.loss = epochs
+                .iter()
+                .find(|e| e.test_accuracy == acc)
+                .map(|e| e.test_loss);
+            (t, m)
+        }
+        _ => (snapshot(&vars, &state)?, evaluate(&vars, &state)?),
+    };
+    Ok(GraphFinetune {
+        before,
+        after,
+        epochs,
+        samples_per_s: if secs > 0.0 { seen as f64 / secs } else { 0.0 },
+        tensors,
+        cancelled,
+    })
+}

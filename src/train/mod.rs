@@ -6,10 +6,10 @@ mod graph;
 mod native;
 mod recovery;
 
-pub use graph::{SampleArch, sample_graph, train_graph};
+pub use graph::{GraphFinetune, SampleArch, finetune_graph, sample_graph, train_graph};
 pub use native::{
     Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim,
-    TrainDevice, finetune, finetune_on, training_split, write_finetuned,
+    TrainDevice, finetune, finetune_on, training_split, write_finetuned, write_trained,
 };
 pub use recovery::{
     LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint, agp_sparsity,

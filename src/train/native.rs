@@ -656,14 +656,14 @@ fn update(
 /// The training and test data of a fine-tune: the model's own dataset split (the digits), or a
 /// labelled `.npz` / `.safetensors` file split 80/20 by a seeded shuffle.
 pub fn training_split(
-    arch: &MlpArch,
+    dataset: &str,
     source: &crate::eval::DataSource,
     seed: u64,
 ) -> Result<crate::data::Split, TrainError> {
     use crate::eval::DataSource;
     let err = |e: crate::data::DataError| TrainError::Eval(e.into());
     match source {
-        DataSource::Default => crate::data::by_name(&arch.dataset).map_err(err),
+        DataSource::Default => crate::data::by_name(dataset).map_err(err),
         DataSource::Digits => crate::data::digits_split().map_err(err),
         DataSource::File { path, spec } => {
             let d = crate::data::load_eval_data(path, &["x".to_string()], spec).map_err(err)?;
@@ -707,11 +707,18 @@ pub fn write_finetuned(
     cfg: &FinetuneConfig,
     out: &std::path::Path,
 ) -> Result<(), TrainError> {
-    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = net
-        .tensors()
-        .into_iter()
-        .map(|(n, s, v)| (n, (s, v)))
-        .collect();
+    write_trained(model, net.tensors(), cfg, out)
+}
+
+/// [`write_finetuned`] for trained tensors by name (a graph's).
+pub fn write_trained(
+    model: &Model,
+    tensors: super::NamedTensors,
+    cfg: &FinetuneConfig,
+    out: &std::path::Path,
+) -> Result<(), TrainError> {
+    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
+        tensors.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
     let mut tensors = Vec::with_capacity(model.tensors.len());
     for (t, e) in model.tensors.iter().enumerate() {
         if !e.analysable() {

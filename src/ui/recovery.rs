@@ -158,13 +158,14 @@ impl RecoveryPanel {
             ui.label("No model open.");
             return None;
         };
-        let trainable = m.eval.engine.as_ref().is_some_and(|e| e.trainable);
+        let trainable =
+            m.eval.engine.as_ref().is_some_and(|e| e.trainable) && m.snapshot.format != "onnx";
         let mlp = m.snapshot.tensors.iter().all(|t| t.shape.len() <= 2);
-        if !trainable || !mlp {
+        if !trainable {
             ui.label(
-                "Training runs on MLPs (Linear and ReLU layers) today: the digits MLP sample, or \
-                 any safetensors MLP with its architecture in the metadata. This model can be \
-                 pruned and evaluated, not trained here yet.",
+                "Training needs an architecture prunescope can train: the samples, or any \
+                 safetensors model with its graph described in the metadata (ONNX files are \
+                 evaluated, not trained, here). This model can be pruned and evaluated.",
             );
             return None;
         }
@@ -361,9 +362,16 @@ impl RecoveryPanel {
                 .labelled_by(l.id)
                 .on_hover_text(TIP_LR_SCHEDULE);
         });
+        let mlp_only = self.tab != Tab::Finetune && !mlp;
+        if mlp_only {
+            ui.colored_label(
+                theme::CAPPED,
+                "Schedules and lottery tickets run on MLPs today; fine-tuning runs on this graph.",
+            );
+        }
         ui.horizontal(|ui| {
             if ui
-                .add_enabled(running.is_none(), egui::Button::new("Start"))
+                .add_enabled(running.is_none() && !mlp_only, egui::Button::new("Start"))
                 .on_hover_text(match self.tab {
                     Tab::Finetune => TIP_FINETUNE,
                     Tab::Schedule => TIP_SCHEDULE,

@@ -81,7 +81,10 @@ struct Computed {
 
 /// A training run's result, before it becomes the open model.
 struct Trained {
-    net: crate::train::Net,
+    /// Every trained tensor by name.
+    tensors: crate::train::NamedTensors,
+    /// (pruned weights, prunable weights) of the result.
+    zeros: (u64, u64),
     derived: Derived,
     message: String,
     /// The settings it was pruned by, and its test figures, for the history.
@@ -597,26 +600,39 @@ impl Worker {
             return fail(self, "no model is open".into());
         };
         let (id, model) = (s.id, s.model.clone());
-        let arch = match crate::eval::arch_json(&model) {
-            Ok(Some(j)) => match crate::eval::MlpArch::from_json(&j) {
-                Ok(a) => a,
-                Err(_) => {
-                    return fail(
-                        self,
-                        "training runs on MLPs (Linear and ReLU layers) today; this graph can \
-                         be evaluated but not trained here yet"
-                            .into(),
-                    );
-                }
-            },
+        let arch_text = match crate::eval::arch_json(&model) {
+            Ok(Some(j)) => j,
             Ok(None) => {
                 return fail(
                     self,
-                    "this model has no architecture to train (weights only)".into(),
+                    "this model has no architecture prunescope can train (weights only, or an \
+                     ONNX graph: save the model as safetensors with a graph description to \
+                     train it here)"
+                        .into(),
                 );
             }
             Err(e) => return fail(self, e.to_string()),
         };
+        let mlp = crate::eval::MlpArch::from_json(&arch_text).ok();
+        let graph = match &mlp {
+            Some(_) => None,
+            None => match crate::graph::Graph::from_json(&arch_text) {
+                Ok(g) => Some(g),
+                Err(e) => return fail(self, format!("the architecture cannot be trained: {e}")),
+            },
+        };
+        if mlp.is_none() && !matches!(request, TrainRequest::Finetune { .. }) {
+            return fail(
+                self,
+                "schedules and lottery tickets run on MLPs today; fine-tuning runs on this graph"
+                    .into(),
+            );
+        }
+        let dataset = mlp
+            .as_ref()
+            .map(|a| a.dataset.clone())
+            .or_else(|| graph.as_ref().and_then(|g| g.dataset.clone()))
+            .unwrap_or_else(|| "uci-digits".into());
         let progress = self.progress_for(job, cancel.clone());
         let tx = self.tx.clone();
         let wake = self.wake.clone();
@@ -644,10 +660,57 @@ impl Worker {
                     let masks = build_masks(&model, &index, &settings, &alloc, &progress)
                         .map_err(|e| crate::train::TrainError::Compute(e.to_string()))?;
                     let split =
-                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
-                    let net = Net::from_model(&model, &arch, &masks)?;
+                        training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
+                    let zeros = (
+                        mask_pruned(&masks),
+                        masks.iter().map(|(_, m)| m.len() as u64).sum::<u64>(),
+                    );
+                    let Some(arch) = &mlp else {
+                        let graph = graph.as_ref().expect("checked above");
+                        let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
+                        send(TrainUpdate::Started {
+                            kind: "finetune",
+                            start: f64::NAN,
+                        });
+                        let r = crate::train::finetune_graph(
+                            &model,
+                            graph,
+                            &masks,
+                            &split,
+                            &config,
+                            &dev,
+                            &progress,
+                            |e| send(TrainUpdate::Epoch(e.clone())),
+                        )?;
+                        let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
+                        let msg = format!(
+                            "{}: accuracy {:.2}% → {:.2}% in {} epochs ({:.0} samples/s, candle)",
+                            if r.cancelled {
+                                "Cancelled, best epoch kept"
+                            } else {
+                                "Fine-tuned"
+                            },
+                            pct(&r.before),
+                            pct(&r.after),
+                            r.epochs.len(),
+                            r.samples_per_s
+                        );
+                        return Ok(Some(Trained {
+                            source: format!("fine-tune, {} epochs", r.epochs.len()),
+                            metrics: r.after,
+                            settings,
+                            tensors: r.tensors,
+                            zeros,
+                            derived: Derived {
+                                what: "fine-tuned".into(),
+                                settings: None,
+                            },
+                            message: msg,
+                        }));
+                    };
+                    let net = Net::from_model(&model, arch, &masks)?;
                     let teacher = match config.distill {
-                        Some(_) => Some(Net::from_model(&model, &arch, &MaskSet::new())?),
+                        Some(_) => Some(Net::from_model(&model, arch, &MaskSet::new())?),
                         None => None,
                     };
                     send(TrainUpdate::Started {
@@ -692,7 +755,8 @@ impl Worker {
                         source: format!("fine-tune, {} epochs", r.epochs.len()),
                         metrics: r.after,
                         settings,
-                        net: r.net,
+                        tensors: r.net.tensors(),
+                        zeros,
                         derived: Derived {
                             what: "fine-tuned".into(),
                             settings: None,
@@ -705,9 +769,10 @@ impl Worker {
                     schedule,
                     config,
                 } => {
+                    let arch = mlp.as_ref().expect("checked above");
                     let split =
-                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
-                    let net = Net::from_model(&model, &arch, &MaskSet::new())?;
+                        training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
+                    let net = Net::from_model(&model, arch, &MaskSet::new())?;
                     send(TrainUpdate::Started {
                         kind: "schedule",
                         start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
@@ -730,6 +795,11 @@ impl Worker {
                         r.final_accuracy * 100.0
                     );
                     let metrics = r.net.metrics(&split.test)?;
+                    let prunable: u64 = r.net.layers.iter().map(|l| l.w.len() as u64).sum();
+                    let zeros = (
+                        (r.net.sparsity() * prunable as f64).round() as u64,
+                        prunable,
+                    );
                     Ok(Some(Trained {
                         source: match schedule {
                             crate::train::Schedule::OneShot => "schedule: one-shot".into(),
@@ -740,7 +810,8 @@ impl Worker {
                         },
                         metrics,
                         settings: settings.clone(),
-                        net: r.net,
+                        tensors: r.net.tensors(),
+                        zeros,
                         derived: Derived {
                             what: "pruned on a schedule".into(),
                             settings: Some(settings),
@@ -761,9 +832,10 @@ impl Worker {
                                 .into(),
                         )
                     })?;
+                    let arch = mlp.as_ref().expect("checked above");
                     let split =
-                        training_split(&arch, &crate::eval::DataSource::Default, config.seed)?;
-                    let init = Net::from_model(&init, &arch, &MaskSet::new())?;
+                        training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
+                    let init = Net::from_model(&init, arch, &MaskSet::new())?;
                     send(TrainUpdate::Started {
                         kind: "lottery",
                         start: f64::NAN,
@@ -792,7 +864,8 @@ impl Worker {
                 });
             }
             Ok(Some(Trained {
-                net,
+                tensors: trained_tensors,
+                zeros,
                 derived,
                 message,
                 settings,
@@ -805,8 +878,7 @@ impl Worker {
                     && let Some(hash) = s.hash.clone()
                 {
                     let params = model.total_params();
-                    let prunable: u64 = net.layers.iter().map(|l| l.w.len() as u64).sum();
-                    let zeros = (net.sparsity() * prunable as f64).round() as u64;
+                    let (pruned, prunable) = zeros;
                     let kind = crate::sensitivity::MetricKind::of(&metrics);
                     let record = crate::history::Record {
                         time: std::time::SystemTime::now()
@@ -821,9 +893,9 @@ impl Worker {
                         accuracy: metrics.accuracy,
                         loss: metrics.loss,
                         fidelity: None,
-                        sparsity: net.sparsity(),
+                        sparsity: pruned as f64 / prunable.max(1) as f64,
                         params,
-                        nonzeros: params - zeros,
+                        nonzeros: params - pruned,
                         csr_bytes: 0,
                         flops: None,
                     };
@@ -834,7 +906,10 @@ impl Worker {
                 }
                 let mut tensors = Vec::new();
                 for (t, e) in model.tensors.iter().enumerate() {
-                    let trained = net.tensors().into_iter().find(|(n, _, _)| *n == e.name);
+                    let trained = trained_tensors
+                        .iter()
+                        .find(|(n, _, _)| *n == e.name)
+                        .cloned();
                     tensors.push(match trained {
                         Some(x) => x,
                         None => (e.name.clone(), e.shape.clone(), model.to_f32_vec(t)),
@@ -1475,6 +1550,14 @@ fn curves_for(s: &Session, settings: &PruneSettings) -> Result<Arc<Sensitivity>,
         ));
     }
     Ok(sens)
+}
+
+/// Pruned weights in a mask set.
+fn mask_pruned(masks: &MaskSet) -> u64 {
+    masks
+        .iter()
+        .map(|(_, m)| (m.len() - m.count_kept()) as u64)
+        .sum()
 }
 
 /// A display name without the suffixes earlier trainings added ("x (fine-tuned)" → "x").
