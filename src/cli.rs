@@ -1132,6 +1132,9 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.sparsity) {
         bail!("--sparsity {} is outside 0..=1", a.sparsity);
     }
+    if a.train.distill.is_some() {
+        bail!("--distill is a fine-tune option; schedules train without a teacher");
+    }
     let model = Model::open(&a.model)?;
     let arch = trainable_mlp(&model)?;
     let cfg = train_config(&a.train, 10)?;
@@ -1186,6 +1189,9 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
 
 fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
     use crate::train::{Net, Rewind, lottery, training_split};
+    if a.train.distill.is_some() {
+        bail!("--distill is a fine-tune option; lottery tickets train without a teacher");
+    }
     let model = Model::open(&a.model)?;
     let arch = trainable_mlp(&model)?;
     let init_model = match &a.init {

@@ -505,3 +505,45 @@ fn graphs_fine_tune_on_candle_with_masks_held_and_batchnorm_updated() {
     let m = prunescope::eval::Evaluator::evaluate(&ev, &back, &Default::default()).unwrap();
     assert_eq!(m.accuracy, r.after.accuracy);
 }
+
+#[test]
+fn distillation_without_a_teacher_is_off_and_an_early_cancel_keeps_the_start() {
+    let (model, arch) = sample();
+    let masks = masks_at(&model, 0.8);
+    let d = small_batch(200);
+    let plain = FinetuneConfig {
+        epochs: 2,
+        ..Default::default()
+    };
+    let with = FinetuneConfig {
+        distill: Some(Distill {
+            temperature: 4.0,
+            alpha: 0.5,
+        }),
+        ..plain.clone()
+    };
+    let net = Net::from_model(&model, &arch, &masks).unwrap();
+    assert_eq!(
+        ours(net.clone(), None, &d, &with),
+        ours(net.clone(), None, &d, &plain)
+    );
+    let cancel = CancelFlag::new();
+    cancel.cancel();
+    let r = finetune(
+        net.clone(),
+        None,
+        &d,
+        &d,
+        &plain,
+        &Progress::new(cancel, |_, _| {}),
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(r.cancelled);
+    assert!(r.epochs.is_empty());
+    assert_eq!(
+        r.net.layers[0].w, net.layers[0].w,
+        "nothing trained, nothing changed"
+    );
+    assert_eq!(r.after.accuracy, r.before.accuracy);
+}

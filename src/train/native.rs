@@ -121,6 +121,8 @@ pub struct Layer {
     pub relu: bool,
     /// 1 where the weight is kept, 0 where pruned; `None`: dense.
     pub mask: Option<Vec<f32>>,
+    /// The same for the bias, when the user made biases prunable.
+    pub bias_mask: Option<Vec<f32>>,
 }
 
 /// An MLP as plain vectors.
@@ -150,12 +152,18 @@ impl Net {
                 m.apply(&mut w);
                 (0..m.len()).map(|i| m.kept(i) as u8 as f32).collect()
             });
+            let mut bias_mask = None;
             let b = match &l.bias {
                 Some(name) => {
                     let bt = model.find(name).ok_or_else(|| {
                         TrainError::Compute(format!("tensor '{name}' is missing"))
                     })?;
-                    model.to_f32_vec(bt)
+                    let mut b = model.to_f32_vec(bt);
+                    bias_mask = masks.get(name).map(|m| {
+                        m.apply(&mut b);
+                        (0..m.len()).map(|i| m.kept(i) as u8 as f32).collect()
+                    });
+                    b
                 }
                 None => vec![0.0; out],
             };
@@ -175,6 +183,7 @@ impl Net {
                 b,
                 relu: l.activation == Activation::Relu,
                 mask,
+                bias_mask,
             });
         }
         if layers.is_empty() {
@@ -229,17 +238,19 @@ impl Net {
         out
     }
 
-    /// Weights pruned by the masks that are not exactly zero (0 after every step).
+    /// Weights (and biases) pruned by the masks that are not exactly zero (0 after every step).
     pub fn masked_nonzeros(&self) -> usize {
-        self.layers
-            .iter()
-            .filter_map(|l| l.mask.as_ref().map(|m| (l, m)))
-            .map(|(l, m)| {
-                l.w.iter()
+        let count = |v: &[f32], m: &Option<Vec<f32>>| {
+            m.as_ref().map_or(0, |m| {
+                v.iter()
                     .zip(m)
                     .filter(|(w, m)| **m == 0.0 && **w != 0.0)
                     .count()
             })
+        };
+        self.layers
+            .iter()
+            .map(|l| count(&l.w, &l.mask) + count(&l.b, &l.bias_mask))
             .sum()
     }
 }
@@ -289,17 +300,32 @@ pub struct FinetuneResult {
     pub cancelled: bool,
 }
 
-/// Trains `net` on `train` with its masks held; `test` is measured after every epoch and the
-/// best epoch's weights are returned. `teacher` (the dense model) enables distillation.
+/// Trains `net` on `train` with its masks held; `test` is measured after every epoch. Returns
+/// the last epoch's weights, or when cancelled the best seen (the start included).
+/// `teacher` (the dense model) enables distillation when `cfg.distill` asks for it.
 pub fn finetune(
-    mut net: Net,
+    net: Net,
     teacher: Option<&Net>,
     train: &Dataset,
     test: &Dataset,
     cfg: &FinetuneConfig,
     progress: &Progress,
-    mut on_epoch: impl FnMut(&EpochStats, &Net),
+    on_epoch: impl FnMut(&EpochStats, &Net),
 ) -> Result<FinetuneResult, TrainError> {
+    finetune_with(
+        net,
+        teacher,
+        train,
+        test,
+        cfg,
+        progress,
+        on_epoch,
+        |_, _| {},
+    )
+}
+
+/// Checks that the data fits the network: widths, labels, something to train on.
+pub fn check_data(net: &Net, train: &Dataset, test: &Dataset) -> Result<(), TrainError> {
     if train.dim != net.input_dim() || test.dim != net.input_dim() {
         return Err(TrainError::Compute(format!(
             "the model takes {} values per sample, the data has {}",
@@ -307,8 +333,8 @@ pub fn finetune(
             train.dim
         )));
     }
-    if train.is_empty() {
-        return Err(TrainError::Compute("no training samples".into()));
+    if train.is_empty() || test.is_empty() {
+        return Err(TrainError::Compute("no training or test samples".into()));
     }
     if let Some(&bad) = train
         .labels
@@ -321,6 +347,24 @@ pub fn finetune(
             net.classes()
         )));
     }
+    Ok(())
+}
+
+/// [`finetune`], calling `before_step(step, net)` before every optimiser step (0-based): a
+/// gradual schedule moves the masks there, late rewinding records the weights. The optimiser
+/// state and the learning-rate schedule run across the whole training.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_with(
+    mut net: Net,
+    teacher: Option<&Net>,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &FinetuneConfig,
+    progress: &Progress,
+    mut on_epoch: impl FnMut(&EpochStats, &Net),
+    mut before_step: impl FnMut(usize, &mut Net),
+) -> Result<FinetuneResult, TrainError> {
+    check_data(&net, train, test)?;
     let before = net.metrics(test)?;
     let bs = cfg.batch_size.max(1);
     let per_epoch = train.len().div_ceil(bs);
@@ -329,7 +373,8 @@ pub fn finetune(
     let mut rng = SplitMix64::new(cfg.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut epochs = Vec::new();
-    let mut best: Option<(f64, Net)> = None;
+    // The start is a candidate: a cancel in the first epoch keeps the untrained weights.
+    let mut best: Option<(f64, Net)> = Some((before.accuracy.unwrap_or(f64::NAN), net.clone()));
     let mut step = 0usize;
     let mut train_secs = 0.0;
     let mut seen = 0usize;
@@ -346,6 +391,7 @@ pub fn finetune(
                 train_secs += t0.elapsed().as_secs_f64();
                 break 'epochs;
             }
+            before_step(step, &mut net);
             let lr = cfg.schedule.lr(cfg.lr, step, total, per_epoch);
             let (l, c) = trainer.step(&mut net, teacher, train, chunk, cfg, lr, step + 1);
             loss_sum += l * chunk.len() as f64;
@@ -365,7 +411,10 @@ pub fn finetune(
                 .schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
         };
-        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+        if best
+            .as_ref()
+            .is_none_or(|(a, _)| stats.test_accuracy > *a || a.is_nan())
+        {
             best = Some((stats.test_accuracy, net.clone()));
         }
         progress.report(
@@ -472,6 +521,8 @@ impl Trainer {
             );
         }
         let classes = net.classes();
+        // Distillation needs a teacher: without one (schedules, lottery) it is off.
+        let distill = cfg.distill.filter(|_| teacher.is_some());
         if let Some(tn) = teacher {
             let logits = tn.forward(&self.acts[0][..b * dim], b);
             self.teacher_logits[..b * classes].copy_from_slice(&logits);
@@ -491,13 +542,13 @@ impl Trainer {
             correct += (arg == y) as usize;
             let ce = (sum.ln() + max - row[y]) as f64;
             let g = &mut dz[r * classes..(r + 1) * classes];
-            let hard = cfg.distill.map_or(1.0, |d| 1.0 - d.alpha as f32);
+            let hard = distill.map_or(1.0, |d| 1.0 - d.alpha as f32);
             for (j, gj) in g.iter_mut().enumerate() {
                 let p = (row[j] - max).exp() / sum;
                 *gj = hard * (p - (j == y) as u8 as f32) * inv_b;
             }
             loss += hard as f64 * ce;
-            if let Some(d) = cfg.distill {
+            if let Some(d) = distill {
                 let tt = d.temperature as f32;
                 let trow = &self.teacher_logits[r * classes..(r + 1) * classes];
                 let smax = row.iter().map(|v| v / tt).fold(f32::NEG_INFINITY, f32::max);
@@ -653,6 +704,9 @@ fn update(
     }
 }
 
+/// The seed of the 80/20 split of a user's labelled file.
+const FILE_SPLIT_SEED: u64 = 20_241_126;
+
 /// The training and test data of a fine-tune: the model's own dataset split (the digits), or a
 /// labelled `.npz` / `.safetensors` file split 80/20 by a seeded shuffle.
 pub fn training_split(
@@ -694,7 +748,9 @@ pub fn training_split(
                 dim: input.sample_len(),
                 classes,
             };
-            Ok(all.split_seeded(0.2, seed))
+            // A fixed split: runs with different training seeds are scored on the same test set.
+            let _ = seed;
+            Ok(all.split_seeded(0.2, FILE_SPLIT_SEED))
         }
     }
 }
@@ -734,6 +790,10 @@ pub fn write_trained(
         tensors.push((e.name.clone(), shape, values));
     }
     let mut meta = model.metadata.clone();
+    // The architecture travels with the weights, also when it came from a sidecar file.
+    if let Ok(Some(arch)) = crate::eval::arch_json(model) {
+        meta.insert(crate::eval::ARCH_METADATA_KEY.into(), arch);
+    }
     meta.insert(
         "prunescope.finetune".into(),
         serde_json::to_string(cfg).map_err(|e| TrainError::Compute(e.to_string()))?,
@@ -824,6 +884,8 @@ pub fn finetune_on(
 ) -> Result<FinetuneResult, TrainError> {
     use candle_core::{D, Tensor, Var};
     use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+    check_data(&net, train, test)?;
+    let distill = cfg.distill.filter(|_| teacher.is_some());
     let before = net.metrics(test)?;
     let dev = device;
     let vars: Vec<(Var, Var)> = net
@@ -886,7 +948,7 @@ pub fn finetune_on(
     let (mut step, mut seen, mut secs) = (0usize, 0usize, 0.0f64);
     let mut epochs = Vec::new();
     let mut current = net.clone();
-    let mut best: Option<(f64, Net)> = None;
+    let mut best: Option<(f64, Net)> = Some((before.accuracy.unwrap_or(f64::NAN), net.clone()));
     let mut cancelled = false;
     let snapshot = |into: &mut Net| -> candle_core::Result<()> {
         for (l, (w, b)) in into.layers.iter_mut().zip(&vars) {
@@ -917,12 +979,13 @@ pub fn finetune_on(
             let y = Tensor::from_vec(ys.clone(), chunk.len(), dev)?;
             let logits = forward(&x)?;
             let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            if let (Some(d), Some(t)) = (cfg.distill, teacher) {
+            if let (Some(d), Some(t)) = (distill, teacher) {
                 let tl =
                     Tensor::from_vec(t.forward(&xs, chunk.len()), (chunk.len(), t.classes()), dev)?;
                 let ls = candle_nn::ops::log_softmax(&(&logits / d.temperature)?, D::Minus1)?;
                 let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
-                let kl = (&pt * (pt.log()? - ls)?)?
+                // Guarded: a teacher probability that underflows to 0 must give 0, not NaN.
+                let kl = (&pt * (pt.clamp(1e-30f32, 1f32)?.log()? - ls)?)?
                     .sum_all()?
                     .affine(1.0 / chunk.len() as f64, 0.0)?;
                 loss = ((loss * (1.0 - d.alpha))?

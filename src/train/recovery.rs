@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::native::{FinetuneConfig, Net, finetune};
+use super::native::{FinetuneConfig, Net, finetune, finetune_with};
 use super::{NamedTensors, TrainError};
 use crate::data::Split;
 use crate::progress::Progress;
@@ -198,6 +198,9 @@ pub fn run_schedule(
             let r = finetune(net, None, &data.train, &data.test, cfg, progress, |e, _| {
                 step = e.epoch * per_epoch;
             })?;
+            if r.cancelled {
+                return Err(TrainError::Cancelled);
+            }
             net = r.net;
             push(
                 TimelinePoint {
@@ -211,8 +214,11 @@ pub fn run_schedule(
         }
         Schedule::Iterative { rounds, skip_below } => {
             let rounds = rounds.max(1);
-            let epochs = (cfg.epochs / rounds).max(1);
+            // cfg.epochs in all, spread over the rounds (the first ones get the remainder).
+            let epochs_of =
+                |r: usize| (cfg.epochs / rounds + usize::from(r <= cfg.epochs % rounds)).max(1);
             for r in 1..=rounds {
+                let epochs = epochs_of(r);
                 progress.check().map_err(|_| TrainError::Cancelled)?;
                 let before = acc(&net)?;
                 net.prune_layerwise(iterative_sparsity(target, r, rounds));
@@ -268,45 +274,66 @@ pub fn run_schedule(
             }
         }
         Schedule::Agp { ramp, every } => {
+            // One training run: the optimiser state and the learning-rate schedule run through;
+            // before a step at t = k·Δt (k ≤ n) the masks move to s_t on the cubic, which
+            // reaches the target at t = n·Δt, inside the ramp.
             let total = per_epoch * cfg.epochs.max(1);
             let every = every.max(1);
-            let ramp_steps = ((ramp.clamp(0.0, 1.0) * total as f64) as usize).max(every);
-            let n = ramp_steps.div_ceil(every);
+            let ramp_steps = (ramp.clamp(0.0, 1.0) * total as f64) as usize;
+            let n = (ramp_steps / every).max(1);
             let initial = net.sparsity();
-            // Train in chunks of `every` steps; prune at each boundary on the cubic.
-            let mut done = 0;
-            let mut seed = cfg.seed;
-            while done < total {
-                progress.check().map_err(|_| TrainError::Cancelled)?;
-                let s = agp_sparsity(initial, target, 0, n, every, done);
-                if s > net.sparsity() + 1e-12 {
-                    net.prune_layerwise(s);
-                }
-                let chunk = every.min(total - done);
-                net = train_steps(net, data, cfg, chunk, seed)?;
-                seed += 1;
-                done += chunk;
-                step = done;
-                if done.is_multiple_of(per_epoch) || done == total || done <= ramp_steps {
-                    push(
-                        TimelinePoint {
-                            step,
-                            sparsity: net.sparsity(),
-                            test_accuracy: acc(&net)?,
-                            event: if done <= ramp_steps {
-                                "pruned"
-                            } else {
-                                "fine-tuned"
-                            },
+            let mut points = Vec::new();
+            let r = finetune_with(
+                net,
+                None,
+                &data.train,
+                &data.test,
+                cfg,
+                progress,
+                |e, n| points.push((e.epoch * per_epoch, n.sparsity(), e.test_accuracy)),
+                |t, n_| {
+                    if t.is_multiple_of(every) && t <= n * every {
+                        let s = agp_sparsity(initial, target, 0, n, every, t);
+                        if s > n_.sparsity() + 1e-12 {
+                            n_.prune_layerwise(s);
+                        }
+                    }
+                },
+            )?;
+            if r.cancelled {
+                return Err(TrainError::Cancelled);
+            }
+            for (step_at, sparsity, acc) in points {
+                push(
+                    TimelinePoint {
+                        step: step_at,
+                        sparsity,
+                        test_accuracy: acc,
+                        event: if step_at <= n * every {
+                            "pruning"
+                        } else {
+                            "fine-tuned"
                         },
-                        &mut timeline,
-                    );
-                }
-                progress.report(done as f32 / total as f32, "gradual pruning");
+                    },
+                    &mut timeline,
+                );
             }
-            if net.sparsity() + 1e-12 < target {
+            net = r.net;
+            // Fewer steps than one mask interval: reach the target (without recovery).
+            if net.sparsity() + 1e-9 < target {
                 net.prune_layerwise(target);
+                push(
+                    TimelinePoint {
+                        step: total,
+                        sparsity: net.sparsity(),
+                        test_accuracy: acc(&net)?,
+                        event: "pruned",
+                    },
+                    &mut timeline,
+                );
             }
+            step = total;
+            let _ = step;
         }
     }
     let m = net.metrics(&data.test)?;
@@ -316,49 +343,6 @@ pub fn run_schedule(
         timeline,
         net,
     })
-}
-
-/// `steps` optimiser steps (batches in a seeded order), masks held.
-fn train_steps(
-    net: Net,
-    data: &Split,
-    cfg: &FinetuneConfig,
-    steps: usize,
-    seed: u64,
-) -> Result<Net, TrainError> {
-    let bs = cfg.batch_size.max(1);
-    let mut rng = SplitMix64::new(seed);
-    let mut idx: Vec<usize> = (0..data.train.len()).collect();
-    for i in (1..idx.len()).rev() {
-        idx.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    idx.truncate((steps * bs).min(idx.len()));
-    // The steps as one short epoch over those samples.
-    let sub = crate::data::Dataset {
-        name: data.train.name.clone(),
-        inputs: idx
-            .iter()
-            .flat_map(|&i| data.train.inputs[i * data.train.dim..(i + 1) * data.train.dim].to_vec())
-            .collect(),
-        labels: idx.iter().map(|&i| data.train.labels[i]).collect(),
-        dim: data.train.dim,
-        classes: data.train.classes,
-    };
-    let step_cfg = FinetuneConfig {
-        epochs: 1,
-        seed,
-        ..cfg.clone()
-    };
-    Ok(finetune(
-        net,
-        None,
-        &sub,
-        &data.test,
-        &step_cfg,
-        &Progress::none(),
-        |_, _| {},
-    )?
-    .net)
 }
 
 /// One level of the lottery-ticket experiment: test accuracies after training.
@@ -426,18 +410,46 @@ pub fn lottery(
     let acc = |n: &Net| -> Result<f64, TrainError> {
         Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
     };
-    // The rewind point: the initial values, or those after `k` steps of dense training.
-    let rewind_to: NamedTensors = match rewind {
-        Rewind::Init => init.tensors(),
-        Rewind::Iteration(k) => train_steps(init.clone(), data, cfg, k, cfg.seed)?.tensors(),
-    };
+    // The rewind point: the initial values, or those after `k` steps of the dense training
+    // itself (recorded on its trajectory).
+    let mut rewind_to: NamedTensors = init.tensors();
     let total = levels * 3 + 1;
     let mut done = 0;
     let mut tick = |what: &str| {
         done += 1;
         progress.report(done as f32 / total as f32, what);
     };
-    let mut trained = train(init.clone(), cfg.seed)?;
+    let dense_cfg = FinetuneConfig {
+        seed: cfg.seed,
+        ..cfg.clone()
+    };
+    let mut trained = {
+        let r = finetune_with(
+            init.clone(),
+            None,
+            &data.train,
+            &data.test,
+            &dense_cfg,
+            &Progress::none(),
+            |_, _| {},
+            |t, n| {
+                if let Rewind::Iteration(k) = rewind
+                    && t == k
+                {
+                    rewind_to = n.tensors();
+                }
+            },
+        )?;
+        r.net
+    };
+    if let Rewind::Iteration(k) = rewind {
+        let steps = data.train.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs;
+        if k >= steps {
+            return Err(TrainError::Compute(format!(
+                "cannot rewind to iteration {k}: the dense training has {steps} steps"
+            )));
+        }
+    }
     let dense = acc(&trained)?;
     tick("dense");
     let mut out = Vec::new();

@@ -145,7 +145,8 @@ impl RecoveryPanel {
                 },
             },
             seed: 0,
-            distill: self.distill.then_some(Distill {
+            // Distillation is a fine-tune option (schedules and lottery train without a teacher).
+            distill: (self.distill && self.tab == Tab::Finetune).then_some(Distill {
                 temperature: self.temperature,
                 alpha: self.alpha,
             }),

@@ -20,6 +20,9 @@ use crate::prune::{
 };
 use crate::sensitivity::{Sensitivity, SweepSpec};
 
+/// Trained models Undo can step back through.
+const UNDO_DEPTH: usize = 8;
+
 /// Samples whose predictions the dataset gallery shows.
 pub const GALLERY_SAMPLES: usize = 120;
 
@@ -81,6 +84,8 @@ struct Computed {
 
 /// A training run's result, before it becomes the open model.
 struct Trained {
+    /// What the figures were measured on (the training split's test part).
+    data: String,
     /// Every trained tensor by name.
     tensors: crate::train::NamedTensors,
     /// (pruned weights, prunable weights) of the result.
@@ -696,6 +701,7 @@ impl Worker {
                             r.samples_per_s
                         );
                         return Ok(Some(Trained {
+                            data: format!("{}, {} samples", split.test.name, split.test.len()),
                             source: format!("fine-tune, {} epochs", r.epochs.len()),
                             metrics: r.after,
                             settings,
@@ -752,6 +758,7 @@ impl Worker {
                         r.samples_per_s
                     );
                     Ok(Some(Trained {
+                        data: format!("{}, {} samples", split.test.name, split.test.len()),
                         source: format!("fine-tune, {} epochs", r.epochs.len()),
                         metrics: r.after,
                         settings,
@@ -801,6 +808,7 @@ impl Worker {
                         prunable,
                     );
                     Ok(Some(Trained {
+                        data: format!("{}, {} samples", split.test.name, split.test.len()),
                         source: match schedule {
                             crate::train::Schedule::OneShot => "schedule: one-shot".into(),
                             crate::train::Schedule::Iterative { rounds, .. } => {
@@ -864,6 +872,7 @@ impl Worker {
                 });
             }
             Ok(Some(Trained {
+                data,
                 tensors: trained_tensors,
                 zeros,
                 derived,
@@ -874,7 +883,7 @@ impl Worker {
             })) => {
                 // The run enters the history of the model it started from, beside the
                 // configurations measured without training.
-                if let (Some(data), Some(s)) = (data_desc, self.session.as_mut())
+                if let (Some(_), Some(s)) = (data_desc, self.session.as_mut())
                     && let Some(hash) = s.hash.clone()
                 {
                     let params = model.total_params();
@@ -921,10 +930,19 @@ impl Worker {
                 );
                 let mut m = Model::from_f32_tensors(name, tensors);
                 m.metadata = model.metadata.clone();
+                // In memory the model has no path: a sidecar architecture must travel inside.
+                m.metadata
+                    .insert(crate::eval::ARCH_METADATA_KEY.into(), arch_text.clone());
                 self.undo.push(model);
+                if self.undo.len() > UNDO_DEPTH {
+                    self.undo.remove(0);
+                }
                 send(TrainUpdate::Done(message.clone()));
                 if self.install(job, Arc::new(m), &Progress::none(), t0, Some(derived)) {
                     self.emit(Event::JobFinished { job, message });
+                } else {
+                    // The trained model did not take: the open one stays, and so does its undo.
+                    self.undo.pop();
                 }
             }
             Err(crate::train::TrainError::Cancelled) => self.emit(Event::JobCancelled { job }),
