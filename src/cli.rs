@@ -1124,7 +1124,7 @@ fn train_config(
 }
 
 fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
-    use crate::train::{Net, Schedule, run_schedule, training_split};
+    use crate::train::{Net, Schedule, training_split};
     check_outputs(
         &[("model", a.model.as_path())],
         &[("--out", a.out.as_path())],
@@ -1136,7 +1136,7 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
         bail!("--distill is a fine-tune option; schedules train without a teacher");
     }
     let model = Model::open(&a.model)?;
-    let arch = trainable_mlp(&model)?;
+    let kind = trainable_kind(&model)?;
     let cfg = train_config(&a.train, 10)?;
     let schedule = match a.kind.as_str() {
         "oneshot" => Schedule::OneShot,
@@ -1151,11 +1151,69 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
         other => bail!("unknown schedule '{other}' (oneshot, iterative or agp)"),
     };
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let split = training_split(&arch.dataset, &source, cfg.seed)?;
-    let net = Net::from_model(&model, &arch, &crate::prune::MaskSet::new())?;
+    let split = training_split(kind.dataset(), &source, cfg.seed)?;
+    let none = crate::prune::MaskSet::new();
+    match kind {
+        TrainableKind::Mlp(arch) => schedule_out(
+            Net::from_model(&model, &arch, &none)?,
+            &a,
+            &model,
+            schedule,
+            &split,
+            &cfg,
+        ),
+        TrainableKind::Graph(g) => schedule_out(
+            crate::train::GraphNet::from_model(&model, g, &none)?,
+            &a,
+            &model,
+            schedule,
+            &split,
+            &cfg,
+        ),
+    }
+}
+
+/// What prunescope can train in a model: an MLP (native loops) or a graph (candle).
+enum TrainableKind {
+    Mlp(crate::eval::MlpArch),
+    Graph(crate::graph::Graph),
+}
+
+impl TrainableKind {
+    fn dataset(&self) -> &str {
+        match self {
+            TrainableKind::Mlp(a) => &a.dataset,
+            TrainableKind::Graph(g) => g.dataset.as_deref().unwrap_or("uci-digits"),
+        }
+    }
+}
+
+fn trainable_kind(model: &Model) -> anyhow::Result<TrainableKind> {
+    let Some(j) = crate::eval::arch_json(model)? else {
+        bail!(
+            "{}: no architecture to train (the samples, or a safetensors model with its \
+             graph in the metadata or a sidecar MODEL.arch.json; ONNX files are evaluated, not \
+             trained)",
+            model.display_name()
+        );
+    };
+    if let Ok(a) = crate::eval::MlpArch::from_json(&j) {
+        return Ok(TrainableKind::Mlp(a));
+    }
+    Ok(TrainableKind::Graph(crate::graph::Graph::from_json(&j)?))
+}
+
+fn schedule_out<T: crate::train::Trainee>(
+    net: T,
+    a: &ScheduleArgs,
+    model: &Model,
+    schedule: crate::train::Schedule,
+    split: &crate::data::Split,
+    cfg: &crate::train::FinetuneConfig,
+) -> anyhow::Result<()> {
     let progress = bar();
-    let r = run_schedule(net, a.sparsity, schedule, &split, &cfg, &progress, |_| {})?;
-    crate::train::write_finetuned(&model, &r.net, &cfg, &a.out)?;
+    let r = crate::train::run_schedule(net, a.sparsity, schedule, split, cfg, &progress, |_| {})?;
+    crate::train::write_trained(model, r.net.tensors(), cfg, &a.out)?;
     if a.json {
         let v = serde_json::json!({
             "schedule": schedule,
@@ -1188,12 +1246,12 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
 }
 
 fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
-    use crate::train::{Net, Rewind, lottery, training_split};
+    use crate::train::{Net, Rewind, training_split};
     if a.train.distill.is_some() {
         bail!("--distill is a fine-tune option; lottery tickets train without a teacher");
     }
     let model = Model::open(&a.model)?;
-    let arch = trainable_mlp(&model)?;
+    let kind = trainable_kind(&model)?;
     let init_model = match &a.init {
         Some(p) => {
             Model::open(p).with_context(|| format!("the initial weights ({})", p.display()))?
@@ -1224,13 +1282,41 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot create the directory", a.out.display()))?;
     let cfg = train_config(&a.train, 15)?;
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let split = training_split(&arch.dataset, &source, cfg.seed)?;
-    let init = Net::from_model(&init_model, &arch, &crate::prune::MaskSet::new())?;
+    let split = training_split(kind.dataset(), &source, cfg.seed)?;
+    let none = crate::prune::MaskSet::new();
+    match kind {
+        TrainableKind::Mlp(arch) => lottery_out(
+            Net::from_model(&init_model, &arch, &none)?,
+            &a,
+            &model,
+            rewind,
+            &split,
+            &cfg,
+        ),
+        TrainableKind::Graph(g) => lottery_out(
+            crate::train::GraphNet::from_model(&init_model, g, &none)?,
+            &a,
+            &model,
+            rewind,
+            &split,
+            &cfg,
+        ),
+    }
+}
+
+fn lottery_out<T: crate::train::Trainee>(
+    init: T,
+    a: &LotteryArgs,
+    model: &Model,
+    rewind: crate::train::Rewind,
+    split: &crate::data::Split,
+    cfg: &crate::train::FinetuneConfig,
+) -> anyhow::Result<()> {
     let progress = bar();
-    let r = lottery(
+    let r = crate::train::lottery(
         &init,
-        &split,
-        &cfg,
+        split,
+        cfg,
         a.levels.max(1),
         a.rate,
         rewind,
@@ -1244,20 +1330,13 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
             l.level, l.remaining, l.ticket, l.reinit, l.random_mask
         ));
         let w = a.out.join(format!("level_{}.safetensors", l.level));
-        crate::train::write_finetuned(&model, t, &cfg, &w)?;
+        crate::train::write_trained(model, t.tensors(), cfg, &w)?;
         let mut masks = crate::prune::MaskSet::new();
-        for layer in &t.layers {
-            if let Some(m) = &layer.mask {
-                let kept: Vec<bool> = m.iter().map(|v| *v != 0.0).collect();
-                masks.insert(
-                    &model,
-                    &layer.weight_name,
-                    crate::prune::Mask::from_kept(&kept),
-                )?;
-            }
+        for (name, kept) in t.masks() {
+            masks.insert(model, &name, crate::prune::Mask::from_kept(&kept))?;
         }
         export_masks(
-            &model,
+            model,
             &masks,
             &a.out.join(format!("level_{}.masks.safetensors", l.level)),
         )?;
@@ -1313,9 +1392,24 @@ fn finetune_graph_cmd(
     let device = crate::train::TrainDevice::parse(&a.device)
         .with_context(|| format!("unknown device '{}'", a.device))?;
     let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
+    let onnx_out = a
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    let onnx_in = model.format == crate::model::ModelFormat::Onnx;
+    if onnx_in && !onnx_out {
+        bail!("an ONNX model fine-tunes into an .onnx file: give --out NAME.onnx");
+    }
     let r =
         crate::train::finetune_graph(model, graph, &masks, &split, &cfg, &dev, progress, |_| {})?;
-    crate::train::write_trained(model, r.tensors, &cfg, &a.out)?;
+    if onnx_in {
+        use std::io::Write as _;
+        let bytes = crate::export::patch_onnx(model, &r.tensors)?;
+        crate::util::atomic_write(&a.out, |w| w.write_all(&bytes))
+            .with_context(|| format!("{}: cannot write", a.out.display()))?;
+    } else {
+        crate::train::write_trained(model, r.tensors, &cfg, &a.out)?;
+    }
     let fig =
         |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "loss": m.loss});
     if a.json {
@@ -1353,10 +1447,16 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     let model = Model::open(&a.model)?;
     let progress = bar();
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let graph = crate::eval::arch_json(&model)?
-        .filter(|j| crate::eval::MlpArch::from_json(j).is_err())
-        .map(|j| crate::graph::Graph::from_json(&j))
-        .transpose()?;
+    let graph = if model.format == crate::model::ModelFormat::Onnx {
+        Some(crate::eval::import_onnx_graph(&model).map_err(|e| {
+            anyhow::anyhow!("this ONNX graph does not import into a trainable graph: {e}")
+        })?)
+    } else {
+        crate::eval::arch_json(&model)?
+            .filter(|j| crate::eval::MlpArch::from_json(j).is_err())
+            .map(|j| crate::graph::Graph::from_json(&j))
+            .transpose()?
+    };
     if let Some(graph) = graph {
         return finetune_graph_cmd(&a, &model, &graph, &source, &progress);
     }

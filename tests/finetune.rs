@@ -547,3 +547,71 @@ fn distillation_without_a_teacher_is_off_and_an_early_cancel_keeps_the_start() {
     );
     assert_eq!(r.after.accuracy, r.before.accuracy);
 }
+
+#[test]
+fn an_onnx_model_fine_tunes_into_the_same_onnx_graph_with_new_values() {
+    common::isolate();
+    let dir = common::tempdir("onnx-ft");
+    let input =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/digits_mlp_opset17.onnx");
+    let out = dir.join("ft.onnx");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_prunescope"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "finetune",
+        input.to_str().unwrap(),
+        "--sparsity",
+        "0.8",
+        "--epochs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let after = v["after"]["accuracy"].as_f64().unwrap();
+    assert!(after > v["before"]["accuracy"].as_f64().unwrap());
+    // tract runs the written file and agrees with what training measured.
+    let o = run(&["eval", out.to_str().unwrap(), "--engine", "tract", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"].as_f64().unwrap(), after);
+    // Same length, same bytes outside the weights: the graph is the input's.
+    let (a, b) = (std::fs::read(&input).unwrap(), std::fs::read(&out).unwrap());
+    assert_eq!(a.len(), b.len());
+    let m_in = Model::open(&input).unwrap();
+    let m_out = Model::open(&out).unwrap();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for (t, e) in m_in.tensors.iter().enumerate() {
+        assert_eq!(m_out.tensors[t].name, e.name);
+        if e.shape.len() >= 2 {
+            let v = m_out.to_f32_vec(t);
+            zeros += v.iter().filter(|x| **x == 0.0).count();
+            total += v.len();
+        }
+    }
+    // The 80 % global cut is held through training.
+    assert!(
+        zeros >= (0.8 * total as f64).round() as usize,
+        "{zeros} of {total}"
+    );
+    let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    let weight_bytes: usize = m_in.tensors.iter().map(|t| t.numel * 4).sum();
+    assert!(differing <= weight_bytes, "only initializer bytes change");
+    // An ONNX model does not fine-tune into safetensors silently.
+    let o = run(&[
+        "finetune",
+        input.to_str().unwrap(),
+        "--sparsity",
+        "0.5",
+        "--out",
+        dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(".onnx"));
+}

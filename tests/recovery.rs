@@ -208,3 +208,77 @@ fn the_lottery_cli_writes_every_level_and_prints_the_three_accuracies() {
     let csv = std::fs::read_to_string(dir.join("lottery.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4);
 }
+
+#[test]
+fn graphs_prune_rewind_draw_controls_and_run_a_schedule() {
+    use prunescope::train::{GraphNet, Trainee};
+    let model = prunescope::sample::open_named("cnn").unwrap();
+    let graph = prunescope::graph::Graph::from_json(&model.metadata["prunescope.arch"]).unwrap();
+    let mut net = GraphNet::from_model(&model, graph, &MaskSet::new()).unwrap();
+    assert_eq!(Trainee::sparsity(&net), 0.0);
+    let names: Vec<String> = net.masks().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["conv1.weight", "conv2.weight", "fc.weight"]);
+    let dense = net.tensors();
+    Trainee::prune_layerwise(&mut net, 0.6);
+    assert!((Trainee::sparsity(&net) - 0.6).abs() < 1e-3);
+    // Rewinding to other values keeps the masks and restores the survivors exactly.
+    let mut init = net.clone();
+    Trainee::reinitialise(&mut init, 5);
+    let init_values = init.tensors();
+    Trainee::set_values(&mut net, &init_values);
+    for ((name, keep), (_, _, v)) in net.masks().iter().zip(
+        names
+            .iter()
+            .map(|n| net.tensors().into_iter().find(|t| &t.0 == n).unwrap()),
+    ) {
+        let want = &init_values.iter().find(|t| &t.0 == name).unwrap().2;
+        for (i, k) in keep.iter().enumerate() {
+            if *k {
+                assert_eq!(v[i].to_bits(), want[i].to_bits());
+            } else {
+                assert_eq!(v[i], 0.0);
+            }
+        }
+        let d = &dense.iter().find(|t| &t.0 == name).unwrap().2;
+        assert_ne!(&v, d, "{name}: new values");
+    }
+    let mut random = GraphNet::from_model(
+        &model,
+        prunescope::graph::Graph::from_json(&model.metadata["prunescope.arch"]).unwrap(),
+        &MaskSet::new(),
+    )
+    .unwrap();
+    Trainee::random_masks_like(&mut random, &net, 9);
+    for ((_, a), (_, b)) in random.masks().iter().zip(net.masks().iter()) {
+        let zeros = |m: &[bool]| m.iter().filter(|k| !**k).count();
+        assert_eq!(zeros(a), zeros(b));
+        assert_ne!(a, b);
+    }
+    // A one-epoch one-shot schedule on candle reaches its target with the zeros held.
+    let split = prunescope::data::digits_split().unwrap();
+    let dense_net = GraphNet::from_model(
+        &model,
+        prunescope::graph::Graph::from_json(&model.metadata["prunescope.arch"]).unwrap(),
+        &MaskSet::new(),
+    )
+    .unwrap();
+    let r = run_schedule(
+        dense_net,
+        0.7,
+        Schedule::OneShot,
+        &split,
+        &FinetuneConfig {
+            epochs: 1,
+            ..Default::default()
+        },
+        &Progress::none(),
+        |_| {},
+    )
+    .unwrap();
+    assert!((Trainee::sparsity(&r.net) - 0.7).abs() < 1e-3);
+    for (name, keep) in r.net.masks() {
+        let v = r.net.tensors().into_iter().find(|t| t.0 == name).unwrap().2;
+        assert!(v.iter().zip(&keep).all(|(x, k)| *k || *x == 0.0), "{name}");
+    }
+    assert!(r.final_accuracy > 0.5, "{}", r.final_accuracy);
+}

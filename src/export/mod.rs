@@ -517,3 +517,45 @@ pub fn check_outputs(
     }
     Ok(())
 }
+
+/// The ONNX file's bytes with the named F32 initializers' values replaced (a fine-tune's
+/// result): every other byte is the input's, so the graph, its attributes and every other
+/// initializer are untouched.
+pub fn patch_onnx(
+    model: &Model,
+    values: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<Vec<u8>, ExportError> {
+    use crate::model::onnx_io::{Storage, initializers};
+    if model.format != crate::model::ModelFormat::Onnx {
+        return Err(ExportError::Unsupported(format!(
+            "{} is not an ONNX model",
+            model.display_name()
+        )));
+    }
+    let mut buf = model.backing_bytes().to_vec();
+    let inits = initializers(&buf).map_err(|e| ExportError::Unsupported(e.to_string()))?;
+    for (init, _) in &inits {
+        let Some((_, _, v)) = values.iter().find(|(n, _, _)| *n == init.name) else {
+            continue;
+        };
+        if init.storage != Storage::InPlace || init.dtype != crate::model::DType::F32 {
+            return Err(ExportError::Unsupported(format!(
+                "tensor '{}' is not stored as F32 values inside the ONNX file, so trained values \
+                 cannot be written back into it",
+                init.name
+            )));
+        }
+        if init.data.len() != v.len() * 4 {
+            return Err(ExportError::Unsupported(format!(
+                "tensor '{}': {} bytes in the file for {} trained values",
+                init.name,
+                init.data.len(),
+                v.len()
+            )));
+        }
+        for (chunk, x) in buf[init.data.clone()].chunks_exact_mut(4).zip(v) {
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+    }
+    Ok(buf)
+}

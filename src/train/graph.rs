@@ -320,6 +320,10 @@ pub struct GraphFinetune {
     /// Every parameter and running statistic after training (the best epoch's when cancelled).
     pub tensors: NamedTensors,
     pub cancelled: bool,
+    /// The masks at the end (a schedule may have moved them), 1 = kept.
+    pub masks: Vec<(String, Vec<bool>)>,
+    /// The tensors before step `record_at`, when asked.
+    pub recorded: Option<NamedTensors>,
 }
 
 /// Fine-tunes `graph`'s parameters from `model` with `masks` held (pruned weights are zeroed
@@ -334,7 +338,37 @@ pub fn finetune_graph(
     cfg: &super::FinetuneConfig,
     dev: &Device,
     progress: &crate::progress::Progress,
+    on_epoch: impl FnMut(&super::EpochStats),
+) -> Result<GraphFinetune, TrainError> {
+    finetune_graph_with(
+        model,
+        graph,
+        masks,
+        data,
+        cfg,
+        dev,
+        progress,
+        on_epoch,
+        |_, _| None,
+        None,
+    )
+}
+
+/// [`finetune_graph`] with a schedule's hooks: before step `t`, `prune_at(t, sparsity)` may
+/// return a sparsity to prune the masked tensors to first (by magnitude, layer by layer); the
+/// weights before step `record_at` are returned too (late rewinding).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_graph_with(
+    model: &crate::model::Model,
+    graph: &Graph,
+    masks: &crate::prune::MaskSet,
+    data: &Split,
+    cfg: &super::FinetuneConfig,
+    dev: &Device,
+    progress: &crate::progress::Progress,
     mut on_epoch: impl FnMut(&super::EpochStats),
+    mut prune_at: impl FnMut(usize, f64) -> Option<f64>,
+    record_at: Option<usize>,
 ) -> Result<GraphFinetune, TrainError> {
     use candle_core::D;
     if cfg.distill.is_some() {
@@ -362,7 +396,7 @@ pub fn finetune_graph(
         }
     }
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mask_of: Vec<Option<Tensor>> = vars
+    let mut mask_of: Vec<Option<Tensor>> = vars
         .iter()
         .map(|(name, v)| {
             masks
@@ -434,8 +468,14 @@ pub fn finetune_graph(
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut step, mut seen, mut secs) = (0usize, 0usize, 0.0f64);
     let mut epochs = Vec::new();
-    let mut best: Option<(f64, NamedTensors)> = None;
+    let mut best: Option<(f64, NamedTensors)> = Some((
+        before.accuracy.unwrap_or(f64::NAN),
+        snapshot(&vars, &state)?,
+    ));
     let mut cancelled = false;
+    let mut recorded = None;
+    let masked_numel: usize = mask_of.iter().flatten().map(|m| m.elem_count()).sum();
+    let mut pruned_now: usize = masks.iter().map(|(_, m)| m.len() - m.count_kept()).sum();
     'epochs: for epoch in 0..cfg.epochs {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -447,6 +487,22 @@ pub fn finetune_graph(
                 cancelled = true;
                 secs += t0.elapsed().as_secs_f64();
                 break 'epochs;
+            }
+            let current_sparsity = pruned_now as f64 / masked_numel.max(1) as f64;
+            if let Some(target) = prune_at(step, current_sparsity) {
+                pruned_now = 0;
+                for ((_, v), m) in vars.iter().zip(mask_of.iter_mut()) {
+                    let Some(old) = m.as_ref() else { continue };
+                    let values = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    let keep = magnitude_keep(&values, target);
+                    pruned_now += keep.iter().filter(|k| **k == 0.0).count();
+                    let new = Tensor::from_vec(keep, old.dims(), dev)?;
+                    v.set(&(v.as_tensor() * &new)?)?;
+                    *m = Some(new);
+                }
+            }
+            if record_at == Some(step) {
+                recorded = Some(snapshot(&vars, &state)?);
             }
             let lr = cfg.schedule.lr(cfg.lr, step, total, per_epoch);
             let (x, y) = batch(train, chunk, &sample, dev)?;
@@ -510,8 +566,12 @@ pub fn finetune_graph(
             lr: cfg
                 .schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+            sparsity: pruned_now as f64 / masked_numel.max(1) as f64,
         };
-        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+        if best
+            .as_ref()
+            .is_none_or(|(a, _)| stats.test_accuracy > *a || a.is_nan())
+        {
             best = Some((stats.test_accuracy, snapshot(&vars, &state)?));
         }
         progress.report(
@@ -534,11 +594,27 @@ pub fn finetune_graph(
             m.loss = epochs
                 .iter()
                 .find(|e| e.test_accuracy == acc)
-                .map(|e| e.test_loss);
+                .map(|e| e.test_loss)
+                .or(before.loss);
             (t, m)
         }
         _ => (snapshot(&vars, &state)?, evaluate(&vars, &state)?),
     };
+    let final_masks = vars
+        .iter()
+        .zip(&mask_of)
+        .filter_map(|((n, _), m)| m.as_ref().map(|m| (n.clone(), m)))
+        .map(|(n, m)| {
+            Ok((
+                n,
+                m.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| *v != 0.0)
+                    .collect(),
+            ))
+        })
+        .collect::<candle_core::Result<Vec<(String, Vec<bool>)>>>()?;
     Ok(GraphFinetune {
         before,
         after,
@@ -546,5 +622,51 @@ pub fn finetune_graph(
         samples_per_s: if secs > 0.0 { seen as f64 / secs } else { 0.0 },
         tensors,
         cancelled,
+        masks: final_masks,
+        recorded,
     })
+}
+
+/// 1 for the weights a layer keeps at `sparsity`, 0 for its smallest |w| (ties by index).
+pub fn magnitude_keep(values: &[f32], sparsity: f64) -> Vec<f32> {
+    let n = values.len();
+    let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
+    let mut keep = vec![1f32; n];
+    for &i in &order[..k] {
+        keep[i] = 0.0;
+    }
+    keep
+}
+
+/// Accuracy and loss of a graph with the given tensors on a labelled dataset (candle, CPU).
+pub fn eval_graph(
+    graph: &Graph,
+    tensors: &NamedTensors,
+    test: &crate::data::Dataset,
+) -> Result<crate::eval::Metrics, TrainError> {
+    let dev = Device::Cpu;
+    let mut p = crate::graph::Params::new();
+    for (n, s, v) in tensors {
+        p.insert(n.clone(), Tensor::from_slice(v, s.as_slice(), &dev)?);
+    }
+    let sample = graph.inputs[0].shape.clone();
+    let idx: Vec<usize> = (0..test.len()).collect();
+    let mut logits = Vec::new();
+    for chunk in idx.chunks(512) {
+        let (x, _) = batch(test, chunk, &sample, &dev)?;
+        let (y, _) = graph
+            .forward(&[x], &p, Mode::Eval)
+            .map_err(|e| TrainError::Compute(e.to_string()))?;
+        logits.push(y);
+    }
+    let logits = Tensor::cat(&logits, 0)?;
+    let y = Tensor::from_slice(&test.labels, test.len(), &dev)?;
+    Ok(crate::eval::metrics(&logits, &y)?)
+}
+
+/// Fresh initial values for every tensor of `graph` (PyTorch's defaults; norms at 1 and 0).
+pub fn fresh_init(graph: &Graph, shapes: &[(String, Vec<usize>)], seed: u64) -> NamedTensors {
+    init_params(graph, shapes, &mut SplitMix64::new(seed))
 }

@@ -13,8 +13,8 @@ pub use native::{
     write_trained,
 };
 pub use recovery::{
-    LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint, agp_sparsity,
-    iterative_sparsity, lottery, run_schedule,
+    GraphNet, LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint,
+    TrainRun, Trainee, agp_sparsity, iterative_sparsity, lottery, run_schedule,
 };
 
 use candle_core::{Device, Tensor, Var};

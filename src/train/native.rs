@@ -238,6 +238,18 @@ impl Net {
         out
     }
 
+    /// Fraction of the layer weights their masks prune (0 without masks).
+    pub fn masked_sparsity(&self) -> f64 {
+        let (p, n) = self.layers.iter().fold((0usize, 0usize), |(p, n), l| {
+            let pruned = l
+                .mask
+                .as_ref()
+                .map_or(0, |m| m.iter().filter(|v| **v == 0.0).count());
+            (p + pruned, n + l.w.len())
+        });
+        p as f64 / n.max(1) as f64
+    }
+
     /// Weights (and biases) pruned by the masks that are not exactly zero (0 after every step).
     pub fn masked_nonzeros(&self) -> usize {
         let count = |v: &[f32], m: &Option<Vec<f32>>| {
@@ -285,6 +297,8 @@ pub struct EpochStats {
     pub test_loss: f64,
     pub test_accuracy: f64,
     pub lr: f64,
+    /// Fraction of the prunable weights pruned at the end of the epoch.
+    pub sparsity: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -410,6 +424,7 @@ pub fn finetune_with(
             lr: cfg
                 .schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+            sparsity: net.masked_sparsity(),
         };
         if best
             .as_ref()
@@ -1035,6 +1050,7 @@ pub fn finetune_on(
             lr: cfg
                 .schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
+            sparsity: current.masked_sparsity(),
         };
         if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
             best = Some((stats.test_accuracy, current.clone()));

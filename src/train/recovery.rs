@@ -3,9 +3,11 @@
 
 use serde::Serialize;
 
-use super::native::{FinetuneConfig, Net, finetune, finetune_with};
+use super::native::{EpochStats, FinetuneConfig, Net, finetune_with};
 use super::{NamedTensors, TrainError};
+use crate::data::Dataset;
 use crate::data::Split;
+use crate::eval::Metrics;
 use crate::progress::Progress;
 use crate::util::SplitMix64;
 
@@ -120,6 +122,287 @@ impl Net {
     }
 }
 
+/// What schedules and the lottery train: an MLP on prunescope's loops ([`Net`]) or a graph on
+/// candle ([`GraphNet`]).
+pub trait Trainee: Clone {
+    /// Fraction of the prunable weights that are pruned.
+    fn sparsity(&self) -> f64;
+    /// Every prunable tensor to `sparsity` by magnitude; pruned weights stay pruned.
+    fn prune_layerwise(&mut self, sparsity: f64);
+    fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError>;
+    fn tensors(&self) -> NamedTensors;
+    /// Values by name, the masks applied after.
+    fn set_values(&mut self, values: &NamedTensors);
+    /// A fresh random initialisation, the masks kept and applied.
+    fn reinitialise(&mut self, seed: u64);
+    /// Random masks with `other`'s per-tensor pruned counts.
+    fn random_masks_like(&mut self, other: &Self, seed: u64);
+    /// The prunable tensors' masks by name, true = kept.
+    fn masks(&self) -> Vec<(String, Vec<bool>)>;
+    /// Trains with the masks held. Before step `t`, `prune_at(t, sparsity)` may name a
+    /// sparsity to prune to; the tensors before step `record_at` come back too.
+    fn train(
+        self,
+        data: &Split,
+        cfg: &FinetuneConfig,
+        progress: &Progress,
+        on_epoch: &mut dyn FnMut(&EpochStats),
+        prune_at: &mut dyn FnMut(usize, f64) -> Option<f64>,
+        record_at: Option<usize>,
+    ) -> Result<TrainRun<Self>, TrainError>;
+}
+
+/// A training run's result.
+pub struct TrainRun<T> {
+    pub trainee: T,
+    pub cancelled: bool,
+    pub recorded: Option<NamedTensors>,
+}
+
+impl Trainee for Net {
+    fn sparsity(&self) -> f64 {
+        Net::sparsity(self)
+    }
+    fn prune_layerwise(&mut self, sparsity: f64) {
+        Net::prune_layerwise(self, sparsity)
+    }
+    fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
+        Net::metrics(self, test)
+    }
+    fn tensors(&self) -> NamedTensors {
+        Net::tensors(self)
+    }
+    fn set_values(&mut self, values: &NamedTensors) {
+        Net::set_values(self, values)
+    }
+    fn reinitialise(&mut self, seed: u64) {
+        Net::reinitialise(self, seed)
+    }
+    fn random_masks_like(&mut self, other: &Self, seed: u64) {
+        Net::random_masks_like(self, other, seed)
+    }
+    fn masks(&self) -> Vec<(String, Vec<bool>)> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let keep = l.mask.as_ref().map_or_else(
+                    || vec![true; l.w.len()],
+                    |m| m.iter().map(|v| *v != 0.0).collect(),
+                );
+                (l.weight_name.clone(), keep)
+            })
+            .collect()
+    }
+    fn train(
+        self,
+        data: &Split,
+        cfg: &FinetuneConfig,
+        progress: &Progress,
+        on_epoch: &mut dyn FnMut(&EpochStats),
+        prune_at: &mut dyn FnMut(usize, f64) -> Option<f64>,
+        record_at: Option<usize>,
+    ) -> Result<TrainRun<Self>, TrainError> {
+        let mut recorded = None;
+        let r = finetune_with(
+            self,
+            None,
+            &data.train,
+            &data.test,
+            cfg,
+            progress,
+            |e, _| on_epoch(e),
+            |t, n| {
+                if let Some(s) = prune_at(t, n.sparsity()) {
+                    n.prune_layerwise(s);
+                }
+                if record_at == Some(t) {
+                    recorded = Some(n.tensors());
+                }
+            },
+        )?;
+        Ok(TrainRun {
+            trainee: r.net,
+            cancelled: r.cancelled,
+            recorded,
+        })
+    }
+}
+
+/// A graph (the CNN samples, any safetensors graph) with its tensors and masks, trained on
+/// candle.
+#[derive(Clone)]
+pub struct GraphNet {
+    metadata: std::collections::BTreeMap<String, String>,
+    graph: crate::graph::Graph,
+    tensors: NamedTensors,
+    /// The prunable tensors' masks, true = kept.
+    masks: Vec<(String, Vec<bool>)>,
+}
+
+impl GraphNet {
+    /// The model's graph and tensors; `masks` where given, all kept for the other prunable
+    /// trainable tensors (floating, ≥ 2 dims).
+    pub fn from_model(
+        model: &crate::model::Model,
+        graph: crate::graph::Graph,
+        masks: &crate::prune::MaskSet,
+    ) -> Result<GraphNet, TrainError> {
+        let trainable = graph.trainable_names();
+        let mut tensors = Vec::new();
+        for name in graph.param_names() {
+            let t = model
+                .find(&name)
+                .ok_or_else(|| TrainError::Compute(format!("tensor '{name}' is missing")))?;
+            let mut v = model.to_f32_vec(t);
+            if let Some(m) = masks.get(&name) {
+                m.apply(&mut v);
+            }
+            tensors.push((name, model.tensors[t].shape.clone(), v));
+        }
+        let mut gmasks = Vec::new();
+        for (name, shape, _) in &tensors {
+            let t = model.find(name).expect("found above");
+            if let Some(m) = masks.get(name) {
+                gmasks.push((name.clone(), (0..m.len()).map(|i| m.kept(i)).collect()));
+            } else if trainable.contains(name) && model.tensors[t].default_prunable() {
+                gmasks.push((name.clone(), vec![true; shape.iter().product()]));
+            }
+        }
+        Ok(GraphNet {
+            metadata: model.metadata.clone(),
+            graph,
+            tensors,
+            masks: gmasks,
+        })
+    }
+
+    /// As an in-memory model (every tensor F32, the metadata kept).
+    pub fn to_model(&self) -> crate::model::Model {
+        let mut m =
+            crate::model::Model::from_f32_tensors("graph being trained", self.tensors.clone());
+        m.metadata = self.metadata.clone();
+        m
+    }
+
+    fn apply_masks(&mut self) {
+        for (name, keep) in &self.masks {
+            if let Some((_, _, v)) = self.tensors.iter_mut().find(|(n, _, _)| n == name) {
+                for (x, k) in v.iter_mut().zip(keep) {
+                    if !k {
+                        *x = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Trainee for GraphNet {
+    fn sparsity(&self) -> f64 {
+        let (p, n) = self.masks.iter().fold((0, 0), |(p, n), (_, m)| {
+            (p + m.iter().filter(|k| !**k).count(), n + m.len())
+        });
+        p as f64 / n.max(1) as f64
+    }
+    fn prune_layerwise(&mut self, sparsity: f64) {
+        for (name, keep) in &mut self.masks {
+            if let Some((_, _, v)) = self.tensors.iter().find(|(n, _, _)| n == name) {
+                let k = super::graph::magnitude_keep(v, sparsity);
+                *keep = k.iter().map(|x| *x != 0.0).collect();
+            }
+        }
+        self.apply_masks();
+    }
+    fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
+        super::graph::eval_graph(&self.graph, &self.tensors, test)
+    }
+    fn tensors(&self) -> NamedTensors {
+        self.tensors.clone()
+    }
+    fn set_values(&mut self, values: &NamedTensors) {
+        for (name, _, v) in values {
+            if let Some((_, _, dst)) = self.tensors.iter_mut().find(|(n, _, _)| n == name)
+                && dst.len() == v.len()
+            {
+                dst.copy_from_slice(v);
+            }
+        }
+        self.apply_masks();
+    }
+    fn reinitialise(&mut self, seed: u64) {
+        let shapes: Vec<(String, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect();
+        let fresh = super::graph::fresh_init(&self.graph, &shapes, seed);
+        self.set_values(&fresh);
+    }
+    fn random_masks_like(&mut self, other: &Self, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        for (name, keep) in &mut self.masks {
+            let pruned = other
+                .masks
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, m)| m.iter().filter(|k| !**k).count());
+            let mut order: Vec<usize> = (0..keep.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            keep.iter_mut().for_each(|k| *k = true);
+            for &i in &order[..pruned.min(order.len())] {
+                keep[i] = false;
+            }
+        }
+        self.apply_masks();
+    }
+    fn masks(&self) -> Vec<(String, Vec<bool>)> {
+        self.masks.clone()
+    }
+    fn train(
+        self,
+        data: &Split,
+        cfg: &FinetuneConfig,
+        progress: &Progress,
+        on_epoch: &mut dyn FnMut(&EpochStats),
+        prune_at: &mut dyn FnMut(usize, f64) -> Option<f64>,
+        record_at: Option<usize>,
+    ) -> Result<TrainRun<Self>, TrainError> {
+        let model = self.to_model();
+        let mut set = crate::prune::MaskSet::new();
+        for (name, keep) in &self.masks {
+            set.insert(&model, name, crate::prune::Mask::from_kept(keep))
+                .map_err(|e| TrainError::Compute(e.to_string()))?;
+        }
+        let r = super::graph::finetune_graph_with(
+            &model,
+            &self.graph,
+            &set,
+            data,
+            cfg,
+            &candle_core::Device::Cpu,
+            progress,
+            |e| on_epoch(e),
+            prune_at,
+            record_at,
+        )?;
+        let mut next = self;
+        next.tensors = r.tensors;
+        for (name, keep) in r.masks {
+            if let Some((_, m)) = next.masks.iter_mut().find(|(n, _)| *n == name) {
+                *m = keep;
+            }
+        }
+        next.apply_masks();
+        Ok(TrainRun {
+            trainee: next,
+            cancelled: r.cancelled,
+            recorded: r.recorded,
+        })
+    }
+}
+
 /// How a schedule reaches its target.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -145,31 +428,30 @@ pub struct TimelinePoint {
     pub event: &'static str,
 }
 
-#[derive(Clone, Debug)]
-pub struct ScheduleResult {
+pub struct ScheduleResult<T> {
     pub timeline: Vec<TimelinePoint>,
-    pub net: Net,
+    pub net: T,
     pub final_accuracy: f64,
     pub final_loss: f64,
 }
 
 /// Runs `schedule` from the dense `net` to `target` sparsity on `data`, `cfg.epochs` epochs
 /// in all. `on_point` sees the timeline as it grows.
-pub fn run_schedule(
-    mut net: Net,
+pub fn run_schedule<T: Trainee>(
+    mut net: T,
     target: f64,
     schedule: Schedule,
     data: &Split,
     cfg: &FinetuneConfig,
     progress: &Progress,
     mut on_point: impl FnMut(&TimelinePoint),
-) -> Result<ScheduleResult, TrainError> {
+) -> Result<ScheduleResult<T>, TrainError> {
     let mut timeline = Vec::new();
     let mut push = |t: TimelinePoint, timeline: &mut Vec<TimelinePoint>| {
         on_point(&t);
         timeline.push(t);
     };
-    let acc = |n: &Net| -> Result<f64, TrainError> {
+    let acc = |n: &T| -> Result<f64, TrainError> {
         Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
     };
     let per_epoch = data.train.len().div_ceil(cfg.batch_size.max(1));
@@ -195,13 +477,18 @@ pub fn run_schedule(
                 },
                 &mut timeline,
             );
-            let r = finetune(net, None, &data.train, &data.test, cfg, progress, |e, _| {
-                step = e.epoch * per_epoch;
-            })?;
+            let r = net.train(
+                data,
+                cfg,
+                progress,
+                &mut |e| step = e.epoch * per_epoch,
+                &mut |_, _| None,
+                None,
+            )?;
             if r.cancelled {
                 return Err(TrainError::Cancelled);
             }
-            net = r.net;
+            net = r.trainee;
             push(
                 TimelinePoint {
                     step,
@@ -250,16 +537,15 @@ pub fn run_schedule(
                     seed: cfg.seed + r as u64,
                     ..cfg.clone()
                 };
-                let res = finetune(
-                    net,
-                    None,
-                    &data.train,
-                    &data.test,
+                let res = net.train(
+                    data,
                     &round_cfg,
                     &Progress::none(),
-                    |_, _| {},
+                    &mut |_| {},
+                    &mut |_, _| None,
+                    None,
                 )?;
-                net = res.net;
+                net = res.trainee;
                 step += epochs * per_epoch;
                 push(
                     TimelinePoint {
@@ -283,22 +569,20 @@ pub fn run_schedule(
             let n = (ramp_steps / every).max(1);
             let initial = net.sparsity();
             let mut points = Vec::new();
-            let r = finetune_with(
-                net,
-                None,
-                &data.train,
-                &data.test,
+            let r = net.train(
+                data,
                 cfg,
                 progress,
-                |e, n| points.push((e.epoch * per_epoch, n.sparsity(), e.test_accuracy)),
-                |t, n_| {
+                &mut |e| points.push((e.epoch * per_epoch, e.sparsity, e.test_accuracy)),
+                &mut |t, current| {
                     if t.is_multiple_of(every) && t <= n * every {
                         let s = agp_sparsity(initial, target, 0, n, every, t);
-                        if s > n_.sparsity() + 1e-12 {
-                            n_.prune_layerwise(s);
-                        }
+                        (s > current + 1e-12).then_some(s)
+                    } else {
+                        None
                     }
                 },
+                None,
             )?;
             if r.cancelled {
                 return Err(TrainError::Cancelled);
@@ -318,7 +602,7 @@ pub fn run_schedule(
                     &mut timeline,
                 );
             }
-            net = r.net;
+            net = r.trainee;
             // Fewer steps than one mask interval: reach the target (without recovery).
             if net.sparsity() + 1e-9 < target {
                 net.prune_layerwise(target);
@@ -369,19 +653,19 @@ pub enum Rewind {
     Iteration(usize),
 }
 
-pub struct LotteryResult {
+pub struct LotteryResult<T> {
     pub dense: f64,
     pub levels: Vec<LotteryLevel>,
     /// Each level's ticket (trained), for export.
-    pub tickets: Vec<Net>,
+    pub tickets: Vec<T>,
 }
 
 /// Iterative magnitude pruning with rewinding: train dense from `init`; then for each level
 /// prune `rate` of each layer's remaining weights by magnitude, rewind the survivors, retrain;
 /// beside each ticket, train the two controls.
 #[allow(clippy::too_many_arguments)]
-pub fn lottery(
-    init: &Net,
+pub fn lottery<T: Trainee>(
+    init: &T,
     data: &Split,
     cfg: &FinetuneConfig,
     levels: usize,
@@ -389,25 +673,24 @@ pub fn lottery(
     rewind: Rewind,
     progress: &Progress,
     mut on_level: impl FnMut(&LotteryLevel),
-) -> Result<LotteryResult, TrainError> {
-    let train = |net: Net, seed: u64| -> Result<Net, TrainError> {
+) -> Result<LotteryResult<T>, TrainError> {
+    let train = |net: T, seed: u64| -> Result<T, TrainError> {
         let c = FinetuneConfig {
             seed,
             ..cfg.clone()
         };
         // The last epoch's weights: a ticket is judged after its training, not at its best.
-        let r = finetune(
-            net,
-            None,
-            &data.train,
-            &data.test,
+        let r = net.train(
+            data,
             &c,
             &Progress::none(),
-            |_, _| {},
+            &mut |_| {},
+            &mut |_, _| None,
+            None,
         )?;
-        Ok(r.net)
+        Ok(r.trainee)
     };
-    let acc = |n: &Net| -> Result<f64, TrainError> {
+    let acc = |n: &T| -> Result<f64, TrainError> {
         Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
     };
     // The rewind point: the initial values, or those after `k` steps of the dense training
@@ -423,24 +706,23 @@ pub fn lottery(
         seed: cfg.seed,
         ..cfg.clone()
     };
+    let record_at = match rewind {
+        Rewind::Init => None,
+        Rewind::Iteration(k) => Some(k),
+    };
     let mut trained = {
-        let r = finetune_with(
-            init.clone(),
-            None,
-            &data.train,
-            &data.test,
+        let r = init.clone().train(
+            data,
             &dense_cfg,
             &Progress::none(),
-            |_, _| {},
-            |t, n| {
-                if let Rewind::Iteration(k) = rewind
-                    && t == k
-                {
-                    rewind_to = n.tensors();
-                }
-            },
+            &mut |_| {},
+            &mut |_, _| None,
+            record_at,
         )?;
-        r.net
+        if let Some(t) = r.recorded {
+            rewind_to = t;
+        }
+        r.trainee
     };
     if let Rewind::Iteration(k) = rewind {
         let steps = data.train.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs;

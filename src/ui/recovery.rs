@@ -164,9 +164,10 @@ impl RecoveryPanel {
         let mlp = m.snapshot.tensors.iter().all(|t| t.shape.len() <= 2);
         if !trainable {
             ui.label(
-                "Training needs an architecture prunescope can train: the samples, or any \
-                 safetensors model with its graph described in the metadata (ONNX files are \
-                 evaluated, not trained, here). This model can be pruned and evaluated.",
+                "Training needs an architecture prunescope can train: the samples, a \
+                 safetensors model with its graph described in the metadata, or an ONNX graph \
+                 whose operators all import (the bar says \"evaluate + train\"). This model can \
+                 be pruned and evaluated.",
             );
             return None;
         }
@@ -363,11 +364,11 @@ impl RecoveryPanel {
                 .labelled_by(l.id)
                 .on_hover_text(TIP_LR_SCHEDULE);
         });
-        let mlp_only = self.tab != Tab::Finetune && !mlp;
+        let mlp_only = self.tab == Tab::Finetune && self.distill && !mlp;
         if mlp_only {
             ui.colored_label(
                 theme::CAPPED,
-                "Schedules and lottery tickets run on MLPs today; fine-tuning runs on this graph.",
+                "Distillation runs on MLPs today: untick it to fine-tune this graph.",
             );
         }
         ui.horizontal(|ui| {

@@ -590,7 +590,7 @@ impl Worker {
     /// Runs a training job on the worker thread (MLPs train in milliseconds to seconds),
     /// streaming its progress; a fine-tune or schedule's result becomes the open model.
     fn train(&mut self, job: JobId, cancel: CancelFlag, request: TrainRequest) {
-        use crate::train::{Net, finetune, lottery, run_schedule, training_split};
+        use crate::train::{Net, finetune, lottery, training_split};
         let label = match &request {
             TrainRequest::Finetune { .. } => "Fine-tuning",
             TrainRequest::Schedule { .. } => "Pruning on a schedule",
@@ -605,18 +605,30 @@ impl Worker {
             return fail(self, "no model is open".into());
         };
         let (id, model) = (s.id, s.model.clone());
-        let arch_text = match crate::eval::arch_json(&model) {
-            Ok(Some(j)) => j,
-            Ok(None) => {
-                return fail(
-                    self,
-                    "this model has no architecture prunescope can train (weights only, or an \
-                     ONNX graph: save the model as safetensors with a graph description to \
-                     train it here)"
-                        .into(),
-                );
+        let onnx = model.format == crate::model::ModelFormat::Onnx;
+        let arch_text = if onnx {
+            // An ONNX graph trains through its import into prunescope's graph; the result is
+            // written back into the same file's initializers.
+            match crate::eval::import_onnx_graph(&model) {
+                Ok(g) => g.to_json(),
+                Err(e) => {
+                    return fail(
+                        self,
+                        format!("this ONNX graph does not import into a trainable graph: {e}"),
+                    );
+                }
             }
-            Err(e) => return fail(self, e.to_string()),
+        } else {
+            match crate::eval::arch_json(&model) {
+                Ok(Some(j)) => j,
+                Ok(None) => {
+                    return fail(
+                        self,
+                        "this model has no architecture prunescope can train (weights only)".into(),
+                    );
+                }
+                Err(e) => return fail(self, e.to_string()),
+            }
         };
         let mlp = crate::eval::MlpArch::from_json(&arch_text).ok();
         let graph = match &mlp {
@@ -626,13 +638,6 @@ impl Worker {
                 Err(e) => return fail(self, format!("the architecture cannot be trained: {e}")),
             },
         };
-        if mlp.is_none() && !matches!(request, TrainRequest::Finetune { .. }) {
-            return fail(
-                self,
-                "schedules and lottery tickets run on MLPs today; fine-tuning runs on this graph"
-                    .into(),
-            );
-        }
         let dataset = mlp
             .as_ref()
             .map(|a| a.dataset.clone())
@@ -776,36 +781,41 @@ impl Worker {
                     schedule,
                     config,
                 } => {
-                    let arch = mlp.as_ref().expect("checked above");
                     let split =
                         training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
-                    let net = Net::from_model(&model, arch, &MaskSet::new())?;
-                    send(TrainUpdate::Started {
-                        kind: "schedule",
-                        start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
-                    });
-                    let r = run_schedule(net, target, schedule, &split, &config, &progress, |p| {
-                        send(TrainUpdate::Timeline(p.clone()))
-                    })?;
+                    let (tensors, masks, metrics, sparsity) = match (&mlp, &graph) {
+                        (Some(arch), _) => {
+                            let net = Net::from_model(&model, arch, &MaskSet::new())?;
+                            scheduled(net, target, schedule, &split, &config, &progress, &send)?
+                        }
+                        (None, Some(g)) => {
+                            let net = crate::train::GraphNet::from_model(
+                                &model,
+                                g.clone(),
+                                &MaskSet::new(),
+                            )?;
+                            scheduled(net, target, schedule, &split, &config, &progress, &send)?
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    };
                     // The result is pruned layer by layer to the target: so are the settings
                     // it comes with, which select exactly its zeros.
                     let mut settings = PruneSettings {
                         scope: crate::prune::Scope::Layer,
                         ..Default::default()
                     };
-                    for l in &r.net.layers {
-                        settings.layer_mut(&l.weight_name).sparsity = target;
+                    let prunable: u64 = masks.iter().map(|(_, m)| m.len() as u64).sum();
+                    let pruned: u64 = masks
+                        .iter()
+                        .map(|(_, m)| m.iter().filter(|k| !**k).count() as u64)
+                        .sum();
+                    for (name, _) in &masks {
+                        settings.layer_mut(name).sparsity = target;
                     }
                     let msg = format!(
                         "Schedule done: {:.2}% sparse, accuracy {:.2}%",
-                        r.net.sparsity() * 100.0,
-                        r.final_accuracy * 100.0
-                    );
-                    let metrics = r.net.metrics(&split.test)?;
-                    let prunable: u64 = r.net.layers.iter().map(|l| l.w.len() as u64).sum();
-                    let zeros = (
-                        (r.net.sparsity() * prunable as f64).round() as u64,
-                        prunable,
+                        sparsity * 100.0,
+                        metrics.accuracy.unwrap_or(f64::NAN) * 100.0
                     );
                     Ok(Some(Trained {
                         data: format!("{}, {} samples", split.test.name, split.test.len()),
@@ -818,8 +828,8 @@ impl Worker {
                         },
                         metrics,
                         settings: settings.clone(),
-                        tensors: r.net.tensors(),
-                        zeros,
+                        tensors,
+                        zeros: (pruned, prunable),
                         derived: Derived {
                             what: "pruned on a schedule".into(),
                             settings: Some(settings),
@@ -840,25 +850,36 @@ impl Worker {
                                 .into(),
                         )
                     })?;
-                    let arch = mlp.as_ref().expect("checked above");
                     let split =
                         training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
-                    let init = Net::from_model(&init, arch, &MaskSet::new())?;
                     send(TrainUpdate::Started {
                         kind: "lottery",
                         start: f64::NAN,
                     });
-                    let r = lottery(
-                        &init,
-                        &split,
-                        &config,
-                        levels,
-                        rate,
-                        rewind,
-                        &progress,
-                        |l| send(TrainUpdate::Level(l.clone())),
-                    )?;
-                    send(TrainUpdate::LotteryDense(r.dense));
+                    let on_level =
+                        |l: &crate::train::LotteryLevel| send(TrainUpdate::Level(l.clone()));
+                    let dense = match (&mlp, &graph) {
+                        (Some(arch), _) => {
+                            let init = Net::from_model(&init, arch, &MaskSet::new())?;
+                            lottery(
+                                &init, &split, &config, levels, rate, rewind, &progress, on_level,
+                            )?
+                            .dense
+                        }
+                        (None, Some(g)) => {
+                            let init = crate::train::GraphNet::from_model(
+                                &init,
+                                g.clone(),
+                                &MaskSet::new(),
+                            )?;
+                            lottery(
+                                &init, &split, &config, levels, rate, rewind, &progress, on_level,
+                            )?
+                            .dense
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    };
+                    send(TrainUpdate::LotteryDense(dense));
                     Ok(None)
                 }
             }
@@ -928,11 +949,25 @@ impl Worker {
                     format!("{} ({})", base_name(&model.display_name()), derived.what)
                         .into_boxed_str(),
                 );
-                let mut m = Model::from_f32_tensors(name, tensors);
-                m.metadata = model.metadata.clone();
-                // In memory the model has no path: a sidecar architecture must travel inside.
-                m.metadata
-                    .insert(crate::eval::ARCH_METADATA_KEY.into(), arch_text.clone());
+                let m = if onnx {
+                    // The same ONNX file with the trained values in its initializers: it still
+                    // evaluates through tract and exports as ONNX.
+                    let bytes = match crate::export::patch_onnx(&model, &trained_tensors) {
+                        Ok(b) => b,
+                        Err(e) => return fail(self, e.to_string()),
+                    };
+                    match Model::from_bytes(name, crate::model::ModelFormat::Onnx, bytes) {
+                        Ok(m) => m,
+                        Err(e) => return fail(self, e.to_string()),
+                    }
+                } else {
+                    let mut m = Model::from_f32_tensors(name, tensors);
+                    m.metadata = model.metadata.clone();
+                    // In memory the model has no path: a sidecar architecture travels inside.
+                    m.metadata
+                        .insert(crate::eval::ARCH_METADATA_KEY.into(), arch_text.clone());
+                    m
+                };
                 self.undo.push(model);
                 if self.undo.len() > UNDO_DEPTH {
                     self.undo.remove(0);
@@ -1568,6 +1603,37 @@ fn curves_for(s: &Session, settings: &PruneSettings) -> Result<Arc<Sensitivity>,
         ));
     }
     Ok(sens)
+}
+
+/// A schedule on any trainee, its timeline streamed: the trained tensors, its masks, its test
+/// figures and sparsity.
+#[allow(clippy::type_complexity)]
+fn scheduled<T: crate::train::Trainee>(
+    net: T,
+    target: f64,
+    schedule: crate::train::Schedule,
+    split: &crate::data::Split,
+    config: &crate::train::FinetuneConfig,
+    progress: &Progress,
+    send: &dyn Fn(TrainUpdate),
+) -> Result<
+    (
+        crate::train::NamedTensors,
+        Vec<(String, Vec<bool>)>,
+        crate::eval::Metrics,
+        f64,
+    ),
+    crate::train::TrainError,
+> {
+    send(TrainUpdate::Started {
+        kind: "schedule",
+        start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
+    });
+    let r = crate::train::run_schedule(net, target, schedule, split, config, progress, |p| {
+        send(TrainUpdate::Timeline(p.clone()))
+    })?;
+    let metrics = r.net.metrics(&split.test)?;
+    Ok((r.net.tensors(), r.net.masks(), metrics, r.net.sparsity()))
 }
 
 /// Pruned weights in a mask set.
