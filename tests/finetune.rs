@@ -615,3 +615,31 @@ fn an_onnx_model_fine_tunes_into_the_same_onnx_graph_with_new_values() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(".onnx"));
 }
+
+#[test]
+fn graph_distillation_runs_and_needs_no_mlp() {
+    let model = prunescope::sample::open_named("cnn").unwrap();
+    let graph = prunescope::graph::Graph::from_json(&model.metadata["prunescope.arch"]).unwrap();
+    let masks = masks_at(&model, 0.8);
+    let split = prunescope::data::digits_split().unwrap();
+    let cfg = FinetuneConfig {
+        epochs: 1,
+        distill: Some(Distill {
+            temperature: 4.0,
+            alpha: 0.7,
+        }),
+        ..Default::default()
+    };
+    let r = prunescope::train::finetune_graph(
+        &model,
+        &graph,
+        &masks,
+        &split,
+        &cfg,
+        &Device::Cpu,
+        &Progress::none(),
+        |e| assert!(e.train_loss.is_finite()),
+    )
+    .unwrap();
+    assert!(r.after.accuracy.unwrap() > r.before.accuracy.unwrap());
+}

@@ -328,7 +328,7 @@ pub struct GraphFinetune {
 
 /// Fine-tunes `graph`'s parameters from `model` with `masks` held (pruned weights are zeroed
 /// after every step), SGD with momentum or AdamW, BatchNorm in training mode with its running
-/// statistics updated. Distillation runs on MLPs only.
+/// statistics updated; distillation from the model as given (before its masks) when asked.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_graph(
     model: &crate::model::Model,
@@ -371,11 +371,6 @@ pub fn finetune_graph_with(
     record_at: Option<usize>,
 ) -> Result<GraphFinetune, TrainError> {
     use candle_core::D;
-    if cfg.distill.is_some() {
-        return Err(TrainError::Compute(
-            "distillation runs on MLPs today; fine-tune this graph without it".into(),
-        ));
-    }
     let sample = graph.inputs[0].shape.clone();
     if graph.inputs.len() != 1 || sample.iter().product::<usize>() != data.train.dim {
         return Err(TrainError::Compute(format!(
@@ -385,6 +380,14 @@ pub fn finetune_graph_with(
     }
     let params = crate::graph::load_params(graph, model, Some(masks), dev)
         .map_err(|e| TrainError::Compute(e.to_string()))?;
+    // The teacher for distillation: the model as given, before its masks.
+    let teacher = match cfg.distill {
+        Some(_) => Some(
+            crate::graph::load_params(graph, model, None, dev)
+                .map_err(|e| TrainError::Compute(e.to_string()))?,
+        ),
+        None => None,
+    };
     let trainable = graph.trainable_names();
     let mut vars: Vec<(String, Var)> = Vec::new();
     let mut state: HashMap<String, Tensor> = HashMap::new();
@@ -515,7 +518,20 @@ pub fn finetune_graph_with(
                     },
                 )
                 .map_err(|e| TrainError::Compute(e.to_string()))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            if let (Some(d), Some(tp)) = (cfg.distill, &teacher) {
+                let (x, _) = batch(train, chunk, &sample, dev)?;
+                let (tl, _) = graph
+                    .forward(&[x], tp, Mode::Eval)
+                    .map_err(|e| TrainError::Compute(e.to_string()))?;
+                let ls = candle_nn::ops::log_softmax(&(&logits / d.temperature)?, D::Minus1)?;
+                let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
+                let kl = (&pt * (pt.clamp(1e-30f32, 1f32)?.log()? - ls)?)?
+                    .sum_all()?
+                    .affine(1.0 / chunk.len() as f64, 0.0)?;
+                loss = ((loss * (1.0 - d.alpha))?
+                    + (kl * (d.alpha * d.temperature * d.temperature))?)?;
+            }
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += pred
                 .iter()

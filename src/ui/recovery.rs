@@ -161,7 +161,6 @@ impl RecoveryPanel {
         };
         let trainable =
             m.eval.engine.as_ref().is_some_and(|e| e.trainable) && m.snapshot.format != "onnx";
-        let mlp = m.snapshot.tensors.iter().all(|t| t.shape.len() <= 2);
         if !trainable {
             ui.label(
                 "Training needs an architecture prunescope can train: the samples, a \
@@ -364,16 +363,9 @@ impl RecoveryPanel {
                 .labelled_by(l.id)
                 .on_hover_text(TIP_LR_SCHEDULE);
         });
-        let mlp_only = self.tab == Tab::Finetune && self.distill && !mlp;
-        if mlp_only {
-            ui.colored_label(
-                theme::CAPPED,
-                "Distillation runs on MLPs today: untick it to fine-tune this graph.",
-            );
-        }
         ui.horizontal(|ui| {
             if ui
-                .add_enabled(running.is_none() && !mlp_only, egui::Button::new("Start"))
+                .add_enabled(running.is_none(), egui::Button::new("Start"))
                 .on_hover_text(match self.tab {
                     Tab::Finetune => TIP_FINETUNE,
                     Tab::Schedule => TIP_SCHEDULE,
