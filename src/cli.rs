@@ -1416,7 +1416,8 @@ fn finetune_graph_cmd(
         let v = serde_json::json!({
             "before": fig(&r.before),
             "after": fig(&r.after),
-            "epochs": r.epochs,
+            "epochs": r.epochs.len(),
+            "per_epoch": r.epochs,
             "samples_per_s": r.samples_per_s,
             "device": a.device,
             "engine": "candle",
@@ -1518,7 +1519,8 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "before": fig(&r.before),
             "after": fig(&r.after),
-            "epochs": r.epochs,
+            "epochs": r.epochs.len(),
+            "per_epoch": r.epochs,
             "samples_per_s": r.samples_per_s,
             "device": a.device,
             "train": split.train.name,

@@ -372,7 +372,8 @@ fn the_cli_fine_tunes_and_the_export_reloads_with_the_same_figures() {
     let before = v["before"]["accuracy"].as_f64().unwrap();
     let after = v["after"]["accuracy"].as_f64().unwrap();
     assert!(after > before + 0.2, "{before} → {after}");
-    assert_eq!(v["epochs"].as_array().unwrap().len(), 4);
+    assert_eq!(v["epochs"], 4);
+    assert_eq!(v["per_epoch"].as_array().unwrap().len(), 4);
     assert!(v["samples_per_s"].as_f64().unwrap() > 0.0);
     // The written model evaluates to the figures the fine-tune reported, and 90 % of its
     // prunable weights are exactly zero.
