@@ -497,6 +497,7 @@ enum DialogAnswer {
 enum SaveTarget {
     Sensitivity(super::sensitivity::SaveKind),
     HistoryCsv,
+    LotteryCsv,
 }
 
 /// The desktop app.
@@ -690,6 +691,7 @@ impl App {
                             shown.strip_suffix(&ext).unwrap_or(&shown).to_string();
                     }
                     SaveTarget::HistoryCsv => self.history.save_path = p.display().to_string(),
+                    SaveTarget::LotteryCsv => self.save_file(SaveTarget::LotteryCsv, p),
                 },
                 DialogAnswer::SaveFile(_, None) => {}
                 DialogAnswer::Saved(Ok(m)) => self.state.notice = Some(m),
@@ -704,6 +706,7 @@ impl App {
                 ("Save sensitivity", format!("sensitivity.{}", k.extension()))
             }
             SaveTarget::HistoryCsv => ("Save experiment history", "history.csv".to_string()),
+            SaveTarget::LotteryCsv => ("Save lottery runs", "lottery.csv".to_string()),
         };
         self.spawn_dialog(ctx, move || {
             DialogAnswer::SaveFile(
@@ -747,6 +750,16 @@ impl App {
             SaveTarget::Sensitivity(super::sensitivity::SaveKind::Json) => {
                 self.state.sensitivity.as_ref().map(|s| s.to_json())
             }
+            SaveTarget::LotteryCsv => self.state.training.as_ref().map(|v| {
+                let mut csv = String::from("level,remaining,ticket,reinit,random_mask\n");
+                for l in &v.levels {
+                    csv.push_str(&format!(
+                        "{},{},{},{},{}\n",
+                        l.level, l.remaining, l.ticket, l.reinit, l.random_mask
+                    ));
+                }
+                csv
+            }),
             SaveTarget::HistoryCsv => self.state.model.as_ref().map(|m| {
                 crate::history::History {
                     model_hash: m.snapshot.hash.clone().unwrap_or_default(),
@@ -1116,6 +1129,7 @@ impl eframe::App for App {
                         self.worker.cancel(j.id);
                     }
                 }
+                R::SaveLottery(path) => self.save_file(SaveTarget::LotteryCsv, path),
                 R::Undo => {
                     if let Some(m) = &self.state.model {
                         let _ = self.worker.send(crate::worker::Command::Undo {

@@ -49,6 +49,8 @@ pub enum RecoveryAction {
     Start(TrainRequest),
     Cancel,
     Undo,
+    /// Write the lottery runs as CSV here.
+    SaveLottery(std::path::PathBuf),
 }
 
 pub struct RecoveryPanel {
@@ -69,6 +71,7 @@ pub struct RecoveryPanel {
     levels: usize,
     rate: f64,
     device: crate::train::TrainDevice,
+    lottery_path: String,
 }
 
 impl Default for RecoveryPanel {
@@ -91,6 +94,7 @@ impl Default for RecoveryPanel {
             levels: 6,
             rate: 0.4,
             device: crate::train::TrainDevice::Native,
+            lottery_path: String::new(),
         }
     }
 }
@@ -193,7 +197,9 @@ impl RecoveryPanel {
             }
         });
         ui.separator();
-        self.training_ui(ui, state);
+        if let Some(a) = self.training_ui(ui, state) {
+            action = Some(a);
+        }
         ui.separator();
         let start = match self.tab {
             Tab::Finetune => {
@@ -393,10 +399,11 @@ impl RecoveryPanel {
         action
     }
 
-    fn training_ui(&mut self, ui: &mut Ui, state: &AppState) {
+    fn training_ui(&mut self, ui: &mut Ui, state: &AppState) -> Option<RecoveryAction> {
+        let mut action = None;
         let Some(v) = state.training.as_ref() else {
             ui.label("No training yet: choose a tab and press Start.");
-            return;
+            return None;
         };
         if let Some(d) = &v.done {
             ui.colored_label(theme::GOOD, d);
@@ -463,7 +470,7 @@ impl RecoveryPanel {
                 ui.label("The chart: test accuracy after training against the weights that remain, for the winning ticket and its two controls, level by level.");
                 Plot::new("lottery_plot")
                     .height(190.0)
-                    .legend(Legend::default())
+                    .legend(Legend::default().position(egui_plot::Corner::RightBottom))
                     .x_axis_label("weights remaining (%)")
                     .show(ui, |p| {
                         let series = |f: fn(&LotteryLevel) -> f64| -> Vec<[f64; 2]> {
@@ -513,7 +520,28 @@ impl RecoveryPanel {
                         l.random_mask * 100.0
                     ));
                 }
+                if !v.levels.is_empty() {
+                    if self.lottery_path.is_empty()
+                        && let Some(m) = state.model.as_ref()
+                    {
+                        self.lottery_path = super::sensitivity::default_save_path(m, "lottery.csv");
+                    }
+                    ui.horizontal(|ui| {
+                        let l = ui.label("Save to");
+                        ui.add(egui::TextEdit::singleline(&mut self.lottery_path).desired_width(260.0))
+                            .labelled_by(l.id)
+                            .on_hover_text("Where Save CSV writes the levels.");
+                        if ui
+                            .button("Save CSV")
+                            .on_hover_text("Each level: weights remaining, and the test accuracy of the ticket and of both controls.")
+                            .clicked()
+                        {
+                            action = Some(RecoveryAction::SaveLottery(self.lottery_path.trim().into()));
+                        }
+                    });
+                }
             }
         }
+        action
     }
 }
