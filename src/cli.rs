@@ -366,6 +366,16 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One square f32 layer at batch 1 in every kernel format (dense, CSR at 90 and 95 %, 2:4,
+    /// half the rows removed), medians in ms.
+    Kernels {
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Masked fine-tuning of the sample MLP (50 % per-layer magnitude masks, batch 64, SGD lr
     /// 0.05 momentum 0.9) on the digits training split: samples per second and test accuracy.
     Finetune {
@@ -459,6 +469,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let report = crate::bench::eval(&m, &source, runs.max(1), |msg| {
                 if !json {
                     eprintln!("{msg}");
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench {
+            which: BenchCommand::Kernels { size, runs, json },
+        } => {
+            let report = crate::bench::kernels(size, runs.max(1), |m| {
+                if !json {
+                    eprintln!("{m}");
                 }
             })?;
             println!("{}", serde_json::to_string_pretty(&report)?);

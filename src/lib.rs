@@ -17,6 +17,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod graph;
 pub mod history;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod prune;

@@ -512,3 +512,147 @@ pub fn finetune(epochs: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Resul
     ));
     Ok(report)
 }
+
+/// `prunescope bench kernels`: one square f32 layer at batch 1 in every format, medians.
+#[derive(Debug, Serialize)]
+pub struct KernelsReport {
+    pub size: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub runs: usize,
+    pub dense_ms: f64,
+    pub csr_90_ms: f64,
+    pub csr_95_ms: f64,
+    pub nm_2_4_ms: f64,
+    pub rows_50_ms: f64,
+    /// Spread of the dense timings: (min, max) over the runs.
+    pub dense_spread_ms: (f64, f64),
+    /// Bytes the dense kernel streams per call, over its median time.
+    pub bandwidth_gb_s: f64,
+    /// CSR at 90 % with 16-bit indices: its bytes at that bandwidth (the memory floor).
+    pub csr_90_floor_ms: f64,
+    pub csr_90_vs_floor: f64,
+    pub nm_2_4_speedup: f64,
+    pub rows_50_speedup: f64,
+    /// Largest difference of any kernel's output from the dense kernel on the same weights.
+    pub max_abs_err: f64,
+}
+
+pub fn kernels(size: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Result<KernelsReport> {
+    use crate::kernels::{Csr, Dense, NmCompressed, remove_rows};
+    if size == 0 || size > 32_768 {
+        anyhow::bail!("--size {size}: choose 1..=32768");
+    }
+    log(&format!("{size}×{size} f32 layer, batch 1…"));
+    let mut rng = SplitMix64::new(0x4B);
+    let w: Vec<f32> = (0..size * size).map(|_| rng.normal() as f32).collect();
+    let x: Vec<f32> = (0..size).map(|_| rng.normal() as f32).collect();
+    let dense = Dense {
+        rows: size,
+        cols: size,
+        w,
+    };
+    // Magnitude masks: on normal weights the kept positions are spread like random ones.
+    let masked = |s: f64| -> Dense {
+        let mut mags: Vec<f32> = dense.w.iter().map(|v| v.abs()).collect();
+        let k = ((s * mags.len() as f64) as usize).min(mags.len() - 1);
+        let t = *mags.select_nth_unstable_by(k, f32::total_cmp).1;
+        Dense {
+            rows: size,
+            cols: size,
+            w: dense
+                .w
+                .iter()
+                .map(|v| if v.abs() < t { 0.0 } else { *v })
+                .collect(),
+        }
+    };
+    let (d90, d95) = (masked(0.9), masked(0.95));
+    let (c90, c95) = (Csr::from_dense(&d90, None), Csr::from_dense(&d95, None));
+    let nm = NmCompressed::from_dense(&dense, 2, 4);
+    let half: Vec<bool> = (0..size).map(|r| r % 2 == 0).collect();
+    let small = remove_rows(&dense, &half);
+    let mut y = vec![0f32; size];
+    let time = |f: &mut dyn FnMut()| -> Vec<f64> {
+        for _ in 0..3 {
+            f();
+        }
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect()
+    };
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let dense_t = time(&mut || dense.matvec(&x, 1, &mut y));
+    let dense_spread_ms = (
+        dense_t.iter().cloned().fold(f64::INFINITY, f64::min),
+        dense_t.iter().cloned().fold(0.0, f64::max),
+    );
+    let dense_ms = med(dense_t);
+    let csr_90_ms = med(time(&mut || c90.matvec(&x, 1, &mut y)));
+    let csr_95_ms = med(time(&mut || c95.matvec(&x, 1, &mut y)));
+    let nm_2_4_ms = med(time(&mut || nm.matvec(&x, 1, &mut y)));
+    let mut ys = vec![0f32; small.rows];
+    let rows_50_ms = med(time(&mut || small.matvec(&x, 1, &mut ys)));
+    // Dense again, last: the median of both passes, so warm-up order cannot favour a format.
+    let dense_ms = dense_ms.min(med(time(&mut || dense.matvec(&x, 1, &mut y))));
+    // Correctness in the same run: each format against the dense kernel on its own weights.
+    let out = |f: &dyn Fn(&mut [f32]), n: usize| {
+        let mut v = vec![0f32; n];
+        f(&mut v);
+        v
+    };
+    let err = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs() as f64)
+            .fold(0.0, f64::max)
+    };
+    let max_abs_err = [
+        err(
+            &out(&|y| c90.matvec(&x, 1, y), size),
+            &out(&|y| d90.matvec(&x, 1, y), size),
+        ),
+        err(
+            &out(&|y| c95.matvec(&x, 1, y), size),
+            &out(&|y| d95.matvec(&x, 1, y), size),
+        ),
+        err(
+            &out(&|y| nm.matvec(&x, 1, y), size),
+            &out(&|y| nm.to_dense().matvec(&x, 1, y), size),
+        ),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
+    let bandwidth_gb_s = (size * size * 4) as f64 / (dense_ms * 1e-3) / 1e9;
+    let csr_90_floor_ms = c90.bytes() as f64 / (bandwidth_gb_s * 1e9) * 1e3;
+    let report = KernelsReport {
+        size,
+        batch: 1,
+        threads: rayon::current_num_threads(),
+        runs,
+        dense_ms,
+        csr_90_ms,
+        csr_95_ms,
+        nm_2_4_ms,
+        rows_50_ms,
+        dense_spread_ms,
+        bandwidth_gb_s,
+        csr_90_floor_ms,
+        csr_90_vs_floor: csr_90_ms / csr_90_floor_ms,
+        nm_2_4_speedup: dense_ms / nm_2_4_ms,
+        rows_50_speedup: dense_ms / rows_50_ms,
+        max_abs_err,
+    };
+    log(&format!(
+        "dense {:.3} ms ({:.1} GB/s), CSR 90 % {:.3} ms (floor {:.3}), CSR 95 % {:.3} ms, 2:4 {:.3} ms, half the rows {:.3} ms",
+        dense_ms, bandwidth_gb_s, csr_90_ms, csr_90_floor_ms, csr_95_ms, nm_2_4_ms, rows_50_ms
+    ));
+    Ok(report)
+}
