@@ -411,16 +411,8 @@ pub fn finetune_graph_with(
                 .transpose()
         })
         .collect::<candle_core::Result<_>>()?;
-    let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut adam = AdamW::new(
-        all.clone(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut momentum: Vec<Option<Tensor>> = vec![None; all.len()];
+    let mut opt =
+        super::native::CandleOptimizer::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
     let current = |vars: &[(String, Var)], state: &HashMap<String, Tensor>| {
         let mut p: crate::graph::Params = state.clone();
         for (n, v) in vars {
@@ -511,27 +503,27 @@ pub fn finetune_graph_with(
             let (x, y) = batch(train, chunk, &sample, dev)?;
             let (logits, updates) = graph
                 .forward(
-                    &[x],
+                    std::slice::from_ref(&x),
                     &current(&vars, &state),
                     Mode::Train {
                         seed: rng.next_u64(),
                     },
                 )
                 .map_err(|e| TrainError::Compute(e.to_string()))?;
-            let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            if let (Some(d), Some(tp)) = (cfg.distill, &teacher) {
-                let (x, _) = batch(train, chunk, &sample, dev)?;
-                let (tl, _) = graph
-                    .forward(&[x], tp, Mode::Eval)
-                    .map_err(|e| TrainError::Compute(e.to_string()))?;
-                let ls = candle_nn::ops::log_softmax(&(&logits / d.temperature)?, D::Minus1)?;
-                let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
-                let kl = (&pt * (pt.clamp(1e-30f32, 1f32)?.log()? - ls)?)?
-                    .sum_all()?
-                    .affine(1.0 / chunk.len() as f64, 0.0)?;
-                loss = ((loss * (1.0 - d.alpha))?
-                    + (kl * (d.alpha * d.temperature * d.temperature))?)?;
-            }
+            let teacher_logits = match (cfg.distill, &teacher) {
+                (Some(d), Some(tp)) => {
+                    let (tl, _) = graph
+                        .forward(&[x], tp, Mode::Eval)
+                        .map_err(|e| TrainError::Compute(e.to_string()))?;
+                    Some((d, tl))
+                }
+                _ => None,
+            };
+            let loss = super::native::candle_loss(
+                &logits,
+                &y,
+                teacher_logits.as_ref().map(|(d, t)| (*d, t)),
+            )?;
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += pred
                 .iter()
@@ -539,27 +531,7 @@ pub fn finetune_graph_with(
                 .filter(|(p, i)| **p == train.labels[**i])
                 .count();
             loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            match cfg.optimizer {
-                super::Optim::AdamW => {
-                    adam.set_learning_rate(lr);
-                    adam.backward_step(&loss)?;
-                }
-                super::Optim::Sgd => {
-                    let grads = loss.backward()?;
-                    for (i, v) in all.iter().enumerate() {
-                        let Some(g) = grads.get(v.as_tensor()) else {
-                            continue;
-                        };
-                        let g = (g + (v.as_tensor() * cfg.weight_decay)?)?;
-                        let buf = match (&momentum[i], cfg.momentum > 0.0) {
-                            (Some(m), true) => ((m * cfg.momentum)? + g)?,
-                            _ => g,
-                        };
-                        v.set(&(v.as_tensor() - (&buf * lr)?)?)?;
-                        momentum[i] = Some(buf);
-                    }
-                }
-            }
+            opt.step(&loss, cfg, lr)?;
             for ((_, v), m) in vars.iter().zip(&mask_of) {
                 if let Some(m) = m {
                     v.set(&(v.as_tensor() * m)?)?;

@@ -884,6 +884,89 @@ impl TrainDevice {
     }
 }
 
+/// Cross-entropy of `logits` against `y`, plus, with a teacher, the distillation term
+/// `α·T²·KL(teacher_T ‖ student_T)` with the cross-entropy weighted `1 − α`.
+pub(crate) fn candle_loss(
+    logits: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+    teacher: Option<(Distill, &candle_core::Tensor)>,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::D;
+    let ce = candle_nn::loss::cross_entropy(logits, y)?;
+    let Some((d, tl)) = teacher else {
+        return Ok(ce);
+    };
+    let rows = logits.dims()[0];
+    let ls = candle_nn::ops::log_softmax(&(logits / d.temperature)?, D::Minus1)?;
+    let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
+    // Guarded: a teacher probability that underflows to 0 must give 0, not NaN.
+    let kl = (&pt * (pt.clamp(1e-30f32, 1f32)?.log()? - ls)?)?
+        .sum_all()?
+        .affine(1.0 / rows as f64, 0.0)?;
+    (ce * (1.0 - d.alpha))? + (kl * (d.alpha * d.temperature * d.temperature))?
+}
+
+/// SGD with PyTorch's momentum, or candle's AdamW (PyTorch's formulas), over candle variables.
+pub(crate) struct CandleOptimizer {
+    vars: Vec<candle_core::Var>,
+    adam: candle_nn::optim::AdamW,
+    momentum: Vec<Option<candle_core::Tensor>>,
+}
+
+impl CandleOptimizer {
+    pub(crate) fn new(
+        vars: Vec<candle_core::Var>,
+        cfg: &FinetuneConfig,
+    ) -> candle_core::Result<CandleOptimizer> {
+        use candle_nn::optim::Optimizer;
+        let adam = candle_nn::optim::AdamW::new(
+            vars.clone(),
+            candle_nn::optim::ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        Ok(CandleOptimizer {
+            momentum: vec![None; vars.len()],
+            vars,
+            adam,
+        })
+    }
+
+    /// One step on `loss` at learning rate `lr`.
+    pub(crate) fn step(
+        &mut self,
+        loss: &candle_core::Tensor,
+        cfg: &FinetuneConfig,
+        lr: f64,
+    ) -> candle_core::Result<()> {
+        use candle_nn::optim::Optimizer;
+        match cfg.optimizer {
+            Optim::AdamW => {
+                self.adam.set_learning_rate(lr);
+                self.adam.backward_step(loss)
+            }
+            Optim::Sgd => {
+                let grads = loss.backward()?;
+                for (v, m) in self.vars.iter().zip(self.momentum.iter_mut()) {
+                    let Some(g) = grads.get(v.as_tensor()) else {
+                        continue;
+                    };
+                    let g = (g + (v.as_tensor() * cfg.weight_decay)?)?;
+                    let buf = match (m.as_ref(), cfg.momentum > 0.0) {
+                        (Some(m), true) => ((m * cfg.momentum)? + g)?,
+                        _ => g,
+                    };
+                    v.set(&(v.as_tensor() - (&buf * lr)?)?)?;
+                    *m = Some(buf);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// [`finetune`] on a candle device: the same steps (cross-entropy, optional distillation,
 /// SGD with momentum or AdamW, masks applied after every step) with candle's autograd.
 #[allow(clippy::too_many_arguments)]
@@ -898,7 +981,6 @@ pub fn finetune_on(
     mut on_epoch: impl FnMut(&EpochStats, &Net),
 ) -> Result<FinetuneResult, TrainError> {
     use candle_core::{D, Tensor, Var};
-    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
     check_data(&net, train, test)?;
     let distill = cfg.distill.filter(|_| teacher.is_some());
     let before = net.metrics(test)?;
@@ -934,15 +1016,7 @@ pub fn finetune_on(
             v
         })
         .collect();
-    let mut adam = AdamW::new(
-        all.clone(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut momentum: Vec<Option<Tensor>> = vec![None; all.len()];
+    let mut opt = CandleOptimizer::new(all, cfg)?;
     let forward = |x: &Tensor| -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for ((w, b), l) in vars.iter().zip(&net.layers) {
@@ -993,43 +1067,18 @@ pub fn finetune_on(
             let x = Tensor::from_vec(xs.clone(), (chunk.len(), train.dim), dev)?;
             let y = Tensor::from_vec(ys.clone(), chunk.len(), dev)?;
             let logits = forward(&x)?;
-            let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            if let (Some(d), Some(t)) = (distill, teacher) {
-                let tl =
-                    Tensor::from_vec(t.forward(&xs, chunk.len()), (chunk.len(), t.classes()), dev)?;
-                let ls = candle_nn::ops::log_softmax(&(&logits / d.temperature)?, D::Minus1)?;
-                let pt = candle_nn::ops::softmax(&(tl / d.temperature)?, D::Minus1)?;
-                // Guarded: a teacher probability that underflows to 0 must give 0, not NaN.
-                let kl = (&pt * (pt.clamp(1e-30f32, 1f32)?.log()? - ls)?)?
-                    .sum_all()?
-                    .affine(1.0 / chunk.len() as f64, 0.0)?;
-                loss = ((loss * (1.0 - d.alpha))?
-                    + (kl * (d.alpha * d.temperature * d.temperature))?)?;
-            }
+            let teacher_logits = match (distill, teacher) {
+                (Some(d), Some(t)) => Some((
+                    d,
+                    Tensor::from_vec(t.forward(&xs, chunk.len()), (chunk.len(), t.classes()), dev)?,
+                )),
+                _ => None,
+            };
+            let loss = candle_loss(&logits, &y, teacher_logits.as_ref().map(|(d, t)| (*d, t)))?;
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
             loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            match cfg.optimizer {
-                Optim::AdamW => {
-                    adam.set_learning_rate(lr);
-                    adam.backward_step(&loss)?;
-                }
-                Optim::Sgd => {
-                    let grads = loss.backward()?;
-                    for (i, v) in all.iter().enumerate() {
-                        let Some(g) = grads.get(v.as_tensor()) else {
-                            continue;
-                        };
-                        let g = (g + (v.as_tensor() * cfg.weight_decay)?)?;
-                        let buf = match (&momentum[i], cfg.momentum > 0.0) {
-                            (Some(m), true) => ((m * cfg.momentum)? + g)?,
-                            _ => g,
-                        };
-                        v.set(&(v.as_tensor() - (&buf * lr)?)?)?;
-                        momentum[i] = Some(buf);
-                    }
-                }
-            }
+            opt.step(&loss, cfg, lr)?;
             for ((w, _), m) in vars.iter().zip(&masks) {
                 if let Some(m) = m {
                     w.set(&(w.as_tensor() * m)?)?;
