@@ -150,6 +150,19 @@ pub trait Trainee: Clone {
         prune_at: &mut dyn FnMut(usize, f64) -> Option<f64>,
         record_at: Option<usize>,
     ) -> Result<TrainRun<Self>, TrainError>;
+
+    /// Trains without hooks, progress or cancel: the weights after the last epoch.
+    fn trained(self, data: &Split, cfg: &FinetuneConfig) -> Result<Self, TrainError> {
+        let r = self.train(
+            data,
+            cfg,
+            &Progress::none(),
+            &mut |_| {},
+            &mut |_, _| None,
+            None,
+        )?;
+        Ok(r.trainee)
+    }
 }
 
 /// A training run's result.
@@ -537,15 +550,7 @@ pub fn run_schedule<T: Trainee>(
                     seed: cfg.seed + r as u64,
                     ..cfg.clone()
                 };
-                let res = net.train(
-                    data,
-                    &round_cfg,
-                    &Progress::none(),
-                    &mut |_| {},
-                    &mut |_, _| None,
-                    None,
-                )?;
-                net = res.trainee;
+                net = net.trained(data, &round_cfg)?;
                 step += epochs * per_epoch;
                 push(
                     TimelinePoint {
@@ -680,15 +685,7 @@ pub fn lottery<T: Trainee>(
             ..cfg.clone()
         };
         // The last epoch's weights: a ticket is judged after its training, not at its best.
-        let r = net.train(
-            data,
-            &c,
-            &Progress::none(),
-            &mut |_| {},
-            &mut |_, _| None,
-            None,
-        )?;
-        Ok(r.trainee)
+        net.trained(data, &c)
     };
     let acc = |n: &T| -> Result<f64, TrainError> {
         Ok(n.metrics(&data.test)?.accuracy.unwrap_or(f64::NAN))
