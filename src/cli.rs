@@ -1080,25 +1080,6 @@ pub fn parse_schedule(s: &str) -> anyhow::Result<crate::train::LrSchedule> {
     })
 }
 
-/// The MLP a model describes, for training; graphs (CNNs) and plain weights are refused.
-fn trainable_mlp(model: &Model) -> anyhow::Result<crate::eval::MlpArch> {
-    match crate::eval::arch_json(model)? {
-        Some(j) if crate::eval::MlpArch::from_json(&j).is_ok() => {
-            Ok(crate::eval::MlpArch::from_json(&j)?)
-        }
-        Some(_) => bail!(
-            "{}: training runs on MLPs (Linear and ReLU layers) today; this graph can be \
-             evaluated but not trained here yet",
-            model.display_name()
-        ),
-        None => bail!(
-            "{}: no architecture to train (an MLP described in the file's metadata or a \
-             sidecar MODEL.arch.json)",
-            model.display_name()
-        ),
-    }
-}
-
 /// The training flags as a configuration.
 fn train_config(
     t: &TrainFlags,
@@ -1157,7 +1138,7 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
         bail!("--distill is a fine-tune option; schedules train without a teacher");
     }
     let model = Model::open(&a.model)?;
-    let kind = trainable_kind(&model)?;
+    let kind = trainable_for_safetensors(&model)?;
     let cfg = train_config(&a.train, 10)?;
     let schedule = match a.kind.as_str() {
         "oneshot" => Schedule::OneShot,
@@ -1175,7 +1156,7 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
     let split = training_split(kind.dataset(), &source, cfg.seed)?;
     let none = crate::prune::MaskSet::new();
     match kind {
-        TrainableKind::Mlp(arch) => schedule_out(
+        crate::train::Trainable::Mlp(arch) => schedule_out(
             Net::from_model(&model, &arch, &none)?,
             &a,
             &model,
@@ -1183,7 +1164,7 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
             &split,
             &cfg,
         ),
-        TrainableKind::Graph(g) => schedule_out(
+        crate::train::Trainable::Graph(g) => schedule_out(
             crate::train::GraphNet::from_model(&model, g, &none)?,
             &a,
             &model,
@@ -1194,34 +1175,18 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
     }
 }
 
-/// What prunescope can train in a model: an MLP (native loops) or a graph (candle).
-enum TrainableKind {
-    Mlp(crate::eval::MlpArch),
-    Graph(crate::graph::Graph),
-}
-
-impl TrainableKind {
-    fn dataset(&self) -> &str {
-        match self {
-            TrainableKind::Mlp(a) => &a.dataset,
-            TrainableKind::Graph(g) => g.dataset.as_deref().unwrap_or("uci-digits"),
-        }
-    }
-}
-
-fn trainable_kind(model: &Model) -> anyhow::Result<TrainableKind> {
-    let Some(j) = crate::eval::arch_json(model)? else {
+/// What schedules and the lottery train from the command line: they write safetensors, so an
+/// ONNX model is refused here (`finetune --out NAME.onnx` and the app train it).
+fn trainable_for_safetensors(model: &Model) -> anyhow::Result<crate::train::Trainable> {
+    if model.format == crate::model::ModelFormat::Onnx {
         bail!(
-            "{}: no architecture to train (the samples, or a safetensors model with its \
-             graph in the metadata or a sidecar MODEL.arch.json; ONNX files are evaluated, not \
-             trained)",
+            "{}: schedules and lottery tickets write safetensors, so they take the samples or \
+             a safetensors model; an ONNX file is fine-tuned with `finetune --out NAME.onnx` or \
+             in the app",
             model.display_name()
         );
-    };
-    if let Ok(a) = crate::eval::MlpArch::from_json(&j) {
-        return Ok(TrainableKind::Mlp(a));
     }
-    Ok(TrainableKind::Graph(crate::graph::Graph::from_json(&j)?))
+    Ok(crate::train::Trainable::of(model)?)
 }
 
 fn schedule_out<T: crate::train::Trainee>(
@@ -1272,7 +1237,7 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
         bail!("--distill is a fine-tune option; lottery tickets train without a teacher");
     }
     let model = Model::open(&a.model)?;
-    let kind = trainable_kind(&model)?;
+    let kind = trainable_for_safetensors(&model)?;
     let init_model = match &a.init {
         Some(p) => {
             Model::open(p).with_context(|| format!("the initial weights ({})", p.display()))?
@@ -1306,7 +1271,7 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
     let split = training_split(kind.dataset(), &source, cfg.seed)?;
     let none = crate::prune::MaskSet::new();
     match kind {
-        TrainableKind::Mlp(arch) => lottery_out(
+        crate::train::Trainable::Mlp(arch) => lottery_out(
             Net::from_model(&init_model, &arch, &none)?,
             &a,
             &model,
@@ -1314,7 +1279,7 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
             &split,
             &cfg,
         ),
-        TrainableKind::Graph(g) => lottery_out(
+        crate::train::Trainable::Graph(g) => lottery_out(
             crate::train::GraphNet::from_model(&init_model, g, &none)?,
             &a,
             &model,
@@ -1469,20 +1434,12 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     let model = Model::open(&a.model)?;
     let progress = bar();
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
-    let graph = if model.format == crate::model::ModelFormat::Onnx {
-        Some(crate::eval::import_onnx_graph(&model).map_err(|e| {
-            anyhow::anyhow!("this ONNX graph does not import into a trainable graph: {e}")
-        })?)
-    } else {
-        crate::eval::arch_json(&model)?
-            .filter(|j| crate::eval::MlpArch::from_json(j).is_err())
-            .map(|j| crate::graph::Graph::from_json(&j))
-            .transpose()?
+    let arch = match crate::train::Trainable::of(&model)? {
+        crate::train::Trainable::Graph(graph) => {
+            return finetune_graph_cmd(&a, &model, &graph, &source, &progress);
+        }
+        crate::train::Trainable::Mlp(arch) => arch,
     };
-    if let Some(graph) = graph {
-        return finetune_graph_cmd(&a, &model, &graph, &source, &progress);
-    }
-    let arch = trainable_mlp(&model)?;
     let masks = match &a.masks {
         Some(m) => crate::export::load_masks(&model, m)?,
         None if a.flags.any() => {

@@ -49,6 +49,58 @@ impl Default for TrainConfig {
     }
 }
 
+/// What prunescope can train in a model: an MLP on its own loops, or a graph on candle (the
+/// CNN samples, graphs described in metadata or a sidecar, ONNX graphs that import).
+#[derive(Clone, Debug)]
+pub enum Trainable {
+    Mlp(MlpArch),
+    Graph(crate::graph::Graph),
+}
+
+impl Trainable {
+    pub fn of(model: &crate::model::Model) -> Result<Trainable, TrainError> {
+        if model.format == crate::model::ModelFormat::Onnx {
+            return crate::eval::import_onnx_graph(model)
+                .map(Trainable::Graph)
+                .map_err(|e| {
+                    TrainError::Compute(format!(
+                        "this ONNX graph does not import into a trainable graph: {e}"
+                    ))
+                });
+        }
+        let Some(j) = crate::eval::arch_json(model)? else {
+            return Err(TrainError::Compute(format!(
+                "{}: no architecture prunescope can train (weights only; the samples, or a \
+                 safetensors model with its graph in the metadata or a sidecar \
+                 MODEL.arch.json)",
+                model.display_name()
+            )));
+        };
+        if let Ok(a) = MlpArch::from_json(&j) {
+            return Ok(Trainable::Mlp(a));
+        }
+        crate::graph::Graph::from_json(&j)
+            .map(Trainable::Graph)
+            .map_err(|e| TrainError::Compute(format!("the architecture cannot be trained: {e}")))
+    }
+
+    /// The data set whose split trains it by default.
+    pub fn dataset(&self) -> &str {
+        match self {
+            Trainable::Mlp(a) => &a.dataset,
+            Trainable::Graph(g) => g.dataset.as_deref().unwrap_or("uci-digits"),
+        }
+    }
+
+    /// The description as stored in a model's metadata.
+    pub fn to_json(&self) -> String {
+        match self {
+            Trainable::Mlp(a) => serde_json::to_string(a).expect("plain data serialises"),
+            Trainable::Graph(g) => g.to_json(),
+        }
+    }
+}
+
 /// Named f32 tensors: (name, shape, values).
 pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 

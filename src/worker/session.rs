@@ -606,43 +606,16 @@ impl Worker {
         };
         let (id, model) = (s.id, s.model.clone());
         let onnx = model.format == crate::model::ModelFormat::Onnx;
-        let arch_text = if onnx {
-            // An ONNX graph trains through its import into prunescope's graph; the result is
-            // written back into the same file's initializers.
-            match crate::eval::import_onnx_graph(&model) {
-                Ok(g) => g.to_json(),
-                Err(e) => {
-                    return fail(
-                        self,
-                        format!("this ONNX graph does not import into a trainable graph: {e}"),
-                    );
-                }
-            }
-        } else {
-            match crate::eval::arch_json(&model) {
-                Ok(Some(j)) => j,
-                Ok(None) => {
-                    return fail(
-                        self,
-                        "this model has no architecture prunescope can train (weights only)".into(),
-                    );
-                }
-                Err(e) => return fail(self, e.to_string()),
-            }
+        let trainable = match crate::train::Trainable::of(&model) {
+            Ok(t) => t,
+            Err(e) => return fail(self, e.to_string()),
         };
-        let mlp = crate::eval::MlpArch::from_json(&arch_text).ok();
-        let graph = match &mlp {
-            Some(_) => None,
-            None => match crate::graph::Graph::from_json(&arch_text) {
-                Ok(g) => Some(g),
-                Err(e) => return fail(self, format!("the architecture cannot be trained: {e}")),
-            },
+        let arch_text = trainable.to_json();
+        let dataset = trainable.dataset().to_string();
+        let (mlp, graph) = match trainable {
+            crate::train::Trainable::Mlp(a) => (Some(a), None),
+            crate::train::Trainable::Graph(g) => (None, Some(g)),
         };
-        let dataset = mlp
-            .as_ref()
-            .map(|a| a.dataset.clone())
-            .or_else(|| graph.as_ref().and_then(|g| g.dataset.clone()))
-            .unwrap_or_else(|| "uci-digits".into());
         let progress = self.progress_for(job, cancel.clone());
         let tx = self.tx.clone();
         let wake = self.wake.clone();
