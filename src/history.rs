@@ -67,6 +67,33 @@ impl Record {
         data: &str,
         flops: Option<f64>,
     ) -> Record {
+        Record::measured(
+            source,
+            model,
+            model_hash,
+            settings,
+            (alloc.pruned, alloc.prunable),
+            csr_bytes,
+            metrics,
+            data,
+            flops,
+        )
+    }
+
+    /// A record from the pruned and prunable weight counts (a trained model has no
+    /// allocation of its own).
+    #[allow(clippy::too_many_arguments)]
+    pub fn measured(
+        source: &str,
+        model: &Model,
+        model_hash: &str,
+        settings: &PruneSettings,
+        (pruned, prunable): (u64, u64),
+        csr_bytes: u64,
+        metrics: &Metrics,
+        data: &str,
+        flops: Option<f64>,
+    ) -> Record {
         let kind = MetricKind::of(metrics);
         let params = model.total_params();
         Record {
@@ -82,9 +109,13 @@ impl Record {
             accuracy: metrics.accuracy,
             loss: metrics.loss,
             fidelity: metrics.fidelity.map(|f| f.cosine),
-            sparsity: alloc.sparsity(),
+            sparsity: if prunable == 0 {
+                0.0
+            } else {
+                pruned as f64 / prunable as f64
+            },
             params,
-            nonzeros: params - alloc.pruned,
+            nonzeros: params - pruned,
             csr_bytes,
             flops,
         }

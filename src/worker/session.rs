@@ -98,6 +98,43 @@ struct Trained {
     source: String,
 }
 
+/// A fine-tune's result as the model it becomes: `(before, after)` test figures,
+/// `(epochs, samples/s, cancelled)`, and a note on the engine for the message.
+fn finetuned(
+    split: &crate::data::Split,
+    settings: PruneSettings,
+    zeros: (u64, u64),
+    (before, after): (&crate::eval::Metrics, crate::eval::Metrics),
+    (epochs, samples_per_s, cancelled): (usize, f64, bool),
+    tensors: crate::train::NamedTensors,
+    engine: &str,
+) -> Trained {
+    let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
+    let message = format!(
+        "{}: accuracy {:.2}% → {:.2}% in {epochs} epochs ({samples_per_s:.0} samples/s{engine})",
+        if cancelled {
+            "Cancelled, best epoch kept"
+        } else {
+            "Fine-tuned"
+        },
+        pct(before),
+        pct(&after),
+    );
+    Trained {
+        data: format!("{}, {} samples", split.test.name, split.test.len()),
+        source: format!("fine-tune, {epochs} epochs"),
+        metrics: after,
+        settings,
+        tensors,
+        zeros,
+        derived: Derived {
+            what: "fine-tuned".into(),
+            settings: None,
+        },
+        message,
+    }
+}
+
 /// How a model the worker made came to be, and the settings the UI should take with it.
 struct Derived {
     what: String,
@@ -665,32 +702,15 @@ impl Worker {
                             &progress,
                             |e| send(TrainUpdate::Epoch(e.clone())),
                         )?;
-                        let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
-                        let msg = format!(
-                            "{}: accuracy {:.2}% → {:.2}% in {} epochs ({:.0} samples/s, candle)",
-                            if r.cancelled {
-                                "Cancelled, best epoch kept"
-                            } else {
-                                "Fine-tuned"
-                            },
-                            pct(&r.before),
-                            pct(&r.after),
-                            r.epochs.len(),
-                            r.samples_per_s
-                        );
-                        return Ok(Some(Trained {
-                            data: format!("{}, {} samples", split.test.name, split.test.len()),
-                            source: format!("fine-tune, {} epochs", r.epochs.len()),
-                            metrics: r.after,
+                        return Ok(Some(finetuned(
+                            &split,
                             settings,
-                            tensors: r.tensors,
                             zeros,
-                            derived: Derived {
-                                what: "fine-tuned".into(),
-                                settings: None,
-                            },
-                            message: msg,
-                        }));
+                            (&r.before, r.after),
+                            (r.epochs.len(), r.samples_per_s, r.cancelled),
+                            r.tensors,
+                            ", candle",
+                        )));
                     };
                     let net = Net::from_model(&model, arch, &masks)?;
                     let teacher = match config.distill {
@@ -722,32 +742,15 @@ impl Worker {
                             |e, _| send(TrainUpdate::Epoch(e.clone())),
                         )?,
                     };
-                    let pct = |m: &crate::eval::Metrics| m.accuracy.unwrap_or(f64::NAN) * 100.0;
-                    let msg = format!(
-                        "{}: accuracy {:.2}% → {:.2}% in {} epochs ({:.0} samples/s)",
-                        if r.cancelled {
-                            "Cancelled, best epoch kept"
-                        } else {
-                            "Fine-tuned"
-                        },
-                        pct(&r.before),
-                        pct(&r.after),
-                        r.epochs.len(),
-                        r.samples_per_s
-                    );
-                    Ok(Some(Trained {
-                        data: format!("{}, {} samples", split.test.name, split.test.len()),
-                        source: format!("fine-tune, {} epochs", r.epochs.len()),
-                        metrics: r.after,
+                    Ok(Some(finetuned(
+                        &split,
                         settings,
-                        tensors: r.net.tensors(),
                         zeros,
-                        derived: Derived {
-                            what: "fine-tuned".into(),
-                            settings: None,
-                        },
-                        message: msg,
-                    }))
+                        (&r.before, r.after),
+                        (r.epochs.len(), r.samples_per_s, r.cancelled),
+                        r.net.tensors(),
+                        "",
+                    )))
                 }
                 TrainRequest::Schedule {
                     target,
@@ -880,28 +883,9 @@ impl Worker {
                 if let (Some(_), Some(s)) = (data_desc, self.session.as_mut())
                     && let Some(hash) = s.hash.clone()
                 {
-                    let params = model.total_params();
-                    let (pruned, prunable) = zeros;
-                    let kind = crate::sensitivity::MetricKind::of(&metrics);
-                    let record = crate::history::Record {
-                        time: std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs()),
-                        source,
-                        model_hash: hash,
-                        settings,
-                        data,
-                        metric: kind,
-                        value: kind.value(&metrics),
-                        accuracy: metrics.accuracy,
-                        loss: metrics.loss,
-                        fidelity: None,
-                        sparsity: pruned as f64 / prunable.max(1) as f64,
-                        params,
-                        nonzeros: params - pruned,
-                        csr_bytes: 0,
-                        flops: None,
-                    };
+                    let record = crate::history::Record::measured(
+                        &source, &model, &hash, &settings, zeros, 0, &metrics, &data, None,
+                    );
                     s.history.push(record);
                     s.history_dirty = true;
                     // Written now: the open model is about to change.
