@@ -545,21 +545,15 @@ pub fn finetune_graph_with(
         }
         secs += t0.elapsed().as_secs_f64();
         let m = evaluate(&vars, &state)?;
-        let stats = super::EpochStats {
-            epoch: epoch + 1,
-            train_loss: loss_sum / train.len().max(1) as f64,
-            train_accuracy: correct as f64 / train.len().max(1) as f64,
-            test_loss: m.loss.unwrap_or(f64::NAN),
-            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
-            lr: cfg
-                .schedule
+        let stats = super::EpochStats::new(
+            epoch + 1,
+            (loss_sum, correct, train.len()),
+            &m,
+            cfg.schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
-            sparsity: pruned_now as f64 / masked_numel.max(1) as f64,
-        };
-        if best
-            .as_ref()
-            .is_none_or(|(a, _)| stats.test_accuracy > *a || a.is_nan())
-        {
+            pruned_now as f64 / masked_numel.max(1) as f64,
+        );
+        if best.as_ref().is_none_or(|(a, _)| stats.improves_on(*a)) {
             best = Some((stats.test_accuracy, snapshot(&vars, &state)?));
         }
         progress.report(

@@ -301,6 +301,34 @@ pub struct EpochStats {
     pub sparsity: f64,
 }
 
+impl EpochStats {
+    /// An epoch's figures from its training sums `(loss × samples, correct, samples)`, the
+    /// test metrics, the learning rate of its last step and the sparsity at its end.
+    pub(crate) fn new(
+        epoch: usize,
+        (loss_sum, correct, samples): (f64, usize, usize),
+        test: &Metrics,
+        lr: f64,
+        sparsity: f64,
+    ) -> EpochStats {
+        let n = samples.max(1) as f64;
+        EpochStats {
+            epoch,
+            train_loss: loss_sum / n,
+            train_accuracy: correct as f64 / n,
+            test_loss: test.loss.unwrap_or(f64::NAN),
+            test_accuracy: test.accuracy.unwrap_or(f64::NAN),
+            lr,
+            sparsity,
+        }
+    }
+
+    /// Whether this epoch's test accuracy beats `best` (any figure beats an unknown one).
+    pub(crate) fn improves_on(&self, best: f64) -> bool {
+        self.test_accuracy > best || best.is_nan()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct FinetuneResult {
     pub before: Metrics,
@@ -415,21 +443,15 @@ pub fn finetune_with(
         }
         train_secs += t0.elapsed().as_secs_f64();
         let m = net.metrics(test)?;
-        let stats = EpochStats {
-            epoch: epoch + 1,
-            train_loss: loss_sum / train.len() as f64,
-            train_accuracy: correct as f64 / train.len() as f64,
-            test_loss: m.loss.unwrap_or(f64::NAN),
-            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
-            lr: cfg
-                .schedule
+        let stats = EpochStats::new(
+            epoch + 1,
+            (loss_sum, correct, train.len()),
+            &m,
+            cfg.schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
-            sparsity: net.masked_sparsity(),
-        };
-        if best
-            .as_ref()
-            .is_none_or(|(a, _)| stats.test_accuracy > *a || a.is_nan())
-        {
+            net.masked_sparsity(),
+        );
+        if best.as_ref().is_none_or(|(a, _)| stats.improves_on(*a)) {
             best = Some((stats.test_accuracy, net.clone()));
         }
         progress.report(
@@ -1090,18 +1112,15 @@ pub fn finetune_on(
         secs += t0.elapsed().as_secs_f64();
         snapshot(&mut current)?;
         let m = current.metrics(test)?;
-        let stats = EpochStats {
-            epoch: epoch + 1,
-            train_loss: loss_sum / train.len() as f64,
-            train_accuracy: correct as f64 / train.len() as f64,
-            test_loss: m.loss.unwrap_or(f64::NAN),
-            test_accuracy: m.accuracy.unwrap_or(f64::NAN),
-            lr: cfg
-                .schedule
+        let stats = EpochStats::new(
+            epoch + 1,
+            (loss_sum, correct, train.len()),
+            &m,
+            cfg.schedule
                 .lr(cfg.lr, step.saturating_sub(1), total, per_epoch),
-            sparsity: current.masked_sparsity(),
-        };
-        if best.as_ref().is_none_or(|(a, _)| stats.test_accuracy > *a) {
+            current.masked_sparsity(),
+        );
+        if best.as_ref().is_none_or(|(a, _)| stats.improves_on(*a)) {
             best = Some((stats.test_accuracy, current.clone()));
         }
         progress.report(
