@@ -541,7 +541,11 @@ pub fn measure(
     progress: &Progress,
 ) -> Result<Sensitivity, SensitivityError> {
     let groups = groups(model, settings);
-    let key = model_key(model).map(|h| cache_key(&h, &sweep_data_key(evaluator), spec, &groups));
+    let key = model
+        .content_hash()
+        .ok()
+        .and_then(|h| model_key(model, &h))
+        .map(|k| cache_key(&k, &sweep_data_key(evaluator), spec, &groups));
     if use_cache && let Some(s) = key.as_deref().and_then(load_cached) {
         return Ok(s);
     }
@@ -574,8 +578,9 @@ pub fn measure(
 
 /// Everything of a model that changes its outputs: the file's SHA-256, its external data
 /// files' and the architecture description's (a sidecar can change without the file).
-pub fn model_key(model: &Model) -> Option<String> {
-    let mut parts = vec![model.content_hash().ok()?];
+/// `content_hash` is the file's own, which callers usually hold already.
+pub fn model_key(model: &Model, content_hash: &str) -> Option<String> {
+    let mut parts = vec![content_hash.to_string()];
     for (_, path) in model.input_files().into_iter().skip(1) {
         parts.push(crate::util::sha256_file(path).ok()?);
     }

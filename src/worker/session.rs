@@ -383,7 +383,11 @@ impl Worker {
         if groups.is_empty() {
             return fail(self, "no prunable tensors to sweep".into());
         }
-        let model_key = crate::sensitivity::model_key(&s.model);
+        // The file's hash was taken when it opened; only the sidecar and data files are read.
+        let model_key = s
+            .hash
+            .as_deref()
+            .and_then(|h| crate::sensitivity::model_key(&s.model, h));
         let key = crate::sensitivity::cache_key(
             model_key.as_deref().unwrap_or(""),
             &crate::sensitivity::sweep_data_key(evaluator.as_ref()),
