@@ -373,9 +373,17 @@ pub enum BenchCommand {
         size: usize,
         #[arg(long, default_value_t = 50)]
         runs: usize,
+        /// cpu, or gpu (the wgpu kernels on the adapter wgpu finds, checked against the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long)]
         json: bool,
     },
+    /// Every prunable layer of MODEL, pruned as the flags (or --masks) say, in each storage
+    /// format (dense, masked, CSR, N:M, block-sparse, rows removed) at each batch size:
+    /// medians with their spread, speedups, realized efficiency, the fitted cost model, flags
+    /// and the storage sizes.
+    Latency(LatencyArgs),
     /// Masked fine-tuning of the sample MLP (50 % per-layer magnitude masks, batch 64, SGD lr
     /// 0.05 momentum 0.9) on the digits training split: samples per second and test accuracy.
     Finetune {
@@ -404,6 +412,33 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct LatencyArgs {
+    pub model: PathBuf,
+    /// Masks written by `prune --masks` (u8, 1 = kept) instead of pruning flags.
+    #[arg(long, conflicts_with_all = ["sparsity", "recipe"])]
+    pub masks: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: PruneFlags,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "1,8,32,128")]
+    pub batch: String,
+    /// cpu, or gpu (wgpu compute shaders on the adapter wgpu finds).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Block side of the block-sparse format.
+    #[arg(long, default_value_t = 4)]
+    pub block: usize,
+    /// Skip the speedup-against-sparsity curves on the largest layer.
+    #[arg(long)]
+    pub no_curves: bool,
+    /// Milliseconds of timed runs per measurement (at least 9 runs each).
+    #[arg(long, default_value_t = 40.0)]
+    pub budget_ms: f64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A progress bar on stderr when it is a terminal; silent otherwise.
@@ -475,9 +510,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench {
-            which: BenchCommand::Kernels { size, runs, json },
+            which:
+                BenchCommand::Kernels {
+                    size,
+                    runs,
+                    device,
+                    json,
+                },
         } => {
-            let report = crate::bench::kernels(size, runs.max(1), |m| {
+            let device = crate::latency::Device::parse(&device)
+                .with_context(|| format!("unknown device '{device}' (cpu or gpu)"))?;
+            let report = crate::bench::kernels(size, runs.max(1), device, |m| {
                 if !json {
                     eprintln!("{m}");
                 }
@@ -485,6 +528,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Bench {
+            which: BenchCommand::Latency(args),
+        } => latency_cmd(args),
         Command::Bench {
             which: BenchCommand::Finetune { epochs, runs, json },
         } => {
@@ -1571,4 +1617,182 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         init_out.display()
     );
     Ok(())
+}
+
+fn latency_cmd(a: LatencyArgs) -> anyhow::Result<()> {
+    use crate::latency::{Device, Engine, LatencySpec};
+    let device = Device::parse(&a.device)
+        .with_context(|| format!("unknown device '{}' (cpu or gpu)", a.device))?;
+    let batches = a
+        .batch
+        .split(',')
+        .map(|b| match b.trim().parse::<usize>() {
+            Ok(n) if (1..=4096).contains(&n) => Ok(n),
+            _ => bail!("--batch: '{b}' is not a batch size in 1..=4096"),
+        })
+        .collect::<anyhow::Result<Vec<usize>>>()?;
+    if a.block == 0 || a.block > 256 {
+        bail!("--block {}: choose 1..=256", a.block);
+    }
+    let model = Model::open(&a.model)?;
+    let progress = bar();
+    let source = data_source(None, None, None);
+    let (masks, settings) = match &a.masks {
+        Some(m) => (
+            crate::export::load_masks(&model, m)?,
+            PruneSettings::default(),
+        ),
+        None if a.flags.any() => {
+            let (p, settings) = prune_from_flags(&model, &a.flags, &source, &progress)?;
+            (p.masks, settings)
+        }
+        None => (crate::prune::MaskSet::new(), PruneSettings::default()),
+    };
+    let engine = Engine::for_device(device).map_err(anyhow::Error::msg)?;
+    let spec = LatencySpec {
+        batches,
+        device,
+        block: a.block,
+        curves: !a.no_curves,
+        budget_ms: a.budget_ms.clamp(1.0, 10_000.0),
+    };
+    if !a.json {
+        eprintln!("{}", engine.info().label());
+    }
+    let report = crate::latency::run(
+        &model,
+        &masks,
+        &settings,
+        &spec,
+        &engine,
+        &mut Default::default(),
+        &progress,
+        |_| {},
+    );
+    let sizes =
+        crate::analysis::storage_sizes(&model, &masks, settings.pattern, a.block, &progress)?;
+    if a.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            model: String,
+            #[serde(flatten)]
+            report: &'a crate::latency::LatencyReport,
+            sizes: &'a [crate::analysis::StorageSize],
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Out {
+                model: a.model.display().to_string(),
+                report: &report,
+                sizes: &sizes,
+            })?
+        );
+        return Ok(());
+    }
+    println!("{}", report.device.label());
+    for &batch in &report.batches {
+        println!("\nbatch {batch}");
+        println!(
+            "  {:<32} {:>8} {:<15} {:>10} {:>9} {:>8} {:>6}",
+            "layer", "sparsity", "format", "median ms", "spread", "speedup", "rho"
+        );
+        for l in &report.layers {
+            for m in l.measurements.iter().filter(|m| m.batch == batch) {
+                println!(
+                    "  {:<32} {:>7.1}% {:<15} {:>10.4} {:>9} {:>7.2}× {:>6.2}",
+                    truncate_name(&l.name, 32),
+                    l.sparsity * 100.0,
+                    m.format.label(),
+                    m.timing.median_ms,
+                    format!("±{:.0}%", spread_pct(&m.timing)),
+                    m.speedup,
+                    m.rho
+                );
+            }
+        }
+        for t in report.model.iter().filter(|t| t.batch == batch) {
+            println!(
+                "  whole model (sum of layers), {:<15} {:>10.4} ms {:>7.2}×  ≈{:.3} mJ (estimate)",
+                t.format.label(),
+                t.ms,
+                t.speedup,
+                t.energy_mj_estimate
+            );
+        }
+    }
+    if !report.fits.is_empty() {
+        println!("\ncost model T = β·s + γ·B + τ (s: stored values, B: rows / groups / blocks)");
+        for f in &report.fits {
+            println!(
+                "  {:<15} batch {:>4}: β {:.4} ns, γ {}, τ {:.1} µs, r² {:.3} ({} points)",
+                f.format.label(),
+                f.batch,
+                f.params.beta_ns,
+                f.params
+                    .gamma_ns
+                    .map_or("n/a (B does not vary)".into(), |g| format!("{g:.2} ns")),
+                f.params.tau_us,
+                f.params.r2,
+                f.params.points
+            );
+        }
+    }
+    for c in report
+        .curves
+        .iter()
+        .filter(|c| c.batch == report.batches[0])
+    {
+        let pts: Vec<String> = c
+            .points
+            .iter()
+            .map(|p| format!("{:.0}%: {:.2}×", p.sparsity * 100.0, p.speedup))
+            .collect();
+        println!(
+            "curve {} on {} (batch {}): {}",
+            c.format.label(),
+            c.layer,
+            c.batch,
+            pts.join(", ")
+        );
+    }
+    for f in &report.flags {
+        println!("! {}", f.text);
+    }
+    println!(
+        "\nstorage (bytes, zstd level {}):",
+        crate::analysis::ZSTD_LEVEL
+    );
+    for s in &sizes {
+        println!(
+            "  {:<22} {:>14} {:>14}",
+            s.label,
+            group_digits(s.bytes),
+            group_digits(s.zstd_bytes)
+        );
+    }
+    for s in &report.skipped {
+        println!("skipped: {s}");
+    }
+    println!("{}", report.energy_assumption);
+    Ok(())
+}
+
+fn spread_pct(t: &crate::latency::Timing) -> f64 {
+    (t.max_ms - t.min_ms) / 2.0 / t.median_ms.max(1e-12) * 100.0
+}
+
+fn truncate_name(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(n - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("…{tail}")
+    }
 }

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod graph;
 pub mod history;
 pub mod kernels;
+pub mod latency;
 pub mod model;
 pub mod progress;
 pub mod prune;

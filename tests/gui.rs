@@ -858,3 +858,93 @@ fn fine_tuning_in_the_app_grows_its_curve_raises_accuracy_and_undoes() {
         "the untrained measurement at 90 % is still there"
     );
 }
+
+fn latency_job(app: &App) -> Option<f32> {
+    app.state()
+        .jobs
+        .iter()
+        .find(|j| j.label == "Latency")
+        .map(|j| j.fraction)
+}
+
+#[test]
+fn a_latency_run_shows_progress_fills_the_charts_and_cancels() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    // Prune to 80 % first, so the masks the run measures are not trivial.
+    let settings = PruneSettings {
+        sparsity: 0.8,
+        ..Default::default()
+    };
+    h.state_mut().state_mut().settings = settings.clone();
+    step_until(&mut h, "the pruned counts", settled);
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Latency").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Measure latency")
+        .click();
+    let start = Instant::now();
+    loop {
+        h.step();
+        let s = h.state().state();
+        if latency_job(h.state()).is_some_and(|f| f > 0.0)
+            && s.latency.as_ref().is_some_and(|r| !r.layers.is_empty())
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.run_steps(3);
+    h.get_by_label_contains("Latency: ");
+    // The totals table shows what has arrived.
+    h.get_by_label("whole model (sum of layers)");
+    h.get_all_by_role_and_label(Role::Button, "Cancel")
+        .next()
+        .unwrap()
+        .click();
+    step_until(&mut h, "the run to stop", |a| latency_job(a).is_none());
+    let partial = h.state().state().latency.clone().unwrap();
+    assert!(!partial.complete);
+    h.get_by_label_contains("(unfinished)");
+
+    // A whole run at batch 1 only: every prunable layer, its non-zeros as the core library's
+    // masks have them, the curves drawn and the sizes measured.
+    for b in ["8", "32", "128"] {
+        h.get_by_role_and_label(Role::CheckBox, b).click();
+        h.run_steps(2);
+    }
+    h.get_by_role_and_label(Role::Button, "Measure latency")
+        .click();
+    step_until(&mut h, "the run to finish", |a| {
+        a.state().latency.as_ref().is_some_and(|r| r.complete) && latency_job(a).is_none()
+    });
+    let r = h.state().state().latency.clone().unwrap();
+    assert_eq!(r.batches, vec![1]);
+    let model = sample();
+    let masks = masks_for(&model, &settings);
+    let prunable: Vec<_> = (0..model.tensors.len())
+        .filter(|&t| settings.is_prunable(&model, t) && model.tensors[t].shape.len() >= 2)
+        .collect();
+    assert_eq!(r.layers.len(), prunable.len());
+    for (l, &t) in r.layers.iter().zip(&prunable) {
+        assert_eq!(l.name, model.tensors[t].name);
+        let kept = masks
+            .get(&l.name)
+            .map_or(model.tensors[t].numel, |m| m.count_kept());
+        assert_eq!(l.nonzeros as usize, kept, "{}", l.name);
+        // Each format measured once at batch 1; CSR stores exactly the kept weights.
+        assert_eq!(l.measurements.len(), r.formats.len());
+        assert_eq!(
+            l.get(prunescope::latency::Format::Csr, 1).unwrap().stored,
+            kept as u64
+        );
+    }
+    assert!(!r.curves.is_empty());
+    h.get_by_label_contains("Speedup over dense of");
+    assert!(h.state().state().latency_sizes.is_some());
+    h.get_by_role_and_label(Role::Button, "Sizes").click();
+    h.run_steps(3);
+    h.get_by_label_contains("raw and compressed by zstd");
+}

@@ -6,4 +6,4 @@ mod sizes;
 
 pub use heatmap::{HeatmapView, heatmap};
 pub use histogram::{Histogram, HistogramSplit, all_histograms, histogram, split_histogram};
-pub use sizes::{SizeReport, size_report};
+pub use sizes::{SizeReport, StorageSize, ZSTD_LEVEL, size_report, storage_sizes};

@@ -534,14 +534,45 @@ pub struct KernelsReport {
     pub csr_90_vs_floor: f64,
     pub nm_2_4_speedup: f64,
     pub rows_50_speedup: f64,
-    /// Largest difference of any kernel's output from the dense kernel on the same weights.
+    /// Largest difference of any kernel's output from the dense kernel on the same weights
+    /// (on the CPU: each format against CPU dense; on a GPU: each GPU kernel against CPU dense).
     pub max_abs_err: f64,
+    pub device: crate::latency::Device,
+    /// The wgpu adapter (with `--device gpu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<Adapter>,
 }
 
-pub fn kernels(size: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Result<KernelsReport> {
+#[derive(Debug, Serialize)]
+pub struct Adapter {
+    pub name: String,
+    pub backend: String,
+    /// Mesa's llvmpipe or lavapipe: a CPU emulating a GPU; its timings are not hardware ones.
+    pub software: bool,
+}
+
+pub fn kernels(
+    size: usize,
+    runs: usize,
+    device: crate::latency::Device,
+    log: impl Fn(&str),
+) -> anyhow::Result<KernelsReport> {
     use crate::kernels::{Csr, Dense, NmCompressed, remove_rows};
     if size == 0 || size > 32_768 {
         anyhow::bail!("--size {size}: choose 1..=32768");
+    }
+    #[cfg(feature = "gpu")]
+    let gpu = match device {
+        crate::latency::Device::Gpu => {
+            let g = crate::kernels::gpu::Gpu::new().map_err(|e| anyhow::anyhow!(e))?;
+            log(&g.info().label());
+            Some(g)
+        }
+        crate::latency::Device::Cpu => None,
+    };
+    #[cfg(not(feature = "gpu"))]
+    if device == crate::latency::Device::Gpu {
+        anyhow::bail!("this build has no GPU support (the `gpu` feature is off)");
     }
     log(&format!("{size}×{size} f32 layer, batch 1…"));
     let mut rng = SplitMix64::new(0x4B);
@@ -572,6 +603,10 @@ pub fn kernels(size: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Result<K
     let nm = NmCompressed::from_dense(&dense, 2, 4);
     let half: Vec<bool> = (0..size).map(|r| r % 2 == 0).collect();
     let small = remove_rows(&dense, &half);
+    #[cfg(feature = "gpu")]
+    if let Some(g) = gpu {
+        return kernels_gpu(&g, size, runs, [&dense, &d90, &d95, &small], nm, log);
+    }
     let mut y = vec![0f32; size];
     let time = |f: &mut dyn FnMut()| -> Vec<f64> {
         for _ in 0..3 {
@@ -649,10 +684,93 @@ pub fn kernels(size: usize, runs: usize, log: impl Fn(&str)) -> anyhow::Result<K
         nm_2_4_speedup: dense_ms / nm_2_4_ms,
         rows_50_speedup: dense_ms / rows_50_ms,
         max_abs_err,
+        device,
+        adapter: None,
     };
     log(&format!(
         "dense {:.3} ms ({:.1} GB/s), CSR 90 % {:.3} ms (floor {:.3}), CSR 95 % {:.3} ms, 2:4 {:.3} ms, half the rows {:.3} ms",
         dense_ms, bandwidth_gb_s, csr_90_ms, csr_90_floor_ms, csr_95_ms, nm_2_4_ms, rows_50_ms
     ));
     Ok(report)
+}
+
+/// `bench kernels --device gpu`: the wgpu kernels on the same layers, each checked against
+/// the CPU dense kernel on its weights.
+#[cfg(feature = "gpu")]
+fn kernels_gpu(
+    gpu: &crate::kernels::gpu::Gpu,
+    size: usize,
+    runs: usize,
+    [dense, d90, d95, small]: [&crate::kernels::Dense; 4],
+    nm: crate::kernels::NmCompressed,
+    log: impl Fn(&str),
+) -> anyhow::Result<KernelsReport> {
+    use crate::kernels::{Csr, Dense};
+    use crate::latency::Kernel;
+    let info = gpu.info();
+    let copy = |d: &Dense| Dense {
+        rows: d.rows,
+        cols: d.cols,
+        w: d.w.clone(),
+    };
+    let x = crate::latency::random_input(size, 1);
+    let nm_dense = nm.to_dense();
+    let cases: Vec<(Kernel, Dense)> = vec![
+        (Kernel::Dense(copy(dense)), copy(dense)),
+        (Kernel::Csr(Csr::from_dense(d90, None)), copy(d90)),
+        (Kernel::Csr(Csr::from_dense(d95, None)), copy(d95)),
+        (Kernel::Nm(nm), nm_dense),
+        (Kernel::Dense(copy(small)), copy(small)),
+    ];
+    let mut medians = Vec::new();
+    let mut spread = (0.0, 0.0);
+    let mut max_abs_err = 0f64;
+    // The run count sets the budget: about `runs` samples of a 4096² dense product.
+    let budget_ms = runs as f64 * 2.0;
+    for (i, (k, reference)) in cases.iter().enumerate() {
+        max_abs_err = max_abs_err.max(
+            gpu.max_err(k, reference, &x, 1)
+                .map_err(anyhow::Error::msg)?,
+        );
+        let up = gpu.upload(k).map_err(anyhow::Error::msg)?;
+        let t = gpu.time(&up, 1, budget_ms).map_err(anyhow::Error::msg)?;
+        if i == 0 {
+            spread = (t.min_ms, t.max_ms);
+        }
+        medians.push(t.median_ms);
+    }
+    let [dense_ms, csr_90_ms, csr_95_ms, nm_2_4_ms, rows_50_ms] = medians[..] else {
+        unreachable!("five kernels")
+    };
+    let c90_bytes = Csr::from_dense(d90, None).bytes();
+    let bandwidth_gb_s = (size * size * 4) as f64 / (dense_ms * 1e-3) / 1e9;
+    let csr_90_floor_ms = c90_bytes as f64 / (bandwidth_gb_s * 1e9) * 1e3;
+    log(&format!(
+        "{}: dense {dense_ms:.3} ms, CSR 90 % {csr_90_ms:.3} ms, CSR 95 % {csr_95_ms:.3} ms, 2:4 {nm_2_4_ms:.3} ms, half the rows {rows_50_ms:.3} ms; max |GPU − CPU| {max_abs_err:.2e}",
+        info.label()
+    ));
+    Ok(KernelsReport {
+        size,
+        batch: 1,
+        threads: rayon::current_num_threads(),
+        runs,
+        dense_ms,
+        csr_90_ms,
+        csr_95_ms,
+        nm_2_4_ms,
+        rows_50_ms,
+        dense_spread_ms: spread,
+        bandwidth_gb_s,
+        csr_90_floor_ms,
+        csr_90_vs_floor: csr_90_ms / csr_90_floor_ms,
+        nm_2_4_speedup: dense_ms / nm_2_4_ms,
+        rows_50_speedup: dense_ms / rows_50_ms,
+        max_abs_err,
+        device: crate::latency::Device::Gpu,
+        adapter: Some(Adapter {
+            name: info.name,
+            backend: info.backend,
+            software: info.software,
+        }),
+    })
 }

@@ -1,11 +1,14 @@
 //! Inference kernels for pruned layers, `y = W x` for a batch of inputs: dense, CSR, N:M
-//! compressed, and the smaller dense layer that removing whole rows gives.
+//! compressed, block-sparse, and the smaller dense layer that removing whole rows gives.
 //!
 //! All are multi-threaded over rows (row blocks of equal work), read each weight once, and
 //! keep `x` in cache: at batch 1 a layer is memory-bound, so the figure to beat is the bytes a
 //! format streams divided by the bandwidth the dense kernel reaches.
 
 use rayon::prelude::*;
+
+#[cfg(feature = "gpu")]
+pub mod gpu;
 
 /// Rows per parallel task: enough work to amortise scheduling, small enough to balance.
 const ROW_BLOCK: usize = 64;
@@ -48,15 +51,69 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_body!(a, b, |x: f32, y: f32, s: f32| x.mul_add(y, s))
 }
 
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// `Σ a·b`, with AVX2 + FMA where the CPU has them (chosen at run time).
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above); the body is safe Rust.
         return unsafe { dot_avx2(a, b) };
     }
     dot_generic(a, b)
+}
+
+/// Batches from which the dense layer runs as one GEMM (the `gemm` crate candle uses) instead
+/// of one GEMV per input: from here a blocked product reuses each weight across inputs.
+const GEMM_FROM_BATCH: usize = 4;
+
+/// Four rows' dot products with one `x`: each 8-lane slice of `x` is loaded once for four
+/// weight streams, and four streams in flight keep more memory requests outstanding than one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot4_avx2(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    assert!(w.iter().all(|r| r.len() == n));
+    let chunks = n / 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    for i in 0..chunks {
+        let o = i * 16;
+        // SAFETY: o + 16 ≤ chunks·16 ≤ n, and every row has length n (asserted).
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(o)),
+                _mm256_loadu_ps(x.as_ptr().add(o + 8)),
+            )
+        };
+        for (a, r) in acc.iter_mut().zip(&w) {
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_ps(r.as_ptr().add(o)),
+                    _mm256_loadu_ps(r.as_ptr().add(o + 8)),
+                )
+            };
+            a[0] = _mm256_fmadd_ps(w0, x0, a[0]);
+            a[1] = _mm256_fmadd_ps(w1, x1, a[1]);
+        }
+    }
+    let mut out = [0f32; 4];
+    for (k, a) in acc.iter().enumerate() {
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a[0], a[1])) };
+        let mut s: f32 = lanes.iter().sum();
+        for i in chunks * 16..n {
+            s += w[k][i] * x[i];
+        }
+        out[k] = s;
+    }
+    out
 }
 
 impl Dense {
@@ -65,6 +122,11 @@ impl Dense {
         assert_eq!(x.len(), batch * self.cols);
         assert_eq!(y.len(), batch * self.rows);
         let (rows, cols) = (self.rows, self.cols);
+        if batch >= GEMM_FROM_BATCH && rows > 0 {
+            // y (batch × rows) = x (batch × cols) · Wᵀ: Wᵀ's (c, r) element is w[r·cols + c].
+            crate::graph::fast::matmul(batch, rows, cols, x, &self.w, 1, cols, y, 0, rows);
+            return;
+        }
         // Output rows in blocks; each block writes its slice of every batch row afterwards.
         let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(ROW_BLOCK))
             .into_par_iter()
@@ -72,10 +134,27 @@ impl Dense {
                 let r0 = blk * ROW_BLOCK;
                 let r1 = (r0 + ROW_BLOCK).min(rows);
                 let mut out = vec![0f32; (r1 - r0) * batch];
-                for r in r0..r1 {
-                    let w = &self.w[r * cols..(r + 1) * cols];
+                let row = |r: usize| &self.w[r * cols..(r + 1) * cols];
+                let mut r = r0;
+                #[cfg(target_arch = "x86_64")]
+                if avx2_fma() {
+                    while r + 4 <= r1 {
+                        for b in 0..batch {
+                            let xb = &x[b * cols..(b + 1) * cols];
+                            // SAFETY: the CPU has AVX2 and FMA (checked above).
+                            let d = unsafe {
+                                dot4_avx2([row(r), row(r + 1), row(r + 2), row(r + 3)], xb)
+                            };
+                            for (k, v) in d.into_iter().enumerate() {
+                                out[(r + k - r0) * batch + b] = v;
+                            }
+                        }
+                        r += 4;
+                    }
+                }
+                for r in r..r1 {
                     for b in 0..batch {
-                        out[(r - r0) * batch + b] = dot(w, &x[b * cols..(b + 1) * cols]);
+                        out[(r - r0) * batch + b] = dot(row(r), &x[b * cols..(b + 1) * cols]);
                     }
                 }
                 out
@@ -161,17 +240,20 @@ impl Csr {
                     let vals = &self.values[a..e];
                     for b in 0..batch {
                         let xb = &x[b * cols..(b + 1) * cols];
-                        let mut acc = [0f32; 4];
+                        let mut acc = [0f32; 8];
                         if self.idx32.is_empty() {
                             let idx = &self.idx16[a..e];
-                            let n4 = vals.len() / 4 * 4;
-                            for k in (0..n4).step_by(4) {
-                                for j in 0..4 {
-                                    acc[j] += vals[k + j] * xb[idx[k + j] as usize];
+                            // Eight independent sums, in exact chunks so that only the
+                            // gathers from x keep a bounds check.
+                            let (vc, ic) = (vals.chunks_exact(8), idx.chunks_exact(8));
+                            let (vr, ir) = (vc.remainder(), ic.remainder());
+                            for (v, i) in vc.zip(ic) {
+                                for j in 0..8 {
+                                    acc[j] += v[j] * xb[i[j] as usize];
                                 }
                             }
-                            for k in n4..vals.len() {
-                                acc[0] += vals[k] * xb[idx[k] as usize];
+                            for (v, &i) in vr.iter().zip(ir) {
+                                acc[0] += v * xb[i as usize];
                             }
                         } else {
                             let idx = &self.idx32[a..e];
@@ -277,17 +359,39 @@ impl NmCompressed {
                 let r0 = blk * ROW_BLOCK;
                 let r1 = (r0 + ROW_BLOCK).min(self.rows);
                 let mut out = vec![0f32; (r1 - r0) * batch];
-                for r in r0..r1 {
-                    let vals = &self.values[r * per_row..(r + 1) * per_row];
-                    let pos = &self.pos[r * per_row..(r + 1) * per_row];
+                let vals = |r: usize| &self.values[r * per_row..(r + 1) * per_row];
+                let pos = |r: usize| &self.pos[r * per_row..(r + 1) * per_row];
+                let mut r = r0;
+                #[cfg(target_arch = "x86_64")]
+                if fast24 {
+                    while r < r1 {
+                        let four = r + 4 <= r1;
+                        for b in 0..batch {
+                            let xb = &x[b * cols..(b + 1) * cols];
+                            // SAFETY: the CPU has AVX2 and FMA (checked in `nm24_fast`).
+                            if four {
+                                let d = unsafe {
+                                    nm24_rows_avx2(
+                                        [vals(r), vals(r + 1), vals(r + 2), vals(r + 3)],
+                                        [pos(r), pos(r + 1), pos(r + 2), pos(r + 3)],
+                                        xb,
+                                    )
+                                };
+                                for (k, v) in d.into_iter().enumerate() {
+                                    out[(r + k - r0) * batch + b] = v;
+                                }
+                            } else {
+                                let [d] = unsafe { nm24_rows_avx2([vals(r)], [pos(r)], xb) };
+                                out[(r - r0) * batch + b] = d;
+                            }
+                        }
+                        r += if four { 4 } else { 1 };
+                    }
+                }
+                for r in r..r1 {
                     for b in 0..batch {
                         let xb = &x[b * cols..(b + 1) * cols];
-                        out[(r - r0) * batch + b] = if fast24 {
-                            // SAFETY: the CPU has AVX2 and FMA (checked in `nm24_fast`).
-                            unsafe { nm24_row_avx2(vals, pos, xb) }
-                        } else {
-                            nm_row(vals, pos, xb, n, m)
-                        };
+                        out[(r - r0) * batch + b] = nm_row(vals(r), pos(r), xb, n, m);
                     }
                 }
                 out
@@ -314,7 +418,7 @@ fn nm_row(vals: &[f32], pos: &[u8], x: &[f32], n: usize, m: usize) -> f32 {
 fn nm24_fast() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -322,48 +426,171 @@ fn nm24_fast() -> bool {
     }
 }
 
-/// One row of a 2:4 layer: two groups (eight columns of `x`) per step, the four kept values'
-/// inputs picked out of one 8-lane load by a lane permutation instead of four gathers.
+/// Four rows of a 2:4 layer at once, four groups (sixteen columns of `x`) per step: each
+/// row's eight kept positions widen to lane indices in one instruction, two lane permutations
+/// pick their inputs out of two 8-lane loads of `x` (shared by the four rows), and a blend
+/// joins them for one 8-lane FMA. Four rows keep four weight streams in flight, as the dense
+/// kernel does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn nm24_row_avx2(vals: &[f32], pos: &[u8], x: &[f32]) -> f32 {
+unsafe fn nm24_rows_avx2<const R: usize>(
+    vals: [&[f32]; R],
+    pos: [&[u8]; R],
+    x: &[f32],
+) -> [f32; R] {
     use std::arch::x86_64::*;
     let cols = x.len();
-    let pairs = cols / 8;
-    assert!(vals.len() >= 4 * pairs && pos.len() >= 4 * pairs);
-    let mut acc = [_mm_setzero_ps(); 4];
-    let offset = _mm_setr_epi32(0, 0, 4, 4);
-    let step = |p: usize, acc: __m128| -> __m128 {
-        let k = 4 * p;
-        // SAFETY (loads): 8·p + 8 ≤ 8·pairs ≤ cols, and k + 4 ≤ 4·pairs ≤ the asserted lengths.
-        let x8 = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * p)) };
-        let packed = unsafe { (pos.as_ptr().add(k) as *const u32).read_unaligned() };
-        let idx = _mm_add_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(packed as i32)), offset);
-        // Only the low four lanes of the permutation are used; the high indices don't matter.
-        let picked = _mm256_permutevar8x32_ps(x8, _mm256_castsi128_si256(idx));
-        let v = unsafe { _mm_loadu_ps(vals.as_ptr().add(k)) };
-        _mm_fmadd_ps(_mm256_castps256_ps128(picked), v, acc)
-    };
-    let quads = pairs / 4;
+    let quads = cols / 16;
+    for r in 0..R {
+        assert!(vals[r].len() >= 8 * quads && pos[r].len() >= 8 * quads);
+    }
+    let mut acc = [_mm256_setzero_ps(); R];
+    // Groups 0 and 1 of a step index the first load (offsets 0 and 4), groups 2 and 3 the second.
+    let offset = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
     for q in 0..quads {
-        // Four independent accumulators keep four permutes and FMAs in flight.
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = step(4 * q + j, *a);
+        let k = 8 * q;
+        // SAFETY (loads): 16·q + 16 ≤ 16·quads ≤ cols, and k + 8 ≤ 8·quads ≤ the asserted lengths.
+        let (xa, xb) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(16 * q)),
+                _mm256_loadu_ps(x.as_ptr().add(16 * q + 8)),
+            )
+        };
+        for r in 0..R {
+            let p8 = unsafe { _mm_loadl_epi64(pos[r].as_ptr().add(k) as *const __m128i) };
+            let idx = _mm256_add_epi32(_mm256_cvtepu8_epi32(p8), offset);
+            let picked = _mm256_blend_ps::<0b1111_0000>(
+                _mm256_permutevar8x32_ps(xa, idx),
+                _mm256_permutevar8x32_ps(xb, idx),
+            );
+            let v = unsafe { _mm256_loadu_ps(vals[r].as_ptr().add(k)) };
+            acc[r] = _mm256_fmadd_ps(picked, v, acc[r]);
         }
     }
-    for p in 4 * quads..pairs {
-        acc[0] = step(p, acc[0]);
+    let mut out = [0f32; R];
+    let done = 8 * quads;
+    for r in 0..R {
+        let mut lanes = [0f32; 8];
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        out[r] = lanes.iter().sum();
+        // The groups after the last full step (at most three full groups and a short one).
+        if done < vals[r].len() {
+            out[r] += nm_row(&vals[r][done..], &pos[r][done..], &x[16 * quads..], 2, 4);
+        }
     }
-    let total = _mm_add_ps(_mm_add_ps(acc[0], acc[1]), _mm_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 4];
-    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), total) };
-    let mut s: f32 = lanes.iter().sum();
-    // The groups after the last full pair (at most one full group and a short one).
-    let done = 4 * pairs;
-    if done < vals.len() {
-        s += nm_row(&vals[done..], &pos[done..], &x[8 * pairs..], 2, 4);
+    out
+}
+
+/// Block-sparse: the kept `b × b` blocks of the matrix, each stored dense (zero-padded at the
+/// right and bottom edges), with each block-row's list of block columns. A block is kept when
+/// any weight inside it is.
+pub struct BlockSparse {
+    pub rows: usize,
+    pub cols: usize,
+    pub b: usize,
+    /// Per block-row, the range of its blocks in `block_col` (len = block-rows + 1).
+    pub block_ptr: Vec<u32>,
+    pub block_col: Vec<u32>,
+    /// `b·b` values per kept block, row-major inside the block.
+    pub values: Vec<f32>,
+}
+
+impl BlockSparse {
+    pub fn from_dense(d: &Dense, keep: Option<&[bool]>, b: usize) -> BlockSparse {
+        let b = b.max(1);
+        let kept = |i: usize| keep.map_or(d.w[i] != 0.0, |k| k[i]);
+        let (brows, bcols) = (d.rows.div_ceil(b), d.cols.div_ceil(b));
+        let mut block_ptr = vec![0u32];
+        let (mut block_col, mut values) = (Vec::new(), Vec::new());
+        for br in 0..brows {
+            let rs = br * b..((br + 1) * b).min(d.rows);
+            for bc in 0..bcols {
+                let cs = bc * b..((bc + 1) * b).min(d.cols);
+                let any = rs.clone().any(|r| cs.clone().any(|c| kept(r * d.cols + c)));
+                if !any {
+                    continue;
+                }
+                block_col.push(bc as u32);
+                for i in 0..b {
+                    for j in 0..b {
+                        let (r, c) = (br * b + i, bc * b + j);
+                        let v = if r < d.rows && c < d.cols && kept(r * d.cols + c) {
+                            d.w[r * d.cols + c]
+                        } else {
+                            0.0
+                        };
+                        values.push(v);
+                    }
+                }
+            }
+            block_ptr.push(block_col.len() as u32);
+        }
+        BlockSparse {
+            rows: d.rows,
+            cols: d.cols,
+            b,
+            block_ptr,
+            block_col,
+            values,
+        }
     }
-    s
+
+    /// Kept blocks.
+    pub fn blocks(&self) -> usize {
+        self.block_col.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.values.len() * 4 + self.block_col.len() * 4 + self.block_ptr.len() * 4
+    }
+
+    pub fn matvec(&self, x: &[f32], batch: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), batch * self.cols);
+        assert_eq!(y.len(), batch * self.rows);
+        let (b, cols) = (self.b, self.cols);
+        // Block-rows grouped so that each task has about ROW_BLOCK rows.
+        let per_task = ROW_BLOCK.div_ceil(b).max(1);
+        let brows = self.rows.div_ceil(b);
+        let blocks: Vec<Vec<f32>> = (0..brows.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
+                let br0 = task * per_task;
+                let br1 = (br0 + per_task).min(brows);
+                let r0 = br0 * b;
+                let r1 = (br1 * b).min(self.rows);
+                let mut out = vec![0f32; (r1 - r0) * batch];
+                for br in br0..br1 {
+                    let (s, e) = (self.block_ptr[br] as usize, self.block_ptr[br + 1] as usize);
+                    for k in s..e {
+                        let c0 = self.block_col[k] as usize * b;
+                        let len = b.min(cols - c0);
+                        let vals = &self.values[k * b * b..(k + 1) * b * b];
+                        for i in 0..b.min(self.rows - br * b) {
+                            let w = &vals[i * b..i * b + len];
+                            let row = br * b + i - r0;
+                            for bb in 0..batch {
+                                let xb = &x[bb * cols + c0..bb * cols + c0 + len];
+                                out[row * batch + bb] += dot(w, xb);
+                            }
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        // `scatter` assumes ROW_BLOCK rows per task; these tasks hold per_task·b rows.
+        let rows = self.rows;
+        let mut r0 = 0;
+        for out in &blocks {
+            let n = out.len() / batch.max(1);
+            for i in 0..n {
+                for bb in 0..batch {
+                    y[bb * rows + r0 + i] = out[i * batch + bb];
+                }
+            }
+            r0 += n;
+        }
+    }
 }
 
 /// The dense layer without the rows `keep` drops: a structurally smaller layer.
@@ -456,6 +683,12 @@ mod tests {
                 nm.matvec(&x, batch, &mut y);
                 close(&y, &reference(&dd, &x, batch));
             }
+            for b in [1, 3, 4, 8] {
+                let bs = BlockSparse::from_dense(&d, None, b);
+                let mut y = vec![f32::NAN; batch * rows];
+                bs.matvec(&x, batch, &mut y);
+                close(&y, &want);
+            }
             let keep: Vec<bool> = (0..rows).map(|r| r % 2 == 0).collect();
             let small = remove_rows(&d, &keep);
             let mut y = vec![f32::NAN; batch * small.rows];
@@ -469,6 +702,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn block_sparse_keeps_exactly_the_blocks_with_a_kept_weight() {
+        // 5×5 in 2×2 blocks (3×3 block grid, edges padded): one weight at (0,0) and one at
+        // (4,3) keep blocks (0,0) and (2,1) only.
+        let mut w = vec![0f32; 25];
+        w[0] = 1.5;
+        w[4 * 5 + 3] = -2.0;
+        let d = Dense {
+            rows: 5,
+            cols: 5,
+            w,
+        };
+        let bs = BlockSparse::from_dense(&d, None, 2);
+        assert_eq!(bs.block_ptr, vec![0, 1, 1, 2]);
+        assert_eq!(bs.block_col, vec![0, 1]);
+        assert_eq!(bs.values, vec![1.5, 0.0, 0.0, 0.0, 0.0, -2.0, 0.0, 0.0]);
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let mut y = [f32::NAN; 5];
+        bs.matvec(&x, 1, &mut y);
+        assert_eq!(y, [1.5, 0.0, 0.0, 0.0, -8.0]);
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct AppState {
     pub settings_generation: u64,
     /// Sensitivity curves of the open model (partial while a sweep runs).
     pub sensitivity: Option<Arc<crate::sensitivity::Sensitivity>>,
+    /// The newest latency run of the open model (partial while it runs), and its sizes.
+    pub latency: Option<Arc<crate::latency::LatencyReport>>,
+    pub latency_sizes: Option<Arc<Vec<crate::analysis::StorageSize>>>,
     /// The newest sensitivity plan, or why there is none.
     pub plan: Option<Result<Arc<crate::sensitivity::Plan>, String>>,
     /// Every rule's plan at one target, measured.
@@ -134,6 +137,8 @@ impl AppState {
             generation: 0,
             settings_generation: 0,
             sensitivity: None,
+            latency: None,
+            latency_sizes: None,
             plan: None,
             comparison: None,
             training: None,
@@ -312,6 +317,8 @@ impl AppState {
                 self.model = Some(ModelView::new(snapshot));
                 self.sent = None;
                 self.sensitivity = None;
+                self.latency = None;
+                self.latency_sizes = None;
                 self.plan = None;
                 self.comparison = None;
                 self.plan_sent = None;
@@ -377,6 +384,16 @@ impl AppState {
                          targets; run the analysis on the new data to plan again."
                             .into(),
                     );
+                }
+            }
+            Event::Latency {
+                model,
+                report,
+                sizes,
+            } => {
+                if current == Some(model) {
+                    self.latency = Some(report);
+                    self.latency_sizes = sizes;
                 }
             }
             Event::Sensitivity { model, result } => {
@@ -513,6 +530,7 @@ pub struct App {
     data: DataDialog,
     gallery: super::gallery::GalleryPanel,
     sensitivity: super::sensitivity::SensitivityPanel,
+    latency: super::latency::LatencyPanel,
     history: super::history::HistoryPanel,
     recovery: super::recovery::RecoveryPanel,
     export: ExportDialog,
@@ -550,6 +568,7 @@ impl App {
             data: DataDialog::default(),
             gallery: Default::default(),
             sensitivity: Default::default(),
+            latency: Default::default(),
             history: Default::default(),
             recovery: Default::default(),
             export: ExportDialog::default(),
@@ -837,6 +856,22 @@ impl App {
         }
     }
 
+    fn latency_action(&mut self, a: super::latency::LatencyAction) {
+        use super::latency::LatencyAction as A;
+        match a {
+            A::Run(spec) => {
+                if let Err(e) = self.worker.latency(self.state.settings.clone(), spec) {
+                    self.state.errors.push(e.to_string());
+                }
+            }
+            A::Cancel => {
+                for j in self.state.jobs.iter().filter(|j| j.label == "Latency") {
+                    self.worker.cancel(j.id);
+                }
+            }
+        }
+    }
+
     /// Presses the sensitivity window's Run with the default grid (tests).
     pub fn run_sensitivity(&mut self) {
         let ctx = self.ctx.clone().expect("built with a context");
@@ -946,6 +981,8 @@ impl App {
                     .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
                 ui.checkbox(&mut self.sensitivity.open, "Sensitivity")
                     .on_hover_text("How much each layer can take: each pruned alone across a grid of sparsities, measured on the data.");
+                ui.checkbox(&mut self.latency.open, "Latency")
+                    .on_hover_text("What the cut buys in time: each layer in dense, masked, CSR, N:M, block-sparse and rows-removed form, timed on the CPU or a GPU.");
                 ui.checkbox(&mut self.recovery.open, "Recover (fine-tune, schedules, lottery)")
                     .on_hover_text("Win back accuracy: fine-tune with the masks held, prune on a schedule, or run the lottery-ticket experiment.");
                 ui.checkbox(&mut self.history.open, "Experiment history")
@@ -1110,6 +1147,9 @@ impl eframe::App for App {
         }
         if let Some(a) = self.sensitivity.ui(&ctx, &self.state) {
             self.sensitivity_action(&ctx, a);
+        }
+        if let Some(a) = self.latency.ui(&ctx, &self.state) {
+            self.latency_action(a);
         }
         if let Some(a) = self.recovery.ui(&ctx, &self.state) {
             use super::recovery::RecoveryAction as R;

@@ -7,6 +7,7 @@ mod dialogs;
 mod gallery;
 mod heatmap_view;
 mod history;
+mod latency;
 mod plots;
 mod recovery;
 mod sensitivity;

@@ -110,6 +110,22 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Measures the layers pruned by `settings` in every storage format.
+    pub fn latency(
+        &mut self,
+        settings: crate::prune::PruneSettings,
+        spec: crate::latency::LatencySpec,
+    ) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::Latency {
+            job,
+            cancel,
+            settings,
+            spec,
+        })?;
+        Ok(job)
+    }
+
     /// Starts a training job (fine-tune, schedule or lottery) on the open model.
     pub fn train(&mut self, request: TrainRequest) -> Result<JobId, WorkerBusy> {
         let (job, cancel) = self.next_job();

@@ -70,6 +70,13 @@ pub enum Command {
     },
     /// Bring back the model the last fine-tune or schedule replaced.
     Undo { model: ModelId },
+    /// Measure the layers pruned by `settings` in every storage format (its own thread).
+    Latency {
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+        spec: crate::latency::LatencySpec,
+    },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },
@@ -187,6 +194,12 @@ pub enum Event {
     Training {
         model: ModelId,
         update: TrainUpdate,
+    },
+    /// Latency measured so far (after each layer), then the storage sizes at the end.
+    Latency {
+        model: ModelId,
+        report: Arc<crate::latency::LatencyReport>,
+        sizes: Option<Arc<Vec<crate::analysis::StorageSize>>>,
     },
     /// A configuration was evaluated and added to the experiment history.
     Recorded {

@@ -48,6 +48,15 @@ struct Session {
     /// Multiplications per weight per sample, for FLOPs.
     uses: Option<Vec<(String, f64)>>,
     sweeps: Arc<Mutex<Sweeps>>,
+    latency: Arc<Mutex<LatencyRuns>>,
+}
+
+/// Latency measurements of this model (by layer shape, mask, format, batch and device), and
+/// the run in progress.
+#[derive(Default)]
+struct LatencyRuns {
+    cache: crate::latency::LatencyCache,
+    cancel: Option<CancelFlag>,
 }
 
 /// Sensitivity results of this model: by cache key, and the newest one (plans use it).
@@ -216,6 +225,7 @@ impl Worker {
             | Command::Sensitivity { job, .. }
             | Command::Compare { job, .. }
             | Command::Train { job, .. }
+            | Command::Latency { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_)
             | Command::Plan { .. }
@@ -282,6 +292,12 @@ impl Worker {
                 request,
             } => self.train(job, cancel, request),
             Command::Undo { model } => self.undo(model),
+            Command::Latency {
+                job,
+                cancel,
+                settings,
+                spec,
+            } => self.latency(job, cancel, settings, spec),
             Command::ClearHistory { model } => {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
@@ -533,6 +549,128 @@ impl Worker {
         if spawned.is_err() {
             sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = false;
             fail(self, "could not start a thread for the sweep".into());
+        }
+    }
+
+    fn latency(
+        &mut self,
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+        spec: crate::latency::LatencySpec,
+    ) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "Latency".into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let progress = self.progress_for(job, cancel.clone());
+        let masks = match masks_for(s, &settings, &progress) {
+            Ok((_, m)) => m,
+            Err(_) if cancel.is_cancelled() => return self.emit(Event::JobCancelled { job }),
+            Err(e) => return fail(self, format!("{e:#}")),
+        };
+        if crate::latency::layers(&s.model, &settings).is_empty() {
+            return fail(self, "no prunable matrices to measure".into());
+        }
+        let (model_id, model, runs) = (s.id, s.model.clone(), s.latency.clone());
+        {
+            let mut r = runs.lock().unwrap_or_else(|e| e.into_inner());
+            if r.cancel.is_some() {
+                drop(r);
+                return fail(self, "a latency run is already going".into());
+            }
+            r.cancel = Some(cancel.clone());
+        }
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let thread_runs = runs.clone();
+        // Its own thread: sliders stay live meanwhile (their work perturbs the timings a
+        // little, as any other load on the machine would).
+        let spawned = std::thread::Builder::new()
+            .name("prunescope-latency".into())
+            .spawn(move || {
+                let emit = |e: Event| {
+                    if tx.send(e).is_ok() {
+                        wake();
+                    }
+                };
+                let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<bool, String> {
+                    // The GPU device is made here, never on the UI thread.
+                    let engine = crate::latency::Engine::for_device(spec.device)?;
+                    // Measurements already made are answered from the cache, which is held
+                    // only between layers so the UI never waits on it.
+                    let mut cache = std::mem::take(
+                        &mut thread_runs.lock().unwrap_or_else(|e| e.into_inner()).cache,
+                    );
+                    let mut last = Instant::now();
+                    let report = crate::latency::run(
+                        &model,
+                        &masks,
+                        &settings,
+                        &spec,
+                        &engine,
+                        &mut cache,
+                        &progress,
+                        |so_far| {
+                            if last.elapsed().as_millis() >= 50 {
+                                last = Instant::now();
+                                emit(Event::Latency {
+                                    model: model_id,
+                                    report: Arc::new(so_far.clone()),
+                                    sizes: None,
+                                });
+                            }
+                        },
+                    );
+                    thread_runs.lock().unwrap_or_else(|e| e.into_inner()).cache = cache;
+                    let sizes = if report.complete {
+                        crate::analysis::storage_sizes(
+                            &model,
+                            &masks,
+                            settings.pattern,
+                            spec.block,
+                            &progress,
+                        )
+                        .ok()
+                        .map(Arc::new)
+                    } else {
+                        None
+                    };
+                    let complete = report.complete && sizes.is_some();
+                    emit(Event::Latency {
+                        model: model_id,
+                        report: Arc::new(report),
+                        sizes,
+                    });
+                    Ok(complete)
+                }));
+                thread_runs.lock().unwrap_or_else(|e| e.into_inner()).cancel = None;
+                match outcome {
+                    Ok(Ok(true)) => emit(Event::JobFinished {
+                        job,
+                        message: "Latency measured".into(),
+                    }),
+                    Ok(Ok(false)) => emit(Event::JobCancelled { job }),
+                    Ok(Err(error)) => emit(Event::JobFailed { job, error }),
+                    Err(p) => emit(Event::JobFailed {
+                        job,
+                        error: format!(
+                            "internal error (the model is unchanged): {}",
+                            p.downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| p.downcast_ref::<&str>().copied())
+                                .unwrap_or("panic")
+                        ),
+                    }),
+                }
+            });
+        if spawned.is_err() {
+            runs.lock().unwrap_or_else(|e| e.into_inner()).cancel = None;
+            fail(self, "could not start a thread for the latency run".into());
         }
     }
 
@@ -1158,10 +1296,13 @@ impl Worker {
         };
         self.save_history();
         // A sweep of the model being replaced would only spend the CPU on curves nobody sees.
-        if let Some(old) = self.session.as_ref()
-            && let Some(c) = &old.sweeps.lock().unwrap_or_else(|e| e.into_inner()).cancel
-        {
-            c.cancel();
+        if let Some(old) = self.session.as_ref() {
+            if let Some(c) = &old.sweeps.lock().unwrap_or_else(|e| e.into_inner()).cancel {
+                c.cancel();
+            }
+            if let Some(c) = &old.latency.lock().unwrap_or_else(|e| e.into_inner()).cancel {
+                c.cancel();
+            }
         }
         self.session = Some(Session {
             id,
@@ -1176,6 +1317,7 @@ impl Worker {
             history_cleared: false,
             uses,
             sweeps: Default::default(),
+            latency: Default::default(),
         });
         self.emit(Event::ModelOpened(Arc::new(snapshot)));
         true
@@ -1501,19 +1643,7 @@ impl Worker {
         let result = (|| -> anyhow::Result<String> {
             let outputs = req.outputs();
             crate::export::check_outputs(&model.input_files(), &outputs)?;
-            let s_ = &req.settings;
-            let index_fits = s.index.criterion == s_.criterion
-                && (!s_.criterion.seeded() || s.index.seed == s_.seed);
-            let pruned = if index_fits {
-                s_.validate(&model)?;
-                let alloc = allocate(&model, &s.index, s_);
-                let masks = build_masks(&model, &s.index, s_, &alloc, &progress)?;
-                (alloc, masks)
-            } else {
-                let p = crate::prune::prune(&model, s_, &ScoreInputs::default(), &progress)?;
-                (p.alloc, p.masks)
-            };
-            let (alloc, masks) = pruned;
+            let (alloc, masks) = masks_for(s, &req.settings, &progress)?;
             let mut written = Vec::new();
             if let Some(p) = &req.weights {
                 crate::export::export_weights(&model, &masks, p, &progress)?;
@@ -1539,6 +1669,27 @@ impl Worker {
             }),
         }
     }
+}
+
+/// The allocation and masks of `settings`: from the session's score index where it fits the
+/// criterion, else from a fresh one.
+fn masks_for(
+    s: &Session,
+    settings: &PruneSettings,
+    progress: &Progress,
+) -> anyhow::Result<(Allocation, MaskSet)> {
+    let model = &s.model;
+    let index_fits = s.index.criterion == settings.criterion
+        && (!settings.criterion.seeded() || s.index.seed == settings.seed);
+    Ok(if index_fits {
+        settings.validate(model)?;
+        let alloc = allocate(model, &s.index, settings);
+        let masks = build_masks(model, &s.index, settings, &alloc, progress)?;
+        (alloc, masks)
+    } else {
+        let p = crate::prune::prune(model, settings, &ScoreInputs::default(), progress)?;
+        (p.alloc, p.masks)
+    })
 }
 
 /// The finished curves that plans for `settings` may use: measured with the same criterion
