@@ -380,7 +380,7 @@ pub enum BenchCommand {
         json: bool,
     },
     /// Every prunable layer of MODEL, pruned as the flags (or --masks) say, in each storage
-    /// format (dense, masked, CSR, N:M, block-sparse, rows removed) at each batch size:
+    /// format (dense, masked, CSR, N:M, block-sparse, empty rows and columns removed) at each batch size:
     /// medians with their spread, speedups, realized efficiency, the fitted cost model, flags
     /// and the storage sizes.
     Latency(LatencyArgs),

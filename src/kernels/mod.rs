@@ -595,17 +595,25 @@ impl BlockSparse {
 
 /// The dense layer without the rows `keep` drops: a structurally smaller layer.
 pub fn remove_rows(d: &Dense, keep: &[bool]) -> Dense {
+    compact(d, keep, &vec![true; d.cols])
+}
+
+/// The dense layer of only the rows and columns kept: what removing whole output neurons and
+/// whole inputs gives (the input shrinks to the kept columns).
+pub fn compact(d: &Dense, rows: &[bool], cols: &[bool]) -> Dense {
+    let kept_cols: Vec<usize> = (0..d.cols).filter(|&c| cols[c]).collect();
     let mut w = Vec::new();
-    let mut rows = 0;
-    for (r, k) in keep.iter().enumerate().take(d.rows) {
+    let mut n = 0;
+    for (r, k) in rows.iter().enumerate().take(d.rows) {
         if *k {
-            w.extend_from_slice(&d.w[r * d.cols..(r + 1) * d.cols]);
-            rows += 1;
+            let row = &d.w[r * d.cols..(r + 1) * d.cols];
+            w.extend(kept_cols.iter().map(|&c| row[c]));
+            n += 1;
         }
     }
     Dense {
-        rows,
-        cols: d.cols,
+        rows: n,
+        cols: kept_cols.len(),
         w,
     }
 }
@@ -688,6 +696,30 @@ mod tests {
                 let mut y = vec![f32::NAN; batch * rows];
                 bs.matvec(&x, batch, &mut y);
                 close(&y, &want);
+            }
+            // Dropping rows and columns equals the full product on the kept inputs.
+            let kc: Vec<bool> = (0..cols).map(|c| c % 3 != 1).collect();
+            let kr: Vec<bool> = (0..rows).map(|r| r % 4 != 2).collect();
+            let both = compact(&d, &kr, &kc);
+            let xk: Vec<f32> = (0..batch)
+                .flat_map(|b| (0..cols).filter(|c| kc[*c]).map(move |c| (b, c)))
+                .map(|(b, c)| x[b * cols + c])
+                .collect();
+            let w =
+                d.w.iter()
+                    .enumerate()
+                    .map(|(i, v)| if kc[i % cols] { *v } else { 0.0 })
+                    .collect();
+            let dz = Dense { rows, cols, w };
+            let full = reference(&dz, &x, batch);
+            let mut y = vec![f32::NAN; batch * both.rows];
+            both.matvec(&xk, batch, &mut y);
+            let kept: Vec<usize> = (0..rows).filter(|r| kr[*r]).collect();
+            for b in 0..batch {
+                for (i, &r) in kept.iter().enumerate() {
+                    let (p, q) = (y[b * both.rows + i], full[b * rows + r]);
+                    assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()));
+                }
             }
             let keep: Vec<bool> = (0..rows).map(|r| r % 2 == 0).collect();
             let small = remove_rows(&d, &keep);
