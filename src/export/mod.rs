@@ -6,7 +6,7 @@ pub use recipe::{LayerResult, RECIPE_FORMAT, Recipe, RecipeError, RecipeInput};
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::model::Model;
 use crate::progress::Progress;
@@ -14,6 +14,7 @@ use crate::prune::{Mask, MaskSet};
 use crate::util::atomic_write;
 
 /// One tensor to write: its header entry and how many bytes its data has.
+#[derive(Clone)]
 pub struct TensorSpec<'a> {
     pub name: &'a str,
     pub dtype: &'a str,
@@ -240,15 +241,130 @@ pub fn export_pruned(
             return Err(ExportError::NotByteAddressable(name.to_string()));
         }
     }
-    let specs = tensor_specs(model);
-    let total: usize = specs.iter().map(|s| s.len).sum::<usize>().max(1);
+    if !model.shards.is_empty() && sharded_output(path) {
+        return export_shards(model, masks, path, progress);
+    }
+    let all: Vec<usize> = (0..model.tensors.len()).collect();
     let mut written = 0usize;
+    write_pruned_file(
+        model,
+        masks,
+        &all,
+        &model.metadata,
+        path,
+        progress,
+        &mut written,
+    )
+}
+
+/// Whether `path` asks for a checkpoint's shards rather than one file: an index file name, a
+/// folder, or a name without an extension.
+pub fn sharded_output(path: &Path) -> bool {
+    path.to_string_lossy().ends_with(".index.json") || path.is_dir() || path.extension().is_none()
+}
+
+/// Writes a sharded checkpoint pruned: the same shard files (names, tensors, metadata) and the
+/// same index, into the folder `path` names (or holds, for an index file name). Each file is
+/// written atomically, one tensor at a time, so memory stays within a buffer; a failed or
+/// cancelled export removes the shards it had written.
+pub fn export_shards(
+    model: &Model,
+    masks: &MaskSet,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), ExportError> {
+    let source = model.source.path().ok_or_else(|| {
+        ExportError::Unsupported("a sharded export needs the checkpoint's index file".into())
+    })?;
+    let (dir, index_name) = if path.to_string_lossy().ends_with(".index.json") {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.file_name().map(|n| n.to_os_string()),
+        )
+    } else {
+        (
+            path.to_path_buf(),
+            source.file_name().map(|n| n.to_os_string()),
+        )
+    };
+    let index_name = index_name.ok_or_else(|| ExportError::Conflict("no index name".into()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| ExportError::Io {
+        path: dir.display().to_string(),
+        error: e,
+    })?;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let outputs: Vec<PathBuf> = model
+        .shards
+        .iter()
+        .map(|s| dir.join(s.file.file_name().unwrap_or_default()))
+        .chain(std::iter::once(dir.join(&index_name)))
+        .collect();
+    let inputs: Vec<&Path> = std::iter::once(source)
+        .chain(model.shards.iter().map(|s| s.file.as_path()))
+        .collect();
+    for o in &outputs {
+        if let Some(i) = inputs.iter().find(|i| same(o, i)) {
+            return Err(ExportError::Conflict(format!(
+                "{}: writing there would replace the checkpoint's own {}; choose another folder",
+                o.display(),
+                i.display()
+            )));
+        }
+    }
+    let mut done: Vec<&PathBuf> = Vec::new();
+    let mut written = 0usize;
+    let result = (|| {
+        for (shard, out) in model.shards.iter().zip(&outputs) {
+            let ids: Vec<usize> = shard.tensors.iter().filter_map(|n| model.find(n)).collect();
+            write_pruned_file(
+                model,
+                masks,
+                &ids,
+                &shard.metadata,
+                out,
+                progress,
+                &mut written,
+            )?;
+            done.push(out);
+        }
+        let index = std::fs::read(source).map_err(|e| ExportError::Io {
+            path: source.display().to_string(),
+            error: e,
+        })?;
+        let out = &outputs[outputs.len() - 1];
+        atomic_write(out, |w| w.write_all(&index)).map_err(write_error(out))
+    })();
+    if result.is_err() {
+        for p in done {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// Writes the tensors `ids` of the model, pruned by `masks`, as one safetensors file.
+fn write_pruned_file(
+    model: &Model,
+    masks: &MaskSet,
+    ids: &[usize],
+    metadata: &BTreeMap<String, String>,
+    path: &Path,
+    progress: &Progress,
+    written: &mut usize,
+) -> Result<(), ExportError> {
+    let all = tensor_specs(model);
+    let specs: Vec<TensorSpec> = ids.iter().map(|&t| all[t].clone()).collect();
+    let total: usize = all.iter().map(|s| s.len).sum::<usize>().max(1);
     let io_err = write_error(path);
     atomic_write(path, |w| {
-        write_safetensors(w, &model.metadata, &specs, |t, w| {
+        write_safetensors(w, metadata, &specs, |i, w| {
             if progress.check().is_err() {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
             }
+            let t = ids[i];
             let bytes = model.tensor_bytes(t);
             match masks.get(&model.tensors[t].name) {
                 None => w.write_all(bytes)?,
@@ -257,8 +373,8 @@ pub fn export_pruned(
                     write_masked(w, bytes, mask, size)?;
                 }
             }
-            written += bytes.len();
-            progress.report(written as f32 / total as f32, "Writing weights");
+            *written += bytes.len();
+            progress.report(*written as f32 / total as f32, "Writing weights");
             Ok(())
         })
     })

@@ -7,6 +7,7 @@ mod dtype;
 pub mod onnx_io;
 pub mod pickle;
 mod safetensors_io;
+pub mod sharded;
 mod torch_io;
 pub mod zip;
 
@@ -137,6 +138,12 @@ pub(crate) enum Backing {
         map: Primary,
         extra: Vec<u8>,
     },
+    /// The shards of a checkpoint, mapped, laid end to end: shard `i` covers
+    /// `starts[i]..starts[i] + maps[i].len()`.
+    Shards {
+        maps: Vec<memmap2::Mmap>,
+        starts: Vec<usize>,
+    },
 }
 
 /// The bytes an archive was read from: a map of the file, or a buffer (tests, fuzzing).
@@ -163,10 +170,16 @@ impl Backing {
             Backing::Mapped { map, .. } => map,
             Backing::Owned(v) => v,
             Backing::Static(s) => s,
+            // The first shard: a whole safetensors file, as elsewhere.
+            Backing::Shards { maps, .. } => maps.first().map_or(&[], |m| &m[..]),
         }
     }
     fn range(&self, r: Range<usize>) -> &[u8] {
         match self {
+            Backing::Shards { maps, starts } => {
+                let i = starts.partition_point(|&s| s <= r.start).saturating_sub(1);
+                &maps[i][r.start - starts[i]..r.end - starts[i]]
+            }
             Backing::Mapped { map, extra } if r.start >= map.len() => {
                 &extra[r.start - map.len()..r.end - map.len()]
             }
@@ -186,9 +199,11 @@ pub struct Model {
     backing: Backing,
     /// Tensor index by name: lookups are per mask and per layer, so they must not scan.
     by_name: HashMap<String, usize>,
-    /// Other files the weights were read from (an ONNX model's external data): inputs that an
-    /// output must not replace.
+    /// Other files the weights were read from (an ONNX model's external data, a checkpoint's
+    /// shards): inputs that an output must not replace.
     pub data_files: Vec<PathBuf>,
+    /// A sharded checkpoint's shards (empty for single files).
+    pub shards: Vec<sharded::Shard>,
 }
 
 impl std::fmt::Debug for Model {
@@ -226,11 +241,24 @@ impl Model {
             backing,
             by_name,
             data_files: Vec::new(),
+            shards: Vec::new(),
         }
     }
 
     /// Opens a model file, choosing the reader by extension (and by content for `.bin`).
     pub fn open(path: &Path) -> Result<Model, ModelError> {
+        Model::open_with(path, &crate::progress::Progress::none())
+    }
+
+    /// [`Model::open`] with progress and cancel: a sharded checkpoint (its index, its folder or
+    /// any of its shards) reports each shard it maps.
+    pub fn open_with(
+        path: &Path,
+        progress: &crate::progress::Progress,
+    ) -> Result<Model, ModelError> {
+        if let Some(index) = sharded::index_for(path)? {
+            return sharded::open_index(&index, progress);
+        }
         let ext = path
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -386,6 +414,18 @@ impl Model {
     /// SHA-256 of the source file (or of the in-memory bytes for built-in models).
     pub fn content_hash(&self) -> Result<String, ModelError> {
         match &self.source {
+            // A checkpoint: its index and every shard, each hashed, then the list.
+            ModelSource::File(p) if !self.shards.is_empty() => {
+                let mut all = Vec::new();
+                for f in std::iter::once(p).chain(self.shards.iter().map(|s| &s.file)) {
+                    let h = crate::util::sha256_file(f).map_err(|e| ModelError::Io {
+                        path: f.display().to_string(),
+                        error: e,
+                    })?;
+                    all.extend_from_slice(h.as_bytes());
+                }
+                Ok(crate::util::sha256_hex(&all))
+            }
             ModelSource::File(p) => crate::util::sha256_file(p).map_err(|e| ModelError::Io {
                 path: p.display().to_string(),
                 error: e,

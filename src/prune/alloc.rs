@@ -167,10 +167,7 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
     if settings.pattern == Pattern::Unstructured {
         for l in &mut layers {
             if l.pruned > 0 {
-                l.threshold = index
-                    .keys(l.tensor)
-                    .get(l.pruned - 1)
-                    .map(|&k| score_of_key(k));
+                l.threshold = index.nth_key(l.tensor, l.pruned - 1).map(score_of_key);
             }
         }
     }

@@ -13,7 +13,105 @@ use crate::progress::Progress;
 pub struct ScoreIndex {
     pub criterion: Criterion,
     pub seed: u64,
-    sorted: Vec<Option<Vec<u32>>>,
+    sorted: Vec<Option<Keys>>,
+}
+
+/// One tensor's keys in ascending order: each key, or, where few distinct keys exist
+/// (magnitudes of 16-bit floats: at most 32,768), each distinct key with the number of keys up
+/// to and including it. Both answer the same questions exactly; the second takes at most
+/// 384 KB whatever the tensor's size, instead of 4 bytes per weight.
+enum Keys {
+    Sorted(Vec<u32>),
+    Runs { keys: Vec<u32>, ends: Vec<u64> },
+}
+
+impl Keys {
+    fn len(&self) -> usize {
+        match self {
+            Keys::Sorted(v) => v.len(),
+            Keys::Runs { ends, .. } => ends.last().copied().unwrap_or(0) as usize,
+        }
+    }
+
+    fn count_below(&self, key: u32) -> usize {
+        match self {
+            Keys::Sorted(v) => v.partition_point(|&k| k < key),
+            Keys::Runs { keys, ends } => {
+                let i = keys.partition_point(|&k| k < key);
+                if i == 0 { 0 } else { ends[i - 1] as usize }
+            }
+        }
+    }
+
+    fn count_at_most(&self, key: u32) -> usize {
+        match self {
+            Keys::Sorted(v) => v.partition_point(|&k| k <= key),
+            Keys::Runs { keys, ends } => {
+                let i = keys.partition_point(|&k| k <= key);
+                if i == 0 { 0 } else { ends[i - 1] as usize }
+            }
+        }
+    }
+
+    /// The `i`-th smallest key (0-based).
+    fn nth(&self, i: usize) -> Option<u32> {
+        match self {
+            Keys::Sorted(v) => v.get(i).copied(),
+            Keys::Runs { keys, ends } => {
+                let r = ends.partition_point(|&e| e <= i as u64);
+                keys.get(r).copied()
+            }
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Keys::Sorted(v) => v.len() * 4,
+            Keys::Runs { keys, ends } => keys.len() * 4 + ends.len() * 8,
+        }
+    }
+}
+
+/// Magnitude keys of a 16-bit float tensor as runs, from one pass over its raw bytes: the
+/// magnitude is the bit pattern without its sign, so a 32,768-bin count of those patterns is
+/// exact, and each pattern's key is the key of its value.
+fn magnitude_runs(model: &Model, t: usize, progress: &Progress) -> Result<Keys, PruneError> {
+    use crate::model::DType;
+    let e = &model.tensors[t];
+    let to_f32: fn(u16) -> f32 = match e.dtype {
+        DType::BF16 => |b| half::bf16::from_bits(b).to_f32(),
+        _ => |b| half::f16::from_bits(b).to_f32(),
+    };
+    let bytes = model.tensor_bytes(t);
+    let mut counts = vec![0u64; 1 << 15];
+    for (c, chunk) in bytes.chunks(2 * DECODE_CHUNK * 64).enumerate() {
+        if c % 16 == 0 {
+            progress.check()?;
+        }
+        for b in chunk.chunks_exact(2) {
+            counts[(u16::from_le_bytes([b[0], b[1]]) & 0x7fff) as usize] += 1;
+        }
+    }
+    // NaN patterns all map to key 0; every other pattern to its own key, in pattern order.
+    let mut pairs: Vec<(u32, u64)> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(p, n)| (super::key_of_score(to_f32(p as u16)), *n))
+        .collect();
+    pairs.sort_by_key(|p| p.0);
+    let (mut keys, mut ends) = (Vec::new(), Vec::new());
+    let mut total = 0u64;
+    for (k, n) in pairs {
+        total += n;
+        if keys.last() == Some(&k) {
+            *ends.last_mut().expect("a run") = total;
+        } else {
+            keys.push(k);
+            ends.push(total);
+        }
+    }
+    Ok(Keys::Runs { keys, ends })
 }
 
 impl std::fmt::Debug for ScoreIndex {
@@ -45,10 +143,22 @@ impl ScoreIndex {
         let label = format!("Scoring ({})", criterion.label());
         let sorted = (0..model.tensors.len())
             .into_par_iter()
-            .map(|t| -> Result<Option<Vec<u32>>, PruneError> {
+            .map(|t| -> Result<Option<Keys>, PruneError> {
                 let e = &model.tensors[t];
                 if !e.analysable() {
                     return Ok(None);
+                }
+                if criterion == Criterion::Magnitude
+                    && matches!(
+                        e.dtype,
+                        crate::model::DType::BF16 | crate::model::DType::F16
+                    )
+                    && model.tensor_bytes(t).len() == 2 * e.numel
+                {
+                    let runs = magnitude_runs(model, t, progress)?;
+                    let d = done.fetch_add(e.numel as u64, Ordering::Relaxed) + e.numel as u64;
+                    progress.report(d as f32 / total as f32, &label);
+                    return Ok(Some(runs));
                 }
                 let mut keys = vec![0u32; e.numel];
                 let mut vals = vec![0f32; DECODE_CHUNK];
@@ -62,7 +172,7 @@ impl ScoreIndex {
                 radix_sort_u32(&mut keys);
                 let d = done.fetch_add(e.numel as u64, Ordering::Relaxed) + e.numel as u64;
                 progress.report(d as f32 / total as f32, &label);
-                Ok(Some(keys))
+                Ok(Some(Keys::Sorted(keys)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ScoreIndex {
@@ -72,26 +182,35 @@ impl ScoreIndex {
         })
     }
 
-    /// Sorted keys of tensor `t` (empty for tensors that are not analysable).
-    pub fn keys(&self, t: usize) -> &[u32] {
-        self.sorted.get(t).and_then(|s| s.as_deref()).unwrap_or(&[])
+    fn of(&self, t: usize) -> Option<&Keys> {
+        self.sorted.get(t).and_then(|s| s.as_ref())
+    }
+
+    /// Keys of tensor `t` (0 for tensors that are not analysable).
+    pub fn len(&self, t: usize) -> usize {
+        self.of(t).map_or(0, Keys::len)
+    }
+
+    /// The `i`-th smallest key of tensor `t` (0-based).
+    pub fn nth_key(&self, t: usize, i: usize) -> Option<u32> {
+        self.of(t)?.nth(i)
     }
 
     /// Number of elements of `t` whose key is `< key`.
     #[inline]
     pub fn count_below(&self, t: usize, key: u32) -> usize {
-        self.keys(t).partition_point(|&k| k < key)
+        self.of(t).map_or(0, |k| k.count_below(key))
     }
 
     /// Number of elements of `t` whose key is `<= key`.
     #[inline]
     pub fn count_at_most(&self, t: usize, key: u32) -> usize {
-        self.keys(t).partition_point(|&k| k <= key)
+        self.of(t).map_or(0, |k| k.count_at_most(key))
     }
 
     /// Bytes held by the index.
     pub fn heap_bytes(&self) -> usize {
-        self.sorted.iter().flatten().map(|v| v.len() * 4).sum()
+        self.sorted.iter().flatten().map(Keys::heap_bytes).sum()
     }
 }
 
@@ -146,6 +265,161 @@ pub fn radix_sort_u32(v: &mut [u32]) {
 mod tests {
     use super::*;
     use crate::util::SplitMix64;
+
+    /// A safetensors file of the given (name, dtype, shape, raw little-endian bytes).
+    fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in tensors {
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape,
+                    "data_offsets": [data.len(), data.len() + bytes.len()]}),
+            );
+            data.extend_from_slice(bytes);
+        }
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&data);
+        out
+    }
+
+    /// 16-bit values drawn from a small set, so ties abound: ±0, NaN, ±inf, subnormals and a
+    /// few dozen ordinary magnitudes of both signs.
+    fn tied_bits(n: usize, seed: u64, bf16: bool) -> Vec<u16> {
+        let mut rng = SplitMix64::new(seed);
+        let specials: [u16; 6] = if bf16 {
+            [0x0000, 0x8000, 0x7fc0, 0x7f80, 0xff80, 0x0001]
+        } else {
+            [0x0000, 0x8000, 0x7e00, 0x7c00, 0xfc00, 0x0001]
+        };
+        (0..n)
+            .map(|_| {
+                if rng.below(10) == 0 {
+                    specials[rng.below(6) as usize]
+                } else {
+                    let v = (rng.below(40) as f32 - 20.0) / 8.0;
+                    if bf16 {
+                        half::bf16::from_f32(v).to_bits()
+                    } else {
+                        half::f16::from_f32(v).to_bits()
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_answer_as_the_sorted_keys_and_prune_identically() {
+        use crate::prune::{Pattern, PruneSettings, Scope, allocate, build_masks, key_of_score};
+        for bf16 in [true, false] {
+            let dtype = if bf16 { "BF16" } else { "F16" };
+            let shapes = [vec![37, 41], vec![8, 3, 3, 3], vec![1000, 7]];
+            let bits: Vec<Vec<u16>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| tied_bits(s.iter().product(), i as u64 + 11, bf16))
+                .collect();
+            let names = ["a.weight", "b.weight", "c.weight"];
+            let half_model = crate::model::Model::from_safetensors_bytes(
+                "h",
+                safetensors(
+                    &(0..3)
+                        .map(|i| {
+                            let raw = bits[i].iter().flat_map(|b| b.to_le_bytes()).collect();
+                            (names[i], dtype, shapes[i].clone(), raw)
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            )
+            .unwrap();
+            // The same values as F32: its index is the foundation's sorted one.
+            let f32_model = crate::model::Model::from_safetensors_bytes(
+                "f",
+                safetensors(
+                    &(0..3)
+                        .map(|i| {
+                            let raw = (0..bits[i].len())
+                                .flat_map(|j| half_model.to_f32_vec(i)[j].to_le_bytes())
+                                .collect();
+                            (names[i], "F32", shapes[i].clone(), raw)
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            )
+            .unwrap();
+            let p = Progress::none();
+            let runs = ScoreIndex::build(
+                &half_model,
+                Criterion::Magnitude,
+                0,
+                &ScoreInputs::default(),
+                &p,
+            )
+            .unwrap();
+            let sorted = ScoreIndex::build(
+                &f32_model,
+                Criterion::Magnitude,
+                0,
+                &ScoreInputs::default(),
+                &p,
+            )
+            .unwrap();
+            for t in 0..3 {
+                assert!(matches!(runs.of(t), Some(Keys::Runs { .. })));
+                assert!(matches!(sorted.of(t), Some(Keys::Sorted(_))));
+                // Against brute force: every key of the tensor, sorted.
+                let mut all: Vec<u32> = half_model
+                    .to_f32_vec(t)
+                    .iter()
+                    .map(|v| key_of_score(v.abs()))
+                    .collect();
+                all.sort_unstable();
+                assert_eq!(runs.len(t), all.len());
+                for i in (0..all.len()).step_by(7) {
+                    assert_eq!(runs.nth_key(t, i), Some(all[i]), "{dtype} t{t} i{i}");
+                }
+                for &k in all.iter().step_by(5).chain([&0, &1, &u32::MAX]) {
+                    assert_eq!(runs.count_below(t, k), all.partition_point(|&x| x < k));
+                    assert_eq!(runs.count_at_most(t, k), all.partition_point(|&x| x <= k));
+                }
+            }
+            // The exact-count rule: the same allocations and masks, tie by tie.
+            for sparsity in [0.0, 0.13, 0.5, 0.77, 0.999, 1.0] {
+                for scope in [Scope::Global, Scope::Layer] {
+                    let mut s = PruneSettings {
+                        sparsity,
+                        scope,
+                        pattern: Pattern::Unstructured,
+                        min_keep: 0.05,
+                        ..Default::default()
+                    };
+                    for n in names {
+                        s.layer_mut(n).sparsity = sparsity;
+                    }
+                    let (a1, a2) = (
+                        allocate(&half_model, &runs, &s),
+                        allocate(&f32_model, &sorted, &s),
+                    );
+                    assert_eq!(
+                        a1.layers.iter().map(|l| l.pruned).collect::<Vec<_>>(),
+                        a2.layers.iter().map(|l| l.pruned).collect::<Vec<_>>()
+                    );
+                    let m1 = build_masks(&half_model, &runs, &s, &a1, &p).unwrap();
+                    let m2 = build_masks(&f32_model, &sorted, &s, &a2, &p).unwrap();
+                    for n in names {
+                        assert_eq!(
+                            m1.get(n).unwrap().words(),
+                            m2.get(n).unwrap().words(),
+                            "{dtype} {n} {sparsity}"
+                        );
+                    }
+                }
+            }
+            assert!(runs.heap_bytes() < sorted.heap_bytes());
+        }
+    }
 
     #[test]
     fn radix_sort_matches_std_sort() {

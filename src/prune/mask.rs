@@ -193,8 +193,9 @@ fn unstructured_mask(
     if pruned >= n {
         return Mask::all_pruned(n);
     }
-    let keys = index.keys(t);
-    let t_key = keys[pruned - 1];
+    let t_key = index
+        .nth_key(t, pruned - 1)
+        .expect("an allocation prunes at most the tensor's keys");
     let below = index.count_below(t, t_key);
     let ties = index.count_at_most(t, t_key) - below;
     let ties_pruned = pruned - below;

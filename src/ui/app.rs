@@ -644,7 +644,8 @@ impl App {
                     .set_title("Open a model")
                     .add_filter(
                         "Models",
-                        &["safetensors", "pt", "pth", "bin", "npz", "onnx"],
+                        // `json`: a sharded checkpoint's *.safetensors.index.json.
+                        &["safetensors", "pt", "pth", "bin", "npz", "onnx", "json"],
                     )
                     .add_filter("All files", &["*"])
                     .pick_file(),

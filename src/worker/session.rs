@@ -1162,12 +1162,13 @@ impl Worker {
         let progress = self.progress_for(job, cancel.clone());
         let t0 = Instant::now();
         let model = match &source {
-            OpenSource::Path(p) => Model::open(p),
+            OpenSource::Path(p) => Model::open_with(p, &progress),
             OpenSource::Sample => crate::sample::open_sample(),
             OpenSource::NamedSample(id) => crate::sample::open_named(id),
         };
         let model = match model {
             Ok(m) => Arc::new(m),
+            Err(_) if cancel.is_cancelled() => return self.emit(Event::JobCancelled { job }),
             Err(e) => {
                 return self.emit(Event::JobFailed {
                     job,
