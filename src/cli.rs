@@ -384,6 +384,21 @@ pub enum BenchCommand {
     /// medians with their spread, speedups, realized efficiency, the fitted cost model, flags
     /// and the storage sizes.
     Latency(LatencyArgs),
+    /// A synthetic checkpoint with Llama-2-7B's shapes (or fewer blocks for a smaller
+    /// --params), written once into --path as bf16 shards with an index, then opened,
+    /// analysed, slid, masked and exported: time and resident memory of each step.
+    Large {
+        /// Parameters (7e9: Llama-2-7B's 6.74 billion).
+        #[arg(long, default_value = "7e9")]
+        params: f64,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Folder for the checkpoint (kept for later runs; the export is removed).
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Masked fine-tuning of the sample MLP (50 % per-layer magnitude masks, batch 64, SGD lr
     /// 0.05 momentum 0.9) on the digits training split: samples per second and test accuracy.
     Finetune {
@@ -531,6 +546,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             which: BenchCommand::Latency(args),
         } => latency_cmd(args),
+        Command::Bench {
+            which:
+                BenchCommand::Large {
+                    params,
+                    dtype,
+                    path,
+                    json,
+                },
+        } => {
+            let report = crate::bench::large::large(params as u64, &dtype, &path, |m| {
+                if !json {
+                    eprintln!("{m}");
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Bench {
             which: BenchCommand::Finetune { epochs, runs, json },
         } => {

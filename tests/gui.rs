@@ -260,7 +260,7 @@ fn opening_a_corrupt_file_shows_the_error_and_keeps_the_model() {
     let bad = fixture("truncated.safetensors");
     let field = h.get_by_role_and_label(
         Role::TextInput,
-        "Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx)",
+        "Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx), or a sharded checkpoint's folder or index",
     );
     field.focus();
     field.type_text(&bad.display().to_string());
@@ -947,4 +947,49 @@ fn a_latency_run_shows_progress_fills_the_charts_and_cancels() {
     h.get_by_role_and_label(Role::Button, "Sizes").click();
     h.run_steps(3);
     h.get_by_label_contains("raw and compressed by zstd");
+}
+
+#[test]
+fn a_folder_of_shards_opens_through_open_path_and_prunes() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.get_by_label("File").click();
+    h.run_steps(4);
+    h.get_by_label_contains("Open path").click();
+    h.run_steps(4);
+    let dir = fixture("sharded");
+    let field = h.get_by_role_and_label(
+        Role::TextInput,
+        "Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx), or a sharded checkpoint's folder or index",
+    );
+    field.focus();
+    field.type_text(&dir.display().to_string());
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Open").click();
+    step_until(&mut h, "the checkpoint", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("index.json"))
+            && settled(a)
+    });
+    let model = Model::open(&dir).unwrap();
+    let snap = &h.state().state().model.as_ref().unwrap().snapshot;
+    assert_eq!(snap.tensors.len(), model.tensors.len());
+    // Every shard's tensors are in the table, the last shard's too.
+    h.get_by_label("head");
+    h.get_by_label("embed");
+    // The global slider prunes across the shards exactly as the core library does.
+    let settings = PruneSettings {
+        sparsity: 0.5,
+        ..Default::default()
+    };
+    h.state_mut().state_mut().settings = settings.clone();
+    step_until(&mut h, "the pruned counts", settled);
+    let masks = masks_for(&model, &settings);
+    let pruned: u64 = masks
+        .iter()
+        .map(|(_, m)| (m.len() - m.count_kept()) as u64)
+        .sum();
+    h.get_by_label_contains(&format!("Pruned {} of", group_digits(pruned)));
 }

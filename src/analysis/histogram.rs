@@ -236,13 +236,37 @@ pub fn all_histograms(
     progress: &Progress,
 ) -> Result<Vec<Option<Histogram>>, Cancelled> {
     let bins = bins.max(1);
-    let jobs = blocks(model);
-    let total = 2 * jobs.iter().map(|(_, r)| r.len() as u64).sum::<u64>().max(1);
+    let (halves, jobs): (Vec<_>, Vec<_>) = blocks(model)
+        .into_iter()
+        .partition(|(t, _)| half_float(model, *t).is_some());
+    let total = 2 * halves
+        .iter()
+        .chain(&jobs)
+        .map(|(_, r)| r.len() as u64)
+        .sum::<u64>()
+        .max(1);
     let done = AtomicU64::new(0);
     let tick = |n: usize| {
         let d = done.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         progress.report(d as f32 / total as f32, "Histograms");
     };
+    // 16-bit floats: one pass counting bit patterns; everything else follows from the counts.
+    let tables: Vec<Vec<u32>> = halves
+        .par_iter()
+        .map(|(t, r)| {
+            progress.check()?;
+            let c = pattern_counts(model, *t, r.clone());
+            tick(2 * r.len());
+            Ok(c)
+        })
+        .collect::<Result<_, Cancelled>>()?;
+    let mut per_half: Vec<Option<Vec<u64>>> = vec![None; model.tensors.len()];
+    for ((t, _), c) in halves.iter().zip(tables) {
+        let acc = per_half[*t].get_or_insert_with(|| vec![0u64; 1 << 16]);
+        for (a, b) in acc.iter_mut().zip(c) {
+            *a += b as u64;
+        }
+    }
     let stats: Vec<BlockStats> = jobs
         .par_iter()
         .map(|(t, r)| {
@@ -263,6 +287,9 @@ pub fn all_histograms(
         .map(|(t, e)| {
             if !e.analysable() {
                 return None;
+            }
+            if let (Some(counts), Some(decode)) = (&per_half[t], half_float(model, t)) {
+                return Some(from_patterns(counts, decode, bins));
             }
             let s = per_tensor[t].unwrap_or(BlockStats::EMPTY);
             let (lo, hi) = finite_range(s.lo, s.hi);
@@ -294,6 +321,71 @@ pub fn all_histograms(
         }
     }
     Ok(hists)
+}
+
+/// How to decode tensor `t`'s elements when it is a 16-bit float stored as one (bf16, f16).
+fn half_float(model: &Model, t: usize) -> Option<fn(u16) -> f32> {
+    use crate::model::DType;
+    let e = &model.tensors[t];
+    if model.tensor_bytes(t).len() != 2 * e.numel {
+        return None;
+    }
+    match e.dtype {
+        DType::BF16 => Some(|b| half::bf16::from_bits(b).to_f32()),
+        DType::F16 => Some(|b| half::f16::from_bits(b).to_f32()),
+        _ => None,
+    }
+}
+
+/// How many elements of `range` hold each of the 65,536 bit patterns.
+fn pattern_counts(model: &Model, t: usize, range: std::ops::Range<usize>) -> Vec<u32> {
+    let bytes = &model.tensor_bytes(t)[2 * range.start..2 * range.end];
+    let mut c = vec![0u32; 1 << 16];
+    for b in bytes.chunks_exact(2) {
+        c[u16::from_le_bytes([b[0], b[1]]) as usize] += 1;
+    }
+    c
+}
+
+/// The histogram of a 16-bit float tensor from its pattern counts: each pattern decoded once
+/// and binned by the same [`Binner`] as every other path, so the result is identical.
+fn from_patterns(counts: &[u64], decode: fn(u16) -> f32, bins: usize) -> Histogram {
+    let mut s = BlockStats::EMPTY;
+    for (p, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let v = decode(p as u16);
+        if v.is_finite() {
+            s.lo = s.lo.min(v);
+            s.hi = s.hi.max(v);
+            s.zeros += if v == 0.0 { n } else { 0 };
+        } else if v.is_nan() {
+            s.nan += n;
+        } else if v > 0.0 {
+            s.pos_inf += n;
+        } else {
+            s.neg_inf += n;
+        }
+    }
+    let (lo, hi) = finite_range(s.lo, s.hi);
+    let binner = Binner::new(lo, hi, bins);
+    let mut out = vec![0u64; bins];
+    for (p, &n) in counts.iter().enumerate() {
+        let v = decode(p as u16);
+        if n > 0 && v.is_finite() {
+            out[binner.bin(v)] += n;
+        }
+    }
+    Histogram {
+        lo,
+        hi,
+        counts: out,
+        nan: s.nan,
+        pos_inf: s.pos_inf,
+        neg_inf: s.neg_inf,
+        zeros: s.zeros,
+    }
 }
 
 /// A usable bin range when a tensor has no finite values or only one distinct value.
@@ -390,6 +482,49 @@ mod tests {
         assert_eq!(s.kept, vec![0, 2, 0, 2]);
         assert_eq!(s.pruned, vec![1, 0, 1, 0]);
         assert_eq!((s.non_finite_kept, s.non_finite_pruned), (1, 1));
+    }
+
+    #[test]
+    fn sixteen_bit_histograms_from_pattern_counts_equal_the_sequential_reference() {
+        // bf16 and f16 tensors over several blocks, with NaN, ±∞, ±0 and subnormals.
+        let mut rng = crate::util::SplitMix64::new(9);
+        let n = BLOCK + 12_345;
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype) in [("b", "BF16"), ("h", "F16"), ("tiny", "BF16")] {
+            let len = if name == "tiny" { 3 } else { n };
+            let start = data.len();
+            for i in 0..len {
+                let v = (rng.normal() * 3.0) as f32;
+                let bits = match (dtype, i % 1000) {
+                    (_, 7) => 0x8000,
+                    ("BF16", 1) => 0x7fc1,
+                    ("BF16", 2) => 0xff80,
+                    ("BF16", 3) => 0x0003,
+                    ("F16", 1) => 0x7e01,
+                    ("F16", 2) => 0x7c00,
+                    ("F16", 3) => 0x0003,
+                    ("BF16", _) => half::bf16::from_f32(v).to_bits(),
+                    _ => half::f16::from_f32(v).to_bits(),
+                };
+                data.extend_from_slice(&bits.to_le_bytes());
+            }
+            header.insert(
+                name.into(),
+                serde_json::json!({"dtype": dtype, "shape": [len], "data_offsets": [start, data.len()]}),
+            );
+        }
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&h);
+        bytes.extend_from_slice(&data);
+        let m = Model::from_safetensors_bytes("half", bytes).unwrap();
+        let all = all_histograms(&m, 128, &Progress::none()).unwrap();
+        for (t, got) in all.iter().enumerate() {
+            assert!(half_float(&m, t).is_some());
+            assert_eq!(got.as_ref(), Some(&histogram(&m, t, 128)), "tensor {t}");
+        }
+        assert!(all[0].as_ref().unwrap().nan > 0 && all[1].as_ref().unwrap().pos_inf > 0);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `prunescope bench interactive`: the interactive path on a synthetic model with
 //! GPT-2-small's shapes, timed in medians.
 
+pub mod large;
+
 use std::time::Instant;
 
 use rayon::prelude::*;

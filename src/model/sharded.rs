@@ -50,8 +50,11 @@ pub fn index_for(path: &Path) -> Result<Option<PathBuf>, ModelError> {
         indexes.sort();
         return match indexes.len() {
             1 => Ok(indexes.pop()),
+            0 if shards == 0 => Err(dir_err(
+                "is a directory, not a model file, and holds no sharded checkpoint (no *.safetensors.index.json)".into(),
+            )),
             0 => Err(dir_err(format!(
-                "a folder with {shards} .safetensors file(s) and no *.safetensors.index.json: open the file itself, or add the index that says which shard holds which tensor"
+                "is a directory with {shards} .safetensors file(s) and no *.safetensors.index.json: open a file itself, or add the index that says which shard holds which tensor"
             ))),
             n => Err(dir_err(format!(
                 "{n} *.safetensors.index.json files in one folder: open the one you mean"

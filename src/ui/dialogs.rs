@@ -27,7 +27,9 @@ impl OpenPathDialog {
             .resizable(false)
             .open(open)
             .show(ctx, |ui| {
-                let label = ui.label("Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx)");
+                let label = ui.label(
+                    "Model file (.safetensors, .pt, .pth, .bin, .npz, .onnx), or a sharded checkpoint's folder or index",
+                );
                 let r = ui.add(
                     egui::TextEdit::singleline(path)
                         .desired_width(420.0)
