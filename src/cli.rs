@@ -456,6 +456,15 @@ pub struct LatencyArgs {
     pub json: bool,
 }
 
+/// A bench's log: its lines on stderr, unless only the JSON report is wanted.
+fn stderr_unless(json: bool) -> impl Fn(&str) {
+    move |m| {
+        if !json {
+            eprintln!("{m}");
+        }
+    }
+}
+
 /// A progress bar on stderr when it is a terminal; silent otherwise.
 fn bar() -> Progress<'static> {
     if !std::io::stderr().is_terminal() {
@@ -495,11 +504,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             which: BenchCommand::Interactive { params, json },
         } => {
-            let report = crate::bench::interactive(params, |m| {
-                if !json {
-                    eprintln!("{m}");
-                }
-            });
+            let report = crate::bench::interactive(params, stderr_unless(json));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -516,11 +521,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let m = Model::open(&model)?;
             let source = data_source(data.as_deref(), x, y);
-            let report = crate::bench::eval(&m, &source, runs.max(1), |msg| {
-                if !json {
-                    eprintln!("{msg}");
-                }
-            })?;
+            let report = crate::bench::eval(&m, &source, runs.max(1), stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -535,11 +536,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let device = crate::latency::Device::parse(&device)
                 .with_context(|| format!("unknown device '{device}' (cpu or gpu)"))?;
-            let report = crate::bench::kernels(size, runs.max(1), device, |m| {
-                if !json {
-                    eprintln!("{m}");
-                }
-            })?;
+            let report = crate::bench::kernels(size, runs.max(1), device, stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -555,22 +552,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let report = crate::bench::large::large(params as u64, &dtype, &path, |m| {
-                if !json {
-                    eprintln!("{m}");
-                }
-            })?;
+            let report =
+                crate::bench::large::large(params as u64, &dtype, &path, stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Bench {
             which: BenchCommand::Finetune { epochs, runs, json },
         } => {
-            let report = crate::bench::finetune(epochs.max(1), runs.max(1), |m| {
-                if !json {
-                    eprintln!("{m}");
-                }
-            })?;
+            let report = crate::bench::finetune(epochs.max(1), runs.max(1), stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -595,11 +585,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(g) => crate::sensitivity::parse_grid(&g)?,
                 None => crate::sensitivity::DEFAULT_GRID.to_vec(),
             };
-            let report = crate::bench::sensitivity(&m, &source, grid, runs.max(1), |msg| {
-                if !json {
-                    eprintln!("{msg}");
-                }
-            })?;
+            let report =
+                crate::bench::sensitivity(&m, &source, grid, runs.max(1), stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -6,7 +6,6 @@
 use prunescope::kernels::gpu::Gpu;
 use prunescope::kernels::{Csr, Dense, NmCompressed, remove_rows};
 use prunescope::latency::{Kernel, random_input};
-use prunescope::util::SplitMix64;
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new() {
@@ -22,17 +21,7 @@ fn gpu() -> Option<Gpu> {
 }
 
 fn random(rows: usize, cols: usize, seed: u64, zero_frac: f64) -> Dense {
-    let mut rng = SplitMix64::new(seed);
-    let w = (0..rows * cols)
-        .map(|_| {
-            if rng.next_f64() < zero_frac {
-                0.0
-            } else {
-                rng.normal() as f32
-            }
-        })
-        .collect();
-    Dense { rows, cols, w }
+    Dense::random(rows, cols, seed, zero_frac)
 }
 
 fn copy(d: &Dense) -> Dense {

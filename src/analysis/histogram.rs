@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use super::super::prune::Mask;
-use crate::model::Model;
+use crate::model::{Model, PatternCounts};
 use crate::progress::{Cancelled, Progress};
 
 /// Counts of finite values in `bins` equal bins over `[lo, hi]`, plus what fits no bin.
@@ -239,38 +239,37 @@ pub fn all_histograms(
     bins: usize,
     progress: &Progress,
 ) -> Result<Vec<Option<Histogram>>, Cancelled> {
+    all_histograms_with(model, bins, progress, None)
+}
+
+/// [`all_histograms`], taking 16-bit tensors' histograms from pattern counts already taken
+/// (see [`Model::all_pattern_counts`]) instead of counting again.
+pub fn all_histograms_with(
+    model: &Model,
+    bins: usize,
+    progress: &Progress,
+    patterns: Option<&PatternCounts>,
+) -> Result<Vec<Option<Histogram>>, Cancelled> {
     let bins = bins.max(1);
-    let (halves, jobs): (Vec<_>, Vec<_>) = blocks(model)
+    let counted;
+    let patterns = match patterns {
+        Some(p) => p,
+        None => {
+            counted = model.all_pattern_counts(progress)?;
+            &counted
+        }
+    };
+    let half = |t: usize| patterns.get(t).is_some_and(|p| p.is_some());
+    let jobs: Vec<_> = blocks(model)
         .into_iter()
-        .partition(|(t, _)| half_float(model, *t).is_some());
-    let total = 2 * halves
-        .iter()
-        .chain(&jobs)
-        .map(|(_, r)| r.len() as u64)
-        .sum::<u64>()
-        .max(1);
+        .filter(|(t, _)| !half(*t))
+        .collect();
+    let total = 2 * jobs.iter().map(|(_, r)| r.len() as u64).sum::<u64>().max(1);
     let done = AtomicU64::new(0);
     let tick = |n: usize| {
         let d = done.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         progress.report(d as f32 / total as f32, "Histograms");
     };
-    // 16-bit floats: one pass counting bit patterns; everything else follows from the counts.
-    let tables: Vec<Vec<u32>> = halves
-        .par_iter()
-        .map(|(t, r)| {
-            progress.check()?;
-            let c = pattern_counts(model, *t, r.clone());
-            tick(2 * r.len());
-            Ok(c)
-        })
-        .collect::<Result<_, Cancelled>>()?;
-    let mut per_half: Vec<Option<Vec<u64>>> = vec![None; model.tensors.len()];
-    for ((t, _), c) in halves.iter().zip(tables) {
-        let acc = per_half[*t].get_or_insert_with(|| vec![0u64; 1 << 16]);
-        for (a, b) in acc.iter_mut().zip(c) {
-            *a += b as u64;
-        }
-    }
     let stats: Vec<BlockStats> = jobs
         .par_iter()
         .map(|(t, r)| {
@@ -292,7 +291,7 @@ pub fn all_histograms(
             if !e.analysable() {
                 return None;
             }
-            if let (Some(counts), Some(decode)) = (&per_half[t], half_float(model, t)) {
+            if let (Some(Some(counts)), Some(decode)) = (patterns.get(t), model.half_decoder(t)) {
                 return Some(from_patterns(counts, decode, bins));
             }
             let s = per_tensor[t].unwrap_or(BlockStats::EMPTY);
@@ -325,30 +324,6 @@ pub fn all_histograms(
         }
     }
     Ok(hists)
-}
-
-/// How to decode tensor `t`'s elements when it is a 16-bit float stored as one (bf16, f16).
-fn half_float(model: &Model, t: usize) -> Option<fn(u16) -> f32> {
-    use crate::model::DType;
-    let e = &model.tensors[t];
-    if model.tensor_bytes(t).len() != 2 * e.numel {
-        return None;
-    }
-    match e.dtype {
-        DType::BF16 => Some(|b| half::bf16::from_bits(b).to_f32()),
-        DType::F16 => Some(|b| half::f16::from_bits(b).to_f32()),
-        _ => None,
-    }
-}
-
-/// How many elements of `range` hold each of the 65,536 bit patterns.
-fn pattern_counts(model: &Model, t: usize, range: std::ops::Range<usize>) -> Vec<u32> {
-    let bytes = &model.tensor_bytes(t)[2 * range.start..2 * range.end];
-    let mut c = vec![0u32; 1 << 16];
-    for b in bytes.chunks_exact(2) {
-        c[u16::from_le_bytes([b[0], b[1]]) as usize] += 1;
-    }
-    c
 }
 
 /// The histogram of a 16-bit float tensor from its pattern counts: each pattern decoded once
@@ -525,7 +500,7 @@ mod tests {
         let m = Model::from_safetensors_bytes("half", bytes).unwrap();
         let all = all_histograms(&m, 128, &Progress::none()).unwrap();
         for (t, got) in all.iter().enumerate() {
-            assert!(half_float(&m, t).is_some());
+            assert!(m.half_decoder(t).is_some());
             assert_eq!(got.as_ref(), Some(&histogram(&m, t, 128)), "tensor {t}");
         }
         assert!(all[0].as_ref().unwrap().nan > 0 && all[1].as_ref().unwrap().pos_inf > 0);

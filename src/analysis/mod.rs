@@ -5,5 +5,7 @@ mod histogram;
 mod sizes;
 
 pub use heatmap::{HeatmapView, heatmap};
-pub use histogram::{Histogram, HistogramSplit, all_histograms, histogram, split_histogram};
+pub use histogram::{
+    Histogram, HistogramSplit, all_histograms, all_histograms_with, histogram, split_histogram,
+};
 pub use sizes::{SizeReport, StorageSize, ZSTD_LEVEL, size_report, storage_sizes};

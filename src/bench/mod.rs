@@ -553,6 +553,46 @@ pub struct Adapter {
     pub software: bool,
 }
 
+impl KernelsReport {
+    /// The five medians (dense, CSR 90 %, CSR 95 %, 2:4, half the rows) and what follows from
+    /// them: the bandwidth dense reaches, CSR 90 %'s memory floor at it, the speedups.
+    fn from_medians(
+        size: usize,
+        runs: usize,
+        [dense_ms, csr_90_ms, csr_95_ms, nm_2_4_ms, rows_50_ms]: [f64; 5],
+        dense_spread_ms: (f64, f64),
+        csr_90_bytes: usize,
+        max_abs_err: f64,
+        adapter: Option<Adapter>,
+    ) -> KernelsReport {
+        let bandwidth_gb_s = (size * size * 4) as f64 / (dense_ms * 1e-3) / 1e9;
+        let csr_90_floor_ms = csr_90_bytes as f64 / (bandwidth_gb_s * 1e9) * 1e3;
+        KernelsReport {
+            size,
+            batch: 1,
+            threads: rayon::current_num_threads(),
+            runs,
+            dense_ms,
+            csr_90_ms,
+            csr_95_ms,
+            nm_2_4_ms,
+            rows_50_ms,
+            dense_spread_ms,
+            bandwidth_gb_s,
+            csr_90_floor_ms,
+            csr_90_vs_floor: csr_90_ms / csr_90_floor_ms,
+            nm_2_4_speedup: dense_ms / nm_2_4_ms,
+            rows_50_speedup: dense_ms / rows_50_ms,
+            max_abs_err,
+            device: match adapter {
+                Some(_) => crate::latency::Device::Gpu,
+                None => crate::latency::Device::Cpu,
+            },
+            adapter,
+        }
+    }
+}
+
 pub fn kernels(
     size: usize,
     runs: usize,
@@ -667,28 +707,16 @@ pub fn kernels(
     ]
     .into_iter()
     .fold(0.0, f64::max);
-    let bandwidth_gb_s = (size * size * 4) as f64 / (dense_ms * 1e-3) / 1e9;
-    let csr_90_floor_ms = c90.bytes() as f64 / (bandwidth_gb_s * 1e9) * 1e3;
-    let report = KernelsReport {
+    let report = KernelsReport::from_medians(
         size,
-        batch: 1,
-        threads: rayon::current_num_threads(),
         runs,
-        dense_ms,
-        csr_90_ms,
-        csr_95_ms,
-        nm_2_4_ms,
-        rows_50_ms,
+        [dense_ms, csr_90_ms, csr_95_ms, nm_2_4_ms, rows_50_ms],
         dense_spread_ms,
-        bandwidth_gb_s,
-        csr_90_floor_ms,
-        csr_90_vs_floor: csr_90_ms / csr_90_floor_ms,
-        nm_2_4_speedup: dense_ms / nm_2_4_ms,
-        rows_50_speedup: dense_ms / rows_50_ms,
+        c90.bytes(),
         max_abs_err,
-        device,
-        adapter: None,
-    };
+        None,
+    );
+    let (bandwidth_gb_s, csr_90_floor_ms) = (report.bandwidth_gb_s, report.csr_90_floor_ms);
     log(&format!(
         "dense {:.3} ms ({:.1} GB/s), CSR 90 % {:.3} ms (floor {:.3}), CSR 95 % {:.3} ms, 2:4 {:.3} ms, half the rows {:.3} ms",
         dense_ms, bandwidth_gb_s, csr_90_ms, csr_90_floor_ms, csr_95_ms, nm_2_4_ms, rows_50_ms
@@ -744,35 +772,21 @@ fn kernels_gpu(
     let [dense_ms, csr_90_ms, csr_95_ms, nm_2_4_ms, rows_50_ms] = medians[..] else {
         unreachable!("five kernels")
     };
-    let c90_bytes = Csr::from_dense(d90, None).bytes();
-    let bandwidth_gb_s = (size * size * 4) as f64 / (dense_ms * 1e-3) / 1e9;
-    let csr_90_floor_ms = c90_bytes as f64 / (bandwidth_gb_s * 1e9) * 1e3;
     log(&format!(
         "{}: dense {dense_ms:.3} ms, CSR 90 % {csr_90_ms:.3} ms, CSR 95 % {csr_95_ms:.3} ms, 2:4 {nm_2_4_ms:.3} ms, half the rows {rows_50_ms:.3} ms; max |GPU − CPU| {max_abs_err:.2e}",
         info.label()
     ));
-    Ok(KernelsReport {
+    Ok(KernelsReport::from_medians(
         size,
-        batch: 1,
-        threads: rayon::current_num_threads(),
         runs,
-        dense_ms,
-        csr_90_ms,
-        csr_95_ms,
-        nm_2_4_ms,
-        rows_50_ms,
-        dense_spread_ms: spread,
-        bandwidth_gb_s,
-        csr_90_floor_ms,
-        csr_90_vs_floor: csr_90_ms / csr_90_floor_ms,
-        nm_2_4_speedup: dense_ms / nm_2_4_ms,
-        rows_50_speedup: dense_ms / rows_50_ms,
+        [dense_ms, csr_90_ms, csr_95_ms, nm_2_4_ms, rows_50_ms],
+        spread,
+        Csr::from_dense(d90, None).bytes(),
         max_abs_err,
-        device: crate::latency::Device::Gpu,
-        adapter: Some(Adapter {
+        Some(Adapter {
             name: info.name,
             backend: info.backend,
             software: info.software,
         }),
-    })
+    ))
 }

@@ -68,6 +68,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
+impl Dense {
+    /// A `rows × cols` layer of standard normal weights, each zero with probability
+    /// `zero_frac` (tests and benchmarks).
+    pub fn random(rows: usize, cols: usize, seed: u64, zero_frac: f64) -> Dense {
+        let mut rng = crate::util::SplitMix64::new(seed);
+        let w = (0..rows * cols)
+            .map(|_| {
+                if rng.next_f64() < zero_frac {
+                    0.0
+                } else {
+                    rng.normal() as f32
+                }
+            })
+            .collect();
+        Dense { rows, cols, w }
+    }
+}
+
 /// Batches from which the dense layer runs as one GEMM (the `gemm` crate candle uses) instead
 /// of one GEMV per input: from here a blocked product reuses each weight across inputs.
 const GEMM_FROM_BATCH: usize = 4;
@@ -624,17 +642,7 @@ mod tests {
     use crate::util::SplitMix64;
 
     fn random(rows: usize, cols: usize, seed: u64, zero_frac: f64) -> Dense {
-        let mut rng = SplitMix64::new(seed);
-        let w = (0..rows * cols)
-            .map(|_| {
-                if rng.next_f64() < zero_frac {
-                    0.0
-                } else {
-                    rng.normal() as f32
-                }
-            })
-            .collect();
-        Dense { rows, cols, w }
+        Dense::random(rows, cols, seed, zero_frac)
     }
 
     /// The textbook triple loop in f64.

@@ -216,6 +216,10 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Per tensor, the counts of each 16-bit pattern (`None` for tensors that are not 16-bit
+/// floats); see [`Model::pattern_counts`].
+pub type PatternCounts = Vec<Option<Vec<u64>>>;
+
 /// Decode chunk size: large enough to amortise dispatch, small enough to stay in L1/L2.
 pub const DECODE_CHUNK: usize = 4096;
 
@@ -400,6 +404,83 @@ impl Model {
             f(i, &buf[..n]);
             i += n;
         }
+    }
+
+    /// How to decode tensor `t`'s elements when it is a 16-bit float stored as one (bf16, f16).
+    pub fn half_decoder(&self, t: usize) -> Option<fn(u16) -> f32> {
+        let e = &self.tensors[t];
+        if self.tensor_bytes(t).len() != 2 * e.numel {
+            return None;
+        }
+        match e.dtype {
+            DType::BF16 => Some(|b| half::bf16::from_bits(b).to_f32()),
+            DType::F16 => Some(|b| half::f16::from_bits(b).to_f32()),
+            _ => None,
+        }
+    }
+
+    /// How many elements of a 16-bit tensor hold each of the 65,536 bit patterns: from these
+    /// counts the score index and the histogram follow exactly, without decoding a weight.
+    pub fn pattern_counts(
+        &self,
+        t: usize,
+        progress: &crate::progress::Progress,
+    ) -> Option<Vec<u64>> {
+        use rayon::prelude::*;
+        self.half_decoder(t)?;
+        let bytes = self.tensor_bytes(t);
+        let count = |acc: &mut Vec<u64>, chunk: &[u8]| {
+            for b in chunk.chunks_exact(2) {
+                acc[u16::from_le_bytes([b[0], b[1]]) as usize] += 1;
+            }
+        };
+        // Big tensors split across cores, one table per worker thread.
+        Some(
+            bytes
+                .par_chunks(2 << 20)
+                .fold(
+                    || vec![0u64; 1 << 16],
+                    |mut acc, chunk| {
+                        if progress.check().is_ok() {
+                            count(&mut acc, chunk);
+                        }
+                        acc
+                    },
+                )
+                .reduce(
+                    || vec![0u64; 1 << 16],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += y;
+                        }
+                        a
+                    },
+                ),
+        )
+    }
+
+    /// [`Model::pattern_counts`] of every tensor (`None` for those not 16-bit floats), with
+    /// progress: the one pass over a bf16 checkpoint that its index and histograms share.
+    pub fn all_pattern_counts(
+        &self,
+        progress: &crate::progress::Progress,
+    ) -> Result<PatternCounts, crate::progress::Cancelled> {
+        let total: u64 = self
+            .tensors
+            .iter()
+            .map(|e| e.numel as u64)
+            .sum::<u64>()
+            .max(1);
+        let mut done = 0u64;
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for (t, e) in self.tensors.iter().enumerate() {
+            progress.check()?;
+            out.push(self.pattern_counts(t, progress));
+            progress.check()?;
+            done += e.numel as u64;
+            progress.report(done as f32 / total as f32, "Counting weights");
+        }
+        Ok(out)
     }
 
     pub fn total_params(&self) -> u64 {

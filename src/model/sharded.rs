@@ -158,10 +158,12 @@ pub fn open_index(index: &Path, progress: &Progress) -> Result<Model, ModelError
         );
         let path = dir.join(file);
         if !path.exists() {
+            // The first of its tensors by name, so the message is the same every time.
             let example = promised
                 .iter()
-                .find(|(_, f)| *f == file)
+                .filter(|(_, f)| *f == file)
                 .map(|(t, _)| t.as_str())
+                .min_by(|a, b| crate::util::natural_cmp(a, b))
                 .unwrap_or("");
             return Err(fmt(format!(
                 "shard '{file}' is missing (the index puts tensor '{example}' there)"
@@ -217,7 +219,11 @@ pub fn open_index(index: &Path, progress: &Progress) -> Result<Model, ModelError
         offset += mmap.len();
         maps.push(mmap);
     }
-    if let Some((tensor, file)) = promised.iter().find(|(t, _)| !seen.contains_key(*t)) {
+    if let Some((tensor, file)) = promised
+        .iter()
+        .filter(|(t, _)| !seen.contains_key(*t))
+        .min_by(|a, b| crate::util::natural_cmp(a.0, b.0))
+    {
         return Err(fmt(format!(
             "the index puts tensor '{tensor}' in shard '{file}', which does not hold it"
         )));

@@ -91,6 +91,9 @@ impl Criterion {
 pub struct ScoreInputs<'a> {
     /// Calibration inputs for activation- or gradient-based criteria.
     pub calibration: Option<&'a crate::data::Dataset>,
+    /// 16-bit tensors' bit-pattern counts already taken (the pass at open that the histograms
+    /// share), so the magnitude index need not read the weights again.
+    pub patterns: Option<&'a crate::model::PatternCounts>,
 }
 
 #[inline]

@@ -72,32 +72,19 @@ impl Keys {
     }
 }
 
-/// Magnitude keys of a 16-bit float tensor as runs, from one pass over its raw bytes: the
-/// magnitude is the bit pattern without its sign, so a 32,768-bin count of those patterns is
-/// exact, and each pattern's key is the key of its value.
-fn magnitude_runs(model: &Model, t: usize, progress: &Progress) -> Result<Keys, PruneError> {
-    use crate::model::DType;
-    let e = &model.tensors[t];
-    let to_f32: fn(u16) -> f32 = match e.dtype {
-        DType::BF16 => |b| half::bf16::from_bits(b).to_f32(),
-        _ => |b| half::f16::from_bits(b).to_f32(),
-    };
-    let bytes = model.tensor_bytes(t);
-    let mut counts = vec![0u64; 1 << 15];
-    for (c, chunk) in bytes.chunks(2 * DECODE_CHUNK * 64).enumerate() {
-        if c % 16 == 0 {
-            progress.check()?;
-        }
-        for b in chunk.chunks_exact(2) {
-            counts[(u16::from_le_bytes([b[0], b[1]]) & 0x7fff) as usize] += 1;
-        }
+/// Magnitude keys of a 16-bit float tensor as runs, from its bit-pattern counts: the
+/// magnitude is the pattern without its sign, and each pattern's key is the key of its value.
+fn magnitude_runs(counts: &[u64], decode: fn(u16) -> f32) -> Keys {
+    // NaN patterns all map to key 0; every other magnitude to its own key, in pattern order.
+    let mut by_magnitude = vec![0u64; 1 << 15];
+    for (p, &n) in counts.iter().enumerate() {
+        by_magnitude[p & 0x7fff] += n;
     }
-    // NaN patterns all map to key 0; every other pattern to its own key, in pattern order.
-    let mut pairs: Vec<(u32, u64)> = counts
+    let mut pairs: Vec<(u32, u64)> = by_magnitude
         .iter()
         .enumerate()
         .filter(|(_, n)| **n > 0)
-        .map(|(p, n)| (super::key_of_score(to_f32(p as u16)), *n))
+        .map(|(p, n)| (super::key_of_score(decode(p as u16)), *n))
         .collect();
     pairs.sort_by_key(|p| p.0);
     let (mut keys, mut ends) = (Vec::new(), Vec::new());
@@ -111,7 +98,7 @@ fn magnitude_runs(model: &Model, t: usize, progress: &Progress) -> Result<Keys, 
             ends.push(total);
         }
     }
-    Ok(Keys::Runs { keys, ends })
+    Keys::Runs { keys, ends }
 }
 
 impl std::fmt::Debug for ScoreIndex {
@@ -129,7 +116,7 @@ impl ScoreIndex {
         model: &Model,
         criterion: Criterion,
         seed: u64,
-        _inputs: &ScoreInputs,
+        inputs: &ScoreInputs,
         progress: &Progress,
     ) -> Result<ScoreIndex, PruneError> {
         let total: u64 = model
@@ -149,13 +136,22 @@ impl ScoreIndex {
                     return Ok(None);
                 }
                 if criterion == Criterion::Magnitude
-                    && matches!(
-                        e.dtype,
-                        crate::model::DType::BF16 | crate::model::DType::F16
-                    )
-                    && model.tensor_bytes(t).len() == 2 * e.numel
+                    && let Some(decode) = model.half_decoder(t)
                 {
-                    let runs = magnitude_runs(model, t, progress)?;
+                    let given = inputs
+                        .patterns
+                        .and_then(|p| p.get(t))
+                        .and_then(|c| c.as_ref());
+                    let counted;
+                    let counts = match given {
+                        Some(c) => c,
+                        None => {
+                            counted = model.pattern_counts(t, progress).expect("a 16-bit tensor");
+                            &counted
+                        }
+                    };
+                    progress.check()?;
+                    let runs = magnitude_runs(counts, decode);
                     let d = done.fetch_add(e.numel as u64, Ordering::Relaxed) + e.numel as u64;
                     progress.report(d as f32 / total as f32, &label);
                     return Ok(Some(runs));
@@ -366,8 +362,24 @@ mod tests {
                 &p,
             )
             .unwrap();
+            // Counts taken once at open (as the worker does) build the same index.
+            let patterns = half_model.all_pattern_counts(&p).unwrap();
+            let shared = ScoreIndex::build(
+                &half_model,
+                Criterion::Magnitude,
+                0,
+                &ScoreInputs {
+                    patterns: Some(&patterns),
+                    ..Default::default()
+                },
+                &p,
+            )
+            .unwrap();
             for t in 0..3 {
                 assert!(matches!(runs.of(t), Some(Keys::Runs { .. })));
+                for i in [0, 1, runs.len(t) / 2, runs.len(t) - 1] {
+                    assert_eq!(shared.nth_key(t, i), runs.nth_key(t, i));
+                }
                 assert!(matches!(sorted.of(t), Some(Keys::Sorted(_))));
                 // Against brute force: every key of the tensor, sorted.
                 let mut all: Vec<u32> = half_model

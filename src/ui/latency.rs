@@ -380,14 +380,7 @@ impl LatencyPanel {
             .height(300.0)
             .legend(Legend::default())
             .y_axis_label(if rho { "ρ" } else { "speedup over dense (×)" })
-            .x_axis_formatter(move |m, _| {
-                let i = m.value.round();
-                if (m.value - i).abs() < 1e-6 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_axis_formatter(name_ticks(names))
             .include_y(0.0)
             .allow_scroll(false)
             .show(ui, |p| {
@@ -545,14 +538,7 @@ fn sizes_chart(ui: &mut Ui, state: &AppState) {
         .height(260.0)
         .legend(Legend::default())
         .y_axis_label("MB")
-        .x_axis_formatter(move |m, _| {
-            let i = m.value.round();
-            if (m.value - i).abs() < 1e-6 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_axis_formatter(name_ticks(names))
         .include_y(0.0)
         .allow_scroll(false)
         .show(ui, |p| {
@@ -567,4 +553,18 @@ fn sizes_chart(ui: &mut Ui, state: &AppState) {
                     .element_formatter(Box::new(|b: &Bar, _: &BarChart| b.name.clone())),
             );
         });
+}
+
+/// An x axis that names its integer ticks: bar `i` is `names[i]`.
+fn name_ticks(
+    names: Vec<String>,
+) -> impl Fn(egui_plot::GridMark, &std::ops::RangeInclusive<f64>) -> String {
+    move |m, _| {
+        let i = m.value.round();
+        if (m.value - i).abs() < 1e-6 && i >= 0.0 {
+            names.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    }
 }

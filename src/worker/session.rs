@@ -9,7 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::protocol::*;
-use crate::analysis::{Histogram, all_histograms, heatmap, size_report, split_histogram};
+use crate::analysis::{Histogram, all_histograms_with, heatmap, size_report, split_histogram};
 use crate::eval::{Evaluator, evaluator_for};
 use crate::export::{Recipe, export_masks};
 use crate::model::Model;
@@ -1204,18 +1204,29 @@ impl Worker {
         t0: Instant,
         derived: Option<Derived>,
     ) -> bool {
-        let histograms = match all_histograms(&model, HISTOGRAM_BINS, progress) {
-            Ok(h) => h.into_iter().map(|h| h.map(Arc::new)).collect::<Vec<_>>(),
+        // One pass over 16-bit tensors serves both the histograms and the score index.
+        let histograms = match model.all_pattern_counts(progress).and_then(|patterns| {
+            all_histograms_with(&model, HISTOGRAM_BINS, progress, Some(&patterns))
+                .map(|h| (h, patterns))
+        }) {
+            Ok((h, p)) => (
+                h.into_iter().map(|h| h.map(Arc::new)).collect::<Vec<_>>(),
+                p,
+            ),
             Err(_) => {
                 self.emit(Event::JobCancelled { job });
                 return false;
             }
         };
+        let (histograms, patterns) = histograms;
         let index = match ScoreIndex::build(
             &model,
             Default::default(),
             0,
-            &ScoreInputs::default(),
+            &ScoreInputs {
+                patterns: Some(&patterns),
+                ..Default::default()
+            },
             progress,
         ) {
             Ok(i) => Arc::new(i),
