@@ -191,19 +191,27 @@ fn block_counts(
     binner: Binner,
     bins: usize,
 ) -> Vec<u64> {
-    // Four interleaved tables: consecutive weights often share a bin, and incrementing one
+    // Eight interleaved tables: consecutive weights often share a bin, and incrementing one
     // counter back to back stalls on the store it just made.
-    let mut lanes = vec![[0u32; 4]; bins];
-    let flush = |lanes: &mut Vec<[u32; 4]>, counts: &mut Vec<u64>| {
+    let mut lanes = vec![[0u32; 8]; bins];
+    let flush = |lanes: &mut Vec<[u32; 8]>, counts: &mut Vec<u64>| {
         for (c, l) in counts.iter_mut().zip(lanes.iter_mut()) {
             *c += l.iter().map(|&x| x as u64).sum::<u64>();
-            *l = [0; 4];
+            *l = [0; 8];
         }
     };
     let mut counts = vec![0u64; bins];
     // u32 lanes cannot overflow within one block (BLOCK < 2^32).
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::arch::is_x86_feature_detected!("avx2");
     model.for_each_chunk(t, range, |_, c| {
-        let mut quads = c.chunks_exact(4);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 (checked above).
+            done = unsafe { bin_octets_avx2(c, &binner, &mut lanes) };
+        }
+        let mut quads = c[done..].chunks_exact(4);
         for q in &mut quads {
             for k in 0..4 {
                 lanes[binner.bin(q[k])][k] += q[k].is_finite() as u32;
@@ -215,6 +223,40 @@ fn block_counts(
     });
     flush(&mut lanes, &mut counts);
     counts
+}
+
+/// Bins eight values per step with [`Binner::bin`]'s exact arithmetic (subtract, multiply,
+/// clamp, truncate: no fused multiply-add, so every bin equals the scalar one), then counts
+/// each in its own interleaved table; returns how many values it took (a multiple of 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bin_octets_avx2(c: &[f32], b: &Binner, lanes: &mut [[u32; 8]]) -> usize {
+    use std::arch::x86_64::*;
+    let (lo, scale) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.scale));
+    let (zero, last) = (_mm256_setzero_ps(), _mm256_set1_ps(b.last as f32));
+    let exp = _mm256_set1_epi32(0x7f80_0000);
+    let n = c.len() / 8 * 8;
+    let (mut idx, mut fin) = ([0i32; 8], [0i32; 8]);
+    for o in (0..n).step_by(8) {
+        // SAFETY: o + 8 ≤ n ≤ c.len().
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr().add(o)) };
+        // `max_ps(x, 0)` gives 0 for a NaN x, as `f32::max` does.
+        let x = _mm256_min_ps(
+            _mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, lo), scale), zero),
+            last,
+        );
+        let bits = _mm256_and_si256(_mm256_castps_si256(v), exp);
+        // 1 where the exponent is not all ones (the value is finite), else 0.
+        let finite = _mm256_add_epi32(_mm256_cmpeq_epi32(bits, exp), _mm256_set1_epi32(1));
+        unsafe {
+            _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, _mm256_cvttps_epi32(x));
+            _mm256_storeu_si256(fin.as_mut_ptr() as *mut __m256i, finite);
+        }
+        for k in 0..8 {
+            lanes[idx[k] as usize][k] += fin[k] as u32;
+        }
+    }
+    n
 }
 
 /// Every analysable tensor cut into blocks, so that big tensors spread over all cores.

@@ -396,6 +396,19 @@ impl Model {
 
     /// Calls `f(start, chunk)` over the tensor in decoded chunks of [`DECODE_CHUNK`] values.
     pub fn for_each_chunk(&self, t: usize, range: Range<usize>, mut f: impl FnMut(usize, &[f32])) {
+        // f32 stored aligned on a little-endian machine: the bytes are the values, no copy.
+        if cfg!(target_endian = "little") && self.tensors[t].dtype == DType::F32 {
+            let bytes = &self.tensor_bytes(t)[4 * range.start..4 * range.end];
+            // SAFETY: every bit pattern is a valid f32; `align_to` only hands out the aligned
+            // middle, and an empty prefix and suffix mean it covers all of `bytes`.
+            let (pre, vals, post) = unsafe { bytes.align_to::<f32>() };
+            if pre.is_empty() && post.is_empty() {
+                for (k, c) in vals.chunks(DECODE_CHUNK).enumerate() {
+                    f(range.start + k * DECODE_CHUNK, c);
+                }
+                return;
+            }
+        }
         let mut buf = [0f32; DECODE_CHUNK];
         let mut i = range.start;
         while i < range.end {
