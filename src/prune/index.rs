@@ -110,6 +110,53 @@ impl std::fmt::Debug for ScoreIndex {
     }
 }
 
+/// Bytes the sorted keys of `criterion` take for `model`: four a weight, except for the 16-bit
+/// float tensors that take runs under magnitude (a few hundred KB each at most).
+pub fn sorted_key_bytes(model: &Model, criterion: Criterion) -> u64 {
+    (0..model.tensors.len())
+        .filter(|&t| model.tensors[t].analysable())
+        .filter(|&t| criterion != Criterion::Magnitude || model.half_decoder(t).is_none())
+        .map(|t| 4 * model.tensors[t].numel as u64)
+        .sum()
+}
+
+/// Memory the system could still give this process (`MemAvailable`), where it says.
+fn available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses an index that would not fit: more than 80 % of the available memory would have the
+/// process killed mid-build instead of saying why.
+fn check_fits(model: &Model, need: u64, available: Option<u64>) -> Result<(), PruneError> {
+    match available {
+        Some(avail) if need > avail / 5 * 4 => {
+            let mut dtypes: Vec<String> = model
+                .tensors
+                .iter()
+                .filter(|e| e.analysable())
+                .map(|e| e.dtype.safetensors_name().to_string())
+                .collect();
+            dtypes.sort();
+            dtypes.dedup();
+            Err(PruneError::IndexTooLarge {
+                model: model.display_name(),
+                dtypes: dtypes.join("/"),
+                need_mb: need >> 20,
+                avail_mb: avail >> 20,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl ScoreIndex {
     /// Scores every analysable tensor and sorts the keys, tensors in parallel.
     pub fn build(
@@ -119,6 +166,7 @@ impl ScoreIndex {
         inputs: &ScoreInputs,
         progress: &Progress,
     ) -> Result<ScoreIndex, PruneError> {
+        check_fits(model, sorted_key_bytes(model, criterion), available_bytes())?;
         let total: u64 = model
             .tensors
             .iter()
@@ -307,6 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn an_index_that_would_not_fit_is_refused_with_the_figures() {
+        let m = crate::model::Model::from_f32_tensors(
+            "big",
+            vec![("w".into(), vec![1000, 1000], vec![0.5; 1_000_000])],
+        );
+        assert_eq!(sorted_key_bytes(&m, Criterion::Magnitude), 4_000_000);
+        // 4 MB of keys against 4.5 MB available: over 80 %, refused with both figures.
+        let e = check_fits(&m, 4_000_000, Some(4_500_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs 3 MB") && e.contains("F32") && e.contains("4 MB available"),
+            "{e}"
+        );
+        assert!(check_fits(&m, 4_000_000, Some(100_000_000)).is_ok());
+        assert!(check_fits(&m, 4_000_000, None).is_ok());
+    }
+
+    #[test]
     fn runs_answer_as_the_sorted_keys_and_prune_identically() {
         use crate::prune::{Pattern, PruneSettings, Scope, allocate, build_masks, key_of_score};
         for bf16 in [true, false] {
@@ -430,6 +497,8 @@ mod tests {
                 }
             }
             assert!(runs.heap_bytes() < sorted.heap_bytes());
+            assert_eq!(sorted_key_bytes(&half_model, Criterion::Magnitude), 0);
+            assert!(sorted_key_bytes(&half_model, Criterion::Random) > 0);
         }
     }
 

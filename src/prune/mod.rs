@@ -33,6 +33,15 @@ pub enum PruneError {
     NotAnalysable(String),
     #[error("cannot parse pattern '{0}': expected 'unstructured' or N:M such as 2:4")]
     PatternSyntax(String),
+    #[error(
+        "the score index of {model} needs {need_mb} MB (four bytes a weight for its {dtypes} tensors) and this machine has {avail_mb} MB available; bf16 and f16 checkpoints take a compact index (a few MB)"
+    )]
+    IndexTooLarge {
+        model: String,
+        dtypes: String,
+        need_mb: u64,
+        avail_mb: u64,
+    },
     #[error("cancelled")]
     Cancelled,
 }
