@@ -992,4 +992,30 @@ fn a_folder_of_shards_opens_through_open_path_and_prunes() {
         .map(|(_, m)| (m.len() - m.count_kept()) as u64)
         .sum();
     h.get_by_label_contains(&format!("Pruned {} of", group_digits(pruned)));
+
+    // Dropping any one shard onto the window opens the whole checkpoint again.
+    let before = h.state().state().model.as_ref().unwrap().snapshot.id;
+    h.input_mut()
+        .dropped_files
+        .push(std::sync::Arc::new(Dropped(
+            dir.join("model-00002-of-00003.safetensors"),
+        )));
+    step_until(&mut h, "the dropped shard's checkpoint", |a| {
+        a.state().model.as_ref().is_some_and(|m| {
+            m.snapshot.id != before && m.snapshot.tensors.len() == model.tensors.len()
+        }) && settled(a)
+    });
+}
+
+/// A file dropped on the window (egui leaves the handle to the integration).
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
 }
