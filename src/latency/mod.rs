@@ -76,21 +76,6 @@ impl Format {
             }
         }
     }
-
-    pub fn parse(s: &str) -> Option<Format> {
-        Format::ALL.into_iter().find(|f| f.key() == s)
-    }
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Format::Dense => "dense",
-            Format::Masked => "masked",
-            Format::Csr => "csr",
-            Format::Nm => "nm",
-            Format::Block => "block",
-            Format::Rows => "rows",
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
