@@ -1191,7 +1191,7 @@ fn train_config(
 }
 
 fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
-    use crate::train::{Net, Schedule, training_split};
+    use crate::train::{Schedule, training_split};
     check_outputs(
         &[("model", a.model.as_path())],
         &[("--out", a.out.as_path())],
@@ -1219,25 +1219,8 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
     };
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let split = training_split(kind.dataset(), &source, cfg.seed)?;
-    let none = crate::prune::MaskSet::new();
-    match kind {
-        crate::train::Trainable::Mlp(arch) => schedule_out(
-            Net::from_model(&model, &arch, &none)?,
-            &a,
-            &model,
-            schedule,
-            &split,
-            &cfg,
-        ),
-        crate::train::Trainable::Graph(g) => schedule_out(
-            crate::train::GraphNet::from_model(&model, g, &none)?,
-            &a,
-            &model,
-            schedule,
-            &split,
-            &cfg,
-        ),
-    }
+    let net = kind.trainee(&model, &crate::prune::MaskSet::new())?;
+    schedule_out(net, &a, &model, schedule, &split, &cfg)
 }
 
 /// What schedules and the lottery train from the command line: they write safetensors, so an
@@ -1297,7 +1280,7 @@ fn schedule_out<T: crate::train::Trainee>(
 }
 
 fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
-    use crate::train::{Net, Rewind, training_split};
+    use crate::train::{Rewind, training_split};
     if a.train.distill.is_some() {
         bail!("--distill is a fine-tune option; lottery tickets train without a teacher");
     }
@@ -1334,25 +1317,8 @@ fn lottery_cmd(a: LotteryArgs) -> anyhow::Result<()> {
     let cfg = train_config(&a.train, 15)?;
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let split = training_split(kind.dataset(), &source, cfg.seed)?;
-    let none = crate::prune::MaskSet::new();
-    match kind {
-        crate::train::Trainable::Mlp(arch) => lottery_out(
-            Net::from_model(&init_model, &arch, &none)?,
-            &a,
-            &model,
-            rewind,
-            &split,
-            &cfg,
-        ),
-        crate::train::Trainable::Graph(g) => lottery_out(
-            crate::train::GraphNet::from_model(&init_model, g, &none)?,
-            &a,
-            &model,
-            rewind,
-            &split,
-            &cfg,
-        ),
-    }
+    let init = kind.trainee(&init_model, &crate::prune::MaskSet::new())?;
+    lottery_out(init, &a, &model, rewind, &split, &cfg)
 }
 
 fn lottery_out<T: crate::train::Trainee>(

@@ -13,8 +13,8 @@ pub use native::{
     write_trained,
 };
 pub use recovery::{
-    GraphNet, LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult, TimelinePoint,
-    TrainRun, Trainee, agp_sparsity, iterative_sparsity, lottery, run_schedule,
+    AnyTrainee, GraphNet, LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult,
+    TimelinePoint, TrainRun, Trainee, agp_sparsity, iterative_sparsity, lottery, run_schedule,
 };
 
 use candle_core::{Device, Tensor, Var};
@@ -90,6 +90,20 @@ impl Trainable {
             Trainable::Mlp(a) => &a.dataset,
             Trainable::Graph(g) => g.dataset.as_deref().unwrap_or("uci-digits"),
         }
+    }
+
+    /// The trainee of `model`'s weights under this description, `masks` held.
+    pub fn trainee(
+        &self,
+        model: &crate::model::Model,
+        masks: &crate::prune::MaskSet,
+    ) -> Result<AnyTrainee, TrainError> {
+        Ok(match self {
+            Trainable::Mlp(a) => AnyTrainee::Mlp(Net::from_model(model, a, masks)?),
+            Trainable::Graph(g) => {
+                AnyTrainee::Graph(GraphNet::from_model(model, g.clone(), masks)?)
+            }
+        })
     }
 
     /// The description as stored in a model's metadata.

@@ -416,6 +416,82 @@ impl Trainee for GraphNet {
     }
 }
 
+/// Either kind of trainee, as [`super::Trainable::trainee`] builds it from a model: schedules
+/// and the lottery run on it without each caller matching on the kind.
+#[derive(Clone)]
+pub enum AnyTrainee {
+    Mlp(Net),
+    Graph(GraphNet),
+}
+
+/// Calls the same method on whichever trainee it is.
+macro_rules! on_each {
+    ($self:expr, $t:ident => $e:expr) => {
+        match $self {
+            AnyTrainee::Mlp($t) => $e,
+            AnyTrainee::Graph($t) => $e,
+        }
+    };
+}
+
+impl Trainee for AnyTrainee {
+    fn sparsity(&self) -> f64 {
+        on_each!(self, t => t.sparsity())
+    }
+    fn prune_layerwise(&mut self, sparsity: f64) {
+        on_each!(self, t => t.prune_layerwise(sparsity))
+    }
+    fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
+        on_each!(self, t => t.metrics(test))
+    }
+    fn tensors(&self) -> NamedTensors {
+        on_each!(self, t => t.tensors())
+    }
+    fn set_values(&mut self, values: &NamedTensors) {
+        on_each!(self, t => t.set_values(values))
+    }
+    fn reinitialise(&mut self, seed: u64) {
+        on_each!(self, t => t.reinitialise(seed))
+    }
+    fn random_masks_like(&mut self, other: &Self, seed: u64) {
+        match (self, other) {
+            (AnyTrainee::Mlp(a), AnyTrainee::Mlp(b)) => a.random_masks_like(b, seed),
+            (AnyTrainee::Graph(a), AnyTrainee::Graph(b)) => a.random_masks_like(b, seed),
+            _ => unreachable!("masks are copied between trainees of one model"),
+        }
+    }
+    fn masks(&self) -> Vec<(String, Vec<bool>)> {
+        on_each!(self, t => t.masks())
+    }
+    fn train(
+        self,
+        data: &Split,
+        cfg: &FinetuneConfig,
+        progress: &Progress,
+        on_epoch: &mut dyn FnMut(&EpochStats),
+        prune_at: &mut dyn FnMut(usize, f64) -> Option<f64>,
+        record_at: Option<usize>,
+    ) -> Result<TrainRun<Self>, TrainError> {
+        fn wrap<T>(r: TrainRun<T>, kind: fn(T) -> AnyTrainee) -> TrainRun<AnyTrainee> {
+            TrainRun {
+                trainee: kind(r.trainee),
+                cancelled: r.cancelled,
+                recorded: r.recorded,
+            }
+        }
+        Ok(match self {
+            AnyTrainee::Mlp(t) => wrap(
+                t.train(data, cfg, progress, on_epoch, prune_at, record_at)?,
+                AnyTrainee::Mlp,
+            ),
+            AnyTrainee::Graph(t) => wrap(
+                t.train(data, cfg, progress, on_epoch, prune_at, record_at)?,
+                AnyTrainee::Graph,
+            ),
+        })
+    }
+}
+
 /// How a schedule reaches its target.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]

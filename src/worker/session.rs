@@ -791,10 +791,6 @@ impl Worker {
         };
         let arch_text = trainable.to_json();
         let dataset = trainable.dataset().to_string();
-        let (mlp, graph) = match trainable {
-            crate::train::Trainable::Mlp(a) => (Some(a), None),
-            crate::train::Trainable::Graph(g) => (None, Some(g)),
-        };
         let progress = self.progress_for(job, cancel.clone());
         let tx = self.tx.clone();
         let wake = self.wake.clone();
@@ -827,32 +823,34 @@ impl Worker {
                         mask_pruned(&masks),
                         masks.iter().map(|(_, m)| m.len() as u64).sum::<u64>(),
                     );
-                    let Some(arch) = &mlp else {
-                        let graph = graph.as_ref().expect("checked above");
-                        let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
-                        send(TrainUpdate::Started {
-                            kind: "finetune",
-                            start: f64::NAN,
-                        });
-                        let r = crate::train::finetune_graph(
-                            &model,
-                            graph,
-                            &masks,
-                            &split,
-                            &config,
-                            &dev,
-                            &progress,
-                            |e| send(TrainUpdate::Epoch(e.clone())),
-                        )?;
-                        return Ok(Some(finetuned(
-                            &split,
-                            settings,
-                            zeros,
-                            (&r.before, r.after),
-                            (r.epochs.len(), r.samples_per_s, r.cancelled),
-                            r.tensors,
-                            ", candle",
-                        )));
+                    let arch = match &trainable {
+                        crate::train::Trainable::Mlp(arch) => arch,
+                        crate::train::Trainable::Graph(graph) => {
+                            let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
+                            send(TrainUpdate::Started {
+                                kind: "finetune",
+                                start: f64::NAN,
+                            });
+                            let r = crate::train::finetune_graph(
+                                &model,
+                                graph,
+                                &masks,
+                                &split,
+                                &config,
+                                &dev,
+                                &progress,
+                                |e| send(TrainUpdate::Epoch(e.clone())),
+                            )?;
+                            return Ok(Some(finetuned(
+                                &split,
+                                settings,
+                                zeros,
+                                (&r.before, r.after),
+                                (r.epochs.len(), r.samples_per_s, r.cancelled),
+                                r.tensors,
+                                ", candle",
+                            )));
+                        }
                     };
                     let net = Net::from_model(&model, arch, &masks)?;
                     let teacher = match config.distill {
@@ -901,21 +899,9 @@ impl Worker {
                 } => {
                     let split =
                         training_split(&dataset, &crate::eval::DataSource::Default, config.seed)?;
-                    let (tensors, masks, metrics, sparsity) = match (&mlp, &graph) {
-                        (Some(arch), _) => {
-                            let net = Net::from_model(&model, arch, &MaskSet::new())?;
-                            scheduled(net, target, schedule, &split, &config, &progress, &send)?
-                        }
-                        (None, Some(g)) => {
-                            let net = crate::train::GraphNet::from_model(
-                                &model,
-                                g.clone(),
-                                &MaskSet::new(),
-                            )?;
-                            scheduled(net, target, schedule, &split, &config, &progress, &send)?
-                        }
-                        (None, None) => unreachable!("checked above"),
-                    };
+                    let net = trainable.trainee(&model, &MaskSet::new())?;
+                    let (tensors, masks, metrics, sparsity) =
+                        scheduled(net, target, schedule, &split, &config, &progress, &send)?;
                     // The result is pruned layer by layer to the target: so are the settings
                     // it comes with, which select exactly its zeros.
                     let mut settings = PruneSettings {
@@ -976,27 +962,11 @@ impl Worker {
                     });
                     let on_level =
                         |l: &crate::train::LotteryLevel| send(TrainUpdate::Level(l.clone()));
-                    let dense = match (&mlp, &graph) {
-                        (Some(arch), _) => {
-                            let init = Net::from_model(&init, arch, &MaskSet::new())?;
-                            lottery(
-                                &init, &split, &config, levels, rate, rewind, &progress, on_level,
-                            )?
-                            .dense
-                        }
-                        (None, Some(g)) => {
-                            let init = crate::train::GraphNet::from_model(
-                                &init,
-                                g.clone(),
-                                &MaskSet::new(),
-                            )?;
-                            lottery(
-                                &init, &split, &config, levels, rate, rewind, &progress, on_level,
-                            )?
-                            .dense
-                        }
-                        (None, None) => unreachable!("checked above"),
-                    };
+                    let init = trainable.trainee(&init, &MaskSet::new())?;
+                    let dense = lottery(
+                        &init, &split, &config, levels, rate, rewind, &progress, on_level,
+                    )?
+                    .dense;
                     send(TrainUpdate::LotteryDense(dense));
                     Ok(None)
                 }
