@@ -235,12 +235,7 @@ impl Worker {
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.dispatch(cmd)));
         if let Err(panic) = result {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            let error = format!("internal error (the model is unchanged): {msg}");
+            let error = internal_error(panic.as_ref());
             match job {
                 Some(job) => self.emit(Event::JobFailed { job, error }),
                 None => self.emit(Event::PreviewError {
@@ -499,13 +494,7 @@ impl Worker {
                 sw.running = false;
                 let result = match run {
                     Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(p) => Err(format!(
-                        "internal error (the model is unchanged): {}",
-                        p.downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| p.downcast_ref::<&str>().copied())
-                            .unwrap_or("panic")
-                    )),
+                    Err(p) => Err(internal_error(p.as_ref())),
                 };
                 let current = sw.generation == sweep_generation;
                 match result {
@@ -658,13 +647,7 @@ impl Worker {
                     Ok(Err(error)) => emit(Event::JobFailed { job, error }),
                     Err(p) => emit(Event::JobFailed {
                         job,
-                        error: format!(
-                            "internal error (the model is unchanged): {}",
-                            p.downcast_ref::<String>()
-                                .map(String::as_str)
-                                .or_else(|| p.downcast_ref::<&str>().copied())
-                                .unwrap_or("panic")
-                        ),
+                        error: internal_error(p.as_ref()),
                     }),
                 }
             });
@@ -1651,6 +1634,16 @@ impl Worker {
             }),
         }
     }
+}
+
+/// What a caught panic says to the user: the job failed, the model is as it was.
+fn internal_error(panic: &(dyn std::any::Any + Send)) -> String {
+    let msg = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    format!("internal error (the model is unchanged): {msg}")
 }
 
 /// The allocation and masks of `settings`: from the session's score index where it fits the
