@@ -1456,7 +1456,7 @@ fn finetune_graph_cmd(
 }
 
 fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
-    use crate::train::{Net, finetune, training_split};
+    use crate::train::{Net, training_split};
     let mut inputs = vec![("model", a.model.as_path())];
     if let Some(m) = &a.masks {
         inputs.push(("masks", m.as_path()));
@@ -1500,27 +1500,16 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
             a.device
         )
     })?;
-    let r = match device.candle()? {
-        None => finetune(
-            net,
-            teacher.as_ref(),
-            &split.train,
-            &split.test,
-            &cfg,
-            &progress,
-            |_, _| {},
-        )?,
-        Some(dev) => crate::train::finetune_on(
-            &dev,
-            net,
-            teacher.as_ref(),
-            &split.train,
-            &split.test,
-            &cfg,
-            &progress,
-            |_, _| {},
-        )?,
-    };
+    let r = crate::train::finetune_where(
+        device.candle()?.as_ref(),
+        net,
+        teacher.as_ref(),
+        &split.train,
+        &split.test,
+        &cfg,
+        &progress,
+        |_, _| {},
+    )?;
     crate::train::write_finetuned(&model, &r.net, &cfg, &a.out)?;
     let fig =
         |m: &crate::eval::Metrics| serde_json::json!({"accuracy": m.accuracy, "loss": m.loss});

@@ -9,8 +9,8 @@ mod recovery;
 pub use graph::{GraphFinetune, SampleArch, finetune_graph, sample_graph, train_graph};
 pub use native::{
     Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim,
-    TrainDevice, check_data, finetune, finetune_on, finetune_with, training_split, write_finetuned,
-    write_trained,
+    TrainDevice, check_data, finetune, finetune_on, finetune_where, finetune_with, training_split,
+    write_finetuned, write_trained,
 };
 pub use recovery::{
     AnyTrainee, GraphNet, LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult,

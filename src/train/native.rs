@@ -989,6 +989,25 @@ impl CandleOptimizer {
     }
 }
 
+/// [`finetune`] on prunescope's own loops, or [`finetune_on`] the candle device given: what a
+/// `TrainDevice` chooses between.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_where(
+    device: Option<&candle_core::Device>,
+    net: Net,
+    teacher: Option<&Net>,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &FinetuneConfig,
+    progress: &Progress,
+    on_epoch: impl FnMut(&EpochStats, &Net),
+) -> Result<FinetuneResult, TrainError> {
+    match device {
+        None => finetune(net, teacher, train, test, cfg, progress, on_epoch),
+        Some(d) => finetune_on(d, net, teacher, train, test, cfg, progress, on_epoch),
+    }
+}
+
 /// [`finetune`] on a candle device: the same steps (cross-entropy, optional distillation,
 /// SGD with momentum or AdamW, masks applied after every step) with candle's autograd.
 #[allow(clippy::too_many_arguments)]

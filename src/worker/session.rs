@@ -752,7 +752,7 @@ impl Worker {
     /// Runs a training job on the worker thread (MLPs train in milliseconds to seconds),
     /// streaming its progress; a fine-tune or schedule's result becomes the open model.
     fn train(&mut self, job: JobId, cancel: CancelFlag, request: TrainRequest) {
-        use crate::train::{Net, finetune, lottery, training_split};
+        use crate::train::{Net, lottery, training_split};
         let label = match &request {
             TrainRequest::Finetune { .. } => "Fine-tuning",
             TrainRequest::Schedule { .. } => "Pruning on a schedule",
@@ -844,27 +844,16 @@ impl Worker {
                         kind: "finetune",
                         start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
                     });
-                    let r = match device.candle()? {
-                        None => finetune(
-                            net,
-                            teacher.as_ref(),
-                            &split.train,
-                            &split.test,
-                            &config,
-                            &progress,
-                            |e, _| send(TrainUpdate::Epoch(e.clone())),
-                        )?,
-                        Some(dev) => crate::train::finetune_on(
-                            &dev,
-                            net,
-                            teacher.as_ref(),
-                            &split.train,
-                            &split.test,
-                            &config,
-                            &progress,
-                            |e, _| send(TrainUpdate::Epoch(e.clone())),
-                        )?,
-                    };
+                    let r = crate::train::finetune_where(
+                        device.candle()?.as_ref(),
+                        net,
+                        teacher.as_ref(),
+                        &split.train,
+                        &split.test,
+                        &config,
+                        &progress,
+                        |e, _| send(TrainUpdate::Epoch(e.clone())),
+                    )?;
                     Ok(Some(finetuned(
                         &split,
                         settings,
