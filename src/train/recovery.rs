@@ -108,18 +108,6 @@ impl Net {
             }
         }
     }
-
-    /// Fraction of all layer weights that are pruned.
-    pub fn sparsity(&self) -> f64 {
-        let (p, n) = self.layers.iter().fold((0usize, 0usize), |(p, n), l| {
-            let pruned = l
-                .mask
-                .as_ref()
-                .map_or(0, |m| m.iter().filter(|v| **v == 0.0).count());
-            (p + pruned, n + l.w.len())
-        });
-        p as f64 / n.max(1) as f64
-    }
 }
 
 /// What schedules and the lottery train: an MLP on prunescope's loops ([`Net`]) or a graph on
@@ -174,7 +162,7 @@ pub struct TrainRun<T> {
 
 impl Trainee for Net {
     fn sparsity(&self) -> f64 {
-        Net::sparsity(self)
+        self.masked_sparsity()
     }
     fn prune_layerwise(&mut self, sparsity: f64) {
         Net::prune_layerwise(self, sparsity)
