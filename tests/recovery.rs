@@ -153,7 +153,10 @@ fn a_gradual_schedule_reaches_its_target_and_beats_one_shot_on_the_sample() {
             },
         )
         .unwrap();
-        assert!((r.net.masked_sparsity() - 0.95).abs() < 1e-3, "{schedule:?}");
+        assert!(
+            (r.net.masked_sparsity() - 0.95).abs() < 1e-3,
+            "{schedule:?}"
+        );
         assert_eq!(r.net.masked_nonzeros(), 0);
         acc.push(r.final_accuracy);
     }

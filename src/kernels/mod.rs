@@ -145,49 +145,58 @@ impl Dense {
             crate::graph::fast::matmul(batch, rows, cols, x, &self.w, 1, cols, y, 0, rows);
             return;
         }
-        // Output rows in blocks; each block writes its slice of every batch row afterwards.
-        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .map(|blk| {
-                let r0 = blk * ROW_BLOCK;
-                let r1 = (r0 + ROW_BLOCK).min(rows);
-                let mut out = vec![0f32; (r1 - r0) * batch];
-                let row = |r: usize| &self.w[r * cols..(r + 1) * cols];
-                let mut r = r0;
-                #[cfg(target_arch = "x86_64")]
-                if avx2_fma() {
-                    while r + 4 <= r1 {
-                        for b in 0..batch {
-                            let xb = &x[b * cols..(b + 1) * cols];
-                            // SAFETY: the CPU has AVX2 and FMA (checked above).
-                            let d = unsafe {
-                                dot4_avx2([row(r), row(r + 1), row(r + 2), row(r + 3)], xb)
-                            };
-                            for (k, v) in d.into_iter().enumerate() {
-                                out[(r + k - r0) * batch + b] = v;
-                            }
-                        }
-                        r += 4;
-                    }
-                }
-                for r in r..r1 {
+        by_row_blocks(rows, ROW_BLOCK, batch, y, |rs, out| {
+            let (r0, r1) = (rs.start, rs.end);
+            let row = |r: usize| &self.w[r * cols..(r + 1) * cols];
+            let mut r = r0;
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() {
+                while r + 4 <= r1 {
                     for b in 0..batch {
-                        out[(r - r0) * batch + b] = dot(row(r), &x[b * cols..(b + 1) * cols]);
+                        let xb = &x[b * cols..(b + 1) * cols];
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        let d =
+                            unsafe { dot4_avx2([row(r), row(r + 1), row(r + 2), row(r + 3)], xb) };
+                        for (k, v) in d.into_iter().enumerate() {
+                            out[(r + k - r0) * batch + b] = v;
+                        }
                     }
+                    r += 4;
                 }
-                out
-            })
-            .collect();
-        scatter(&blocks, rows, batch, y);
+            }
+            for r in r..r1 {
+                for b in 0..batch {
+                    out[(r - r0) * batch + b] = dot(row(r), &x[b * cols..(b + 1) * cols]);
+                }
+            }
+        });
     }
 }
 
-/// Writes per-block results (`block rows × batch`) into `y` (`batch × rows`).
-fn scatter(blocks: &[Vec<f32>], rows: usize, batch: usize, y: &mut [f32]) {
+/// Runs `f` over the output rows in tasks of `per_task` rows, in parallel; `f(rows, out)`
+/// fills `out[(r − rows.start)·batch + b]` for its rows, and the tasks' results are then
+/// written into `y` (`batch × rows`). Every kernel's parallel structure.
+fn by_row_blocks(
+    rows: usize,
+    per_task: usize,
+    batch: usize,
+    y: &mut [f32],
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    let per_task = per_task.max(1);
+    let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
+        .into_par_iter()
+        .map(|blk| {
+            let r0 = blk * per_task;
+            let r1 = (r0 + per_task).min(rows);
+            let mut out = vec![0f32; (r1 - r0) * batch];
+            f(r0..r1, &mut out);
+            out
+        })
+        .collect();
     for (blk, out) in blocks.iter().enumerate() {
-        let r0 = blk * ROW_BLOCK;
-        let n = out.len() / batch.max(1);
-        for i in 0..n {
+        let r0 = blk * per_task;
+        for i in 0..out.len() / batch.max(1) {
             for b in 0..batch {
                 y[b * rows + r0 + i] = out[i * batch + b];
             }
@@ -247,45 +256,38 @@ impl Csr {
         assert_eq!(x.len(), batch * self.cols);
         assert_eq!(y.len(), batch * self.rows);
         let cols = self.cols;
-        let blocks: Vec<Vec<f32>> = (0..self.rows.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .map(|blk| {
-                let r0 = blk * ROW_BLOCK;
-                let r1 = (r0 + ROW_BLOCK).min(self.rows);
-                let mut out = vec![0f32; (r1 - r0) * batch];
-                for r in r0..r1 {
-                    let (a, e) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
-                    let vals = &self.values[a..e];
-                    for b in 0..batch {
-                        let xb = &x[b * cols..(b + 1) * cols];
-                        let mut acc = [0f32; 8];
-                        if self.idx32.is_empty() {
-                            let idx = &self.idx16[a..e];
-                            // Eight independent sums, in exact chunks so that only the
-                            // gathers from x keep a bounds check.
-                            let (vc, ic) = (vals.chunks_exact(8), idx.chunks_exact(8));
-                            let (vr, ir) = (vc.remainder(), ic.remainder());
-                            for (v, i) in vc.zip(ic) {
-                                for j in 0..8 {
-                                    acc[j] += v[j] * xb[i[j] as usize];
-                                }
-                            }
-                            for (v, &i) in vr.iter().zip(ir) {
-                                acc[0] += v * xb[i as usize];
-                            }
-                        } else {
-                            let idx = &self.idx32[a..e];
-                            for (v, &c) in vals.iter().zip(idx) {
-                                acc[0] += v * xb[c as usize];
+        by_row_blocks(self.rows, ROW_BLOCK, batch, y, |rs, out| {
+            let (r0, r1) = (rs.start, rs.end);
+            for r in r0..r1 {
+                let (a, e) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+                let vals = &self.values[a..e];
+                for b in 0..batch {
+                    let xb = &x[b * cols..(b + 1) * cols];
+                    let mut acc = [0f32; 8];
+                    if self.idx32.is_empty() {
+                        let idx = &self.idx16[a..e];
+                        // Eight independent sums, in exact chunks so that only the
+                        // gathers from x keep a bounds check.
+                        let (vc, ic) = (vals.chunks_exact(8), idx.chunks_exact(8));
+                        let (vr, ir) = (vc.remainder(), ic.remainder());
+                        for (v, i) in vc.zip(ic) {
+                            for j in 0..8 {
+                                acc[j] += v[j] * xb[i[j] as usize];
                             }
                         }
-                        out[(r - r0) * batch + b] = acc.iter().sum();
+                        for (v, &i) in vr.iter().zip(ir) {
+                            acc[0] += v * xb[i as usize];
+                        }
+                    } else {
+                        let idx = &self.idx32[a..e];
+                        for (v, &c) in vals.iter().zip(idx) {
+                            acc[0] += v * xb[c as usize];
+                        }
                     }
+                    out[(r - r0) * batch + b] = acc.iter().sum();
                 }
-                out
-            })
-            .collect();
-        scatter(&blocks, self.rows, batch, y);
+            }
+        });
     }
 }
 
@@ -371,51 +373,44 @@ impl NmCompressed {
         let (cols, n, m) = (self.cols, self.n, self.m);
         let per_row = cols.div_ceil(m) * n;
         let fast24 = n == 2 && m == 4 && nm24_fast();
-        let blocks: Vec<Vec<f32>> = (0..self.rows.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .map(|blk| {
-                let r0 = blk * ROW_BLOCK;
-                let r1 = (r0 + ROW_BLOCK).min(self.rows);
-                let mut out = vec![0f32; (r1 - r0) * batch];
-                let vals = |r: usize| &self.values[r * per_row..(r + 1) * per_row];
-                let pos = |r: usize| &self.pos[r * per_row..(r + 1) * per_row];
-                let mut r = r0;
-                #[cfg(target_arch = "x86_64")]
-                if fast24 {
-                    while r < r1 {
-                        let four = r + 4 <= r1;
-                        for b in 0..batch {
-                            let xb = &x[b * cols..(b + 1) * cols];
-                            // SAFETY: the CPU has AVX2 and FMA (checked in `nm24_fast`).
-                            if four {
-                                let d = unsafe {
-                                    nm24_rows_avx2(
-                                        [vals(r), vals(r + 1), vals(r + 2), vals(r + 3)],
-                                        [pos(r), pos(r + 1), pos(r + 2), pos(r + 3)],
-                                        xb,
-                                    )
-                                };
-                                for (k, v) in d.into_iter().enumerate() {
-                                    out[(r + k - r0) * batch + b] = v;
-                                }
-                            } else {
-                                let [d] = unsafe { nm24_rows_avx2([vals(r)], [pos(r)], xb) };
-                                out[(r - r0) * batch + b] = d;
-                            }
-                        }
-                        r += if four { 4 } else { 1 };
-                    }
-                }
-                for r in r..r1 {
+        by_row_blocks(self.rows, ROW_BLOCK, batch, y, |rs, out| {
+            let (r0, r1) = (rs.start, rs.end);
+            let vals = |r: usize| &self.values[r * per_row..(r + 1) * per_row];
+            let pos = |r: usize| &self.pos[r * per_row..(r + 1) * per_row];
+            let mut r = r0;
+            #[cfg(target_arch = "x86_64")]
+            if fast24 {
+                while r < r1 {
+                    let four = r + 4 <= r1;
                     for b in 0..batch {
                         let xb = &x[b * cols..(b + 1) * cols];
-                        out[(r - r0) * batch + b] = nm_row(vals(r), pos(r), xb, n, m);
+                        // SAFETY: the CPU has AVX2 and FMA (checked in `nm24_fast`).
+                        if four {
+                            let d = unsafe {
+                                nm24_rows_avx2(
+                                    [vals(r), vals(r + 1), vals(r + 2), vals(r + 3)],
+                                    [pos(r), pos(r + 1), pos(r + 2), pos(r + 3)],
+                                    xb,
+                                )
+                            };
+                            for (k, v) in d.into_iter().enumerate() {
+                                out[(r + k - r0) * batch + b] = v;
+                            }
+                        } else {
+                            let [d] = unsafe { nm24_rows_avx2([vals(r)], [pos(r)], xb) };
+                            out[(r - r0) * batch + b] = d;
+                        }
                     }
+                    r += if four { 4 } else { 1 };
                 }
-                out
-            })
-            .collect();
-        scatter(&blocks, self.rows, batch, y);
+            }
+            for r in r..r1 {
+                for b in 0..batch {
+                    let xb = &x[b * cols..(b + 1) * cols];
+                    out[(r - r0) * batch + b] = nm_row(vals(r), pos(r), xb, n, m);
+                }
+            }
+        });
     }
 }
 
@@ -566,48 +561,27 @@ impl BlockSparse {
         assert_eq!(x.len(), batch * self.cols);
         assert_eq!(y.len(), batch * self.rows);
         let (b, cols) = (self.b, self.cols);
-        // Block-rows grouped so that each task has about ROW_BLOCK rows.
-        let per_task = ROW_BLOCK.div_ceil(b).max(1);
-        let brows = self.rows.div_ceil(b);
-        let blocks: Vec<Vec<f32>> = (0..brows.div_ceil(per_task))
-            .into_par_iter()
-            .map(|task| {
-                let br0 = task * per_task;
-                let br1 = (br0 + per_task).min(brows);
-                let r0 = br0 * b;
-                let r1 = (br1 * b).min(self.rows);
-                let mut out = vec![0f32; (r1 - r0) * batch];
-                for br in br0..br1 {
-                    let (s, e) = (self.block_ptr[br] as usize, self.block_ptr[br + 1] as usize);
-                    for k in s..e {
-                        let c0 = self.block_col[k] as usize * b;
-                        let len = b.min(cols - c0);
-                        let vals = &self.values[k * b * b..(k + 1) * b * b];
-                        for i in 0..b.min(self.rows - br * b) {
-                            let w = &vals[i * b..i * b + len];
-                            let row = br * b + i - r0;
-                            for bb in 0..batch {
-                                let xb = &x[bb * cols + c0..bb * cols + c0 + len];
-                                out[row * batch + bb] += dot(w, xb);
-                            }
+        // Tasks of whole block-rows, about ROW_BLOCK rows each.
+        let per_task = ROW_BLOCK.div_ceil(b).max(1) * b;
+        by_row_blocks(self.rows, per_task, batch, y, |rs, out| {
+            let r0 = rs.start;
+            for br in rs.start / b..rs.end.div_ceil(b) {
+                let (s, e) = (self.block_ptr[br] as usize, self.block_ptr[br + 1] as usize);
+                for k in s..e {
+                    let c0 = self.block_col[k] as usize * b;
+                    let len = b.min(cols - c0);
+                    let vals = &self.values[k * b * b..(k + 1) * b * b];
+                    for i in 0..b.min(self.rows - br * b) {
+                        let w = &vals[i * b..i * b + len];
+                        let row = br * b + i - r0;
+                        for bb in 0..batch {
+                            let xb = &x[bb * cols + c0..bb * cols + c0 + len];
+                            out[row * batch + bb] += dot(w, xb);
                         }
                     }
                 }
-                out
-            })
-            .collect();
-        // `scatter` assumes ROW_BLOCK rows per task; these tasks hold per_task·b rows.
-        let rows = self.rows;
-        let mut r0 = 0;
-        for out in &blocks {
-            let n = out.len() / batch.max(1);
-            for i in 0..n {
-                for bb in 0..batch {
-                    y[bb * rows + r0 + i] = out[i * batch + bb];
-                }
             }
-            r0 += n;
-        }
+        });
     }
 }
 
