@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::kernels::{BlockSparse, Csr, Dense, NmCompressed, compact};
 use crate::model::Model;
 use crate::progress::{Cancelled, Progress};
-use crate::prune::{MaskSet, Pattern, PruneSettings};
+use crate::prune::{MaskSet, NmLines, Pattern, PruneSettings, nm_lines};
 use crate::util::SplitMix64;
 
 pub use fit::{FitParams, fit_cost_model};
@@ -521,34 +521,24 @@ pub fn layers(model: &Model, settings: &PruneSettings) -> Vec<usize> {
         .collect()
 }
 
-/// A tensor's 2-D view with its N:M groups laid out as consecutive runs of `m` columns, the
-/// layout the N:M kernel reads. A conv weight `[O, I, kh, kw]` groups over input channels at a
-/// fixed kernel position, so its rows become `[kh·kw, I′]` with the channels padded with zeros
-/// to `I′`, a multiple of `m` (a short group of a line then never borrows weights of the next
-/// kernel position). Matrices keep their layout: each row is one line, its last group short.
-pub fn nm_layout(w: &[f32], shape: &[usize], m: usize) -> Dense {
-    if shape.len() <= 2 {
-        let rows = if shape.len() == 2 { shape[0] } else { 1 };
-        return Dense {
-            rows,
-            cols: w.len() / rows.max(1),
-            w: w.to_vec(),
-        };
-    }
-    let (o, i) = (shape[0], shape[1]);
-    let k: usize = shape[2..].iter().product();
-    let ip = i.div_ceil(m.max(1)) * m.max(1);
-    let mut out = vec![0f32; o * k * ip];
-    for oo in 0..o {
-        for ii in 0..i {
-            for kk in 0..k {
-                out[oo * k * ip + kk * ip + ii] = w[oo * i * k + ii * k + kk];
+/// A tensor's weights with its N:M groups laid out as consecutive runs of `m` columns, the
+/// layout the N:M kernel reads: one row per outer index, each of its lines (see
+/// [`crate::prune::nm_lines`]: for a conv, the input channels at one kernel position) padded
+/// with zeros to a multiple of `m`, so a short group never borrows weights of the next line.
+pub fn nm_layout(w: &[f32], lines: NmLines, m: usize) -> Dense {
+    let NmLines { outer, len, stride } = lines;
+    let lp = len.div_ceil(m.max(1)) * m.max(1);
+    let mut out = vec![0f32; outer * stride * lp];
+    for o in 0..outer {
+        for r in 0..stride {
+            for i in 0..len {
+                out[(o * stride + r) * lp + i] = w[o * len * stride + i * stride + r];
             }
         }
     }
     Dense {
-        rows: o,
-        cols: k * ip,
+        rows: outer,
+        cols: stride * lp,
         w: out,
     }
 }
@@ -668,7 +658,7 @@ pub fn run(
             cols,
             w: masked_w,
         };
-        let ordered = nm.map(|(_, m)| nm_layout(&masked.w, &e.shape, m));
+        let ordered = nm.map(|(_, m)| nm_layout(&masked.w, nm_lines(e), m));
         let nonzeros = keep.iter().filter(|k| **k).count() as u64;
         let (kr, kc) = kept_lines(&keep, rows, cols);
         let kept_rows = kr.iter().filter(|k| **k).count();
@@ -963,7 +953,11 @@ fn curves(
     if formats.contains(&Format::Nm) {
         // N:M at its own fixed sparsities, whatever the current pattern is.
         for (n, m) in CURVE_NM {
-            let k = Kernel::Nm(NmCompressed::from_dense(&nm_layout(&w, &e.shape, m), n, m));
+            let k = Kernel::Nm(NmCompressed::from_dense(
+                &nm_layout(&w, nm_lines(e), m),
+                n,
+                m,
+            ));
             push(
                 Format::Nm,
                 1.0 - n as f64 / m as f64,
@@ -1272,8 +1266,13 @@ mod tests {
         // masked conv's (as a matrix times the same input laid out the same way).
         for (o, i, k) in [(3, 1, 4), (4, 3, 9), (2, 4, 1), (5, 6, 4), (2, 9, 9)] {
             let masked = nm_masked_conv(o, i, k, 2, 4);
-            let shape = [o, i, k, 1];
-            let laid = nm_layout(&masked, &shape, 4);
+            // A conv [o, i, k, 1]: lines of i channels at each of the k kernel positions.
+            let lines = NmLines {
+                outer: o,
+                len: i,
+                stride: k,
+            };
+            let laid = nm_layout(&masked, lines, 4);
             let nm = NmCompressed::from_dense(&laid, 2, 4);
             // Nothing dropped, nothing invented: the kernel's weights are the laid-out mask's.
             assert_eq!(nm.to_dense().w, laid.w, "[{o}, {i}, {k}]");
@@ -1281,7 +1280,7 @@ mod tests {
             assert_eq!(laid.w.iter().filter(|v| **v != 0.0).count(), kept);
             // And the product equals the conv's matrix view on the correspondingly laid-out x.
             let x: Vec<f32> = random_input(i * k, 3);
-            let xl = nm_layout(&x, &[1, i, k, 1], 4).w;
+            let xl = nm_layout(&x, NmLines { outer: 1, ..lines }, 4).w;
             let mut want = vec![0f32; o];
             Dense {
                 rows: o,

@@ -17,7 +17,7 @@ pub use alloc::{Allocation, LayerAlloc, allocate};
 pub use criterion::{Criterion, ScoreInputs, key_of_score, score_of_key};
 pub use index::{ScoreIndex, radix_sort_u32};
 pub use mask::{Mask, MaskSet, build_layer_mask, build_masks, masked_f32};
-pub use nm::{nm_lines, nm_pruned_count};
+pub use nm::{NmLines, nm_lines, nm_pruned_count};
 pub use settings::{LayerSettings, Pattern, PruneSettings, Rule, Scope};
 
 /// Errors in pruning settings or recipes.
