@@ -39,8 +39,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dependency groups of a model's graph: the tensor slices removed together with each
+    /// output channel (conv filters, Linear neurons), and the channels that cannot be removed.
+    Groups {
+        model: PathBuf,
+        /// Print {"groups": [{"channels": C, "members": [{"tensor": NAME, "axis": A}]}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prune a model and write the pruned weights (and optionally masks and a recipe).
     Prune(PruneArgs),
+    /// Make a structurally pruned model physically smaller: every channel its masks leave
+    /// unused is removed from each tensor of its dependency group (safetensors out, with the
+    /// graph; outputs equal the masked model's).
+    Compact(CompactArgs),
     /// Evaluate a model, dense or pruned, on data: accuracy, loss and, when pruned, fidelity.
     Eval(EvalArgs),
     /// Prune each layer alone across a grid of sparsities and measure the model: how much
@@ -84,15 +96,27 @@ pub struct PruneFlags {
     /// Global scope: every tensor keeps at least this fraction of its weights.
     #[arg(long, default_value_t = 0.0)]
     pub min_keep: f64,
-    /// magnitude or random.
+    /// magnitude, l2, lamp, taylor, obd, wanda or random. taylor, obd and wanda score on
+    /// calibration samples: the first --calibration samples of --data (or of the model's own
+    /// dataset).
     #[arg(long, default_value = "magnitude")]
     pub criterion: String,
     /// Seed of the random criterion.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Calibration samples for taylor, obd and wanda.
+    #[arg(long, default_value_t = crate::prune::DEFAULT_CALIBRATION)]
+    pub calibration: usize,
     /// unstructured, or N:M such as 2:4.
     #[arg(long, default_value = "unstructured")]
     pub pattern: String,
+    /// What goes at once: unstructured, N:M, neuron (a Linear's output with its dependency
+    /// group) or channel (a conv filter with its group). Overrides --pattern.
+    #[arg(long)]
+    pub granularity: Option<String>,
+    /// Structured cuts keep widths that are multiples of this (1: any width).
+    #[arg(long, default_value_t = 8)]
+    pub round_width: usize,
     /// Replay a recipe saved by the GUI or by --save-recipe instead of the flags above.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
@@ -104,7 +128,13 @@ pub struct PruneFlags {
 impl PruneFlags {
     /// Whether any flag asks for pruning.
     fn any(&self) -> bool {
-        self.sparsity.is_some() || self.recipe.is_some() || self.pattern != "unstructured"
+        self.sparsity.is_some()
+            || self.recipe.is_some()
+            || self.pattern != "unstructured"
+            || self
+                .granularity
+                .as_deref()
+                .is_some_and(|g| g != "unstructured")
     }
 }
 
@@ -129,6 +159,29 @@ pub struct PruneArgs {
     /// Also write the recipe that reproduces this result.
     #[arg(long)]
     pub save_recipe: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    pub model: PathBuf,
+    /// Masks saved by `prune --masks` or the app (safetensors, u8, 1 = kept).
+    #[arg(long, conflicts_with = "recipe", required_unless_present = "recipe")]
+    pub masks: Option<PathBuf>,
+    /// A recipe to replay for the masks (for data-driven criteria, with --data).
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Apply the recipe even though it was made on a different file.
+    #[arg(long)]
+    pub ignore_hash: bool,
+    /// Data for a recipe's data-driven criterion: `digits` or a .npz / .safetensors file.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// The smaller model (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print what compaction removed as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -171,11 +224,14 @@ pub struct SensitivityArgs {
     /// Sparsities to measure, comma-separated (default 0,0.1,…,0.9,0.95,0.99).
     #[arg(long)]
     pub grid: Option<String>,
-    /// magnitude or random.
+    /// As for `prunescope prune`: magnitude, l2, lamp, taylor, obd, wanda or random.
     #[arg(long, default_value = "magnitude")]
     pub criterion: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Calibration samples (of --data) for taylor, obd and wanda.
+    #[arg(long, default_value_t = crate::prune::DEFAULT_CALIBRATION)]
+    pub calibration: usize,
     /// unstructured, or N:M (then each layer is measured dense and at 1 − N/M).
     #[arg(long, default_value = "unstructured")]
     pub pattern: String,
@@ -383,7 +439,7 @@ pub enum BenchCommand {
     /// format (dense, masked, CSR, N:M, block-sparse, empty rows and columns removed) at each batch size:
     /// medians with their spread, speedups, realized efficiency, the fitted cost model, flags
     /// and the storage sizes.
-    Latency(LatencyArgs),
+    Latency(Box<LatencyArgs>),
     /// A synthetic checkpoint with Llama-2-7B's shapes (or fewer blocks for a smaller
     /// --params), written once into --path as bf16 shards with an index, then opened,
     /// analysed, slid, masked and exported: time and resident memory of each step.
@@ -494,6 +550,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("this prunescope was built without the desktop app (feature \"gui\")")
         }
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Groups { model, json } => groups_cmd(&model, json),
+        Command::Compact(a) => compact_cmd(a),
         Command::Prune(args) => prune_cmd(args),
         Command::Eval(args) => eval_cmd(args),
         Command::Sensitivity(args) => sensitivity_cmd(args),
@@ -542,7 +600,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench {
             which: BenchCommand::Latency(args),
-        } => latency_cmd(args),
+        } => latency_cmd(*args),
         Command::Bench {
             which:
                 BenchCommand::Large {
@@ -713,15 +771,75 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn groups_cmd(path: &Path, json: bool) -> anyhow::Result<()> {
+    let model = Model::open(path)?;
+    let graph = crate::train::Trainable::graph_of(&model)
+        .map_err(|e| anyhow::anyhow!("dependency groups follow the model's graph, and {e}"))?;
+    let groups = graph.dependency_groups(&model)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&groups)?);
+        return Ok(());
+    }
+    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+    writeln!(
+        w,
+        "{}: {} dependency group(s)",
+        model.display_name(),
+        groups.groups.len()
+    )?;
+    for (i, g) in groups.groups.iter().enumerate() {
+        writeln!(w, "group {}: {} channels", i + 1, g.channels)?;
+        for m in &g.members {
+            let mut at = String::new();
+            if m.offset > 0 {
+                at += &format!(", from entry {}", m.offset);
+            }
+            if m.per_channel > 1 {
+                at += &format!(", {} entries a channel", m.per_channel);
+            }
+            writeln!(w, "  {} axis {}{at}", printable(&m.tensor), m.axis)?;
+        }
+    }
+    for b in &groups.blocked {
+        writeln!(
+            w,
+            "not prunable: {} channels of {}: {}",
+            b.channels,
+            b.tensors.join(", "),
+            b.why
+        )?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 /// Builds settings from the flags (everything the GUI can set globally).
 pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
-    let pattern = Pattern::parse(&a.pattern)?;
-    let criterion = Criterion::parse(&a.criterion).with_context(|| {
-        format!(
-            "unknown criterion '{}' (expected magnitude or random)",
-            a.criterion
-        )
-    })?;
+    let pattern = match a.granularity.as_deref() {
+        Some("head") => bail!(
+            "--granularity head: prunescope's graph has no attention operation to find heads \
+             in, so head pruning is not built yet"
+        ),
+        Some(g) if g.starts_with("block:") => {
+            bail!("--granularity {g}: block-sparse pruning is not built yet")
+        }
+        Some(g) => Pattern::parse(g)?,
+        None => Pattern::parse(&a.pattern)?,
+    };
+    let criterion = match Criterion::parse(&a.criterion) {
+        Some(c) => c,
+        None => match Criterion::NOT_BUILT.iter().find(|(n, _)| *n == a.criterion) {
+            Some((_, why)) => bail!("criterion '{}': {why}", a.criterion),
+            None => bail!(
+                "unknown criterion '{}' (expected {})",
+                a.criterion,
+                Criterion::ALL.map(Criterion::cli_name).join(", ")
+            ),
+        },
+    };
+    if a.calibration == 0 {
+        bail!("--calibration must be at least 1 sample");
+    }
     let scope = match a.scope.as_str() {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
@@ -737,9 +855,7 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     let sparsity = match (a.sparsity, pattern) {
         (Some(s), _) => s,
         (None, Pattern::NM { .. }) => 0.0,
-        (None, Pattern::Unstructured) => {
-            bail!("--sparsity is required (or --recipe, or an N:M --pattern)")
-        }
+        (None, _) => bail!("--sparsity is required (or --recipe, or an N:M --pattern)"),
     };
     if !(0.0..=1.0).contains(&sparsity) {
         bail!("--sparsity {sparsity} is outside 0..=1");
@@ -750,6 +866,8 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     Ok(PruneSettings {
         criterion,
         seed: a.seed,
+        calibration: a.calibration,
+        round_width: a.round_width.max(1),
         pattern,
         scope,
         sparsity,
@@ -801,7 +919,7 @@ fn prune_from_flags(
             model,
             settings.criterion,
             settings.seed,
-            &ScoreInputs::default(),
+            &spec.score_inputs(Some(evaluator.data())),
             progress,
         )?;
         let plan = crate::sensitivity::plan(model, &index, &settings, &sens, settings.rule)?;
@@ -823,7 +941,22 @@ fn prune_from_flags(
         );
         plan.apply(&mut settings);
     }
-    let p = prune(model, &settings, &ScoreInputs::default(), progress)?;
+    let calibration = if settings.criterion.needs_data() {
+        Some(crate::eval::evaluator_with_data(model, data).map_err(|e| {
+            anyhow::anyhow!(
+                "criterion {} scores on calibration data, and there is none: {e}",
+                settings.criterion.cli_name()
+            )
+        })?)
+    } else {
+        None
+    };
+    let inputs = ScoreInputs {
+        calibration: calibration.as_ref().map(|e| e.data()),
+        samples: settings.calibration,
+        ..Default::default()
+    };
+    let p = prune(model, &settings, &inputs, progress)?;
     if let Some(r) = &recipe
         && !flags.ignore_hash
     {
@@ -876,6 +1009,64 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
                 group_digits(p.alloc.requested)
             )
         },
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
+    if a.out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+    {
+        bail!(
+            "{}: writing a compacted ONNX graph is not built yet; write .safetensors (the graph \
+             travels in its metadata and `prunescope eval` runs it)",
+            a.out.display()
+        );
+    }
+    let mut inputs = vec![("model", a.model.as_path())];
+    for (what, p) in [("masks", &a.masks), ("recipe", &a.recipe)] {
+        if let Some(p) = p {
+            inputs.push((what, p.as_path()));
+        }
+    }
+    check_outputs(&inputs, &[("--out", a.out.as_path())])?;
+    let model = Model::open(&a.model)?;
+    let mut all_inputs = model.input_files();
+    all_inputs.extend(inputs.iter().skip(1).copied());
+    check_outputs(&all_inputs, &[("--out", a.out.as_path())])?;
+    let progress = bar();
+    let masks = match &a.masks {
+        Some(m) => crate::export::load_masks(&model, m)?,
+        None => {
+            let flags = PruneFlags {
+                recipe: a.recipe.clone(),
+                ignore_hash: a.ignore_hash,
+                ..Default::default()
+            };
+            let data = data_source(a.data.as_deref(), None, None);
+            prune_from_flags(&model, &flags, &data, &progress)?.0.masks
+        }
+    };
+    let c = crate::export::compact::compact(&model, &masks)?;
+    crate::export::export_pruned(&c.model, &crate::prune::MaskSet::new(), &a.out, &progress)?;
+    let r = &c.report;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    }
+    let pct = |a: u64, b: u64| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
+    eprintln!(
+        "compacted: {} → {} parameters (−{:.1}%), {} → {} multiply-adds a sample (−{:.1}%), \
+         {} of {} channels removed → {}",
+        group_digits(r.params_before),
+        group_digits(r.params_after),
+        pct(r.params_after, r.params_before),
+        group_digits(r.macs_before),
+        group_digits(r.macs_after),
+        pct(r.macs_after, r.macs_before),
+        r.groups.iter().map(|g| g.removed).sum::<usize>(),
+        r.groups.iter().map(|g| g.channels).sum::<usize>(),
         a.out.display()
     );
     Ok(())
@@ -1012,6 +1203,7 @@ fn sensitivity_cmd(a: SensitivityArgs) -> anyhow::Result<()> {
         sparsity: Some(0.0),
         criterion: a.criterion.clone(),
         seed: a.seed,
+        calibration: a.calibration,
         pattern: a.pattern.clone(),
         scope: "global".into(),
         rule: "marginal".into(),
@@ -1036,11 +1228,12 @@ fn sensitivity_cmd(a: SensitivityArgs) -> anyhow::Result<()> {
     }
     let mut compare = Vec::new();
     if let Some(targets) = &a.compare {
+        let inputs = spec.score_inputs(Some(evaluator.data()));
         let index = crate::prune::ScoreIndex::build(
             &model,
             settings.criterion,
             settings.seed,
-            &ScoreInputs::default(),
+            &inputs,
             &progress,
         )?;
         for t in parse_grid(targets)? {
@@ -1050,7 +1243,7 @@ fn sensitivity_cmd(a: SensitivityArgs) -> anyhow::Result<()> {
                 let plan = plan?;
                 let mut applied = st.clone();
                 plan.apply(&mut applied);
-                let p = prune(&model, &applied, &ScoreInputs::default(), &Progress::none())?;
+                let p = prune(&model, &applied, &inputs, &Progress::none())?;
                 let m = evaluator.evaluate(&model, &p.masks)?;
                 compare.push(serde_json::json!({
                     "target": t,

@@ -281,6 +281,7 @@ fn curves(model: &Model, pts: &[&[(f64, f64)]]) -> Sensitivity {
         criterion: Criterion::Magnitude,
         seed: 0,
         pattern: Default::default(),
+        calibration: 0,
         data: "hand".into(),
         layers: pts
             .iter()

@@ -22,7 +22,7 @@ pub fn size_report(model: &Model, alloc: &Allocation, pattern: Pattern) -> SizeR
     let mut r = SizeReport::default();
     let nm_bits = match pattern {
         Pattern::NM { m, .. } => Some((m as f64).log2().ceil() as u64),
-        Pattern::Unstructured => None,
+        _ => None,
     };
     let mut nm_total = 0u64;
     for (t, e) in model.tensors.iter().enumerate() {
@@ -96,7 +96,7 @@ pub fn storage_sizes(
             formats.push(("nm", "N:M compressed"));
             Some((n, m))
         }
-        Pattern::Unstructured => None,
+        _ => None,
     };
     let block = block.max(1);
     let block_label = format!("block {block}×{block}");

@@ -39,6 +39,47 @@ pub struct MlpArch {
 }
 
 impl MlpArch {
+    /// The same network as a [`crate::graph::Graph`] (Linear and ReLU nodes), for the code
+    /// that runs graphs: calibration, dependency groups.
+    pub fn to_graph(&self) -> crate::graph::Graph {
+        use crate::graph::{GRAPH_KIND, Graph, InputSpec, Node, Op};
+        let mut nodes = Vec::new();
+        let mut value = "x".to_string();
+        for (i, l) in self.layers.iter().enumerate() {
+            let out = format!("h{i}");
+            nodes.push(Node {
+                name: format!("linear{i}"),
+                op: Op::Linear {
+                    weight: l.weight.clone(),
+                    bias: l.bias.clone(),
+                },
+                inputs: vec![value],
+                output: out.clone(),
+            });
+            value = out;
+            if l.activation == Activation::Relu {
+                let out = format!("a{i}");
+                nodes.push(Node {
+                    name: format!("relu{i}"),
+                    op: Op::Relu,
+                    inputs: vec![value],
+                    output: out.clone(),
+                });
+                value = out;
+            }
+        }
+        Graph {
+            kind: GRAPH_KIND.into(),
+            inputs: vec![InputSpec {
+                name: "x".into(),
+                shape: vec![self.input_dim],
+            }],
+            nodes,
+            output: value,
+            dataset: Some(self.dataset.clone()),
+        }
+    }
+
     pub fn from_json(s: &str) -> Result<MlpArch, EvalError> {
         let arch: MlpArch = serde_json::from_str(s).map_err(|e| EvalError::Arch {
             key: ARCH_METADATA_KEY,

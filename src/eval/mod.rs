@@ -133,6 +133,10 @@ pub trait Evaluator: Send + Sync {
     fn weight_uses(&self, _model: &Model) -> Option<Vec<(String, f64)>> {
         None
     }
+    /// The samples measured on, which data-driven criteria calibrate with.
+    fn shared_data(&self) -> Option<Arc<EvalData>> {
+        None
+    }
     /// Metrics, and the predictions on the first `n` samples where each sample gets one row
     /// of outputs.
     fn evaluate_with_predictions(
@@ -204,6 +208,9 @@ impl DataEvaluator {
 }
 
 impl Evaluator for DataEvaluator {
+    fn shared_data(&self) -> Option<Arc<EvalData>> {
+        Some(self.data.clone())
+    }
     fn describe(&self) -> String {
         let mut s = format!(
             "{}, {} samples{}",

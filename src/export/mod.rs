@@ -1,5 +1,6 @@
 //! Taking results away: pruned weights, masks and recipes, all written atomically.
 
+pub mod compact;
 mod recipe;
 
 pub use recipe::{LayerResult, RECIPE_FORMAT, Recipe, RecipeError, RecipeInput};

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
 
+mod groups;
+pub use groups::{Blocked, Group, Groups, Member, dependency_groups};
+
 /// The `kind` of a graph description (the MLP description says "mlp").
 pub const GRAPH_KIND: &str = "graph";
 
@@ -334,6 +337,20 @@ impl Graph {
         Ok(uses)
     }
 
+    /// The dependency groups of this graph over `model`'s tensors (see [`dependency_groups`]).
+    pub fn dependency_groups(&self, model: &Model) -> Result<Groups, GraphError> {
+        dependency_groups(self, &|node, name| {
+            model
+                .find(name)
+                .map(|t| model.tensors[t].shape.clone())
+                .ok_or_else(|| GraphError::Tensor {
+                    node: node.into(),
+                    tensor: name.into(),
+                    msg: "missing from the model".into(),
+                })
+        })
+    }
+
     /// Every value's per-sample shape.
     fn infer_all<'g>(
         &'g self,
@@ -608,6 +625,18 @@ impl Graph {
         params: &Params,
         mode: Mode,
     ) -> Result<(Tensor, RunningUpdates), GraphError> {
+        self.forward_observed(inputs, params, mode, &mut |_, _| {})
+    }
+
+    /// [`Graph::forward`], showing `observe` each node with its first input before it runs
+    /// (calibration reads the inputs of Linear and Conv2d layers this way).
+    pub fn forward_observed(
+        &self,
+        inputs: &[Tensor],
+        params: &Params,
+        mode: Mode,
+        observe: &mut dyn FnMut(&Node, &Tensor),
+    ) -> Result<(Tensor, RunningUpdates), GraphError> {
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         for (spec, t) in self.inputs.iter().zip(inputs) {
             values.insert(&spec.name, t.clone());
@@ -628,6 +657,7 @@ impl Graph {
                 })
             };
             let x = get(&n.inputs[0])?;
+            observe(n, x);
             let out = match &n.op {
                 Op::Linear { weight, bias } => {
                     let y = x.broadcast_matmul(&w(weight)?.t()?)?;

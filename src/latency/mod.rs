@@ -608,7 +608,7 @@ pub fn run(
     let start = Instant::now();
     let nm = match settings.pattern {
         Pattern::NM { n, m } => Some((n, m)),
-        Pattern::Unstructured => None,
+        _ => None,
     };
     // N:M applies to the current masks only under an N:M pattern; its curve is drawn anyway.
     let curve_formats: Vec<Format> = Format::ALL

@@ -84,6 +84,17 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
         })
         .collect();
 
+    if settings.pattern.structured() {
+        // Validation has checked that the model has groups; without, nothing is cut.
+        return match super::structured::order_for(model, index) {
+            Ok(order) => super::structured::allocate(model, &order, settings),
+            Err(_) => Allocation {
+                layers,
+                prunable,
+                ..Default::default()
+            },
+        };
+    }
     let requested;
     match (settings.pattern, settings.scope) {
         (Pattern::NM { n, m }, _) => {
@@ -94,6 +105,7 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
             }
             requested = layers.iter().map(|l| l.pruned as u64).sum();
         }
+        (Pattern::Neuron | Pattern::Channel, _) => unreachable!("returned above"),
         (Pattern::Unstructured, Scope::Layer | Scope::Sensitivity) => {
             for l in &mut layers {
                 if !locked(l.tensor) {

@@ -9,39 +9,105 @@ use serde::{Deserialize, Serialize};
 use crate::model::Model;
 use crate::util::{fnv1a, mix64};
 
-/// How scores are computed. Later criteria (Taylor, Fisher, Wanda, activations) need data,
-/// which reaches them through [`ScoreInputs`].
+/// How scores are computed. LAMP needs each layer's sorted magnitudes and the data-driven
+/// criteria (Taylor, OBD, Wanda) need calibration samples: their scores are computed once per
+/// index (see [`super::calibrate`]) and read from there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Criterion {
     /// |w|: the classic baseline (Han et al., 2015).
     #[default]
     Magnitude,
+    /// The L2 norm: for single weights it orders exactly as |w|; it differs from L1 only where
+    /// weights are scored in groups.
+    L2,
+    /// Layer-adaptive magnitude (Lee et al., 2021): w² over the sum of w² of the weights of the
+    /// same layer at least as large, so one global threshold gives each layer its own sparsity.
+    Lamp,
+    /// First-order Taylor |w · ∂L/∂w| on calibration samples (SNIP at initialisation).
+    Taylor,
+    /// Optimal Brain Damage: ½ · w² · H_jj, the Hessian diagonal approximated by the empirical
+    /// Fisher (the mean squared per-sample gradient).
+    Obd,
+    /// Wanda (Sun et al., 2023): |w_ij| · ‖X_j‖₂ over the layer's calibration inputs, compared
+    /// within each output row.
+    Wanda,
     /// A seeded uniform random score per weight: the control every study needs.
     Random,
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 2] = [Criterion::Magnitude, Criterion::Random];
+    pub const ALL: [Criterion; 7] = [
+        Criterion::Magnitude,
+        Criterion::L2,
+        Criterion::Lamp,
+        Criterion::Taylor,
+        Criterion::Obd,
+        Criterion::Wanda,
+        Criterion::Random,
+    ];
+
+    /// Criteria the issue tracker names that prunescope does not compute yet, with why; the
+    /// CLI refuses them with this rather than falling back to something else.
+    pub const NOT_BUILT: [(&'static str, &'static str); 4] = [
+        (
+            "sparsegpt",
+            "SparseGPT (layer-wise OBS weight updates) is not built yet",
+        ),
+        (
+            "apoz",
+            "APoZ scores neurons and channels, and structured granularities are not built yet",
+        ),
+        (
+            "mean-activation",
+            "mean activation scores neurons and channels, and structured granularities are not built yet",
+        ),
+        (
+            "movement",
+            "movement scores accumulate during fine-tuning, which does not record them yet",
+        ),
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Criterion::Magnitude => "magnitude |w|",
+            Criterion::L2 => "L2 norm",
+            Criterion::Lamp => "LAMP (layer-adaptive)",
+            Criterion::Taylor => "Taylor |w·∂L/∂w|",
+            Criterion::Obd => "OBD (Fisher diagonal)",
+            Criterion::Wanda => "Wanda |w|·‖X‖",
             Criterion::Random => "random (seeded)",
         }
     }
     pub fn cli_name(self) -> &'static str {
         match self {
             Criterion::Magnitude => "magnitude",
+            Criterion::L2 => "l2",
+            Criterion::Lamp => "lamp",
+            Criterion::Taylor => "taylor",
+            Criterion::Obd => "obd",
+            Criterion::Wanda => "wanda",
             Criterion::Random => "random",
         }
     }
     pub fn parse(s: &str) -> Option<Criterion> {
         Criterion::ALL.into_iter().find(|c| c.cli_name() == s)
     }
-    /// Whether scoring needs calibration data (none of today's criteria does).
+    /// Whether scoring needs calibration data.
     pub fn needs_data(self) -> bool {
-        false
+        matches!(self, Criterion::Taylor | Criterion::Obd | Criterion::Wanda)
+    }
+    /// Whether scoring needs labels (a loss to differentiate), not only inputs.
+    pub fn needs_labels(self) -> bool {
+        matches!(self, Criterion::Taylor | Criterion::Obd)
+    }
+    /// Whether scores are computed for whole tensors up front rather than weight by weight.
+    pub fn precomputed(self) -> bool {
+        self.needs_data() || self == Criterion::Lamp
+    }
+    /// Whether keys order exactly as |w| (so the 16-bit compact index serves).
+    pub fn orders_as_magnitude(self) -> bool {
+        matches!(self, Criterion::Magnitude | Criterion::L2)
     }
     /// Whether the score depends on the seed.
     pub fn seeded(self) -> bool {
@@ -52,13 +118,29 @@ impl Criterion {
             Criterion::Magnitude => {
                 "Magnitude: weights closest to zero contribute least to the output, so they go first."
             }
+            Criterion::L2 => {
+                "L2 norm: for single weights it ranks exactly like magnitude; it differs only when weights are scored in groups (blocks, channels)."
+            }
+            Criterion::Lamp => {
+                "LAMP: each weight's w² divided by the sum of w² of the larger weights in its layer, so one global threshold gives every layer its own sparsity and no layer is emptied."
+            }
+            Criterion::Taylor => {
+                "Taylor: |w · ∂L/∂w| on the calibration samples estimates how much the loss rises when the weight is removed (at initialisation this is SNIP). Needs labelled data."
+            }
+            Criterion::Obd => {
+                "Optimal Brain Damage: ½·w²·H, the loss's curvature along the weight, with the Hessian diagonal estimated by the mean squared per-sample gradient (empirical Fisher). Needs labelled data."
+            }
+            Criterion::Wanda => {
+                "Wanda: |w| times the norm of the input it multiplies on the calibration samples, compared within each output row, so a small weight on a loud input survives. Needs input data."
+            }
             Criterion::Random => {
                 "Random: every weight gets a seeded random score; a criterion that beats this baseline has learned something."
             }
         }
     }
 
-    /// Fills `out` with the keys of elements `start..start + out.len()` of tensor `t`.
+    /// Fills `out` with the keys of elements `start..start + out.len()` of tensor `t`, for the
+    /// criteria scored weight by weight (the others read [`super::ScoreIndex::fill_keys`]).
     pub fn fill_keys(
         self,
         model: &Model,
@@ -69,28 +151,33 @@ impl Criterion {
         out: &mut [u32],
     ) {
         match self {
-            Criterion::Magnitude => {
-                let n = out.len();
-                model.read_f32(t, start, &mut values[..n]);
-                for (o, v) in out.iter_mut().zip(&values[..n]) {
-                    *o = key_of_score(v.abs());
-                }
-            }
             Criterion::Random => {
                 let salt = seed ^ fnv1a(&model.tensors[t].name).rotate_left(17);
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = random_key(salt, (start + i) as u64);
                 }
             }
+            // Magnitude and L2 order alike. The precomputed criteria are read from the index,
+            // which calls this only for the others.
+            _ => {
+                let n = out.len();
+                model.read_f32(t, start, &mut values[..n]);
+                for (o, v) in out.iter_mut().zip(&values[..n]) {
+                    *o = key_of_score(v.abs());
+                }
+            }
         }
     }
 }
 
-/// Data that data-driven criteria will need; empty for magnitude and random.
+/// Data that data-driven criteria need; empty for the others.
 #[derive(Default)]
 pub struct ScoreInputs<'a> {
-    /// Calibration inputs for activation- or gradient-based criteria.
-    pub calibration: Option<&'a crate::data::Dataset>,
+    /// Calibration samples for activation- or gradient-based criteria: the first
+    /// [`ScoreInputs::samples`] of these are used.
+    pub calibration: Option<&'a crate::data::EvalData>,
+    /// How many calibration samples to use (0: the default, [`super::DEFAULT_CALIBRATION`]).
+    pub samples: usize,
     /// 16-bit tensors' bit-pattern counts already taken (the pass at open that the histograms
     /// share), so the magnitude index need not read the weights again.
     pub patterns: Option<&'a crate::model::PatternCounts>,

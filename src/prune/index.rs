@@ -1,11 +1,12 @@
 //! Per-tensor sorted score keys: built once per (model, criterion, seed), queried by binary
 //! search on every slider move.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::{Criterion, PruneError, ScoreInputs};
+use super::{Criterion, PruneError, ScoreInputs, key_of_score};
 use crate::model::{DECODE_CHUNK, Model};
 use crate::progress::Progress;
 
@@ -14,6 +15,15 @@ pub struct ScoreIndex {
     pub criterion: Criterion,
     pub seed: u64,
     sorted: Vec<Option<Keys>>,
+    /// Each tensor's scores, for the criteria computed a tensor at a time (LAMP and the
+    /// data-driven ones); masks read them back from here.
+    scores: Option<Arc<Vec<Option<Vec<f32>>>>>,
+    /// What the scores were computed on (the calibration data's fingerprint and sample
+    /// count), for caches; `None` for criteria that use no data.
+    pub calibration: Option<String>,
+    /// Channels ranked for structured pruning, made on first use (see
+    /// [`super::structured::order_for`]); the error says why the model has none.
+    channels: std::sync::OnceLock<Result<Arc<super::structured::ChannelOrder>, String>>,
 }
 
 /// One tensor's keys in ascending order: each key, or, where few distinct keys exist
@@ -115,8 +125,9 @@ impl std::fmt::Debug for ScoreIndex {
 pub fn sorted_key_bytes(model: &Model, criterion: Criterion) -> u64 {
     (0..model.tensors.len())
         .filter(|&t| model.tensors[t].analysable())
-        .filter(|&t| criterion != Criterion::Magnitude || model.half_decoder(t).is_none())
-        .map(|t| 4 * model.tensors[t].numel as u64)
+        .filter(|&t| !criterion.orders_as_magnitude() || model.half_decoder(t).is_none())
+        // Precomputed criteria hold each weight's score beside its key.
+        .map(|t| (if criterion.precomputed() { 8 } else { 4 }) * model.tensors[t].numel as u64)
         .sum()
 }
 
@@ -174,6 +185,15 @@ impl ScoreIndex {
             .map(|t| t.numel as u64)
             .sum::<u64>()
             .max(1);
+        if criterion.precomputed() {
+            let scores = super::calibrate::tensor_scores(model, criterion, inputs, progress)?;
+            return Ok(ScoreIndex::from_scores(
+                criterion,
+                seed,
+                scores,
+                super::calibrate::calibration_key(criterion, inputs),
+            ));
+        }
         let done = AtomicU64::new(0);
         let label = format!("Scoring ({})", criterion.label());
         let sorted = (0..model.tensors.len())
@@ -183,7 +203,7 @@ impl ScoreIndex {
                 if !e.analysable() {
                     return Ok(None);
                 }
-                if criterion == Criterion::Magnitude
+                if criterion.orders_as_magnitude()
                     && let Some(decode) = model.half_decoder(t)
                 {
                     let given = inputs
@@ -223,7 +243,71 @@ impl ScoreIndex {
             criterion,
             seed,
             sorted,
+            scores: None,
+            calibration: None,
+            channels: Default::default(),
         })
+    }
+
+    /// The index of scores computed a tensor at a time (`None` where not analysable).
+    pub fn from_scores(
+        criterion: Criterion,
+        seed: u64,
+        scores: Vec<Option<Vec<f32>>>,
+        calibration: Option<String>,
+    ) -> ScoreIndex {
+        let sorted = scores
+            .par_iter()
+            .map(|s| {
+                s.as_ref().map(|s| {
+                    let mut keys: Vec<u32> = s.iter().map(|&v| key_of_score(v)).collect();
+                    radix_sort_u32(&mut keys);
+                    Keys::Sorted(keys)
+                })
+            })
+            .collect();
+        ScoreIndex {
+            criterion,
+            seed,
+            sorted,
+            scores: Some(Arc::new(scores)),
+            calibration,
+            channels: Default::default(),
+        }
+    }
+
+    /// The channel order for structured pruning, made by `make` the first time.
+    pub fn channel_order(
+        &self,
+        make: impl FnOnce() -> Result<super::structured::ChannelOrder, PruneError>,
+    ) -> Result<Arc<super::structured::ChannelOrder>, PruneError> {
+        self.channels
+            .get_or_init(|| make().map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(PruneError::Structured)
+    }
+
+    /// Fills `out` with the keys of elements `start..start + out.len()` of tensor `t`: the
+    /// one way masks read scores, whichever criterion made them.
+    pub fn fill_keys(
+        &self,
+        model: &Model,
+        t: usize,
+        start: usize,
+        values: &mut [f32],
+        out: &mut [u32],
+    ) {
+        match self.scores.as_ref().and_then(|s| s.get(t)?.as_ref()) {
+            Some(s) => {
+                let n = out.len();
+                for (o, &v) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = key_of_score(v);
+                }
+            }
+            None => self
+                .criterion
+                .fill_keys(model, self.seed, t, start, values, out),
+        }
     }
 
     fn of(&self, t: usize) -> Option<&Keys> {

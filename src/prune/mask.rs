@@ -150,6 +150,10 @@ pub fn build_masks(
     alloc: &Allocation,
     progress: &Progress,
 ) -> Result<MaskSet, PruneError> {
+    if settings.pattern.structured() {
+        let order = super::structured::order_for(model, index)?;
+        return super::structured::masks(model, &order, settings);
+    }
     let built: Vec<(usize, Mask)> = alloc
         .layers
         .par_iter()
@@ -173,19 +177,19 @@ pub fn build_layer_mask(
     l: &LayerAlloc,
 ) -> Mask {
     let locked = settings.layer(&model.tensors[l.tensor].name).locked;
+    if settings.pattern.structured() {
+        return match super::structured::order_for(model, index) {
+            Ok(order) => super::structured::tensor_mask(model, &order, settings, l.tensor),
+            Err(_) => Mask::all_kept(l.numel),
+        };
+    }
     match settings.pattern {
-        Pattern::NM { n, m } if !locked => nm_mask(model, settings, l.tensor, n, m),
-        _ => unstructured_mask(model, index, settings, l.tensor, l.pruned),
+        Pattern::NM { n, m } if !locked => nm_mask(model, index, l.tensor, n, m),
+        _ => unstructured_mask(model, index, l.tensor, l.pruned),
     }
 }
 
-fn unstructured_mask(
-    model: &Model,
-    index: &ScoreIndex,
-    settings: &PruneSettings,
-    t: usize,
-    pruned: usize,
-) -> Mask {
+fn unstructured_mask(model: &Model, index: &ScoreIndex, t: usize, pruned: usize) -> Mask {
     let n = model.tensors[t].numel;
     if pruned == 0 {
         return Mask::all_kept(n);
@@ -199,7 +203,6 @@ fn unstructured_mask(
     let below = index.count_below(t, t_key);
     let ties = index.count_at_most(t, t_key) - below;
     let ties_pruned = pruned - below;
-    let (criterion, seed) = (settings.criterion, settings.seed);
     let mut mask = Mask::all_pruned(n);
     if ties_pruned == ties {
         // Every weight with key ≤ t_key goes: no order dependence, so chunks run in parallel.
@@ -214,7 +217,7 @@ fn unstructured_mask(
                 let mut i = start;
                 while i < end {
                     let len = (end - i).min(DECODE_CHUNK);
-                    criterion.fill_keys(model, seed, t, i, &mut vals, &mut ks[..len]);
+                    index.fill_keys(model, t, i, &mut vals, &mut ks[..len]);
                     for (j, &k) in ks[..len].iter().enumerate() {
                         let bit = i - start + j;
                         words[bit / 64] |= ((k > t_key) as u64) << (bit % 64);
@@ -230,7 +233,7 @@ fn unstructured_mask(
         let mut i = 0;
         while i < n {
             let len = (n - i).min(DECODE_CHUNK);
-            criterion.fill_keys(model, seed, t, i, &mut vals, &mut ks[..len]);
+            index.fill_keys(model, t, i, &mut vals, &mut ks[..len]);
             for (j, &k) in ks[..len].iter().enumerate() {
                 let keep = k > t_key || (k == t_key && left == 0);
                 if k == t_key && left > 0 {
@@ -246,14 +249,12 @@ fn unstructured_mask(
     mask
 }
 
-fn nm_mask(model: &Model, settings: &PruneSettings, t: usize, n: usize, m: usize) -> Mask {
+fn nm_mask(model: &Model, index: &ScoreIndex, t: usize, n: usize, m: usize) -> Mask {
     let e = &model.tensors[t];
     let mut keys = vec![0u32; e.numel];
     let mut vals = vec![0f32; DECODE_CHUNK];
     for (c, chunk) in keys.chunks_mut(DECODE_CHUNK).enumerate() {
-        settings
-            .criterion
-            .fill_keys(model, settings.seed, t, c * DECODE_CHUNK, &mut vals, chunk);
+        index.fill_keys(model, t, c * DECODE_CHUNK, &mut vals, chunk);
     }
     let lines = nm_lines(e);
     let mut mask = Mask::all_kept(e.numel);

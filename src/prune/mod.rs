@@ -7,13 +7,16 @@
 //! masks ([`build_masks`]) are one parallel pass over the weights.
 
 mod alloc;
+pub mod calibrate;
 mod criterion;
 mod index;
 mod mask;
 mod nm;
 mod settings;
+pub mod structured;
 
 pub use alloc::{Allocation, LayerAlloc, allocate};
+pub use calibrate::DEFAULT_CALIBRATION;
 pub use criterion::{Criterion, ScoreInputs, key_of_score, score_of_key};
 pub use index::{ScoreIndex, radix_sort_u32};
 pub use mask::{Mask, MaskSet, build_layer_mask, build_masks, masked_f32};
@@ -31,7 +34,9 @@ pub enum PruneError {
     UnknownTensor(String),
     #[error("tensor '{0}' cannot be pruned: its dtype is not floating point or it is empty")]
     NotAnalysable(String),
-    #[error("cannot parse pattern '{0}': expected 'unstructured' or N:M such as 2:4")]
+    #[error(
+        "cannot parse granularity '{0}': expected unstructured, N:M such as 2:4, neuron or channel"
+    )]
     PatternSyntax(String),
     #[error(
         "the score index of {model} needs {need_mb} MB (four bytes a weight for its {dtypes} tensors) and this machine has {avail_mb} MB available; bf16 and f16 checkpoints take a compact index (a few MB)"
@@ -42,6 +47,13 @@ pub enum PruneError {
         need_mb: u64,
         avail_mb: u64,
     },
+    /// A structured cut is impossible: no graph, or no groups of the asked kind.
+    #[error("{0}")]
+    Structured(String),
+    /// A criterion could not be scored: no or unsuitable calibration data, or a model that
+    /// cannot be run.
+    #[error("{0}")]
+    Calibration(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::{Criterion, PruneError};
 use crate::model::Model;
 
-/// Unstructured pruning or N:M (keep N of every M consecutive weights along the input dim).
+/// The granularity of a cut: single weights, N:M (keep N of every M consecutive weights along
+/// the input dim), or whole Linear neurons / conv channels with their dependency groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Pattern {
     #[default]
@@ -16,6 +17,10 @@ pub enum Pattern {
         n: usize,
         m: usize,
     },
+    /// Output neurons of Linear layers, each with its group's slices.
+    Neuron,
+    /// Output channels (filters) of convolutions, each with its group's slices.
+    Channel,
 }
 
 impl Pattern {
@@ -23,6 +28,12 @@ impl Pattern {
         let s = s.trim();
         if s.eq_ignore_ascii_case("unstructured") {
             return Ok(Pattern::Unstructured);
+        }
+        if s.eq_ignore_ascii_case("neuron") {
+            return Ok(Pattern::Neuron);
+        }
+        if s.eq_ignore_ascii_case("channel") {
+            return Ok(Pattern::Channel);
         }
         let (n, m) = s
             .split_once(':')
@@ -43,9 +54,14 @@ impl Pattern {
     /// Fraction of weights an N:M pattern removes.
     pub fn fixed_sparsity(self) -> Option<f64> {
         match self {
-            Pattern::Unstructured => None,
             Pattern::NM { n, m } => Some(1.0 - n as f64 / m as f64),
+            _ => None,
         }
+    }
+
+    /// Whether whole channels go with their dependency groups.
+    pub fn structured(self) -> bool {
+        matches!(self, Pattern::Neuron | Pattern::Channel)
     }
 }
 
@@ -54,6 +70,8 @@ impl std::fmt::Display for Pattern {
         match self {
             Pattern::Unstructured => f.write_str("unstructured"),
             Pattern::NM { n, m } => write!(f, "{n}:{m}"),
+            Pattern::Neuron => f.write_str("neuron"),
+            Pattern::Channel => f.write_str("channel"),
         }
     }
 }
@@ -170,6 +188,11 @@ pub struct LayerSettings {
 pub struct PruneSettings {
     pub criterion: Criterion,
     pub seed: u64,
+    /// Calibration samples for the data-driven criteria (the first this many of the data).
+    pub calibration: usize,
+    /// Structured cuts keep widths that are multiples of this (1: any width), because odd
+    /// widths run slower on real hardware.
+    pub round_width: usize,
     pub pattern: Pattern,
     pub scope: Scope,
     /// Global target: fraction of prunable weights to remove.
@@ -186,6 +209,8 @@ impl Default for PruneSettings {
         Self {
             criterion: Criterion::Magnitude,
             seed: 0,
+            calibration: super::DEFAULT_CALIBRATION,
+            round_width: 8,
             pattern: Pattern::Unstructured,
             scope: Scope::Global,
             sparsity: 0.0,
@@ -231,6 +256,9 @@ impl PruneSettings {
     /// Checks ranges and that every named tensor exists and can be pruned.
     pub fn validate(&self, model: &Model) -> Result<(), PruneError> {
         self.pattern.validate()?;
+        if self.pattern.structured() {
+            super::structured::check(model, self.pattern)?;
+        }
         for s in [self.sparsity, self.min_keep] {
             if !(0.0..=1.0).contains(&s) {
                 return Err(PruneError::BadSparsity(s));

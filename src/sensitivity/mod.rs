@@ -94,6 +94,14 @@ pub struct SweepSpec {
     pub criterion: Criterion,
     pub seed: u64,
     pub pattern: Pattern,
+    /// Calibration samples of a data-driven criterion (0 for the others, and then left out
+    /// of cache keys, which stay as they were).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub calibration: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl SweepSpec {
@@ -108,6 +116,24 @@ impl SweepSpec {
                 0
             },
             pattern: settings.pattern,
+            calibration: if settings.criterion.needs_data() {
+                settings.calibration
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The scores' inputs: the evaluator's data as calibration samples where the criterion
+    /// needs them.
+    pub fn score_inputs<'a>(
+        &self,
+        data: Option<&'a crate::data::EvalData>,
+    ) -> crate::prune::ScoreInputs<'a> {
+        crate::prune::ScoreInputs {
+            calibration: data.filter(|_| self.criterion.needs_data()),
+            samples: self.calibration,
+            ..Default::default()
         }
     }
 
@@ -300,6 +326,8 @@ pub struct Sensitivity {
     pub criterion: Criterion,
     pub seed: u64,
     pub pattern: Pattern,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub calibration: usize,
     /// What was measured on ("uci-digits/test, 360 samples").
     pub data: String,
     pub layers: Vec<Curve>,
@@ -326,6 +354,7 @@ impl Sensitivity {
             criterion: self.criterion,
             seed: self.seed,
             pattern: self.pattern,
+            calibration: self.calibration,
         }
     }
 
@@ -390,6 +419,8 @@ pub fn layer_mask_at(
         Pattern::NM { n, m } if s > 0.0 => nm_pruned_count(&model.tensors[t], n, m),
         Pattern::NM { .. } => 0,
         Pattern::Unstructured => ((s * numel as f64).round() as usize).min(numel),
+        // Sweeps refuse structured cuts before they start (see `sweep`).
+        Pattern::Neuron | Pattern::Channel => return None,
     };
     if pruned == 0 {
         return None;
@@ -429,6 +460,13 @@ pub fn sweep(
     if groups.is_empty() {
         return Err(SensitivityError::NothingToSweep);
     }
+    if spec.pattern.structured() {
+        return Err(SensitivityError::Prune(PruneError::Structured(format!(
+            "sensitivity curves prune one layer at a time, and a {} cut moves whole dependency \
+             groups: sweep unstructured or N:M",
+            spec.pattern
+        ))));
+    }
     let t0 = Instant::now();
     let dense = match resume {
         Some(r) => r.dense,
@@ -442,6 +480,7 @@ pub fn sweep(
         criterion: spec.criterion,
         seed: spec.seed,
         pattern: spec.pattern,
+        calibration: spec.calibration,
         data: evaluator.describe(),
         layers: groups
             .into_iter()
@@ -549,11 +588,12 @@ pub fn measure(
     if use_cache && let Some(s) = key.as_deref().and_then(load_cached) {
         return Ok(s);
     }
+    let data = evaluator.shared_data();
     let index = ScoreIndex::build(
         model,
         spec.criterion,
         spec.seed,
-        &crate::prune::ScoreInputs::default(),
+        &spec.score_inputs(data.as_deref()),
         progress,
     )?;
     let s = sweep(

@@ -106,6 +106,24 @@ impl Trainable {
         })
     }
 
+    /// The network as a graph (an MLP becomes its Linear and ReLU nodes).
+    pub fn graph(&self) -> crate::graph::Graph {
+        match self {
+            Trainable::Mlp(a) => a.to_graph(),
+            Trainable::Graph(g) => g.clone(),
+        }
+    }
+
+    /// `model`'s network as a graph, for the analyses that run or read it (calibration,
+    /// dependency groups); the error says why there is none.
+    pub fn graph_of(model: &crate::model::Model) -> Result<crate::graph::Graph, String> {
+        match Trainable::of(model) {
+            Ok(t) => Ok(t.graph()),
+            Err(TrainError::Compute(msg)) => Err(msg),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The description as stored in a model's metadata.
     pub fn to_json(&self) -> String {
         match self {

@@ -15,6 +15,8 @@ pub const TIP_LAYER: &str =
 pub const TIP_SPARSITY: &str = "Fraction of all prunable weights to remove. Exactly round(S·N) of the N prunable weights go, lowest scores first.";
 pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps at least this fraction of its weights, so no layer collapses; the others prune more to hold the global target.";
 pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
+pub const TIP_CALIBRATION: &str = "How many samples of the evaluation data (the first ones) the criterion runs through the model to collect gradients or layer inputs; more samples give steadier scores and take longer.";
+pub const TIP_NEEDS_DATA: &str = "This criterion scores weights from gradients or activations on data: load evaluation data (Data menu) for a model prunescope can run.";
 pub const TIP_SEED: &str = "The random criterion's seed: the same seed gives the same masks, a different one a fresh draw.";
 pub const TIP_ALL_LAYERS: &str = "Set every unlocked prunable layer to this sparsity (you can then adjust single layers in the table).";
 pub const TIP_RESET: &str = "Back to the dense model: sparsity 0 and no per-layer overrides.";
@@ -52,6 +54,7 @@ impl ControlsPanel {
             .and_then(|m| m.result.as_ref().ok())
             .copied();
         let planning = state.planning();
+        let has_data = model.eval.evaluator.is_some();
         let s = &mut state.settings;
 
         ui.add_space(4.0);
@@ -187,13 +190,29 @@ impl ControlsPanel {
             .selected_text(s.criterion.label())
             .show_ui(ui, |ui| {
                 for c in Criterion::ALL {
-                    ui.selectable_value(&mut s.criterion, c, c.label())
-                        .on_hover_text(c.tooltip());
+                    let usable = has_data || !c.needs_data();
+                    ui.add_enabled_ui(usable, |ui| {
+                        ui.selectable_value(&mut s.criterion, c, c.label())
+                            .on_hover_text(c.tooltip())
+                            .on_disabled_hover_text(format!("{} {TIP_NEEDS_DATA}", c.tooltip()));
+                    });
                 }
             })
             .response
             .labelled_by(label.id)
             .on_hover_text(s.criterion.tooltip());
+        if s.criterion.needs_data() {
+            if has_data {
+                ui.horizontal(|ui| {
+                    let label = ui.label("Calibration samples");
+                    ui.add(DragValue::new(&mut s.calibration).range(1..=100_000))
+                        .labelled_by(label.id)
+                        .on_hover_text(TIP_CALIBRATION);
+                });
+            } else {
+                ui.colored_label(super::theme::CAPPED, TIP_NEEDS_DATA);
+            }
+        }
         if s.criterion.seeded() {
             ui.horizontal(|ui| {
                 let label = ui.label("Seed");
@@ -212,6 +231,7 @@ impl ControlsPanel {
             *s = PruneSettings {
                 criterion: s.criterion,
                 seed: s.seed,
+                calibration: s.calibration,
                 scope: s.scope,
                 ..Default::default()
             };
@@ -322,7 +342,7 @@ fn pattern_ui(
             {
                 let (n, m) = match *pattern {
                     Pattern::NM { n, m } => (n, m),
-                    Pattern::Unstructured => (2, 8),
+                    _ => (2, 8),
                 };
                 *custom = Some((n, m));
                 *pattern = Pattern::NM { n, m };

@@ -63,6 +63,10 @@ impl HistogramPanel {
             (_, Criterion::Random) => {
                 Some("Random scores: pruned weights are spread over every magnitude.".to_string())
             }
+            (_, c) if !c.orders_as_magnitude() => Some(format!(
+                "{} scores are not |w|: no single threshold on this histogram; the mask shows where the cut falls.",
+                c.label()
+            )),
             _ => None,
         };
         if let Some(n) = note {
@@ -130,7 +134,7 @@ impl HistogramPanel {
             *shown = Some(t);
         }
         let threshold = alloc.and_then(|l| l.threshold).filter(|_| {
-            settings.pattern == Pattern::Unstructured && settings.criterion == Criterion::Magnitude
+            settings.pattern == Pattern::Unstructured && settings.criterion.orders_as_magnitude()
         });
         plot.show(ui, |p| {
             p.bar_chart(

@@ -4,7 +4,7 @@ use egui::{RichText, Ui};
 
 use super::app::AppState;
 use super::theme;
-use crate::prune::{Criterion, Pattern};
+use crate::prune::Pattern;
 use crate::util::{group_digits, human_bytes};
 
 /// Floating-point non-zeros after pruning, when they can be known from counts alone.
@@ -15,7 +15,7 @@ use crate::util::{group_digits, human_bytes};
 pub fn non_zeros(state: &AppState) -> Option<u64> {
     let m = state.model.as_ref()?;
     let p = m.preview.as_ref()?;
-    if state.settings.criterion != Criterion::Magnitude
+    if !state.settings.criterion.orders_as_magnitude()
         || state.settings.pattern != Pattern::Unstructured
     {
         return None;

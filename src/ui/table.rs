@@ -8,7 +8,7 @@ use egui_extras::{Column, TableBuilder};
 use super::app::AppState;
 use super::controls::layer_limit_slider;
 use super::theme;
-use crate::prune::{Criterion, Scope};
+use crate::prune::Scope;
 use crate::util::{group_digits, natural_cmp};
 use crate::worker::ModelSnapshot;
 
@@ -127,7 +127,7 @@ impl LayerTable {
         let rows: &[Row] = rows_cache.as_ref().map_or(&[], |(_, r)| r.as_slice());
 
         let scope = state.settings.scope;
-        let magnitude = state.settings.criterion == Criterion::Magnitude;
+        let magnitude = state.settings.criterion.orders_as_magnitude();
         let mut clicked = None;
         let mut toggle_group = None;
         let mut header_click = None;

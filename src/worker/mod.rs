@@ -27,8 +27,20 @@ pub struct WorkerHandle {
     tx: Sender<Command>,
     rx: Receiver<Event>,
     ids: Arc<AtomicU64>,
-    active: Vec<(JobId, CancelFlag)>,
+    /// Cancel flags of running jobs: those the UI started, and those the worker starts itself
+    /// (scoring with a new criterion), so every job's Cancel button works.
+    active: Jobs,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Running jobs' cancel flags, shared by the UI's handle and the worker.
+pub(crate) type Jobs = Arc<std::sync::Mutex<Vec<(JobId, CancelFlag)>>>;
+
+/// Registers `flag` as job `id`'s, dropping the flags of jobs already cancelled.
+pub(crate) fn register(jobs: &Jobs, id: JobId, flag: CancelFlag) {
+    let mut a = jobs.lock().unwrap_or_else(|e| e.into_inner());
+    a.retain(|(_, f)| !f.is_cancelled());
+    a.push((id, flag));
 }
 
 impl WorkerHandle {
@@ -37,16 +49,17 @@ impl WorkerHandle {
         let (tx, cmd_rx) = bounded(COMMAND_QUEUE);
         let (ev_tx, rx) = bounded(EVENT_QUEUE);
         let ids = Arc::new(AtomicU64::new(1));
-        let worker_ids = ids.clone();
+        let active: Jobs = Arc::default();
+        let (worker_ids, worker_jobs) = (ids.clone(), active.clone());
         let thread = std::thread::Builder::new()
             .name("prunescope-worker".into())
-            .spawn(move || session::run(cmd_rx, ev_tx, Arc::new(wake), worker_ids))
+            .spawn(move || session::run(cmd_rx, ev_tx, Arc::new(wake), worker_ids, worker_jobs))
             .expect("spawning the worker thread");
         WorkerHandle {
             tx,
             rx,
             ids,
-            active: Vec::new(),
+            active,
             thread: Some(thread),
         }
     }
@@ -54,8 +67,7 @@ impl WorkerHandle {
     fn next_job(&mut self) -> (JobId, CancelFlag) {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let flag = CancelFlag::new();
-        self.active.retain(|(_, f)| !f.is_cancelled());
-        self.active.push((id, flag.clone()));
+        register(&self.active, id, flag.clone());
         (id, flag)
     }
 
@@ -164,7 +176,7 @@ impl WorkerHandle {
 
     /// Asks job `job` to stop; it reports `JobCancelled` when it has.
     pub fn cancel(&self, job: JobId) {
-        for (id, f) in &self.active {
+        for (id, f) in self.active.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if *id == job {
                 f.cancel();
             }
@@ -187,7 +199,7 @@ impl WorkerHandle {
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
-        for (_, f) in &self.active {
+        for (_, f) in self.active.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             f.cancel();
         }
         let _ = self.tx.try_send(Command::Shutdown);

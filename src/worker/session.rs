@@ -16,7 +16,7 @@ use crate::model::Model;
 use crate::progress::{CancelFlag, Progress};
 use crate::prune::{
     Allocation, Mask, MaskSet, PruneError, PruneSettings, ScoreIndex, ScoreInputs, allocate,
-    build_layer_mask, build_masks,
+    build_layer_mask, build_masks, calibrate,
 };
 use crate::sensitivity::{Sensitivity, SweepSpec};
 
@@ -157,18 +157,26 @@ struct Worker {
     tx: Sender<Event>,
     wake: Wake,
     ids: Arc<AtomicU64>,
+    jobs: super::Jobs,
     pending: VecDeque<Command>,
     session: Option<Session>,
     shutting_down: bool,
 }
 
-pub(super) fn run(rx: Receiver<Command>, tx: Sender<Event>, wake: Wake, ids: Arc<AtomicU64>) {
+pub(super) fn run(
+    rx: Receiver<Command>,
+    tx: Sender<Event>,
+    wake: Wake,
+    ids: Arc<AtomicU64>,
+    jobs: super::Jobs,
+) {
     let mut w = Worker {
         undo: Vec::new(),
         rx,
         tx,
         wake,
         ids,
+        jobs,
         pending: VecDeque::new(),
         session: None,
         shutting_down: false,
@@ -318,8 +326,16 @@ impl Worker {
     /// criteria), rebuilding it as a visible job when it does not.
     fn ensure_index(&mut self, s: &PruneSettings) -> Result<Arc<ScoreIndex>, String> {
         let session = self.session.as_ref().ok_or("no model is open")?;
+        // Data-driven criteria calibrate on the evaluation data in use.
+        let data = session.evaluator.as_ref().and_then(|e| e.shared_data());
+        let inputs = ScoreInputs {
+            calibration: data.as_deref().filter(|_| s.criterion.needs_data()),
+            samples: s.calibration,
+            ..Default::default()
+        };
         if session.index.criterion == s.criterion
             && (!s.criterion.seeded() || session.index.seed == s.seed)
+            && session.index.calibration == calibrate::calibration_key(s.criterion, &inputs)
         {
             return Ok(session.index.clone());
         }
@@ -328,15 +344,11 @@ impl Worker {
             job,
             label: format!("Scoring with {}", s.criterion.label()),
         });
-        let progress = self.progress_for(job, CancelFlag::new());
+        let cancel = CancelFlag::new();
+        super::register(&self.jobs, job, cancel.clone());
+        let progress = self.progress_for(job, cancel);
         let model = session.model.clone();
-        match ScoreIndex::build(
-            &model,
-            s.criterion,
-            s.seed,
-            &ScoreInputs::default(),
-            &progress,
-        ) {
+        match ScoreIndex::build(&model, s.criterion, s.seed, &inputs, &progress) {
             Ok(i) => {
                 let session = self.session.as_mut().expect("checked above");
                 session.index = Arc::new(i);
@@ -347,6 +359,13 @@ impl Worker {
                     message: "Scores ready".into(),
                 });
                 Ok(index)
+            }
+            Err(PruneError::Cancelled) => {
+                self.emit(Event::JobCancelled { job });
+                Err(format!(
+                    "scoring with {} was cancelled: the masks shown are from before",
+                    s.criterion.label()
+                ))
             }
             Err(e) => {
                 self.emit(Event::JobFailed {
@@ -441,6 +460,7 @@ impl Worker {
         let index = match self.ensure_index(&PruneSettings {
             criterion: spec.criterion,
             seed: spec.seed,
+            calibration: spec.calibration,
             ..Default::default()
         }) {
             Ok(i) => i,

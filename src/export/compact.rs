@@ -1,0 +1,203 @@
+//! Compaction: a structurally pruned model made physically smaller. Every channel whose
+//! readers' slices are all zero is removed from each tensor of its dependency group; what
+//! remains is a dense model with narrower layers that computes exactly what the masked one
+//! does (nothing reads a removed channel, so nothing downstream changes).
+
+use serde::Serialize;
+
+use crate::graph::{Graph, Groups};
+use crate::model::Model;
+use crate::prune::MaskSet;
+
+/// A compacted model and what compaction realised.
+pub struct Compacted {
+    /// The smaller model: every tensor f32, the input's metadata (its graph) kept.
+    pub model: Model,
+    pub report: CompactReport,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompactReport {
+    /// Per dependency group: its channels, and how many compaction removed.
+    pub groups: Vec<GroupCut>,
+    pub params_before: u64,
+    pub params_after: u64,
+    /// Multiply-adds per sample of the Linear and Conv2d layers, dense, before and after.
+    pub macs_before: u64,
+    pub macs_after: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupCut {
+    /// The tensors that make the group's channels.
+    pub producers: Vec<String>,
+    pub channels: usize,
+    pub removed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error("compaction follows the model's graph, and {0}")]
+    NoGraph(String),
+    #[error("{0}")]
+    Graph(#[from] crate::graph::GraphError),
+    #[error(
+        "nothing to compact: no channel of any dependency group is unused (structured masks, \
+         --granularity neuron or channel, remove whole channels; unstructured ones rarely do)"
+    )]
+    Nothing,
+}
+
+/// The channels of each group that no reader uses: every slice of the group on an axis other
+/// than 0 (the next layers' inputs) is zero in the masked values.
+fn unused_channels(model: &Model, masks: &MaskSet, groups: &Groups) -> Vec<Vec<usize>> {
+    let values: Vec<Option<Vec<f32>>> = (0..model.tensors.len())
+        .map(|t| {
+            model.tensors[t]
+                .analysable()
+                .then(|| crate::prune::masked_f32(model, t, Some(masks)))
+        })
+        .collect();
+    groups
+        .groups
+        .iter()
+        .map(|g| {
+            let readers: Vec<_> = g.members.iter().filter(|m| m.axis > 0).collect();
+            if readers.is_empty() {
+                return Vec::new();
+            }
+            (0..g.channels)
+                .filter(|&c| {
+                    readers.iter().all(|m| {
+                        let Some(t) = model.find(&m.tensor) else {
+                            return false;
+                        };
+                        let Some(v) = &values[t] else {
+                            return false;
+                        };
+                        let shape = &model.tensors[t].shape;
+                        let lo = m.offset + c * m.per_channel;
+                        slice_entries(shape, m.axis, lo..lo + m.per_channel).all(|i| v[i] == 0.0)
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Flat indices of the entries whose coordinate on `axis` lies in `range`.
+fn slice_entries(
+    shape: &[usize],
+    axis: usize,
+    range: std::ops::Range<usize>,
+) -> impl Iterator<Item = usize> + '_ {
+    let inner: usize = shape[axis + 1..].iter().product();
+    let outer: usize = shape[..axis].iter().product();
+    let d = shape[axis];
+    (0..outer).flat_map(move |o| {
+        range
+            .clone()
+            .flat_map(move |c| (0..inner).map(move |k| (o * d + c) * inner + k))
+    })
+}
+
+/// Removes the unused channels of every group from `model` (masks applied first).
+pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError> {
+    let graph: Graph = crate::train::Trainable::graph_of(model).map_err(CompactError::NoGraph)?;
+    let groups = graph.dependency_groups(model)?;
+    let unused = unused_channels(model, masks, &groups);
+    if unused.iter().all(Vec::is_empty) {
+        return Err(CompactError::Nothing);
+    }
+    // Per tensor, per axis: which coordinates go.
+    let mut gone: Vec<Vec<Vec<bool>>> = model
+        .tensors
+        .iter()
+        .map(|e| e.shape.iter().map(|&d| vec![false; d]).collect())
+        .collect();
+    for (g, cs) in groups.groups.iter().zip(&unused) {
+        for m in &g.members {
+            let Some(t) = model.find(&m.tensor) else {
+                continue;
+            };
+            for &c in cs {
+                let lo = m.offset + c * m.per_channel;
+                gone[t][m.axis][lo..lo + m.per_channel].fill(true);
+            }
+        }
+    }
+    let mut tensors = Vec::new();
+    for (t, e) in model.tensors.iter().enumerate() {
+        let v = crate::prune::masked_f32(model, t, Some(masks));
+        let keep: Vec<Vec<usize>> = gone[t]
+            .iter()
+            .map(|g| (0..g.len()).filter(|&i| !g[i]).collect())
+            .collect();
+        let shape: Vec<usize> = keep.iter().map(Vec::len).collect();
+        tensors.push((e.name.clone(), shape, gather(&v, &e.shape, &keep)));
+    }
+    let mut small = Model::from_f32_tensors("compacted", tensors);
+    small.metadata = model.metadata.clone();
+    let macs = |m: &Model| -> Result<u64, CompactError> {
+        Ok(graph
+            .weight_uses(m)?
+            .iter()
+            .filter_map(|(w, uses)| {
+                m.find(w)
+                    .map(|t| (*uses * m.tensors[t].numel as f64) as u64)
+            })
+            .sum())
+    };
+    let report = CompactReport {
+        groups: groups
+            .groups
+            .iter()
+            .zip(&unused)
+            .map(|(g, cs)| GroupCut {
+                producers: g
+                    .members
+                    .iter()
+                    .filter(|m| m.axis == 0)
+                    .map(|m| m.tensor.clone())
+                    .collect(),
+                channels: g.channels,
+                removed: cs.len(),
+            })
+            .collect(),
+        params_before: model.total_params(),
+        params_after: small.total_params(),
+        macs_before: macs(model)?,
+        macs_after: macs(&small)?,
+    };
+    Ok(Compacted {
+        model: small,
+        report,
+    })
+}
+
+/// The entries of `v` (shaped `shape`) at the kept coordinates of every axis, row-major.
+fn gather(v: &[f32], shape: &[usize], keep: &[Vec<usize>]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(keep.iter().map(Vec::len).product());
+    fn walk(
+        v: &[f32],
+        shape: &[usize],
+        keep: &[Vec<usize>],
+        axis: usize,
+        base: usize,
+        out: &mut Vec<f32>,
+    ) {
+        if axis == shape.len() {
+            out.push(v[base]);
+            return;
+        }
+        for &i in &keep[axis] {
+            walk(v, shape, keep, axis + 1, base * shape[axis] + i, out);
+        }
+    }
+    if shape.is_empty() {
+        out.extend_from_slice(v);
+    } else {
+        walk(v, shape, keep, 0, 0, &mut out);
+    }
+    out
+}

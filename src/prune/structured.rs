@@ -1,0 +1,342 @@
+//! Structured pruning over dependency groups: whole output channels (conv filters, Linear
+//! neurons) go, with every tensor slice their group ties to them (bias, BatchNorm, the next
+//! layer's inputs), so the masked model is exactly a smaller model (see [`crate::export`]'s
+//! compaction).
+//!
+//! Channels are ranked once per score index by the criterion summed over the group's weight
+//! slices (magnitude: the L1 norm; `l2`: the L2 norm); a sparsity then removes the lowest
+//! `C − kept` channels of every group, `kept` rounded up to the width multiple.
+
+use std::sync::Arc;
+
+use super::{
+    Allocation, Criterion, LayerAlloc, Mask, MaskSet, Pattern, PruneError, PruneSettings,
+    ScoreIndex, score_of_key,
+};
+use crate::graph::{Group, Groups, Member};
+use crate::model::{DECODE_CHUNK, Model};
+
+/// The model's dependency groups and, for each, its channels from least to most important.
+#[derive(Debug)]
+pub struct ChannelOrder {
+    pub groups: Groups,
+    /// Per group: channel indices, lowest score first (ties by index).
+    pub order: Vec<Vec<usize>>,
+    /// Per group: the weights (≥ 2 dims) that make its channels, for the kind of cut and locks.
+    pub producers: Vec<Vec<usize>>,
+}
+
+/// Whether a group's channels are Linear neurons (2-D producer) or conv channels (4-D).
+fn kind_matches(model: &Model, producers: &[usize], pattern: Pattern) -> bool {
+    producers.iter().any(|&t| match pattern {
+        Pattern::Neuron => model.tensors[t].shape.len() == 2,
+        Pattern::Channel => model.tensors[t].shape.len() > 2,
+        _ => false,
+    })
+}
+
+/// Checks that `model` has groups of `pattern`'s kind, or says why not (no graph, or the
+/// other kind only).
+pub fn check(model: &Model, pattern: Pattern) -> Result<(), PruneError> {
+    let groups = groups_of(model)?;
+    let producers = producers_of(model, &groups);
+    if producers.iter().any(|p| kind_matches(model, p, pattern)) {
+        return Ok(());
+    }
+    let (what, other) = match pattern {
+        Pattern::Neuron => ("Linear neurons", "channel"),
+        _ => ("convolution channels", "neuron"),
+    };
+    Err(PruneError::Structured(format!(
+        "{} has no prunable {what} ({} dependency group(s) in all{}); try --granularity {other}",
+        model.display_name(),
+        groups.groups.len(),
+        groups
+            .blocked
+            .first()
+            .map(|b| format!("; {} cannot go: {}", b.tensors.join(", "), b.why))
+            .unwrap_or_default()
+    )))
+}
+
+fn groups_of(model: &Model) -> Result<Groups, PruneError> {
+    let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
+        PruneError::Structured(format!(
+            "structured pruning follows the model's graph, and {e}"
+        ))
+    })?;
+    graph
+        .dependency_groups(model)
+        .map_err(|e| PruneError::Structured(format!("dependency groups: {e}")))
+}
+
+/// Per group: the weights (≥ 2 dims) that make its channels.
+fn producers_of(model: &Model, groups: &Groups) -> Vec<Vec<usize>> {
+    groups
+        .groups
+        .iter()
+        .map(|g| {
+            g.members
+                .iter()
+                .filter(|m| m.axis == 0)
+                .filter_map(|m| model.find(&m.tensor))
+                .filter(|&t| model.tensors[t].shape.len() >= 2)
+                .collect()
+        })
+        .collect()
+}
+
+/// Ranks every group's channels under the index's criterion. `Err` says why the model has no
+/// groups (no graph prunescope can read).
+pub fn channel_order(model: &Model, index: &ScoreIndex) -> Result<ChannelOrder, PruneError> {
+    let groups = groups_of(model)?;
+    let producers = producers_of(model, &groups);
+    let mut order = Vec::new();
+    for g in &groups.groups {
+        let mut score = vec![0f64; g.channels];
+        for m in &g.members {
+            let Some(t) = model.find(&m.tensor) else {
+                continue;
+            };
+            let e = &model.tensors[t];
+            if !e.analysable() || !e.default_prunable() || index.len(t) == 0 {
+                continue;
+            }
+            let mut keys = vec![0u32; e.numel];
+            let mut vals = vec![0f32; DECODE_CHUNK];
+            for (c, chunk) in keys.chunks_mut(DECODE_CHUNK).enumerate() {
+                index.fill_keys(model, t, c * DECODE_CHUNK, &mut vals, chunk);
+            }
+            for (i, &k) in keys.iter().enumerate() {
+                let Some(ch) = channel_of(&e.shape, m, i).filter(|&c| c < g.channels) else {
+                    continue;
+                };
+                let s = score_of_key(k) as f64;
+                // A NaN weight says nothing about its channel's importance.
+                if s.is_nan() {
+                    continue;
+                }
+                score[ch] += if index.criterion == Criterion::L2 {
+                    s * s
+                } else {
+                    s
+                };
+            }
+        }
+        let mut o: Vec<usize> = (0..g.channels).collect();
+        o.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
+        order.push(o);
+    }
+    Ok(ChannelOrder {
+        groups,
+        order,
+        producers,
+    })
+}
+
+/// The group channel that flat entry `i` of a tensor of `shape` belongs to through `m`.
+fn channel_of(shape: &[usize], m: &Member, i: usize) -> Option<usize> {
+    let inner: usize = shape.get(m.axis + 1..)?.iter().product();
+    let coord = (i / inner) % shape[m.axis];
+    let rel = coord.checked_sub(m.offset)?;
+    let c = rel / m.per_channel.max(1);
+    Some(c)
+}
+
+/// Channels each group removes under `settings` (uniformly `sparsity` of each eligible group,
+/// or in layer scope the target of the group's first producer), kept widths rounded up to
+/// `settings.round_width`.
+pub fn plan(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Vec<usize> {
+    order
+        .groups
+        .groups
+        .iter()
+        .zip(&order.producers)
+        .map(|(g, producers)| {
+            let eligible = kind_matches(model, producers, settings.pattern)
+                && producers.iter().all(|&t| {
+                    settings.is_prunable(model, t) && !settings.layer(&model.tensors[t].name).locked
+                });
+            if !eligible {
+                return 0;
+            }
+            let s = match settings.scope {
+                super::Scope::Global => settings.sparsity,
+                _ => settings.layer(&model.tensors[producers[0]].name).sparsity,
+            }
+            .clamp(0.0, 1.0);
+            removed_channels(g.channels, s, settings.round_width)
+        })
+        .collect()
+}
+
+/// How many of `channels` go at sparsity `s`: at least one channel stays, and the kept width
+/// is rounded up to a multiple of `round` (1: no rounding) where the layer is that wide.
+pub fn removed_channels(channels: usize, s: f64, round: usize) -> usize {
+    if channels == 0 {
+        return 0;
+    }
+    let mut kept = ((1.0 - s) * channels as f64).ceil().max(1.0) as usize;
+    let round = round.max(1);
+    if round > 1 && channels >= round {
+        kept = kept.div_ceil(round) * round;
+    }
+    channels - kept.min(channels)
+}
+
+/// For every tensor a group slices, along each axis, which entries go.
+fn removed_entries(
+    model: &Model,
+    order: &ChannelOrder,
+    removed: &[usize],
+) -> Vec<(usize, Vec<Vec<bool>>)> {
+    let mut out: Vec<(usize, Vec<Vec<bool>>)> = Vec::new();
+    for ((g, o), &k) in order.groups.groups.iter().zip(&order.order).zip(removed) {
+        if k == 0 {
+            continue;
+        }
+        for m in &g.members {
+            let Some(t) = model.find(&m.tensor) else {
+                continue;
+            };
+            let shape = &model.tensors[t].shape;
+            if m.axis >= shape.len() {
+                continue;
+            }
+            let i = match out.iter().position(|(x, _)| *x == t) {
+                Some(i) => i,
+                None => {
+                    out.push((t, shape.iter().map(|&d| vec![false; d]).collect()));
+                    out.len() - 1
+                }
+            };
+            let axis = &mut out[i].1[m.axis];
+            for &c in &o[..k] {
+                let start = m.offset + c * m.per_channel;
+                for e in axis.iter_mut().skip(start).take(m.per_channel) {
+                    *e = true;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Entries of a tensor of `shape` that survive when `gone[axis][coord]` slices go.
+fn kept_count(shape: &[usize], gone: &[Vec<bool>]) -> usize {
+    shape
+        .iter()
+        .zip(gone)
+        .map(|(&d, g)| d - g.iter().filter(|x| **x).count())
+        .product()
+}
+
+fn mask_of(shape: &[usize], gone: &[Vec<bool>]) -> Mask {
+    let n: usize = shape.iter().product();
+    let mut kept = vec![true; n];
+    let mut stride = n;
+    for (axis, &d) in shape.iter().enumerate() {
+        stride /= d.max(1);
+        for (coord, &g) in gone[axis].iter().enumerate() {
+            if !g {
+                continue;
+            }
+            // Every entry whose coordinate on `axis` is `coord`.
+            let block = d * stride;
+            let mut base = coord * stride;
+            while base < n {
+                for k in &mut kept[base..base + stride] {
+                    *k = false;
+                }
+                base += block;
+            }
+        }
+    }
+    Mask::from_kept(&kept)
+}
+
+/// The allocation of a structured cut: every prunable tensor's pruned count.
+pub fn allocate(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Allocation {
+    let removed = plan(model, order, settings);
+    let gone = removed_entries(model, order, &removed);
+    let mut layers = Vec::new();
+    let mut prunable = 0u64;
+    for t in 0..model.tensors.len() {
+        if !settings.is_prunable(model, t) {
+            continue;
+        }
+        let e = &model.tensors[t];
+        let pruned = gone
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map_or(0, |(_, g)| e.numel - kept_count(&e.shape, g));
+        prunable += e.numel as u64;
+        layers.push(LayerAlloc {
+            tensor: t,
+            numel: e.numel,
+            pruned,
+            threshold: None,
+            capped: false,
+        });
+    }
+    let pruned = layers.iter().map(|l| l.pruned as u64).sum();
+    Allocation {
+        layers,
+        prunable,
+        pruned,
+        requested: pruned,
+    }
+}
+
+/// The mask of tensor `t` under a structured cut (all kept where no group slices it).
+pub fn tensor_mask(
+    model: &Model,
+    order: &ChannelOrder,
+    settings: &PruneSettings,
+    t: usize,
+) -> Mask {
+    let removed = plan(model, order, settings);
+    let gone = removed_entries(model, order, &removed);
+    match gone.iter().find(|(x, _)| *x == t) {
+        Some((_, g)) => mask_of(&model.tensors[t].shape, g),
+        None => Mask::all_kept(model.tensors[t].numel),
+    }
+}
+
+/// Masks for every tensor a structured cut touches: weights, and also biases and BatchNorm
+/// parameters, so that the masked model computes exactly what the compacted one does.
+pub fn masks(
+    model: &Model,
+    order: &ChannelOrder,
+    settings: &PruneSettings,
+) -> Result<MaskSet, PruneError> {
+    let removed = plan(model, order, settings);
+    let mut set = MaskSet::new();
+    for (t, g) in removed_entries(model, order, &removed) {
+        let e = &model.tensors[t];
+        if e.analysable() {
+            set.insert(model, &e.name, mask_of(&e.shape, &g))?;
+        }
+    }
+    Ok(set)
+}
+
+/// Channels removed per group, for reports: (group, channels, removed).
+pub fn summary(
+    model: &Model,
+    order: &ChannelOrder,
+    settings: &PruneSettings,
+) -> Vec<(Group, usize)> {
+    order
+        .groups
+        .groups
+        .iter()
+        .cloned()
+        .zip(plan(model, order, settings))
+        .collect()
+}
+
+/// The channel order of `index`'s model, computed on first use and kept with the index.
+pub fn order_for(model: &Model, index: &ScoreIndex) -> Result<Arc<ChannelOrder>, PruneError> {
+    index.channel_order(|| channel_order(model, index))
+}

@@ -1,0 +1,240 @@
+//! The data-driven criteria against independent computations: gradients by central finite
+//! differences of a loss written out in f64, Wanda's norms by hand, and per-row pruning by
+//! counting.
+
+use prunescope::data::{ArrayValues, DataArray, EvalData};
+use prunescope::eval::ARCH_METADATA_KEY;
+use prunescope::model::Model;
+use prunescope::progress::Progress;
+use prunescope::prune::{Criterion, PruneSettings, ScoreInputs, calibrate, prune};
+
+const D: usize = 3;
+const H: usize = 4;
+const C: usize = 3;
+const N: usize = 5;
+/// The parameters in the order the loss below reads them.
+const NAMES: [&str; 4] = ["l1.weight", "l1.bias", "l2.weight", "l2.bias"];
+
+fn values(m: &Model, k: usize) -> Vec<f32> {
+    m.to_f32_vec(m.find(NAMES[k]).unwrap())
+}
+
+fn toy() -> (Model, EvalData) {
+    let mut rng = prunescope::util::SplitMix64::new(11);
+    let mut r = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let tensors = vec![
+        ("l1.weight".to_string(), vec![H, D], r(H * D)),
+        ("l1.bias".to_string(), vec![H], r(H)),
+        ("l2.weight".to_string(), vec![C, H], r(C * H)),
+        ("l2.bias".to_string(), vec![C], r(C)),
+    ];
+    let x = r(N * D);
+    let mut m = Model::from_f32_tensors("toy", tensors);
+    m.metadata.insert(
+        ARCH_METADATA_KEY.into(),
+        serde_json::json!({
+            "kind": "mlp", "input_dim": D, "dataset": "none",
+            "layers": [
+                {"weight": "l1.weight", "bias": "l1.bias", "activation": "relu"},
+                {"weight": "l2.weight", "bias": "l2.bias", "activation": "none"}
+            ]
+        })
+        .to_string(),
+    );
+    let data = EvalData {
+        name: "toy".into(),
+        inputs: vec![DataArray {
+            name: "x".into(),
+            shape: vec![N, D],
+            values: ArrayValues::F32(x),
+        }],
+        labels: Some(vec![0, 2, 1, 2, 0]),
+        samples: N,
+    };
+    (m, data)
+}
+
+/// The toy's cross-entropy on sample `i` (or the mean over all with `None`), in f64, from
+/// flat parameter vectors.
+fn loss(p: &[Vec<f64>; 4], x: &[f32], labels: &[u32], i: Option<usize>) -> f64 {
+    let samples: Vec<usize> = match i {
+        Some(i) => vec![i],
+        None => (0..N).collect(),
+    };
+    let mut total = 0.0;
+    for &s in &samples {
+        let xs: Vec<f64> = x[s * D..(s + 1) * D].iter().map(|v| *v as f64).collect();
+        let h: Vec<f64> = (0..H)
+            .map(|j| (p[1][j] + (0..D).map(|k| p[0][j * D + k] * xs[k]).sum::<f64>()).max(0.0))
+            .collect();
+        let z: Vec<f64> = (0..C)
+            .map(|c| p[3][c] + (0..H).map(|j| p[2][c * H + j] * h[j]).sum::<f64>())
+            .collect();
+        let mx = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = mx + z.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+        total += lse - z[labels[s] as usize];
+    }
+    total / samples.len() as f64
+}
+
+/// ∂loss/∂p[t][j] by central differences.
+fn fd_grad(m: &Model, data: &EvalData, i: Option<usize>) -> [Vec<f64>; 4] {
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let labels = data.labels.as_ref().unwrap();
+    let p: [Vec<f64>; 4] =
+        std::array::from_fn(|k| values(m, k).iter().map(|v| *v as f64).collect());
+    std::array::from_fn(|t| {
+        (0..p[t].len())
+            .map(|j| {
+                let h = 1e-5;
+                let mut a = p.clone();
+                a[t][j] += h;
+                let mut b = p.clone();
+                b[t][j] -= h;
+                (loss(&a, x, labels, i) - loss(&b, x, labels, i)) / (2.0 * h)
+            })
+            .collect()
+    })
+}
+
+fn scores(m: &Model, data: &EvalData, c: Criterion) -> Vec<Option<Vec<f32>>> {
+    let inputs = ScoreInputs {
+        calibration: Some(data),
+        samples: N,
+        ..Default::default()
+    };
+    calibrate::tensor_scores(m, c, &inputs, &Progress::none()).unwrap()
+}
+
+fn close(got: f32, want: f64, what: &str) {
+    assert!(
+        (got as f64 - want).abs() <= 2e-4 * want.abs() + 2e-6,
+        "{what}: {got} vs {want}"
+    );
+}
+
+#[test]
+fn taylor_is_weight_times_the_finite_difference_gradient() {
+    let (m, data) = toy();
+    let s = scores(&m, &data, Criterion::Taylor);
+    let g = fd_grad(&m, &data, None);
+    for t in 0..4 {
+        let w = values(&m, t);
+        let st = s[m.find(NAMES[t]).unwrap()].as_ref().unwrap();
+        for j in 0..w.len() {
+            close(
+                st[j],
+                (w[j] as f64 * g[t][j]).abs(),
+                &format!("{} #{j}", NAMES[t]),
+            );
+        }
+    }
+}
+
+#[test]
+fn obd_is_half_w_squared_times_the_mean_squared_per_sample_gradient() {
+    let (m, data) = toy();
+    let s = scores(&m, &data, Criterion::Obd);
+    let per: Vec<[Vec<f64>; 4]> = (0..N).map(|i| fd_grad(&m, &data, Some(i))).collect();
+    for t in 0..4 {
+        let w = values(&m, t);
+        let st = s[m.find(NAMES[t]).unwrap()].as_ref().unwrap();
+        for j in 0..w.len() {
+            let fisher = per.iter().map(|g| g[t][j] * g[t][j]).sum::<f64>() / N as f64;
+            close(
+                st[j],
+                0.5 * (w[j] as f64).powi(2) * fisher,
+                &format!("{} #{j}", NAMES[t]),
+            );
+        }
+    }
+}
+
+#[test]
+fn wanda_uses_each_layers_own_inputs_and_prunes_every_row_alike() {
+    let (m, data) = toy();
+    let s = scores(&m, &data, Criterion::Wanda);
+    // The first layer's inputs are the data: ‖X_k‖ over the five samples, by hand.
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let norm = |k: usize| {
+        (0..N)
+            .map(|i| (x[i * D + k] as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let w1 = values(&m, 0);
+    let s1 = s[m.find("l1.weight").unwrap()].as_ref().unwrap();
+    for row in 0..H {
+        let raw: Vec<f64> = (0..D)
+            .map(|k| (w1[row * D + k] as f64).abs() * norm(k))
+            .collect();
+        // The stored key is the weight's rank in its row by that raw score.
+        for k in 0..D {
+            let rank = (0..D)
+                .filter(|&o| raw[o] < raw[k] || (raw[o] == raw[k] && o < k))
+                .count();
+            assert_eq!(
+                s1[row * D + k],
+                (rank + 1) as f32 / D as f32,
+                "row {row} col {k}"
+            );
+        }
+    }
+    // Half of every row goes at 50% (global scope, so the layers share one threshold).
+    let settings = PruneSettings {
+        criterion: Criterion::Wanda,
+        sparsity: 0.5,
+        calibration: N,
+        ..Default::default()
+    };
+    let inputs = ScoreInputs {
+        calibration: Some(&data),
+        samples: N,
+        ..Default::default()
+    };
+    let p = prune(&m, &settings, &inputs, &Progress::none()).unwrap();
+    for (name, rows, cols) in [("l1.weight", H, D), ("l2.weight", C, H)] {
+        let mask = p.masks.get(name).unwrap();
+        let kept: Vec<usize> = (0..rows)
+            .map(|r| (0..cols).filter(|&c| mask.kept(r * cols + c)).count())
+            .collect();
+        let (lo, hi) = (kept.iter().min().unwrap(), kept.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{name}: kept per row {kept:?}");
+    }
+}
+
+#[test]
+fn data_criteria_without_data_or_labels_say_what_is_missing() {
+    let (m, mut data) = toy();
+    let e = calibrate::tensor_scores(
+        &m,
+        Criterion::Wanda,
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("needs calibration data"), "{e}");
+    data.labels = None;
+    let inputs = ScoreInputs {
+        calibration: Some(&data),
+        ..Default::default()
+    };
+    let e =
+        calibrate::tensor_scores(&m, Criterion::Taylor, &inputs, &Progress::none()).unwrap_err();
+    assert!(e.to_string().contains("labelled"), "{e}");
+    // Wanda needs only inputs.
+    assert!(calibrate::tensor_scores(&m, Criterion::Wanda, &inputs, &Progress::none()).is_ok());
+    // Weights only: nothing to run.
+    let bare = Model::from_f32_tensors("bare", vec![("w".into(), vec![2, 2], vec![1.0; 4])]);
+    let e =
+        calibrate::tensor_scores(&bare, Criterion::Obd, &inputs, &Progress::none()).unwrap_err();
+    assert!(e.to_string().contains("obd runs the model"), "{e}");
+}

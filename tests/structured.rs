@@ -1,0 +1,178 @@
+//! Structured pruning and compaction: the channels that go are the lowest by the group's L1
+//! norm, counted by explicit loops; every slice of a group goes with them; the compacted
+//! model computes the masked model's outputs on the digits test set, at every cut of every
+//! group, with shapes that check.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use prunescope::graph::{Graph, Mode, load_params};
+use prunescope::model::Model;
+use prunescope::progress::Progress;
+use prunescope::prune::{MaskSet, Pattern, PruneSettings, ScoreInputs, prune, structured};
+use prunescope::train::Trainable;
+
+fn sample(name: &str) -> Model {
+    Model::open(Path::new(&format!("sample_models/{name}.safetensors"))).unwrap()
+}
+
+fn settings(pattern: Pattern, s: f64, round: usize) -> PruneSettings {
+    PruneSettings {
+        pattern,
+        sparsity: s,
+        round_width: round,
+        ..Default::default()
+    }
+}
+
+/// Logits of `model` (masks applied) on the first 64 digits of the test split.
+fn logits(graph: &Graph, model: &Model, masks: Option<&MaskSet>) -> Vec<f32> {
+    let test = prunescope::data::digits_split().unwrap().test;
+    let n = 64;
+    let mut shape = vec![n];
+    shape.extend(&graph.inputs[0].shape);
+    let x = Tensor::from_slice(&test.inputs[..n * test.dim], shape, &Device::Cpu).unwrap();
+    let p = load_params(graph, model, masks, &Device::Cpu).unwrap();
+    let (y, _) = graph.forward(&[x], &p, Mode::Eval).unwrap();
+    y.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn the_lowest_l1_channels_go_with_every_slice_of_their_group() {
+    let model = sample("digits_rescnn");
+    let graph = Trainable::graph_of(&model).unwrap();
+    let groups = graph.dependency_groups(&model).unwrap();
+    let p = prune(
+        &model,
+        &settings(Pattern::Channel, 0.5, 1),
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )
+    .unwrap();
+    for g in &groups.groups {
+        // The group's L1 norm per channel, over its convolution and Linear weights' slices.
+        let mut l1 = vec![0f64; g.channels];
+        for m in &g.members {
+            let t = model.find(&m.tensor).unwrap();
+            let shape = &model.tensors[t].shape;
+            if shape.len() < 2 {
+                continue;
+            }
+            let v = model.to_f32_vec(t);
+            let inner: usize = shape[m.axis + 1..].iter().product();
+            for (i, x) in v.iter().enumerate() {
+                let coord = (i / inner) % shape[m.axis];
+                l1[(coord - m.offset) / m.per_channel] += x.abs() as f64;
+            }
+        }
+        let mut order: Vec<usize> = (0..g.channels).collect();
+        order.sort_by(|&a, &b| l1[a].total_cmp(&l1[b]));
+        let gone: Vec<usize> = order[..g.channels / 2].to_vec();
+        // Every member: exactly the slices of the removed channels are pruned.
+        for m in &g.members {
+            let t = model.find(&m.tensor).unwrap();
+            let shape = &model.tensors[t].shape;
+            let mask = p.masks.get(&m.tensor).expect("every member is masked");
+            let inner: usize = shape[m.axis + 1..].iter().product();
+            for i in 0..mask.len() {
+                let c = ((i / inner) % shape[m.axis] - m.offset) / m.per_channel;
+                // A tensor sliced by two groups (a conv's inputs and outputs) loses both.
+                if gone.contains(&c) {
+                    assert!(!mask.kept(i), "{} entry {i} (channel {c})", m.tensor);
+                }
+            }
+        }
+        // And the producer's kept rows are exactly the other channels.
+        let prod = &g.members[0];
+        let t = model.find(&prod.tensor).unwrap();
+        let inner: usize = model.tensors[t].shape[1..].iter().product();
+        let mask = p.masks.get(&prod.tensor).unwrap();
+        for c in 0..g.channels {
+            let any_kept = (0..inner).any(|k| mask.kept(c * inner + k));
+            assert_eq!(any_kept, !gone.contains(&c), "{} row {c}", prod.tensor);
+        }
+    }
+}
+
+#[test]
+fn kept_widths_round_up_to_the_multiple_asked_for() {
+    assert_eq!(structured::removed_channels(16, 0.5, 8), 8);
+    assert_eq!(structured::removed_channels(16, 0.6, 8), 8); // 6.4 kept → 8
+    assert_eq!(structured::removed_channels(16, 0.6, 1), 9); // 6.4 kept → 7
+    assert_eq!(structured::removed_channels(16, 1.0, 8), 8); // at least one multiple stays
+    assert_eq!(structured::removed_channels(16, 1.0, 1), 15); // at least one channel
+    assert_eq!(structured::removed_channels(6, 0.5, 8), 3); // narrower than the multiple
+    assert_eq!(structured::removed_channels(0, 0.5, 8), 0);
+}
+
+#[test]
+fn compacted_models_compute_the_masked_outputs_at_every_cut() {
+    for (name, pattern) in [
+        ("digits_rescnn", Pattern::Channel),
+        ("digits_cnn", Pattern::Channel),
+        ("digits_mlp", Pattern::Neuron),
+    ] {
+        let model = sample(name);
+        let graph = Trainable::graph_of(&model).unwrap();
+        for s in [0.1, 0.3, 0.5, 0.7, 0.9] {
+            let p = prune(
+                &model,
+                &settings(pattern, s, 1),
+                &ScoreInputs::default(),
+                &Progress::none(),
+            )
+            .unwrap();
+            let c = prunescope::export::compact::compact(&model, &p.masks).unwrap();
+            // No dangling shape: the smaller model's graph checks against its tensors.
+            graph
+                .check(&c.model)
+                .unwrap_or_else(|e| panic!("{name} at {s}: {e}"));
+            let (a, b) = (
+                logits(&graph, &model, Some(&p.masks)),
+                logits(&graph, &c.model, None),
+            );
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name} at {s}: outputs differ by {worst}");
+            // Every pruned channel was removed: as many parameters as the masks keep in the
+            // tensors that groups slice, plus the rest.
+            let removed: usize = c.report.groups.iter().map(|g| g.removed).sum();
+            let asked: usize = structured::plan(
+                &model,
+                &structured::order_for(&model, &p.index).unwrap(),
+                &settings(pattern, s, 1),
+            )
+            .iter()
+            .sum();
+            assert_eq!(removed, asked, "{name} at {s}");
+            assert!(c.report.params_after < c.report.params_before);
+            assert!(c.report.macs_after < c.report.macs_before);
+        }
+    }
+}
+
+#[test]
+fn a_model_without_a_graph_or_without_that_kind_of_channel_says_so() {
+    let bare = Model::from_f32_tensors("bare", vec![("w".into(), vec![4, 4], vec![1.0; 16])]);
+    let e = prune(
+        &bare,
+        &settings(Pattern::Channel, 0.5, 8),
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("follows the model's graph"), "{e}");
+    let e = prune(
+        &sample("digits_mlp"),
+        &settings(Pattern::Channel, 0.5, 8),
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("try --granularity neuron"), "{e}");
+}
