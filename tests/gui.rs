@@ -1019,3 +1019,86 @@ impl egui::DroppedFile for Dropped {
         std::fs::read(&self.0).map_err(|e| e.to_string())
     }
 }
+
+#[test]
+fn neuron_pruning_shows_the_group_and_the_compacted_size_and_wanda_prunes_rows_alike() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    let model = sample();
+    h.get_by_role_and_label(Role::ComboBox, "Pattern").click();
+    h.run_steps(4);
+    h.get_by_label("neuron").click();
+    h.run_steps(4);
+    assert_eq!(h.state().state().settings.pattern, Pattern::Neuron);
+    h.get_by_label("Round widths to");
+    h.state_mut().state_mut().settings.sparsity = 0.5;
+    let fc1 = model.find("fc1.weight").unwrap();
+    h.state_mut().state_mut().selected = Some(fc1);
+    step_until(&mut h, "a neuron cut at 50%", |a| {
+        settled(a)
+            && a.state()
+                .model
+                .as_ref()
+                .and_then(|m| m.preview.as_ref())
+                .is_some_and(|p| p.alloc.structured.is_some())
+    });
+    // What the core library cuts and compacts, independently of the app.
+    let settings = h.state().state().settings.clone();
+    let masks = masks_for(&model, &settings);
+    let c = prunescope::export::compact::compact(&model, &masks).unwrap();
+    let cut = 100.0 * (1.0 - c.report.params_after as f64 / model.total_params() as f64);
+    h.get_by_label(&format!(
+        "· compacted {} (−{cut:.1}%)",
+        group_digits(c.report.params_after)
+    ));
+    let removed: usize = c.report.groups.iter().map(|g| g.removed).sum();
+    h.get_by_label(&format!("Channels removed {removed} of 192"));
+    // fc1's neurons: 128 channels tied to its bias and fc2's inputs.
+    h.get_by_label("Dependency group of its output channels: 128 channels, with 2 other tensor(s)");
+
+    // Wanda needs data: the sample has its digits, so it can be chosen.
+    h.get_by_role_and_label(Role::ComboBox, "Pattern").click();
+    h.run_steps(4);
+    h.get_by_label("unstructured").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::ComboBox, "Criterion").click();
+    h.run_steps(4);
+    h.get_by_label("Wanda |w|·‖X‖").click();
+    h.run_steps(4);
+    h.get_by_label("Calibration samples");
+    step_until(&mut h, "Wanda scores", |a| {
+        settled(a) && a.state().settings.criterion == prunescope::prune::Criterion::Wanda
+    });
+    let settings = h.state().state().settings.clone();
+    let data = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let lib = prune(
+        &model,
+        &settings,
+        &ScoreInputs {
+            calibration: Some(data.data()),
+            samples: settings.calibration,
+            ..Default::default()
+        },
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    let state = h.state().state();
+    let preview = &state
+        .model
+        .as_ref()
+        .unwrap()
+        .preview
+        .as_ref()
+        .unwrap()
+        .alloc;
+    assert_eq!(preview.layers, lib.alloc.layers);
+    // Every row of fc1 keeps the same number of weights, give or take one.
+    let mask = lib.masks.get("fc1.weight").unwrap();
+    let kept: Vec<usize> = (0..128)
+        .map(|r| (0..64).filter(|&c| mask.kept(r * 64 + c)).count())
+        .collect();
+    assert!(
+        kept.iter().max().unwrap() - kept.iter().min().unwrap() <= 1,
+        "{kept:?}"
+    );
+}

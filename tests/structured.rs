@@ -149,6 +149,10 @@ fn compacted_models_compute_the_masked_outputs_at_every_cut() {
             .sum();
             assert_eq!(removed, asked, "{name} at {s}");
             assert!(c.report.params_after < c.report.params_before);
+            // The slider's count of what compaction leaves agrees with the compaction itself.
+            let cut = p.alloc.structured.unwrap();
+            assert_eq!(cut.compacted_params, c.report.params_after);
+            assert_eq!(cut.removed as usize, removed);
             assert!(c.report.macs_after < c.report.macs_before);
         }
     }

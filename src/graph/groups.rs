@@ -57,11 +57,11 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// The group that tensor `name` belongs to, if any.
-    pub fn of_tensor(&self, name: &str) -> Option<&Group> {
+    /// The groups that slice tensor `name` (a layer's own channels, and its inputs').
+    pub fn containing<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Group> + 'a {
         self.groups
             .iter()
-            .find(|g| g.members.iter().any(|m| m.tensor == name))
+            .filter(move |g| g.members.iter().any(|m| m.tensor == name))
     }
 }
 

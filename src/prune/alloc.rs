@@ -38,6 +38,19 @@ pub struct Allocation {
     pub pruned: u64,
     /// Weights the target asked for (global scope); equals `pruned` unless caps forbid it.
     pub requested: u64,
+    /// What a structured cut removes, for structured patterns.
+    pub structured: Option<StructuredCut>,
+}
+
+/// A structured cut in whole channels.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StructuredCut {
+    /// Channels removed, over all dependency groups, and the groups' channels in all.
+    pub removed: u64,
+    pub channels: u64,
+    /// Parameters of the model compacted to its kept channels (every tensor, biases and norms
+    /// included).
+    pub compacted_params: u64,
 }
 
 impl Allocation {
@@ -189,5 +202,6 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
         prunable,
         pruned,
         requested,
+        structured: None,
     }
 }

@@ -15,7 +15,7 @@ mod nm;
 mod settings;
 pub mod structured;
 
-pub use alloc::{Allocation, LayerAlloc, allocate};
+pub use alloc::{Allocation, LayerAlloc, StructuredCut, allocate};
 pub use calibrate::DEFAULT_CALIBRATION;
 pub use criterion::{Criterion, ScoreInputs, key_of_score, score_of_key};
 pub use index::{ScoreIndex, radix_sort_u32};

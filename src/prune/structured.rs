@@ -259,6 +259,7 @@ fn mask_of(shape: &[usize], gone: &[Vec<bool>]) -> Mask {
 pub fn allocate(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Allocation {
     let removed = plan(model, order, settings);
     let gone = removed_entries(model, order, &removed);
+    let channels: usize = order.groups.groups.iter().map(|g| g.channels).sum();
     let mut layers = Vec::new();
     let mut prunable = 0u64;
     for t in 0..model.tensors.len() {
@@ -280,11 +281,25 @@ pub fn allocate(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -
         });
     }
     let pruned = layers.iter().map(|l| l.pruned as u64).sum();
+    let compacted = model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, e)| match gone.iter().find(|(x, _)| *x == t) {
+            Some((_, g)) => kept_count(&e.shape, g) as u64,
+            None => e.numel as u64,
+        })
+        .sum();
     Allocation {
         layers,
         prunable,
         pruned,
         requested: pruned,
+        structured: Some(super::StructuredCut {
+            removed: removed.iter().sum::<usize>() as u64,
+            channels: channels as u64,
+            compacted_params: compacted,
+        }),
     }
 }
 

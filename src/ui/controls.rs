@@ -12,9 +12,14 @@ const PRESETS: [(usize, usize); 3] = [(2, 4), (4, 8), (1, 4)];
 pub const TIP_GLOBAL: &str = "Global: one score threshold across all prunable layers, so layers full of small weights lose more than layers of large ones.";
 pub const TIP_LAYER: &str =
     "Layer-wise: each layer gets its own target sparsity and is cut by its own threshold.";
+pub const TIP_SPARSITY_STRUCTURED: &str = "Fraction of the channels every dependency group loses, its lowest-scoring ones; the kept width is rounded up to the multiple set under Pattern, so small steps may remove nothing.";
 pub const TIP_SPARSITY: &str = "Fraction of all prunable weights to remove. Exactly round(S·N) of the N prunable weights go, lowest scores first.";
 pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps at least this fraction of its weights, so no layer collapses; the others prune more to hold the global target.";
 pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
+pub const TIP_NEURON: &str = "Neuron: whole output neurons of Linear layers go, each with its dependency group (its bias and the next layer's matching input), so the layer becomes narrower.";
+pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with its dependency group (bias, BatchNorm, the next layers' matching inputs, residual partners), ranked by the group's norm.";
+pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
+pub const TIP_ROUND_WIDTH: &str = "Structured cuts keep a number of channels that is a multiple of this: hardware runs widths like 8, 16, 24 faster than odd ones.";
 pub const TIP_CALIBRATION: &str = "How many samples of the evaluation data (the first ones) the criterion runs through the model to collect gradients or layer inputs; more samples give steadier scores and take longer.";
 pub const TIP_NEEDS_DATA: &str = "This criterion scores weights from gradients or activations on data: load evaluation data (Data menu) for a model prunescope can run.";
 pub const TIP_SEED: &str = "The random criterion's seed: the same seed gives the same masks, a different one a fresh draw.";
@@ -89,10 +94,15 @@ impl ControlsPanel {
         match s.scope {
             Scope::Global => {
                 let label = ui.label(RichText::new("Global sparsity").strong());
+                let tip = if s.pattern.structured() {
+                    TIP_SPARSITY_STRUCTURED
+                } else {
+                    TIP_SPARSITY
+                };
                 ui.add_enabled_ui(nm.is_none(), |ui| {
                     percent_slider(ui, &mut s.sparsity, 0.0..=1.0)
                         .labelled_by(label.id)
-                        .on_hover_text(TIP_SPARSITY)
+                        .on_hover_text(tip)
                         .on_disabled_hover_text(
                             "An N:M pattern fixes the sparsity at 1 − N/M in every layer.",
                         );
@@ -183,6 +193,21 @@ impl ControlsPanel {
         ui.add_space(6.0);
         let label = ui.label(RichText::new("Pattern").strong());
         pattern_ui(ui, &mut s.pattern, custom, label.id);
+        if s.pattern.structured() {
+            ui.horizontal(|ui| {
+                let label = ui.label("Round widths to");
+                ui.add(DragValue::new(&mut s.round_width).range(1..=256))
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_ROUND_WIDTH);
+            });
+            ui.label(
+                RichText::new(
+                    "The sparsity is the fraction of channels each group loses; the weights \
+                     lost include the next layers' inputs.",
+                )
+                .weak(),
+            );
+        }
 
         ui.add_space(6.0);
         let label = ui.label(RichText::new("Criterion").strong());
@@ -336,6 +361,19 @@ fn pattern_ui(
                     *custom = None;
                 }
             }
+            for (p, tip) in [
+                (Pattern::Neuron, TIP_NEURON),
+                (Pattern::Channel, TIP_CHANNEL),
+            ] {
+                if ui
+                    .selectable_label(*pattern == p && custom.is_none(), p.to_string())
+                    .on_hover_text(tip)
+                    .clicked()
+                {
+                    *pattern = p;
+                    *custom = None;
+                }
+            }
             if ui
                 .selectable_label(custom.is_some(), "custom N:M")
                 .clicked()
@@ -373,6 +411,51 @@ fn pattern_ui(
     }
 }
 
+/// The dependency groups that slice `name`: what goes with each of its channels.
+fn group_ui(
+    ui: &mut Ui,
+    groups: &Result<std::sync::Arc<crate::graph::Groups>, String>,
+    name: &str,
+) {
+    let Ok(groups) = groups else {
+        return;
+    };
+    for g in groups.containing(name) {
+        let role = match g.members.iter().find(|m| m.tensor == name) {
+            Some(m) if m.axis == 0 => "its output channels",
+            _ => "its input channels",
+        };
+        let others: Vec<String> = g
+            .members
+            .iter()
+            .filter(|m| m.tensor != name)
+            .map(|m| format!("{} (axis {})", m.tensor, m.axis))
+            .collect();
+        ui.label(format!(
+            "Dependency group of {role}: {} channels, with {} other tensor(s)",
+            g.channels,
+            others.len()
+        ))
+        .on_hover_text(format!(
+            "{TIP_GROUP}\n\nMoves together with:\n{}",
+            others.join("\n")
+        ));
+    }
+    if let Some(b) = groups
+        .blocked
+        .iter()
+        .find(|b| b.tensors.iter().any(|t| t == name))
+    {
+        ui.label(
+            RichText::new(format!(
+                "Its {} channels cannot be removed: {}.",
+                b.channels, b.why
+            ))
+            .weak(),
+        );
+    }
+}
+
 fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
     let (Some(model), Some(t)) = (state.model.as_ref(), state.selected) else {
         ui.label("Select a layer in the table.");
@@ -403,6 +486,7 @@ fn selected_layer_ui(ui: &mut Ui, state: &mut AppState) {
             );
         }
     }
+    group_ui(ui, &model.snapshot.groups, &info.name);
     if info.nan > 0 || info.inf > 0 {
         ui.colored_label(
             super::theme::BAD,

@@ -71,6 +71,16 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
                 .label(format!("Kept {}", group_digits(total - a.pruned)))
                 .on_hover_text("Parameters not pruned; weights already zero in the file are counted too."),
         };
+        if let Some(c) = a.structured {
+            ui.separator();
+            ui.label(format!("Channels removed {} of {}", c.removed, c.channels)).on_hover_text(
+                "Whole channels (conv filters, Linear neurons) removed over all dependency groups; kept widths are rounded up to the multiple set under Pattern.",
+            );
+            let cut = 100.0 * (1.0 - c.compacted_params as f64 / total.max(1) as f64);
+            ui.label(format!("· compacted {} (−{cut:.1}%)", group_digits(c.compacted_params))).on_hover_text(
+                "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it).",
+            );
+        }
         ui.separator();
         let s = &p.sizes;
         ui.label(format!("Size: dense {}", human_bytes(s.dense_bytes)))

@@ -12,6 +12,7 @@ use crate::prune::Scope;
 use crate::util::{group_digits, natural_cmp};
 use crate::worker::ModelSnapshot;
 
+pub const TIP_LINKED: &str = "in the selected layer's dependency group: removing one of its channels removes the matching slice here too.";
 pub const TIP_PRUNABLE: &str = "Include this tensor in pruning. By default every floating tensor with 2 or more dimensions is; biases and norms are not.";
 pub const TIP_LOCK: &str = "Lock: keep this layer dense whatever the other settings say (first and last layers are often locked because they are small and sensitive).";
 pub const TIP_TARGET: &str = "This layer's own target sparsity (layer-wise scope).";
@@ -128,6 +129,19 @@ impl LayerTable {
 
         let scope = state.settings.scope;
         let magnitude = state.settings.criterion.orders_as_magnitude();
+        // Tensors that move with the selected layer: they share a dependency group.
+        let linked: std::collections::HashSet<String> = match (&snapshot.groups, state.selected) {
+            (Ok(g), Some(sel)) => snapshot
+                .tensors
+                .get(sel)
+                .map_or_else(Default::default, |i| {
+                    g.containing(&i.name)
+                        .flat_map(|g| g.members.iter().map(|m| m.tensor.clone()))
+                        .filter(|n| *n != i.name)
+                        .collect()
+                }),
+            _ => Default::default(),
+        };
         let mut clicked = None;
         let mut toggle_group = None;
         let mut header_click = None;
@@ -229,7 +243,13 @@ impl LayerTable {
                             row.col(|ui| {
                                 let indent = if module_of(&info.name).is_empty() { "" } else { "  " };
                                 let leaf = info.name.rsplit_once('.').map_or(info.name.as_str(), |(_, l)| l);
-                                ui.label(RichText::new(format!("{indent}{leaf}")).monospace()).on_hover_text(&info.name);
+                                let text = RichText::new(format!("{indent}{leaf}")).monospace();
+                                if linked.contains(&info.name) {
+                                    ui.label(text.color(theme::THRESHOLD).underline())
+                                        .on_hover_text(format!("{}: {TIP_LINKED}", info.name));
+                                } else {
+                                    ui.label(text).on_hover_text(&info.name);
+                                }
                             });
                             row.col(|ui| {
                                 let shape = format!("{:?}", info.shape);

@@ -300,6 +300,9 @@ pub struct ModelSnapshot {
     pub history: Vec<crate::history::Record>,
     /// Estimated FLOPs per sample of the dense model, where the graph's shapes are known.
     pub dense_flops: Option<f64>,
+    /// The dependency groups of the model's graph (which tensor slices go together with each
+    /// channel), or why there are none.
+    pub groups: Result<Arc<crate::graph::Groups>, String>,
     /// Made by prunescope from the model that was open ("fine-tuned", "undone"): the UI keeps
     /// its settings instead of starting over.
     pub derived: Option<String>,

@@ -1264,6 +1264,9 @@ impl Worker {
             hash: hash.clone(),
             history: history.records.clone(),
             dense_flops,
+            groups: crate::train::Trainable::graph_of(&model)
+                .and_then(|g| g.dependency_groups(&model).map_err(|e| e.to_string()))
+                .map(Arc::new),
             derived: derived.as_ref().map(|d| d.what.clone()),
             adopt: derived.and_then(|d| d.settings),
             can_undo: !self.undo.is_empty(),
