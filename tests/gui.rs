@@ -1102,3 +1102,39 @@ fn neuron_pruning_shows_the_group_and_the_compacted_size_and_wanda_prunes_rows_a
         "{kept:?}"
     );
 }
+
+#[test]
+fn comparing_two_criteria_shows_their_overlap_and_both_accuracies() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.state_mut().state_mut().settings.sparsity = 0.7;
+    let model = sample();
+    h.state_mut().state_mut().selected = model.find("fc2.weight");
+    step_until(&mut h, "the cut at 70%", settled);
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_label("Compare criteria").click();
+    h.run_steps(4);
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "the comparison", |a| {
+        a.state().criteria.is_some() && !a.busy()
+    });
+    // The same comparison from the core library.
+    let settings = h.state().state().settings.clone();
+    let lamp = PruneSettings {
+        criterion: prunescope::prune::Criterion::Lamp,
+        ..settings.clone()
+    };
+    let (ma, mb) = (masks_for(&model, &settings), masks_for(&model, &lamp));
+    let want = prunescope::analysis::mask_overlap(&model, &ma, &mb);
+    let state = h.state().state();
+    let c = state.criteria.as_ref().unwrap();
+    assert_eq!(c.overlap, want);
+    // LAMP gives each layer its own sparsity, so the cuts differ somewhere but not everywhere.
+    assert!(want.iter().any(|o| o.iou() < 1.0) && want.iter().any(|o| o.iou() > 0.0));
+    let evaluator = evaluator_for(&model).unwrap().unwrap();
+    let acc = |m| evaluator.evaluate(&model, m).unwrap().accuracy.unwrap() * 100.0;
+    h.get_by_label(&format!("magnitude |w|: accuracy {:.2}%", acc(&ma)));
+    h.get_by_label(&format!("LAMP (layer-adaptive): accuracy {:.2}%", acc(&mb)));
+    h.get_by_label("Where they disagree in fc2.weight");
+}

@@ -96,6 +96,15 @@ pub struct TensorEntry {
     pub(crate) bytes: Range<usize>,
 }
 
+/// Rows and columns of the 2-D view of a tensor of `shape`: `[d0, rest]`.
+pub fn matrix_dims(shape: &[usize], numel: usize) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, ..] => (*r, if *r == 0 { 0 } else { numel / r }),
+    }
+}
+
 impl TensorEntry {
     /// Whether prunescope can decode the values (floating dtypes with at least one element).
     pub fn analysable(&self) -> bool {
@@ -107,11 +116,7 @@ impl TensorEntry {
     }
     /// Rows and columns of the 2-D view used for heatmaps and CSR sizes: `[d0, rest]`.
     pub fn matrix_dims(&self) -> (usize, usize) {
-        match self.shape.as_slice() {
-            [] => (1, 1),
-            [n] => (1, *n),
-            [r, ..] => (*r, if *r == 0 { 0 } else { self.numel / r }),
-        }
+        matrix_dims(&self.shape, self.numel)
     }
     /// Width of one kernel block in the 2-D view (kh·kw for conv weights), if any.
     pub fn block_cols(&self) -> Option<usize> {

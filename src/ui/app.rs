@@ -109,6 +109,8 @@ pub struct AppState {
     pub latency_sizes: Option<Arc<Vec<crate::analysis::StorageSize>>>,
     /// The newest sensitivity plan, or why there is none.
     pub plan: Option<Result<Arc<crate::sensitivity::Plan>, String>>,
+    /// Two criteria's cuts compared (the criteria window).
+    pub criteria: Option<Arc<crate::worker::CriteriaComparison>>,
     /// Every rule's plan at one target, measured.
     pub comparison: Option<Arc<Vec<crate::worker::CompareRow>>>,
     /// The current (or last) training run's curves.
@@ -141,6 +143,7 @@ impl AppState {
             latency_sizes: None,
             plan: None,
             comparison: None,
+            criteria: None,
             training: None,
             plan_generation: 0,
             plan_sent: None,
@@ -318,6 +321,7 @@ impl AppState {
                 self.sent = None;
                 self.sensitivity = None;
                 self.latency = None;
+                self.criteria = None;
                 self.latency_sizes = None;
                 self.plan = None;
                 self.comparison = None;
@@ -384,6 +388,11 @@ impl AppState {
                          targets; run the analysis on the new data to plan again."
                             .into(),
                     );
+                }
+            }
+            Event::CriteriaCompared { model, result } => {
+                if current == Some(model) {
+                    self.criteria = Some(result);
                 }
             }
             Event::Latency {
@@ -531,6 +540,7 @@ pub struct App {
     gallery: super::gallery::GalleryPanel,
     sensitivity: super::sensitivity::SensitivityPanel,
     latency: super::latency::LatencyPanel,
+    criteria: super::criteria::CriteriaPanel,
     history: super::history::HistoryPanel,
     recovery: super::recovery::RecoveryPanel,
     export: ExportDialog,
@@ -569,6 +579,7 @@ impl App {
             gallery: Default::default(),
             sensitivity: Default::default(),
             latency: Default::default(),
+            criteria: Default::default(),
             history: Default::default(),
             recovery: Default::default(),
             export: ExportDialog::default(),
@@ -982,6 +993,8 @@ impl App {
                     .on_hover_text("Heavy-tailed weight distributions hide their tails on a linear axis.");
                 ui.checkbox(&mut self.sensitivity.open, "Sensitivity")
                     .on_hover_text("How much each layer can take: each pruned alone across a grid of sparsities, measured on the data.");
+                ui.checkbox(&mut self.criteria.open, "Compare criteria")
+                    .on_hover_text("Two criteria at the same settings: how much of their cuts overlap per layer, where they disagree, and what each measures.");
                 ui.checkbox(&mut self.latency.open, "Latency")
                     .on_hover_text("What the cut buys in time: each layer in dense, masked, CSR, N:M, block-sparse and rows-removed form, timed on the CPU or a GPU.");
                 ui.checkbox(&mut self.recovery.open, "Recover (fine-tune, schedules, lottery)")
@@ -1151,6 +1164,14 @@ impl eframe::App for App {
         }
         if let Some(a) = self.latency.ui(&ctx, &self.state) {
             self.latency_action(a);
+        }
+        if let Some(super::criteria::CriteriaAction::Compare(other)) =
+            self.criteria.ui(&ctx, &self.state)
+            && let Err(e) = self
+                .worker
+                .compare_criteria(self.state.settings.clone(), other)
+        {
+            self.state.errors.push(e.to_string());
         }
         if let Some(a) = self.recovery.ui(&ctx, &self.state) {
             use super::recovery::RecoveryAction as R;

@@ -3,6 +3,7 @@
 
 mod app;
 mod controls;
+mod criteria;
 mod dialogs;
 mod gallery;
 mod heatmap_view;

@@ -138,6 +138,22 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Compares the cut of `settings` with the same cut by criterion `other`.
+    pub fn compare_criteria(
+        &mut self,
+        settings: crate::prune::PruneSettings,
+        other: crate::prune::Criterion,
+    ) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::CompareCriteria {
+            job,
+            cancel,
+            settings,
+            other,
+        })?;
+        Ok(job)
+    }
+
     /// Starts a training job (fine-tune, schedule or lottery) on the open model.
     pub fn train(&mut self, request: TrainRequest) -> Result<JobId, WorkerBusy> {
         let (job, cancel) = self.next_job();

@@ -77,6 +77,14 @@ pub enum Command {
         settings: PruneSettings,
         spec: crate::latency::LatencySpec,
     },
+    /// Prune with `settings` and again with criterion `other` in its place; compare the masks
+    /// layer by layer and measure both.
+    CompareCriteria {
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+        other: crate::prune::Criterion,
+    },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },
@@ -201,6 +209,11 @@ pub enum Event {
         report: Arc<crate::latency::LatencyReport>,
         sizes: Option<Arc<Vec<crate::analysis::StorageSize>>>,
     },
+    /// Two criteria at the same settings, compared.
+    CriteriaCompared {
+        model: ModelId,
+        result: Arc<CriteriaComparison>,
+    },
     /// A configuration was evaluated and added to the experiment history.
     Recorded {
         model: ModelId,
@@ -310,6 +323,17 @@ pub struct ModelSnapshot {
     pub adopt: Option<PruneSettings>,
     /// Undo can bring back the model this one replaced.
     pub can_undo: bool,
+}
+
+/// Two criteria's cuts at the same settings: their masks, per-layer overlap and metrics.
+#[derive(Debug)]
+pub struct CriteriaComparison {
+    pub criteria: [crate::prune::Criterion; 2],
+    pub settings: PruneSettings,
+    pub masks: [Arc<crate::prune::MaskSet>; 2],
+    pub overlap: Vec<crate::analysis::LayerOverlap>,
+    /// Measured on the evaluation data, where the model runs (the error otherwise).
+    pub metrics: [Option<Result<Metrics, String>>; 2],
 }
 
 /// How the open model is evaluated: on what, by which engine, and its dense figures.

@@ -234,6 +234,7 @@ impl Worker {
             | Command::Compare { job, .. }
             | Command::Train { job, .. }
             | Command::Latency { job, .. }
+            | Command::CompareCriteria { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_)
             | Command::Plan { .. }
@@ -301,6 +302,12 @@ impl Worker {
                 settings,
                 spec,
             } => self.latency(job, cancel, settings, spec),
+            Command::CompareCriteria {
+                job,
+                cancel,
+                settings,
+                other,
+            } => self.compare_criteria(job, cancel, settings, other),
             Command::ClearHistory { model } => {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
@@ -328,15 +335,8 @@ impl Worker {
         let session = self.session.as_ref().ok_or("no model is open")?;
         // Data-driven criteria calibrate on the evaluation data in use.
         let data = session.evaluator.as_ref().and_then(|e| e.shared_data());
-        let inputs = ScoreInputs {
-            calibration: data.as_deref().filter(|_| s.criterion.needs_data()),
-            samples: s.calibration,
-            ..Default::default()
-        };
-        if session.index.criterion == s.criterion
-            && (!s.criterion.seeded() || session.index.seed == s.seed)
-            && session.index.calibration == calibrate::calibration_key(s.criterion, &inputs)
-        {
+        let inputs = score_inputs(data.as_deref(), s);
+        if index_fits(&session.index, s, &inputs) {
             return Ok(session.index.clone());
         }
         let job = self.ids.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +559,62 @@ impl Worker {
             sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = false;
             fail(self, "could not start a thread for the sweep".into());
         }
+    }
+
+    fn compare_criteria(
+        &mut self,
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+        other: crate::prune::Criterion,
+    ) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "Comparing criteria".into(),
+        });
+        let Some(s) = self.session.as_ref() else {
+            return self.emit(Event::JobFailed {
+                job,
+                error: "no model is open".into(),
+            });
+        };
+        let progress = self.progress_for(job, cancel.clone());
+        let mut other_settings = settings.clone();
+        other_settings.criterion = other;
+        let both = masks_for(s, &settings, &progress)
+            .and_then(|(_, a)| Ok((a, masks_for(s, &other_settings, &progress)?.1)));
+        let (a, b) = match both {
+            Ok(x) => x,
+            Err(_) if cancel.is_cancelled() => return self.emit(Event::JobCancelled { job }),
+            Err(e) => {
+                return self.emit(Event::JobFailed {
+                    job,
+                    error: format!("{e:#}"),
+                });
+            }
+        };
+        let overlap = crate::analysis::mask_overlap(&s.model, &a, &b);
+        let measure = |m: &MaskSet| {
+            s.evaluator
+                .as_ref()
+                .map(|e| e.evaluate(&s.model, m).map_err(|e| e.to_string()))
+        };
+        let metrics = [measure(&a), measure(&b)];
+        let result = crate::worker::CriteriaComparison {
+            criteria: [settings.criterion, other],
+            settings,
+            masks: [Arc::new(a), Arc::new(b)],
+            overlap,
+            metrics,
+        };
+        self.emit(Event::CriteriaCompared {
+            model: s.id,
+            result: Arc::new(result),
+        });
+        self.emit(Event::JobFinished {
+            job,
+            message: "Criteria compared".into(),
+        });
     }
 
     fn latency(
@@ -1666,17 +1722,37 @@ fn masks_for(
     progress: &Progress,
 ) -> anyhow::Result<(Allocation, MaskSet)> {
     let model = &s.model;
-    let index_fits = s.index.criterion == settings.criterion
-        && (!settings.criterion.seeded() || s.index.seed == settings.seed);
-    Ok(if index_fits {
+    let data = s.evaluator.as_ref().and_then(|e| e.shared_data());
+    let inputs = score_inputs(data.as_deref(), settings);
+    Ok(if index_fits(&s.index, settings, &inputs) {
         settings.validate(model)?;
         let alloc = allocate(model, &s.index, settings);
         let masks = build_masks(model, &s.index, settings, &alloc, progress)?;
         (alloc, masks)
     } else {
-        let p = crate::prune::prune(model, settings, &ScoreInputs::default(), progress)?;
+        let p = crate::prune::prune(model, settings, &inputs, progress)?;
         (p.alloc, p.masks)
     })
+}
+
+/// What scoring for `settings` reads: the evaluation data as calibration samples, for the
+/// criteria that need data.
+fn score_inputs<'a>(
+    data: Option<&'a crate::data::EvalData>,
+    settings: &PruneSettings,
+) -> ScoreInputs<'a> {
+    ScoreInputs {
+        calibration: data.filter(|_| settings.criterion.needs_data()),
+        samples: settings.calibration,
+        ..Default::default()
+    }
+}
+
+/// Whether `index` scores as `settings` ask (criterion, seed, calibration data).
+fn index_fits(index: &ScoreIndex, settings: &PruneSettings, inputs: &ScoreInputs) -> bool {
+    index.criterion == settings.criterion
+        && (!settings.criterion.seeded() || index.seed == settings.seed)
+        && index.calibration == calibrate::calibration_key(settings.criterion, inputs)
 }
 
 /// The finished curves that plans for `settings` may use: measured with the same criterion
