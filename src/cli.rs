@@ -176,7 +176,7 @@ pub struct CompactArgs {
     /// Data for a recipe's data-driven criterion: `digits` or a .npz / .safetensors file.
     #[arg(long)]
     pub data: Option<String>,
-    /// The smaller model (.safetensors).
+    /// The smaller model: .safetensors (with its graph), or .onnx for an ONNX model.
     #[arg(long)]
     pub out: PathBuf,
     /// Print what compaction removed as one JSON object.
@@ -1015,16 +1015,10 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
 }
 
 fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
-    if a.out
+    let onnx_out = a
+        .out
         .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-    {
-        bail!(
-            "{}: writing a compacted ONNX graph is not built yet; write .safetensors (the graph \
-             travels in its metadata and `prunescope eval` runs it)",
-            a.out.display()
-        );
-    }
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
     let mut inputs = vec![("model", a.model.as_path())];
     for (what, p) in [("masks", &a.masks), ("recipe", &a.recipe)] {
         if let Some(p) = p {
@@ -1050,7 +1044,11 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
         }
     };
     let c = crate::export::compact::compact(&model, &masks)?;
-    crate::export::export_pruned(&c.model, &crate::prune::MaskSet::new(), &a.out, &progress)?;
+    if onnx_out {
+        crate::export::compact::write_onnx(&model, &masks, &c, &a.out)?;
+    } else {
+        crate::export::export_pruned(&c.model, &crate::prune::MaskSet::new(), &a.out, &progress)?;
+    }
     let r = &c.report;
     if a.json {
         println!("{}", serde_json::to_string_pretty(r)?);

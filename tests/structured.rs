@@ -180,3 +180,98 @@ fn a_model_without_a_graph_or_without_that_kind_of_channel_says_so() {
     .unwrap();
     assert!(e.to_string().contains("try --granularity neuron"), "{e}");
 }
+
+#[test]
+fn an_onnx_model_compacts_to_a_smaller_onnx_that_computes_the_same() {
+    use std::process::Command;
+    let dir = std::env::temp_dir().join(format!("prunescope-compact-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = env!("CARGO_BIN_EXE_prunescope");
+    let input = "tests/fixtures/onnx/digits_cnn_opset17.onnx";
+    let (masked, masks, small) = (
+        dir.join("masked.onnx"),
+        dir.join("masks.safetensors"),
+        dir.join("small.onnx"),
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    run(&[
+        "prune",
+        input,
+        "--granularity",
+        "channel",
+        "--sparsity",
+        "0.5",
+        "--round-width",
+        "1",
+        "--out",
+        &p(&masked),
+        "--masks",
+        &p(&masks),
+    ]);
+    let out = run(&[
+        "compact",
+        input,
+        "--masks",
+        &p(&masks),
+        "--out",
+        &p(&small),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["params_after"].as_u64() < report["params_before"].as_u64());
+
+    // In prunescope: the compacted ONNX, read back, computes the masked model's outputs.
+    let original = Model::open(Path::new(input)).unwrap();
+    let graph = Trainable::graph_of(&original).unwrap();
+    let small_model = Model::open(&small).unwrap();
+    graph.check(&small_model).unwrap();
+    let masks = prunescope::export::load_masks(&original, &masks).unwrap();
+    let (a, b) = (
+        logits(&graph, &original, Some(&masks)),
+        logits(&graph, &small_model, None),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "outputs differ by {worst}");
+
+    // In onnxruntime, where Python with onnxruntime is at hand.
+    let python =
+        std::env::var("PRUNESCOPE_PYTHON").unwrap_or_else(|_| "/work/pyenv/bin/python".into());
+    match Command::new(&python)
+        .args(["tools/check_compacted_onnx.py", &p(&masked), &p(&small)])
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let line = String::from_utf8_lossy(&o.stdout);
+            eprintln!("onnxruntime: {line}");
+            let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+            assert_eq!(v["ok"], true);
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!(
+                "SKIPPED: {python} lacks onnx or onnxruntime; the onnxruntime check was not run"
+            )
+        }
+        Ok(o) => panic!(
+            "onnxruntime check failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            eprintln!("SKIPPED: no Python at {python} ({e}); the onnxruntime check was not run")
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

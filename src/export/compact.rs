@@ -37,6 +37,10 @@ pub struct GroupCut {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompactError {
+    #[error("{0}")]
+    Onnx(String),
+    #[error(transparent)]
+    Write(#[from] super::ExportError),
     #[error("compaction follows the model's graph, and {0}")]
     NoGraph(String),
     #[error("{0}")]
@@ -138,6 +142,13 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
     }
     let mut small = Model::from_f32_tensors("compacted", tensors);
     small.metadata = model.metadata.clone();
+    if model.format == crate::model::ModelFormat::Onnx {
+        // The graph travels with the safetensors weights, so the smaller model runs anywhere
+        // prunescope does; an ONNX output keeps the original graph instead (`write_onnx`).
+        small
+            .metadata
+            .insert(crate::eval::ARCH_METADATA_KEY.into(), graph.to_json());
+    }
     let macs = |m: &Model| -> Result<u64, CompactError> {
         Ok(graph
             .weight_uses(m)?
@@ -200,4 +211,51 @@ fn gather(v: &[f32], shape: &[usize], keep: &[Vec<usize>]) -> Vec<f32> {
         walk(v, shape, keep, 0, 0, &mut out);
     }
     out
+}
+
+/// Writes `c` as an ONNX model: `original`'s file with every initializer that compaction
+/// narrowed or masks zeroed replaced, so onnxruntime runs the smaller model with the same graph.
+pub fn write_onnx(
+    original: &Model,
+    masks: &MaskSet,
+    c: &Compacted,
+    path: &std::path::Path,
+) -> Result<(), CompactError> {
+    use crate::model::onnx_io::{Storage, initializers, replace_initializers};
+    if original.format != crate::model::ModelFormat::Onnx {
+        return Err(CompactError::Onnx(format!(
+            "{} is not an ONNX model: write the compacted model as .safetensors",
+            original.display_name()
+        )));
+    }
+    let buf = original.backing_bytes();
+    let inits = initializers(buf).map_err(CompactError::Onnx)?;
+    let mut replace = std::collections::BTreeMap::new();
+    for (e, small) in original.tensors.iter().zip(&c.model.tensors) {
+        if e.shape == small.shape && masks.get(&e.name).is_none() {
+            continue;
+        }
+        if let Some((init, _)) = inits.iter().find(|(i, _)| i.name == e.name)
+            && init.storage == Storage::External
+        {
+            return Err(CompactError::Onnx(format!(
+                "initializer '{}' is in an external data file; compacting such models to ONNX \
+                 is not supported (write .safetensors)",
+                e.name
+            )));
+        }
+        let t = c.model.find(&small.name).expect("same names");
+        replace.insert(
+            small.name.clone(),
+            (small.shape.clone(), c.model.to_f32_vec(t)),
+        );
+    }
+    let bytes = replace_initializers(buf, &replace).map_err(CompactError::Onnx)?;
+    crate::util::atomic_write(path, |w| std::io::Write::write_all(w, &bytes)).map_err(|error| {
+        super::ExportError::Io {
+            path: path.display().to_string(),
+            error,
+        }
+    })?;
+    Ok(())
 }

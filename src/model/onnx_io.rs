@@ -451,3 +451,107 @@ pub(super) fn read_onnx(
     model.data_files = external_files;
     Ok(model)
 }
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_varint(out, ((field as u64) << 3) | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// The fields of the message in `buf[range]` with the byte span of each whole field (key
+/// included), for copying fields through unchanged.
+fn spans(buf: &[u8], range: Range<usize>) -> Result<Vec<(u32, Value, Range<usize>)>, String> {
+    let mut f = Fields::new(buf, range);
+    let mut out = Vec::new();
+    loop {
+        let start = f.at;
+        match f.next() {
+            None => return Ok(out),
+            Some(r) => {
+                let (n, v) = r?;
+                out.push((n, v, start..f.at));
+            }
+        }
+    }
+}
+
+/// The model in `buf` with the named initializers replaced by F32 tensors of new shapes and
+/// values (a compacted model). Every other field of the model, the graph and its nodes is
+/// copied byte for byte; the graph's `value_info` (intermediate shapes, now stale) and the
+/// graph inputs that list a replaced initializer are left out, so runtimes infer them again.
+pub fn replace_initializers(
+    buf: &[u8],
+    replace: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<Vec<u8>, String> {
+    let name_of = |r: &Range<usize>| -> Result<Option<String>, String> {
+        for f in Fields::new(buf, r.clone()) {
+            // TensorProto.name and ValueInfoProto.name are fields 8 and 1.
+            if let (n, Value::Bytes(s)) = f?
+                && n == 8
+            {
+                return Ok(Some(String::from_utf8_lossy(&buf[s]).into_owned()));
+            }
+        }
+        Ok(None)
+    };
+    let value_info_name = |r: &Range<usize>| -> Result<Option<String>, String> {
+        for f in Fields::new(buf, r.clone()) {
+            if let (1, Value::Bytes(s)) = f? {
+                return Ok(Some(String::from_utf8_lossy(&buf[s]).into_owned()));
+            }
+        }
+        Ok(None)
+    };
+    let mut found = 0;
+    let mut out = Vec::with_capacity(buf.len());
+    for (n, v, span) in spans(buf, 0..buf.len())? {
+        let (7, Value::Bytes(graph)) = (n, &v) else {
+            out.extend_from_slice(&buf[span]);
+            continue;
+        };
+        let mut g = Vec::with_capacity(graph.len());
+        for (gn, gv, gspan) in spans(buf, graph.clone())? {
+            match (gn, &gv) {
+                (5, Value::Bytes(r)) => match name_of(r)? {
+                    Some(name) if replace.contains_key(&name) => {
+                        let (dims, values) = &replace[&name];
+                        let mut t = Vec::with_capacity(values.len() * 4 + 64);
+                        for &d in dims {
+                            put_varint(&mut t, 1 << 3);
+                            put_varint(&mut t, d as u64);
+                        }
+                        put_varint(&mut t, 2 << 3);
+                        put_varint(&mut t, 1); // FLOAT
+                        put_bytes(&mut t, 8, name.as_bytes());
+                        let raw: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        put_bytes(&mut t, 9, &raw);
+                        put_bytes(&mut g, 5, &t);
+                        found += 1;
+                    }
+                    _ => g.extend_from_slice(&buf[gspan]),
+                },
+                (13, _) => {}
+                (11, Value::Bytes(r))
+                    if value_info_name(r)?.is_some_and(|n| replace.contains_key(&n)) => {}
+                _ => g.extend_from_slice(&buf[gspan]),
+            }
+        }
+        put_bytes(&mut out, 7, &g);
+    }
+    if found != replace.len() {
+        return Err(format!(
+            "{} of the {} tensors to replace are not initializers of the graph",
+            replace.len() - found,
+            replace.len()
+        ));
+    }
+    Ok(out)
+}
