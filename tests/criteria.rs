@@ -238,3 +238,88 @@ fn data_criteria_without_data_or_labels_say_what_is_missing() {
         calibrate::tensor_scores(&bare, Criterion::Obd, &inputs, &Progress::none()).unwrap_err();
     assert!(e.to_string().contains("obd runs the model"), "{e}");
 }
+
+#[test]
+fn apoz_and_mean_activation_rank_neurons_by_their_activations() {
+    use prunescope::prune::{Pattern, structured};
+    let (m, data) = toy();
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    // The hidden layer's activations, written out: relu(W1 x + b1) per sample and neuron.
+    let (w1, b1) = (values(&m, 0), values(&m, 1));
+    let h: Vec<Vec<f64>> = (0..N)
+        .map(|i| {
+            (0..H)
+                .map(|j| {
+                    let z = b1[j] as f64
+                        + (0..D)
+                            .map(|k| w1[j * D + k] as f64 * x[i * D + k] as f64)
+                            .sum::<f64>();
+                    z.max(0.0)
+                })
+                .collect()
+        })
+        .collect();
+    for c in [Criterion::Apoz, Criterion::MeanActivation] {
+        let inputs = ScoreInputs {
+            calibration: Some(&data),
+            samples: N,
+            ..Default::default()
+        };
+        let index =
+            prunescope::prune::ScoreIndex::build(&m, c, 0, &inputs, &Progress::none()).unwrap();
+        let order = structured::order_for(&m, &index).unwrap();
+        // The hidden neurons' group is the only one; its order follows the activity.
+        let activity: Vec<f64> = (0..H)
+            .map(|j| {
+                let col = h.iter().map(|r| r[j]);
+                if c == Criterion::Apoz {
+                    col.filter(|v| *v != 0.0).count() as f64 / N as f64
+                } else {
+                    col.sum::<f64>() / N as f64
+                }
+            })
+            .collect();
+        // Ties in activity may order either way; the activities along the order must rise.
+        let got = &order.order[0];
+        for w in got.windows(2) {
+            assert!(
+                activity[w[0]] <= activity[w[1]] + 1e-6,
+                "{c:?}: {got:?} vs {activity:?}"
+            );
+        }
+        // Unstructured use is refused with the reason.
+        let e = prune(
+            &m,
+            &PruneSettings {
+                criterion: c,
+                sparsity: 0.5,
+                ..Default::default()
+            },
+            &inputs,
+            &Progress::none(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("neuron or channel"), "{e}");
+        let p = prune(
+            &m,
+            &PruneSettings {
+                criterion: c,
+                pattern: Pattern::Neuron,
+                sparsity: 0.5,
+                round_width: 1,
+                ..Default::default()
+            },
+            &inputs,
+            &Progress::none(),
+        )
+        .unwrap();
+        // The two least active neurons lose their rows in l1.
+        let mask = p.masks.get("l1.weight").unwrap();
+        for &j in &got[..2] {
+            assert!((0..D).all(|k| !mask.kept(j * D + k)), "{c:?}: neuron {j}");
+        }
+    }
+}

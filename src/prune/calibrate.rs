@@ -63,7 +63,11 @@ pub fn tensor_scores(
                 })
                 .collect()
         }
-        Criterion::Taylor | Criterion::Obd | Criterion::Wanda => {
+        Criterion::Taylor
+        | Criterion::Obd
+        | Criterion::Wanda
+        | Criterion::Apoz
+        | Criterion::MeanActivation => {
             let data = inputs.calibration.ok_or_else(|| {
                 PruneError::Calibration(format!(
                     "{} needs calibration data: load evaluation data first (--data in the CLI, \
@@ -302,6 +306,24 @@ fn data_scores(
     let params = crate::graph::load_params(&graph, model, None, &dev)?;
     let mut scores: Vec<Option<Vec<f32>>> = vec![None; model.tensors.len()];
     match criterion {
+        Criterion::Apoz | Criterion::MeanActivation => {
+            let stats = input_activity(&graph, &params, &b, criterion, progress, &label)?;
+            for (t, e) in model.tensors.iter().enumerate() {
+                if !e.analysable() {
+                    continue;
+                }
+                // A weight scores the activity of the input it reads; a channel's score, the
+                // sum over its group's slices, then ranks by the activity of the channel
+                // itself (every other slice adds the same to each of its channels).
+                let rows = e.shape.first().copied().unwrap_or(1).max(1);
+                scores[t] = Some(match stats.get(e.name.as_str()) {
+                    Some(stat) => (0..e.numel)
+                        .map(|i| stat(i / (e.numel / rows), i % (e.numel / rows)))
+                        .collect(),
+                    None => vec![0.0; e.numel],
+                });
+            }
+        }
         Criterion::Wanda => {
             let sq = wanda_input_sq(&graph, &params, &b, progress, &label)?;
             for (t, e) in model.tensors.iter().enumerate() {
@@ -403,6 +425,101 @@ fn gradient_stats(
         progress.report(done as f32 / b.n as f32, label);
     }
     Ok(acc)
+}
+
+/// For each Linear and Conv2d weight, a function giving the activity of the input that the
+/// weight in (row, column) reads: the fraction of its values that are not zero (APoZ's
+/// complement) or their mean absolute value, over every sample and position.
+#[allow(clippy::type_complexity)]
+fn input_activity(
+    graph: &Graph,
+    params: &crate::graph::Params,
+    b: &Batches,
+    criterion: Criterion,
+    progress: &Progress,
+    label: &str,
+) -> Result<HashMap<String, Box<dyn Fn(usize, usize) -> f32>>, PruneError> {
+    // Per weight name and input feature (Linear) or input channel (Conv2d): (nonzero, sum |x|,
+    // count).
+    let mut acc: HashMap<String, Vec<(f64, f64, f64)>> = HashMap::new();
+    let mut failure: Option<PruneError> = None;
+    let mut done = 0;
+    for (k, xs) in b.inputs.iter().enumerate() {
+        progress.check()?;
+        let mut observe = |n: &Node, x: &Tensor| {
+            if failure.is_some() {
+                return;
+            }
+            let r = (|| -> Result<(), PruneError> {
+                let (weight, features, inner) = match &n.op {
+                    Op::Linear { weight, .. } => (weight, x.dim(candle_core::D::Minus1)?, 1),
+                    Op::Conv2d { weight, .. } => {
+                        let (_, c, h, w) = x.dims4()?;
+                        (weight, c, h * w)
+                    }
+                    _ => return Ok(()),
+                };
+                let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let a = acc
+                    .entry(weight.clone())
+                    .or_insert_with(|| vec![(0.0, 0.0, 0.0); features]);
+                for (i, x) in v.iter().enumerate() {
+                    let f = (i / inner) % features;
+                    let e = &mut a[f];
+                    e.0 += (*x != 0.0) as u8 as f64;
+                    e.1 += x.abs() as f64;
+                    e.2 += 1.0;
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                failure = Some(e);
+            }
+        };
+        graph.forward_observed(xs, params, Mode::Eval, &mut observe)?;
+        if let Some(e) = failure.take() {
+            return Err(e);
+        }
+        done += b.sizes[k];
+        progress.report(done as f32 / b.n as f32, label);
+    }
+    let mut out: HashMap<String, Box<dyn Fn(usize, usize) -> f32>> = HashMap::new();
+    for n in &graph.nodes {
+        let (weight, groups, k) = match &n.op {
+            Op::Linear { weight, .. } => (weight, 1, 1),
+            Op::Conv2d { weight, groups, .. } => {
+                let w = params[weight].dims();
+                (weight, *groups, w[2] * w[3])
+            }
+            _ => continue,
+        };
+        let Some(a) = acc.remove(weight) else {
+            continue;
+        };
+        let stat: Vec<f32> = a
+            .iter()
+            .map(|(nz, sum, n)| {
+                let n = n.max(1.0);
+                (if criterion == Criterion::Apoz {
+                    nz / n
+                } else {
+                    sum / n
+                }) as f32
+            })
+            .collect();
+        let w = params[weight].dims().to_vec();
+        let (per_group_out, cin) = (w[0] / groups.max(1), w.get(1).copied().unwrap_or(1));
+        // Column j of row o reads input feature j (Linear), or input channel
+        // g·(in/groups) + j / (kh·kw) of its group g (Conv2d).
+        out.insert(
+            weight.clone(),
+            Box::new(move |o, j| {
+                let g = o / per_group_out.max(1);
+                stat[g * cin + j / k]
+            }),
+        );
+    }
+    Ok(out)
 }
 
 /// For each Linear and Conv2d weight, a function giving ‖X_j‖₂ for (row, column): the norm of

@@ -32,35 +32,35 @@ pub enum Criterion {
     /// Wanda (Sun et al., 2023): |w_ij| · ‖X_j‖₂ over the layer's calibration inputs, compared
     /// within each output row.
     Wanda,
+    /// Average percentage of zeros (Hu et al., 2016): a channel whose activations are mostly
+    /// zero after its ReLU does little. Neurons and channels only.
+    Apoz,
+    /// Mean absolute activation of a channel on the calibration samples. Neurons and channels
+    /// only.
+    MeanActivation,
     /// A seeded uniform random score per weight: the control every study needs.
     Random,
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 7] = [
+    pub const ALL: [Criterion; 9] = [
         Criterion::Magnitude,
         Criterion::L2,
         Criterion::Lamp,
         Criterion::Taylor,
         Criterion::Obd,
         Criterion::Wanda,
+        Criterion::Apoz,
+        Criterion::MeanActivation,
         Criterion::Random,
     ];
 
     /// Criteria the issue tracker names that prunescope does not compute yet, with why; the
     /// CLI refuses them with this rather than falling back to something else.
-    pub const NOT_BUILT: [(&'static str, &'static str); 4] = [
+    pub const NOT_BUILT: [(&'static str, &'static str); 2] = [
         (
             "sparsegpt",
             "SparseGPT (layer-wise OBS weight updates) is not built yet",
-        ),
-        (
-            "apoz",
-            "APoZ scores neurons and channels, and structured granularities are not built yet",
-        ),
-        (
-            "mean-activation",
-            "mean activation scores neurons and channels, and structured granularities are not built yet",
         ),
         (
             "movement",
@@ -76,6 +76,8 @@ impl Criterion {
             Criterion::Taylor => "Taylor |w·∂L/∂w|",
             Criterion::Obd => "OBD (Fisher diagonal)",
             Criterion::Wanda => "Wanda |w|·‖X‖",
+            Criterion::Apoz => "APoZ (channels)",
+            Criterion::MeanActivation => "mean activation (channels)",
             Criterion::Random => "random (seeded)",
         }
     }
@@ -87,6 +89,8 @@ impl Criterion {
             Criterion::Taylor => "taylor",
             Criterion::Obd => "obd",
             Criterion::Wanda => "wanda",
+            Criterion::Apoz => "apoz",
+            Criterion::MeanActivation => "mean-activation",
             Criterion::Random => "random",
         }
     }
@@ -95,7 +99,18 @@ impl Criterion {
     }
     /// Whether scoring needs calibration data.
     pub fn needs_data(self) -> bool {
-        matches!(self, Criterion::Taylor | Criterion::Obd | Criterion::Wanda)
+        matches!(
+            self,
+            Criterion::Taylor
+                | Criterion::Obd
+                | Criterion::Wanda
+                | Criterion::Apoz
+                | Criterion::MeanActivation
+        )
+    }
+    /// Whether the criterion scores whole neurons and channels only (by their activations).
+    pub fn channels_only(self) -> bool {
+        matches!(self, Criterion::Apoz | Criterion::MeanActivation)
     }
     /// Whether scoring needs labels (a loss to differentiate), not only inputs.
     pub fn needs_labels(self) -> bool {
@@ -132,6 +147,12 @@ impl Criterion {
             }
             Criterion::Wanda => {
                 "Wanda: |w| times the norm of the input it multiplies on the calibration samples, compared within each output row, so a small weight on a loud input survives. Needs input data."
+            }
+            Criterion::Apoz => {
+                "APoZ: the fraction of a channel's activations that are zero on the calibration samples; a channel that is almost always off after its ReLU goes first. Neuron and channel granularity only."
+            }
+            Criterion::MeanActivation => {
+                "Mean activation: how large a channel's activations are on average on the calibration samples; the quietest channels go first. Neuron and channel granularity only."
             }
             Criterion::Random => {
                 "Random: every weight gets a seeded random score; a criterion that beats this baseline has learned something."

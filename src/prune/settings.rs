@@ -258,6 +258,11 @@ impl PruneSettings {
         self.pattern.validate()?;
         if self.pattern.structured() {
             super::structured::check(model, self.pattern)?;
+        } else if self.criterion.channels_only() {
+            return Err(PruneError::Structured(format!(
+                "{} scores whole neurons and channels: choose the neuron or channel granularity",
+                self.criterion.cli_name()
+            )));
         }
         for s in [self.sparsity, self.min_keep] {
             if !(0.0..=1.0).contains(&s) {

@@ -21,6 +21,8 @@ pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with 
 pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
 pub const TIP_ROUND_WIDTH: &str = "Structured cuts keep a number of channels that is a multiple of this: hardware runs widths like 8, 16, 24 faster than odd ones.";
 pub const TIP_CALIBRATION: &str = "How many samples of the evaluation data (the first ones) the criterion runs through the model to collect gradients or layer inputs; more samples give steadier scores and take longer.";
+pub const TIP_NEEDS_STRUCTURE: &str =
+    "It ranks whole neurons and channels: choose the neuron or channel pattern first.";
 pub const TIP_NEEDS_DATA: &str = "This criterion scores weights from gradients or activations on data: load evaluation data (Data menu) for a model prunescope can run.";
 pub const TIP_SEED: &str = "The random criterion's seed: the same seed gives the same masks, a different one a fresh draw.";
 pub const TIP_ALL_LAYERS: &str = "Set every unlocked prunable layer to this sparsity (you can then adjust single layers in the table).";
@@ -215,11 +217,15 @@ impl ControlsPanel {
             .selected_text(s.criterion.label())
             .show_ui(ui, |ui| {
                 for c in Criterion::ALL {
-                    let usable = has_data || !c.needs_data();
-                    ui.add_enabled_ui(usable, |ui| {
+                    let why = unusable(c, has_data, s.pattern);
+                    ui.add_enabled_ui(why.is_none(), |ui| {
                         ui.selectable_value(&mut s.criterion, c, c.label())
                             .on_hover_text(c.tooltip())
-                            .on_disabled_hover_text(format!("{} {TIP_NEEDS_DATA}", c.tooltip()));
+                            .on_disabled_hover_text(format!(
+                                "{} {}",
+                                c.tooltip(),
+                                why.unwrap_or_default()
+                            ));
                     });
                 }
             })
@@ -408,6 +414,18 @@ fn pattern_ui(
     }
     if let Some(s) = pattern.fixed_sparsity() {
         ui.label(RichText::new(format!("Every layer: {:.1}% sparse.", s * 100.0)).weak());
+    }
+}
+
+/// Why criterion `c` cannot be chosen now, if it cannot: it needs data the model lacks, or a
+/// granularity other than `pattern`.
+pub fn unusable(c: Criterion, has_data: bool, pattern: Pattern) -> Option<&'static str> {
+    if c.needs_data() && !has_data {
+        Some(TIP_NEEDS_DATA)
+    } else if c.channels_only() && !pattern.structured() {
+        Some(TIP_NEEDS_STRUCTURE)
+    } else {
+        None
     }
 }
 

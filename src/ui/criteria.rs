@@ -69,10 +69,11 @@ impl CriteriaPanel {
                 .selected_text(self.other.label())
                 .show_ui(ui, |ui| {
                     for c in Criterion::ALL {
-                        ui.add_enabled_ui(has_data || !c.needs_data(), |ui| {
+                        let why = super::controls::unusable(c, has_data, state.settings.pattern);
+                        ui.add_enabled_ui(why.is_none(), |ui| {
                             ui.selectable_value(&mut self.other, c, c.label())
                                 .on_hover_text(c.tooltip())
-                                .on_disabled_hover_text(super::controls::TIP_NEEDS_DATA);
+                                .on_disabled_hover_text(why.unwrap_or_default());
                         });
                     }
                 });
