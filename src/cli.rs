@@ -919,7 +919,7 @@ fn prune_from_flags(
             model,
             settings.criterion,
             settings.seed,
-            &spec.score_inputs(Some(evaluator.data())),
+            &spec.score_inputs(Some(evaluator.calibration())),
             progress,
         )?;
         let plan = crate::sensitivity::plan(model, &index, &settings, &sens, settings.rule)?;
@@ -952,7 +952,7 @@ fn prune_from_flags(
         None
     };
     let inputs = ScoreInputs {
-        calibration: calibration.as_ref().map(|e| e.data()),
+        calibration: calibration.as_ref().map(|e| e.calibration()),
         samples: settings.calibration,
         ..Default::default()
     };
@@ -987,7 +987,10 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     let progress = bar();
     let data = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let (p, settings) = prune_from_flags(&model, &a.flags, &data, &progress)?;
-    export_weights(&model, &p.masks, &a.out, &progress)?;
+    match &p.updated {
+        Some(u) => write_updated(&model, u, &a.out, &progress)?,
+        None => export_weights(&model, &p.masks, &a.out, &progress)?,
+    }
     if let Some(m) = &a.masks {
         export_masks(&model, &p.masks, m)?;
     }
@@ -1070,11 +1073,49 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a model whose kept weights pruning changed (SparseGPT), and reports what it bought.
+fn write_updated(
+    model: &Model,
+    u: &crate::prune::sparsegpt::SparseGpt,
+    out: &Path,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let onnx = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    if onnx {
+        let values: Vec<(String, Vec<usize>, Vec<f32>)> = u
+            .model
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| u.masks.get(&e.name).is_some())
+            .map(|(t, e)| (e.name.clone(), e.shape.clone(), u.model.to_f32_vec(t)))
+            .collect();
+        let bytes = crate::export::patch_onnx(model, &values)?;
+        crate::util::atomic_write(out, |w| w.write_all(&bytes))
+            .with_context(|| format!("{}: cannot write", out.display()))?;
+    } else {
+        crate::export::export_pruned(&u.model, &u.masks, out, progress)?;
+    }
+    for l in &u.layers {
+        eprintln!(
+            "{}: {:.1}% pruned, output error on the calibration inputs {:.4e} (magnitude: {:.4e})",
+            l.name,
+            l.sparsity * 100.0,
+            l.error,
+            l.magnitude_error
+        );
+    }
+    Ok(())
+}
+
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let model = Model::open(&a.model)?;
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let progress = bar();
     let mut recorded = None;
+    let mut updated = None;
     let (masks, sparsity) = if let Some(m) = &a.masks {
         let masks = crate::export::load_masks(&model, m)?;
         let (kept, total) = masks.iter().fold((0u64, 0u64), |(k, n), (_, m)| {
@@ -1085,6 +1126,7 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         let (p, settings) = prune_from_flags(&model, &a.flags, &source, &progress)?;
         let s = p.alloc.sparsity();
         recorded = Some((settings, p.alloc));
+        updated = p.updated.map(|u| u.model);
         (p.masks, Some(s))
     } else {
         recorded = Some((
@@ -1103,7 +1145,8 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let engine = evaluator.engine();
     let dense = evaluator.evaluate(&model, &crate::prune::MaskSet::new())?;
     let t0 = std::time::Instant::now();
-    let now = evaluator.evaluate(&model, &masks)?;
+    // SparseGPT's changed weights are measured against the original dense outputs.
+    let now = evaluator.evaluate(updated.as_ref().unwrap_or(&model), &masks)?;
     let eval_ms = t0.elapsed().as_secs_f64() * 1e3;
     // The experiment history the GUI's Pareto view shows: settings the CLI measured too.
     if let (Some((settings, alloc)), Ok(hash)) = (&recorded, model.content_hash()) {
@@ -1226,7 +1269,7 @@ fn sensitivity_cmd(a: SensitivityArgs) -> anyhow::Result<()> {
     }
     let mut compare = Vec::new();
     if let Some(targets) = &a.compare {
-        let inputs = spec.score_inputs(Some(evaluator.data()));
+        let inputs = spec.score_inputs(Some(evaluator.calibration()));
         let index = crate::prune::ScoreIndex::build(
             &model,
             settings.criterion,

@@ -323,3 +323,79 @@ fn apoz_and_mean_activation_rank_neurons_by_their_activations() {
         }
     }
 }
+
+#[test]
+fn sparsegpt_beats_magnitude_on_each_layers_output_error_measured_directly() {
+    let model = Model::open(std::path::Path::new("sample_models/digits_mlp.safetensors")).unwrap();
+    let evaluator = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let data = evaluator.calibration();
+    assert_eq!(
+        data.name, "uci-digits/train",
+        "calibration avoids the test split"
+    );
+    let n = 64;
+    let settings = PruneSettings {
+        criterion: Criterion::SparseGpt,
+        sparsity: 0.7,
+        calibration: n,
+        ..Default::default()
+    };
+    let inputs = ScoreInputs {
+        calibration: Some(data),
+        samples: n,
+        ..Default::default()
+    };
+    let p = prune(&model, &settings, &inputs, &Progress::none()).unwrap();
+    let u = p.updated.as_ref().unwrap();
+    assert_eq!(u.layers.len(), 3);
+    // fc1 reads the pixels: its output error, Σ over samples of ‖(W − Ŵ) x‖², by hand.
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let t = model.find("fc1.weight").unwrap();
+    let (w, w_hat) = (
+        model.to_f32_vec(t),
+        u.model.to_f32_vec(u.model.find("fc1.weight").unwrap()),
+    );
+    let (rows, cols) = (128, 64);
+    let direct: f64 = (0..n)
+        .map(|s| {
+            (0..rows)
+                .map(|r| {
+                    (0..cols)
+                        .map(|c| {
+                            (w[r * cols + c] - w_hat[r * cols + c]) as f64 * x[s * cols + c] as f64
+                        })
+                        .sum::<f64>()
+                        .powi(2)
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    let fc1 = &u.layers[0];
+    assert_eq!(fc1.name, "fc1.weight");
+    assert!(
+        (fc1.error - direct).abs() <= 1e-6 * direct.max(1.0),
+        "{} vs {direct}",
+        fc1.error
+    );
+    for l in &u.layers {
+        assert!(
+            (l.sparsity - 0.7).abs() < 0.01,
+            "{}: {}",
+            l.name,
+            l.sparsity
+        );
+        assert!(
+            l.error < l.magnitude_error,
+            "{}: {} ≥ {}",
+            l.name,
+            l.error,
+            l.magnitude_error
+        );
+    }
+    // The masks say what is zero in the updated weights, and the kept weights moved.
+    let mask = p.masks.get("fc1.weight").unwrap();
+    assert!((0..w.len()).all(|i| mask.kept(i) || w_hat[i] == 0.0));
+    assert!((0..w.len()).any(|i| mask.kept(i) && w_hat[i] != w[i]));
+}

@@ -1075,7 +1075,7 @@ fn neuron_pruning_shows_the_group_and_the_compacted_size_and_wanda_prunes_rows_a
         &model,
         &settings,
         &ScoreInputs {
-            calibration: Some(data.data()),
+            calibration: Some(data.calibration()),
             samples: settings.calibration,
             ..Default::default()
         },
@@ -1137,4 +1137,57 @@ fn comparing_two_criteria_shows_their_overlap_and_both_accuracies() {
     h.get_by_label(&format!("magnitude |w|: accuracy {:.2}%", acc(&ma)));
     h.get_by_label(&format!("LAMP (layer-adaptive): accuracy {:.2}%", acc(&mb)));
     h.get_by_label("Where they disagree in fc2.weight");
+}
+
+#[test]
+fn sparsegpt_in_the_app_gives_the_librarys_model_and_undo_brings_the_original_back() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.state_mut().state_mut().settings.sparsity = 0.7;
+    step_until(&mut h, "the cut at 70%", settled);
+    h.get_by_label("Run SparseGPT").click();
+    step_until(&mut h, "the SparseGPT model", |a| {
+        settled(a)
+            && a.state()
+                .model
+                .as_ref()
+                .is_some_and(|m| m.snapshot.name.contains("SparseGPT"))
+    });
+    // The same run in the core library, measured by an independent evaluator.
+    let model = sample();
+    let settings = PruneSettings {
+        criterion: prunescope::prune::Criterion::SparseGpt,
+        ..h.state().state().settings.clone()
+    };
+    let evaluator = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let p = prune(
+        &model,
+        &settings,
+        &ScoreInputs {
+            calibration: Some(evaluator.calibration()),
+            samples: settings.calibration,
+            ..Default::default()
+        },
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    let u = p.updated.unwrap();
+    let acc = evaluator
+        .evaluate(&u.model, &prunescope::prune::MaskSet::new())
+        .unwrap()
+        .accuracy
+        .unwrap();
+    h.get_by_label_contains(&format!("Accuracy: dense {:.2}%", acc * 100.0));
+    assert_eq!(
+        h.state().state().settings.criterion,
+        prunescope::prune::Criterion::Magnitude
+    );
+    h.get_by_label("Undo").click();
+    step_until(&mut h, "the original back", |a| {
+        settled(a)
+            && a.state()
+                .model
+                .as_ref()
+                .is_some_and(|m| !m.snapshot.name.contains("SparseGPT"))
+    });
 }

@@ -133,7 +133,8 @@ pub trait Evaluator: Send + Sync {
     fn weight_uses(&self, _model: &Model) -> Option<Vec<(String, f64)>> {
         None
     }
-    /// The samples measured on, which data-driven criteria calibrate with.
+    /// The samples data-driven criteria calibrate with: a bundled dataset's training split
+    /// where the evaluation uses its test split, else the evaluation data itself.
     fn shared_data(&self) -> Option<Arc<EvalData>> {
         None
     }
@@ -153,6 +154,9 @@ pub trait Evaluator: Send + Sync {
 pub struct DataEvaluator {
     runner: Box<dyn Runner>,
     data: Arc<EvalData>,
+    /// What data-driven criteria calibrate on: a bundled dataset's training split (so the
+    /// test figures stay honest), or the chosen file itself.
+    calibration: Arc<EvalData>,
     notes: Vec<String>,
     dense: Mutex<Option<Arc<Outputs>>>,
     fingerprint: std::sync::OnceLock<String>,
@@ -162,6 +166,7 @@ impl DataEvaluator {
     pub fn new(runner: Box<dyn Runner>, data: Arc<EvalData>, notes: Vec<String>) -> Self {
         DataEvaluator {
             runner,
+            calibration: data.clone(),
             data,
             notes,
             dense: Mutex::new(None),
@@ -171,6 +176,11 @@ impl DataEvaluator {
 
     pub fn data(&self) -> &EvalData {
         &self.data
+    }
+
+    /// The calibration samples (see [`Evaluator::shared_data`]).
+    pub fn calibration(&self) -> &EvalData {
+        &self.calibration
     }
 
     /// The dense model's outputs, computed on first use.
@@ -209,7 +219,7 @@ impl DataEvaluator {
 
 impl Evaluator for DataEvaluator {
     fn shared_data(&self) -> Option<Arc<EvalData>> {
-        Some(self.data.clone())
+        Some(self.calibration.clone())
     }
     fn describe(&self) -> String {
         let mut s = format!(
@@ -458,6 +468,22 @@ pub fn evaluator_with_data(model: &Model, source: &DataSource) -> Result<DataEva
 
 /// The evaluator for a model on the given data and engine.
 pub fn evaluator_with(
+    model: &Model,
+    source: &DataSource,
+    engine: EnginePref,
+) -> Result<DataEvaluator, EvalError> {
+    let mut e = evaluator_on(model, source, engine)?;
+    // Evaluated on a bundled test split: calibrate on the same dataset's training split.
+    if !matches!(source, DataSource::File { .. })
+        && let Some(base) = e.data.name.strip_suffix("/test")
+        && let Ok(split) = crate::data::by_name(base)
+    {
+        e.calibration = Arc::new(EvalData::from_dataset(&split.train));
+    }
+    Ok(e)
+}
+
+fn evaluator_on(
     model: &Model,
     source: &DataSource,
     engine: EnginePref,

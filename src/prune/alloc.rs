@@ -54,6 +54,31 @@ pub struct StructuredCut {
 }
 
 impl Allocation {
+    /// The allocation that `masks` realise on `settings`' prunable tensors.
+    pub fn of_masks(model: &Model, settings: &PruneSettings, masks: &super::MaskSet) -> Allocation {
+        let mut a = Allocation::default();
+        for t in 0..model.tensors.len() {
+            if !settings.is_prunable(model, t) {
+                continue;
+            }
+            let numel = model.tensors[t].numel;
+            let kept = masks
+                .get(&model.tensors[t].name)
+                .map_or(numel, |m| m.count_kept());
+            a.prunable += numel as u64;
+            a.pruned += (numel - kept) as u64;
+            a.layers.push(LayerAlloc {
+                tensor: t,
+                numel,
+                pruned: numel - kept,
+                threshold: None,
+                capped: false,
+            });
+        }
+        a.requested = a.pruned;
+        a
+    }
+
     pub fn sparsity(&self) -> f64 {
         if self.prunable == 0 {
             0.0

@@ -29,7 +29,7 @@ pub fn calibration_key(criterion: Criterion, inputs: &ScoreInputs) -> Option<Str
     ))
 }
 
-fn samples_used(data: &EvalData, asked: usize) -> usize {
+pub(super) fn samples_used(data: &EvalData, asked: usize) -> usize {
     let asked = if asked == 0 {
         DEFAULT_CALIBRATION
     } else {
@@ -189,14 +189,14 @@ pub fn conv_input_sq(
 }
 
 /// The calibration samples as the graph's batched inputs, in chunks of `batch`, with labels.
-struct Batches {
-    inputs: Vec<Vec<Tensor>>,
+pub(super) struct Batches {
+    pub(super) inputs: Vec<Vec<Tensor>>,
     labels: Vec<Option<Tensor>>,
     sizes: Vec<usize>,
     n: usize,
 }
 
-fn batches(
+pub(super) fn batches(
     graph: &Graph,
     data: &EvalData,
     n: usize,

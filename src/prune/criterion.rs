@@ -32,6 +32,10 @@ pub enum Criterion {
     /// Wanda (Sun et al., 2023): |w_ij| · ‖X_j‖₂ over the layer's calibration inputs, compared
     /// within each output row.
     Wanda,
+    /// SparseGPT (Frantar & Alistarh, 2023): layer-wise Optimal Brain Surgeon with the
+    /// calibration Hessian; it updates the kept weights, so it runs as a whole operation
+    /// ([`super::sparsegpt`]) rather than as scores behind the sliders.
+    SparseGpt,
     /// Average percentage of zeros (Hu et al., 2016): a channel whose activations are mostly
     /// zero after its ReLU does little. Neurons and channels only.
     Apoz,
@@ -43,13 +47,14 @@ pub enum Criterion {
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 9] = [
+    pub const ALL: [Criterion; 10] = [
         Criterion::Magnitude,
         Criterion::L2,
         Criterion::Lamp,
         Criterion::Taylor,
         Criterion::Obd,
         Criterion::Wanda,
+        Criterion::SparseGpt,
         Criterion::Apoz,
         Criterion::MeanActivation,
         Criterion::Random,
@@ -57,16 +62,10 @@ impl Criterion {
 
     /// Criteria the issue tracker names that prunescope does not compute yet, with why; the
     /// CLI refuses them with this rather than falling back to something else.
-    pub const NOT_BUILT: [(&'static str, &'static str); 2] = [
-        (
-            "sparsegpt",
-            "SparseGPT (layer-wise OBS weight updates) is not built yet",
-        ),
-        (
-            "movement",
-            "movement scores accumulate during fine-tuning, which does not record them yet",
-        ),
-    ];
+    pub const NOT_BUILT: [(&'static str, &'static str); 1] = [(
+        "movement",
+        "movement scores accumulate during fine-tuning, which does not record them yet",
+    )];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -76,6 +75,7 @@ impl Criterion {
             Criterion::Taylor => "Taylor |w·∂L/∂w|",
             Criterion::Obd => "OBD (Fisher diagonal)",
             Criterion::Wanda => "Wanda |w|·‖X‖",
+            Criterion::SparseGpt => "SparseGPT (updates weights)",
             Criterion::Apoz => "APoZ (channels)",
             Criterion::MeanActivation => "mean activation (channels)",
             Criterion::Random => "random (seeded)",
@@ -89,6 +89,7 @@ impl Criterion {
             Criterion::Taylor => "taylor",
             Criterion::Obd => "obd",
             Criterion::Wanda => "wanda",
+            Criterion::SparseGpt => "sparsegpt",
             Criterion::Apoz => "apoz",
             Criterion::MeanActivation => "mean-activation",
             Criterion::Random => "random",
@@ -104,9 +105,15 @@ impl Criterion {
             Criterion::Taylor
                 | Criterion::Obd
                 | Criterion::Wanda
+                | Criterion::SparseGpt
                 | Criterion::Apoz
                 | Criterion::MeanActivation
         )
+    }
+    /// Whether pruning with it also changes the kept weights (a whole operation, not scores
+    /// the sliders can move over).
+    pub fn updates_weights(self) -> bool {
+        self == Criterion::SparseGpt
     }
     /// Whether the criterion scores whole neurons and channels only (by their activations).
     pub fn channels_only(self) -> bool {
@@ -118,7 +125,7 @@ impl Criterion {
     }
     /// Whether scores are computed for whole tensors up front rather than weight by weight.
     pub fn precomputed(self) -> bool {
-        self.needs_data() || self == Criterion::Lamp
+        (self.needs_data() && !self.updates_weights()) || self == Criterion::Lamp
     }
     /// Whether keys order exactly as |w| (so the 16-bit compact index serves).
     pub fn orders_as_magnitude(self) -> bool {
@@ -147,6 +154,9 @@ impl Criterion {
             }
             Criterion::Wanda => {
                 "Wanda: |w| times the norm of the input it multiplies on the calibration samples, compared within each output row, so a small weight on a loud input survives. Needs input data."
+            }
+            Criterion::SparseGpt => {
+                "SparseGPT: each Linear layer is pruned column block by column block, and every removed weight's error is pushed onto the weights still kept, using the calibration inputs' Hessian (Optimal Brain Surgeon), so the layer's output changes as little as possible. Needs input data."
             }
             Criterion::Apoz => {
                 "APoZ: the fraction of a channel's activations that are zero on the calibration samples; a channel that is almost always off after its ReLU goes first. Neuron and channel granularity only."
@@ -179,7 +189,8 @@ impl Criterion {
                 }
             }
             // Magnitude and L2 order alike. The precomputed criteria are read from the index,
-            // which calls this only for the others.
+            // which calls this only for the others; SparseGPT's index (kept beside the weights
+            // it updates, see `prune`) is the magnitude one.
             _ => {
                 let n = out.len();
                 model.read_f32(t, start, &mut values[..n]);

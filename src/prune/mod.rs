@@ -13,6 +13,7 @@ mod index;
 mod mask;
 mod nm;
 mod settings;
+pub mod sparsegpt;
 pub mod structured;
 
 pub use alloc::{Allocation, LayerAlloc, StructuredCut, allocate};
@@ -69,6 +70,9 @@ pub struct Pruned {
     pub index: ScoreIndex,
     pub alloc: Allocation,
     pub masks: MaskSet,
+    /// For criteria that update the kept weights (SparseGPT): the model to export and
+    /// evaluate instead of the input, and each layer's reconstruction error.
+    pub updated: Option<sparsegpt::SparseGpt>,
 }
 
 /// Validates the settings, scores the model, allocates and builds the masks: the one path
@@ -81,11 +85,28 @@ pub fn prune(
 ) -> Result<Pruned, PruneError> {
     settings.validate(model)?;
     let index = ScoreIndex::build(model, settings.criterion, settings.seed, inputs, progress)?;
+    if settings.criterion.updates_weights() {
+        let data = inputs.calibration.ok_or_else(|| {
+            PruneError::Calibration(
+                "sparsegpt needs calibration data: load evaluation data first (--data in the CLI)"
+                    .into(),
+            )
+        })?;
+        let updated = sparsegpt::run(model, settings, data, inputs.samples, progress)?;
+        let alloc = Allocation::of_masks(model, settings, &updated.masks);
+        return Ok(Pruned {
+            index,
+            alloc,
+            masks: updated.masks.clone(),
+            updated: Some(updated),
+        });
+    }
     let alloc = allocate(model, &index, settings);
     let masks = build_masks(model, &index, settings, &alloc, progress)?;
     Ok(Pruned {
         index,
         alloc,
         masks,
+        updated: None,
     })
 }

@@ -1156,6 +1156,18 @@ impl eframe::App for App {
 
         let ctx = ui.ctx().clone();
         self.gallery.ui(&ctx, &self.state);
+        if std::mem::take(&mut self.controls.run_sparsegpt)
+            && let Err(e) = self.worker.sparsegpt(self.state.settings.clone())
+        {
+            self.state.errors.push(e.to_string());
+        }
+        if std::mem::take(&mut self.controls.undo)
+            && let Some(m) = self.state.model.as_ref()
+        {
+            let _ = self.worker.send(crate::worker::Command::Undo {
+                model: m.snapshot.id,
+            });
+        }
         if std::mem::take(&mut self.controls.open_sensitivity) {
             self.sensitivity.open = true;
         }

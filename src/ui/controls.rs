@@ -20,7 +20,9 @@ pub const TIP_NEURON: &str = "Neuron: whole output neurons of Linear layers go, 
 pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with its dependency group (bias, BatchNorm, the next layers' matching inputs, residual partners), ranked by the group's norm.";
 pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
 pub const TIP_ROUND_WIDTH: &str = "Structured cuts keep a number of channels that is a multiple of this: hardware runs widths like 8, 16, 24 faster than odd ones.";
-pub const TIP_CALIBRATION: &str = "How many samples of the evaluation data (the first ones) the criterion runs through the model to collect gradients or layer inputs; more samples give steadier scores and take longer.";
+pub const TIP_CALIBRATION: &str = "How many calibration samples the criterion runs through the model to collect gradients or layer inputs: the first ones of the bundled dataset's training split (so test figures stay honest), or of the data file you chose. More give steadier scores and take longer.";
+pub const TIP_SPARSEGPT: &str = "SparseGPT prunes each Linear layer to the current target and moves the weights it keeps to make up for the ones it removes (Optimal Brain Surgeon with the calibration inputs' Hessian). It changes the weights, so it runs once and gives a new model; Undo brings the original back.";
+pub const TIP_SPARSEGPT_MENU: &str = "It changes the kept weights too, so it is not a slider criterion: use the Run SparseGPT button below.";
 pub const TIP_NEEDS_STRUCTURE: &str =
     "It ranks whole neurons and channels: choose the neuron or channel pattern first.";
 pub const TIP_NEEDS_DATA: &str = "This criterion scores weights from gradients or activations on data: load evaluation data (Data menu) for a model prunescope can run.";
@@ -37,6 +39,9 @@ pub struct ControlsPanel {
     all_layers: f64,
     /// Custom N:M being typed.
     custom: Option<(usize, usize)>,
+    /// The user asked to run SparseGPT at the current settings, or to undo it.
+    pub run_sparsegpt: bool,
+    pub undo: bool,
     /// The user asked for the sensitivity window.
     pub open_sensitivity: bool,
 }
@@ -47,6 +52,8 @@ impl ControlsPanel {
             all_layers,
             custom,
             open_sensitivity,
+            run_sparsegpt,
+            undo,
         } = self;
         ui.heading("Prune");
         let Some(model) = state.model.as_ref() else {
@@ -62,6 +69,7 @@ impl ControlsPanel {
             .copied();
         let planning = state.planning();
         let has_data = model.eval.evaluator.is_some();
+        let can_undo = model.snapshot.can_undo;
         let s = &mut state.settings;
 
         ui.add_space(4.0);
@@ -244,6 +252,27 @@ impl ControlsPanel {
                 ui.colored_label(super::theme::CAPPED, TIP_NEEDS_DATA);
             }
         }
+        ui.horizontal(|ui| {
+            let ok = has_data && s.pattern == Pattern::Unstructured;
+            if ui
+                .add_enabled(ok, egui::Button::new("Run SparseGPT"))
+                .on_hover_text(TIP_SPARSEGPT)
+                .on_disabled_hover_text(format!(
+                    "{TIP_SPARSEGPT} It needs evaluation data and the unstructured pattern."
+                ))
+                .clicked()
+            {
+                *run_sparsegpt = true;
+            }
+            if can_undo
+                && ui
+                    .button("Undo")
+                    .on_hover_text("Back to the model before SparseGPT or training.")
+                    .clicked()
+            {
+                *undo = true;
+            }
+        });
         if s.criterion.seeded() {
             ui.horizontal(|ui| {
                 let label = ui.label("Seed");
@@ -420,7 +449,9 @@ fn pattern_ui(
 /// Why criterion `c` cannot be chosen now, if it cannot: it needs data the model lacks, or a
 /// granularity other than `pattern`.
 pub fn unusable(c: Criterion, has_data: bool, pattern: Pattern) -> Option<&'static str> {
-    if c.needs_data() && !has_data {
+    if c.updates_weights() {
+        Some(TIP_SPARSEGPT_MENU)
+    } else if c.needs_data() && !has_data {
         Some(TIP_NEEDS_DATA)
     } else if c.channels_only() && !pattern.structured() {
         Some(TIP_NEEDS_STRUCTURE)

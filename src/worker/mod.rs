@@ -138,6 +138,20 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Runs SparseGPT at `settings`' targets; its model replaces the open one.
+    pub fn sparsegpt(
+        &mut self,
+        settings: crate::prune::PruneSettings,
+    ) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::SparseGpt {
+            job,
+            cancel,
+            settings,
+        })?;
+        Ok(job)
+    }
+
     /// Compares the cut of `settings` with the same cut by criterion `other`.
     pub fn compare_criteria(
         &mut self,

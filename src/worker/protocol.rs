@@ -85,6 +85,13 @@ pub enum Command {
         settings: PruneSettings,
         other: crate::prune::Criterion,
     },
+    /// Prune the open model with SparseGPT at `settings`' targets; the result, with its updated
+    /// weights, replaces it (Undo brings the original back).
+    SparseGpt {
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+    },
     /// A job that panics, to prove panics are contained (tests and `--self-test`).
     #[doc(hidden)]
     PanicForTest { job: JobId },

@@ -235,6 +235,7 @@ impl Worker {
             | Command::Train { job, .. }
             | Command::Latency { job, .. }
             | Command::CompareCriteria { job, .. }
+            | Command::SparseGpt { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_)
             | Command::Plan { .. }
@@ -308,6 +309,11 @@ impl Worker {
                 settings,
                 other,
             } => self.compare_criteria(job, cancel, settings, other),
+            Command::SparseGpt {
+                job,
+                cancel,
+                settings,
+            } => self.sparsegpt(job, cancel, settings),
             Command::ClearHistory { model } => {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
@@ -558,6 +564,114 @@ impl Worker {
         if spawned.is_err() {
             sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = false;
             fail(self, "could not start a thread for the sweep".into());
+        }
+    }
+
+    fn sparsegpt(&mut self, job: JobId, cancel: CancelFlag, mut settings: PruneSettings) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "SparseGPT".into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let Some(data) = s.evaluator.as_ref().and_then(|e| e.shared_data()) else {
+            return fail(
+                self,
+                "SparseGPT calibrates on data: choose evaluation data for a model prunescope \
+                 can run"
+                    .into(),
+            );
+        };
+        settings.criterion = crate::prune::Criterion::SparseGpt;
+        let progress = self.progress_for(job, cancel.clone());
+        let model = s.model.clone();
+        let inputs = score_inputs(Some(&data), &settings);
+        let before = s
+            .evaluator
+            .as_ref()
+            .map(|e| e.evaluate(&model, &MaskSet::new()));
+        let p = match crate::prune::prune(&model, &settings, &inputs, &progress) {
+            Ok(p) => p,
+            Err(PruneError::Cancelled) => return self.emit(Event::JobCancelled { job }),
+            Err(e) => return fail(self, e.to_string()),
+        };
+        let u = p.updated.expect("SparseGPT updates weights");
+        let (err, mag): (f64, f64) = u
+            .layers
+            .iter()
+            .fold((0.0, 0.0), |(a, b), l| (a + l.error, b + l.magnitude_error));
+        let name: &'static str = Box::leak(
+            format!(
+                "{} (SparseGPT {:.0}%)",
+                base_name(&model.display_name()),
+                p.alloc.sparsity() * 100.0
+            )
+            .into_boxed_str(),
+        );
+        let m = if model.format == crate::model::ModelFormat::Onnx {
+            // The same ONNX file with the updated initializers: it still runs through tract and
+            // exports as ONNX.
+            let values: Vec<(String, Vec<usize>, Vec<f32>)> = u
+                .model
+                .tensors
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| u.masks.get(&e.name).is_some())
+                .map(|(t, e)| (e.name.clone(), e.shape.clone(), u.model.to_f32_vec(t)))
+                .collect();
+            match crate::export::patch_onnx(&model, &values).and_then(|b| {
+                Model::from_bytes(name, crate::model::ModelFormat::Onnx, b)
+                    .map_err(|e| crate::export::ExportError::Unsupported(e.to_string()))
+            }) {
+                Ok(m) => m,
+                Err(e) => return fail(self, e.to_string()),
+            }
+        } else {
+            let mut m = u.model;
+            m.source = crate::model::ModelSource::Builtin(name);
+            // In memory the model has no path: a sidecar architecture travels inside.
+            if let Ok(Some(arch)) = crate::eval::arch_json(&model) {
+                m.metadata
+                    .insert(crate::eval::ARCH_METADATA_KEY.into(), arch);
+            }
+            m
+        };
+        let message = format!(
+            "SparseGPT pruned {:.1}% of the prunable weights; output error on the calibration \
+             samples {:.0}% below magnitude's at the same sparsity{}",
+            p.alloc.sparsity() * 100.0,
+            100.0 * (1.0 - err / mag.max(f64::MIN_POSITIVE)),
+            match before {
+                Some(Ok(b)) if b.accuracy.is_some() => format!(
+                    " (dense accuracy was {:.2}%)",
+                    b.accuracy.unwrap_or(0.0) * 100.0
+                ),
+                _ => String::new(),
+            }
+        );
+        // The result's zeros are its cut: magnitude at the same targets shows exactly them.
+        let mut adopt = settings.clone();
+        adopt.criterion = crate::prune::Criterion::Magnitude;
+        let derived = Derived {
+            what: "SparseGPT".into(),
+            settings: Some(adopt),
+        };
+        self.undo.push(model);
+        if self.undo.len() > UNDO_DEPTH {
+            self.undo.remove(0);
+        }
+        if self.install(
+            job,
+            Arc::new(m),
+            &Progress::none(),
+            Instant::now(),
+            Some(derived),
+        ) {
+            self.emit(Event::JobFinished { job, message });
+        } else {
+            self.undo.pop();
         }
     }
 
