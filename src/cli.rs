@@ -110,8 +110,9 @@ pub struct PruneFlags {
     /// unstructured, or N:M such as 2:4.
     #[arg(long, default_value = "unstructured")]
     pub pattern: String,
-    /// What goes at once: unstructured, N:M, neuron (a Linear's output with its dependency
-    /// group) or channel (a conv filter with its group). Overrides --pattern.
+    /// What goes at once: unstructured, N:M, block:B (b × b blocks of each layer), neuron (a
+    /// Linear's output with its dependency group) or channel (a conv filter with its group).
+    /// Overrides --pattern.
     #[arg(long)]
     pub granularity: Option<String>,
     /// Structured cuts keep widths that are multiples of this (1: any width).
@@ -820,9 +821,6 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
             "--granularity head: prunescope's graph has no attention operation to find heads \
              in, so head pruning is not built yet"
         ),
-        Some(g) if g.starts_with("block:") => {
-            bail!("--granularity {g}: block-sparse pruning is not built yet")
-        }
         Some(g) => Pattern::parse(g)?,
         None => Pattern::parse(&a.pattern)?,
     };

@@ -275,3 +275,95 @@ fn an_onnx_model_compacts_to_a_smaller_onnx_that_computes_the_same() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn block_pruning_removes_the_lowest_mean_magnitude_blocks_whole() {
+    let mut rng = prunescope::util::SplitMix64::new(9);
+    let mut r = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    // A 10 × 7 matrix (edge blocks of 1 row and 1 column at b = 3) and a conv kernel.
+    let model = Model::from_f32_tensors(
+        "blocks",
+        vec![
+            ("a".into(), vec![10, 7], r(70)),
+            ("k".into(), vec![4, 2, 3, 3], r(72)),
+        ],
+    );
+    for (b, s) in [(3usize, 0.5f64), (3, 0.2), (2, 0.75), (1, 0.4)] {
+        let settings = settings(Pattern::Block { b }, s, 1);
+        let p = prune(
+            &model,
+            &settings,
+            &ScoreInputs::default(),
+            &Progress::none(),
+        )
+        .unwrap();
+        for (t, e) in model.tensors.iter().enumerate() {
+            let v = model.to_f32_vec(t);
+            let (rows, cols) = e.matrix_dims();
+            // Blocks by explicit loops: their cells and mean |w|.
+            let mut blocks: Vec<(f64, usize, Vec<usize>)> = Vec::new();
+            for br in 0..rows.div_ceil(b) {
+                for bc in 0..cols.div_ceil(b) {
+                    let cells: Vec<usize> = (br * b..((br + 1) * b).min(rows))
+                        .flat_map(|i| (bc * b..((bc + 1) * b).min(cols)).map(move |j| i * cols + j))
+                        .collect();
+                    let mean =
+                        cells.iter().map(|&i| v[i].abs() as f64).sum::<f64>() / cells.len() as f64;
+                    blocks.push((mean, blocks.len(), cells));
+                }
+            }
+            blocks.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            // The prefix of whole blocks closest to the target (the smaller on a tie).
+            let target = (s * e.numel as f64).round() as i64;
+            let mut best = (i64::MAX, 0usize);
+            let mut sum = 0i64;
+            for j in 0..=blocks.len() {
+                let d = (sum - target).abs();
+                if d < best.0 {
+                    best = (d, j);
+                }
+                if j < blocks.len() {
+                    sum += blocks[j].2.len() as i64;
+                }
+            }
+            let mut kept = vec![true; e.numel];
+            for blk in &blocks[..best.1] {
+                for &i in &blk.2 {
+                    kept[i] = false;
+                }
+            }
+            let mask = p.masks.get(&e.name).unwrap();
+            let got: Vec<bool> = (0..e.numel).map(|i| mask.kept(i)).collect();
+            assert_eq!(got, kept, "{} at b={b}, s={s}", e.name);
+            let l = p.alloc.for_tensor(t).unwrap();
+            assert_eq!(l.pruned, kept.iter().filter(|k| !**k).count());
+        }
+    }
+}
+
+#[test]
+fn one_by_one_blocks_are_layer_wise_unstructured_pruning() {
+    let model = sample("digits_mlp");
+    let blocks = prune(
+        &model,
+        &settings(Pattern::Block { b: 1 }, 0.7, 1),
+        &ScoreInputs::default(),
+        &Progress::none(),
+    )
+    .unwrap();
+    let mut layer = settings(Pattern::Unstructured, 0.7, 1);
+    layer.scope = prunescope::prune::Scope::Layer;
+    for t in 0..model.tensors.len() {
+        if layer.is_prunable(&model, t) {
+            layer.layer_mut(&model.tensors[t].name).sparsity = 0.7;
+        }
+    }
+    let unstructured = prune(&model, &layer, &ScoreInputs::default(), &Progress::none()).unwrap();
+    for (name, m) in unstructured.masks.iter() {
+        assert!(blocks.masks.get(name) == Some(m), "{name}");
+    }
+}

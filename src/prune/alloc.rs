@@ -133,6 +133,9 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
             },
         };
     }
+    if let Pattern::Block { .. } = settings.pattern {
+        return super::blocks::allocate(model, index, settings);
+    }
     let requested;
     match (settings.pattern, settings.scope) {
         (Pattern::NM { n, m }, _) => {
@@ -143,7 +146,9 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
             }
             requested = layers.iter().map(|l| l.pruned as u64).sum();
         }
-        (Pattern::Neuron | Pattern::Channel, _) => unreachable!("returned above"),
+        (Pattern::Neuron | Pattern::Channel | Pattern::Block { .. }, _) => {
+            unreachable!("returned above")
+        }
         (Pattern::Unstructured, Scope::Layer | Scope::Sensitivity) => {
             for l in &mut layers {
                 if !locked(l.tensor) {

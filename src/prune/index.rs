@@ -24,6 +24,8 @@ pub struct ScoreIndex {
     /// Channels ranked for structured pruning, made on first use (see
     /// [`super::structured::order_for`]); the error says why the model has none.
     channels: std::sync::OnceLock<Result<Arc<super::structured::ChannelOrder>, String>>,
+    /// Blocks of each tensor sorted by score, per block side (see [`super::blocks`]).
+    blocks: super::blocks::BlockCache,
 }
 
 /// One tensor's keys in ascending order: each key, or, where few distinct keys exist
@@ -246,6 +248,7 @@ impl ScoreIndex {
             scores: None,
             calibration: None,
             channels: Default::default(),
+            blocks: Default::default(),
         })
     }
 
@@ -273,7 +276,12 @@ impl ScoreIndex {
             scores: Some(Arc::new(scores)),
             calibration,
             channels: Default::default(),
+            blocks: Default::default(),
         }
+    }
+
+    pub fn blocks(&self) -> &super::blocks::BlockCache {
+        &self.blocks
     }
 
     /// The channel order for structured pruning, made by `make` the first time.

@@ -185,6 +185,7 @@ pub fn build_layer_mask(
     }
     match settings.pattern {
         Pattern::NM { n, m } if !locked => nm_mask(model, index, l.tensor, n, m),
+        Pattern::Block { .. } => super::blocks::tensor_mask(model, index, settings, l.tensor),
         _ => unstructured_mask(model, index, l.tensor, l.pruned),
     }
 }

@@ -7,6 +7,7 @@
 //! masks ([`build_masks`]) are one parallel pass over the weights.
 
 mod alloc;
+pub mod blocks;
 pub mod calibrate;
 mod criterion;
 mod index;
@@ -36,7 +37,7 @@ pub enum PruneError {
     #[error("tensor '{0}' cannot be pruned: its dtype is not floating point or it is empty")]
     NotAnalysable(String),
     #[error(
-        "cannot parse granularity '{0}': expected unstructured, N:M such as 2:4, neuron or channel"
+        "cannot parse granularity '{0}': expected unstructured, N:M such as 2:4, block:B such as block:4, neuron or channel"
     )]
     PatternSyntax(String),
     #[error(

@@ -21,6 +21,10 @@ pub enum Pattern {
     Neuron,
     /// Output channels (filters) of convolutions, each with its group's slices.
     Channel,
+    /// Whole b × b blocks of each layer's 2-D view.
+    Block {
+        b: usize,
+    },
 }
 
 impl Pattern {
@@ -35,6 +39,15 @@ impl Pattern {
         if s.eq_ignore_ascii_case("channel") {
             return Ok(Pattern::Channel);
         }
+        if let Some(b) = s.strip_prefix("block:") {
+            let b = b
+                .trim()
+                .parse()
+                .map_err(|_| PruneError::PatternSyntax(s.to_string()))?;
+            let p = Pattern::Block { b };
+            p.validate()?;
+            return Ok(p);
+        }
         let (n, m) = s
             .split_once(':')
             .and_then(|(n, m)| Some((n.trim().parse().ok()?, m.trim().parse().ok()?)))
@@ -48,6 +61,9 @@ impl Pattern {
             Pattern::NM { n, m } if n == 0 || n >= m || m > 256 => {
                 Err(PruneError::BadPattern { n, m })
             }
+            Pattern::Block { b } if b == 0 || b > 1024 => Err(PruneError::PatternSyntax(format!(
+                "block:{b} (the block side must be 1 to 1024)"
+            ))),
             _ => Ok(()),
         }
     }
@@ -72,6 +88,7 @@ impl std::fmt::Display for Pattern {
             Pattern::NM { n, m } => write!(f, "{n}:{m}"),
             Pattern::Neuron => f.write_str("neuron"),
             Pattern::Channel => f.write_str("channel"),
+            Pattern::Block { b } => write!(f, "block:{b}"),
         }
     }
 }

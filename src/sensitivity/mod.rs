@@ -421,6 +421,12 @@ pub fn layer_mask_at(
         Pattern::Unstructured => ((s * numel as f64).round() as usize).min(numel),
         // Sweeps refuse structured cuts before they start (see `sweep`).
         Pattern::Neuron | Pattern::Channel => return None,
+        Pattern::Block { b } => {
+            let blocks = crate::prune::blocks::blocks_for(model, index, b);
+            let tb = blocks[t].as_ref()?;
+            let j = tb.blocks_for((s * numel as f64).round() as u64);
+            return (j > 0).then(|| tb.mask(j));
+        }
     };
     if pruned == 0 {
         return None;

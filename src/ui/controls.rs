@@ -16,6 +16,7 @@ pub const TIP_SPARSITY_STRUCTURED: &str = "Fraction of the channels every depend
 pub const TIP_SPARSITY: &str = "Fraction of all prunable weights to remove. Exactly round(S·N) of the N prunable weights go, lowest scores first.";
 pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps at least this fraction of its weights, so no layer collapses; the others prune more to hold the global target.";
 pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
+pub const TIP_BLOCKS: &str = "Blocks: each layer is cut into b × b blocks and whole blocks go, those with the lowest mean score first, until the layer reaches the target; block-sparse kernels skip every removed block.";
 pub const TIP_NEURON: &str = "Neuron: whole output neurons of Linear layers go, each with its dependency group (its bias and the next layer's matching input), so the layer becomes narrower.";
 pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with its dependency group (bias, BatchNorm, the next layers' matching inputs, residual partners), ranked by the group's norm.";
 pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
@@ -203,6 +204,14 @@ impl ControlsPanel {
         ui.add_space(6.0);
         let label = ui.label(RichText::new("Pattern").strong());
         pattern_ui(ui, &mut s.pattern, custom, label.id);
+        if let Pattern::Block { b } = &mut s.pattern {
+            ui.horizontal(|ui| {
+                let label = ui.label("Block side");
+                ui.add(DragValue::new(b).range(1..=64))
+                    .labelled_by(label.id)
+                    .on_hover_text(TIP_BLOCKS);
+            });
+        }
         if s.pattern.structured() {
             ui.horizontal(|ui| {
                 let label = ui.label("Round widths to");
@@ -395,6 +404,15 @@ fn pattern_ui(
                     *pattern = p;
                     *custom = None;
                 }
+            }
+            if ui
+                .selectable_label(matches!(*pattern, Pattern::Block { .. }), "blocks")
+                .on_hover_text(TIP_BLOCKS)
+                .clicked()
+                && !matches!(*pattern, Pattern::Block { .. })
+            {
+                *pattern = Pattern::Block { b: 4 };
+                *custom = None;
             }
             for (p, tip) in [
                 (Pattern::Neuron, TIP_NEURON),
