@@ -82,9 +82,16 @@ pub struct PruneFlags {
     #[arg(long)]
     pub sparsity: Option<f64>,
     /// global: one threshold across all prunable tensors; layer: S in every tensor;
-    /// sensitivity: per-layer targets planned from measured sensitivity curves (needs data).
+    /// sensitivity: per-layer targets planned from measured sensitivity curves (needs data);
+    /// owl: per-layer targets from each layer's share of outlier Wanda scores (needs data).
     #[arg(long, default_value = "global")]
     pub scope: String,
+    /// --scope owl: a score is an outlier above this many times its layer's mean.
+    #[arg(long, default_value_t = crate::prune::owl::DEFAULT_M)]
+    pub owl_m: f64,
+    /// --scope owl: layers' targets range over S ± this.
+    #[arg(long, default_value_t = crate::prune::owl::DEFAULT_LAMBDA)]
+    pub owl_lambda: f64,
     /// How --scope sensitivity splits the budget: marginal (equal marginal loss), threshold
     /// (one tolerated drop, bisected), inverse (inversely proportional to the drop), uniform
     /// or global.
@@ -842,7 +849,9 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
         "sensitivity" => Scope::Sensitivity,
-        other => bail!("unknown scope '{other}' (expected global, layer or sensitivity)"),
+        // Planned into layer-wise targets by `prune_from_flags`.
+        "owl" => Scope::Global,
+        other => bail!("unknown scope '{other}' (expected global, layer, sensitivity or owl)"),
     };
     let rule = crate::prune::Rule::parse(&a.rule).with_context(|| {
         format!(
@@ -892,7 +901,36 @@ fn prune_from_flags(
         }
         None => (settings_from_args(flags)?, None),
     };
-    if recipe.is_none() && settings.scope == Scope::Layer {
+    if recipe.is_none() && flags.scope == "owl" {
+        if settings.pattern.fixed_sparsity().is_some() || settings.pattern.structured() {
+            bail!("--scope owl plans unstructured or block sparsity per layer");
+        }
+        if !(flags.owl_m > 0.0 && (0.0..=1.0).contains(&flags.owl_lambda)) {
+            bail!("--owl-m must be positive and --owl-lambda within 0..=1");
+        }
+        let e = crate::eval::evaluator_with_data(model, data).map_err(|e| {
+            anyhow::anyhow!(
+                "--scope owl counts outliers on calibration data, and there is none: {e}"
+            )
+        })?;
+        settings = crate::prune::owl::plan(
+            model,
+            &settings,
+            e.calibration(),
+            settings.calibration,
+            flags.owl_m,
+            flags.owl_lambda,
+            progress,
+        )?;
+        let mut targets: Vec<String> = settings
+            .layers
+            .iter()
+            .map(|(n, l)| format!("{n} {:.1}%", l.sparsity * 100.0))
+            .collect();
+        targets.sort();
+        eprintln!("OWL targets: {}", targets.join(", "));
+    }
+    if recipe.is_none() && settings.scope == Scope::Layer && flags.scope != "owl" {
         // Layer scope from the command line: the same target in every prunable tensor.
         for t in 0..model.tensors.len() {
             if settings.is_prunable(model, t) {

@@ -399,3 +399,69 @@ fn sparsegpt_beats_magnitude_on_each_layers_output_error_measured_directly() {
     assert!((0..w.len()).all(|i| mask.kept(i) || w_hat[i] == 0.0));
     assert!((0..w.len()).any(|i| mask.kept(i) && w_hat[i] != w[i]));
 }
+
+#[test]
+fn owl_plans_each_layer_from_the_outliers_of_its_own_wanda_scores() {
+    let (m, data) = toy();
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    // Both layers' Wanda scores by hand: |w| times the norm of the input it reads — the data
+    // for l1, the hidden ReLU activations for l2.
+    let (w1, b1, w2) = (values(&m, 0), values(&m, 1), values(&m, 2));
+    let hidden: Vec<Vec<f64>> = (0..N)
+        .map(|i| {
+            (0..H)
+                .map(|j| {
+                    (b1[j] as f64
+                        + (0..D)
+                            .map(|k| w1[j * D + k] as f64 * x[i * D + k] as f64)
+                            .sum::<f64>())
+                    .max(0.0)
+                })
+                .collect()
+        })
+        .collect();
+    let norm1 = |k: usize| {
+        (0..N)
+            .map(|i| (x[i * D + k] as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let norm2 = |j: usize| hidden.iter().map(|h| h[j] * h[j]).sum::<f64>().sqrt();
+    let raw1: Vec<f32> = (0..H * D)
+        .map(|i| (w1[i].abs() as f64 * norm1(i % D)) as f32)
+        .collect();
+    let raw2: Vec<f32> = (0..C * H)
+        .map(|i| (w2[i].abs() as f64 * norm2(i % H)) as f32)
+        .collect();
+    let scores = prunescope::prune::calibrate::wanda_raw(&m, &data, N, &Progress::none()).unwrap();
+    for (name, raw) in [("l1.weight", &raw1), ("l2.weight", &raw2)] {
+        let got = scores[m.find(name).unwrap()].as_ref().unwrap();
+        for (a, b) in got.iter().zip(raw.iter()) {
+            assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{name}: {a} vs {b}");
+        }
+    }
+    let settings = PruneSettings {
+        sparsity: 0.5,
+        ..Default::default()
+    };
+    for mult in [0.8, 1.0, 1.5] {
+        let planned =
+            prunescope::prune::owl::plan(&m, &settings, &data, N, mult, 0.1, &Progress::none())
+                .unwrap();
+        assert_eq!(planned.scope, prunescope::prune::Scope::Layer);
+        let lod = [
+            prunescope::prune::owl::outlier_ratio(&raw1, mult),
+            prunescope::prune::owl::outlier_ratio(&raw2, mult),
+        ];
+        let want = prunescope::prune::owl::sparsities(&lod, &[H * D, C * H], 0.5, 0.1);
+        for (name, w) in ["l1.weight", "l2.weight"].iter().zip(want) {
+            let got = planned.layer(name).sparsity;
+            assert!(
+                (got - w).abs() < 1e-9,
+                "M {mult}, {name}: {got} vs {w} (LOD {lod:?})"
+            );
+        }
+    }
+}

@@ -1191,3 +1191,30 @@ fn sparsegpt_in_the_app_gives_the_librarys_model_and_undo_brings_the_original_ba
                 .is_some_and(|m| !m.snapshot.name.contains("SparseGPT"))
     });
 }
+
+#[test]
+fn split_by_owl_sets_the_librarys_layer_targets() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.state_mut().state_mut().settings.sparsity = 0.6;
+    step_until(&mut h, "the cut at 60%", settled);
+    let before = h.state().state().settings.clone();
+    h.get_by_label("Split by OWL").click();
+    step_until(&mut h, "OWL targets", |a| {
+        settled(a) && a.state().settings.scope == prunescope::prune::Scope::Layer
+    });
+    let model = sample();
+    let evaluator = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let want = prunescope::prune::owl::plan(
+        &model,
+        &before,
+        evaluator.calibration(),
+        before.calibration,
+        prunescope::prune::owl::DEFAULT_M,
+        prunescope::prune::owl::DEFAULT_LAMBDA,
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    assert_eq!(h.state().state().settings, want);
+    h.get_by_label_contains("OWL set each layer's target");
+}

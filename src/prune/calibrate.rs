@@ -75,7 +75,7 @@ pub fn tensor_scores(
                     criterion.cli_name()
                 ))
             })?;
-            data_scores(model, criterion, data, inputs.samples, progress)
+            data_scores(model, criterion, data, inputs.samples, progress, true)
         }
         _ => Err(PruneError::Calibration(format!(
             "{} is scored weight by weight, not a tensor at a time",
@@ -281,12 +281,25 @@ impl From<crate::graph::GraphError> for PruneError {
     }
 }
 
+/// Wanda's raw scores |w_ij| · ‖X_j‖₂ of every analysable tensor, before they are turned into
+/// ranks within rows (OWL counts their outliers).
+pub fn wanda_raw(
+    model: &Model,
+    data: &EvalData,
+    samples: usize,
+    progress: &Progress,
+) -> Result<Vec<Option<Vec<f32>>>, PruneError> {
+    data_scores(model, Criterion::Wanda, data, samples, progress, false)
+}
+
+/// `row_ranked`: Wanda's scores as ranks within rows (the criterion), or raw.
 fn data_scores(
     model: &Model,
     criterion: Criterion,
     data: &EvalData,
     samples: usize,
     progress: &Progress,
+    row_ranked: bool,
 ) -> Result<Vec<Option<Vec<f32>>>, PruneError> {
     let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
         PruneError::Calibration(format!(
@@ -338,7 +351,11 @@ fn data_scores(
                     // compare by magnitude alone.
                     None => w.iter().map(|v| v.abs()).collect(),
                 };
-                scores[t] = Some(row_ranks(&raw, rows));
+                scores[t] = Some(if row_ranked {
+                    row_ranks(&raw, rows)
+                } else {
+                    raw
+                });
             }
         }
         _ => {

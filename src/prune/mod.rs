@@ -13,6 +13,7 @@ mod criterion;
 mod index;
 mod mask;
 mod nm;
+pub mod owl;
 mod settings;
 pub mod sparsegpt;
 pub mod structured;

@@ -390,6 +390,16 @@ impl AppState {
                     );
                 }
             }
+            Event::OwlPlanned { model, settings } => {
+                if current == Some(model) {
+                    self.settings = settings;
+                    self.notice = Some(
+                        "OWL set each layer's target from its outliers: layer-wise scope, the \
+                         table's sliders show them."
+                            .into(),
+                    );
+                }
+            }
             Event::CriteriaCompared { model, result } => {
                 if current == Some(model) {
                     self.criteria = Some(result);
@@ -1156,6 +1166,11 @@ impl eframe::App for App {
 
         let ctx = ui.ctx().clone();
         self.gallery.ui(&ctx, &self.state);
+        if std::mem::take(&mut self.controls.plan_owl)
+            && let Err(e) = self.worker.owl_plan(self.state.settings.clone())
+        {
+            self.state.errors.push(e.to_string());
+        }
         if std::mem::take(&mut self.controls.run_sparsegpt)
             && let Err(e) = self.worker.sparsegpt(self.state.settings.clone())
         {

@@ -22,6 +22,7 @@ pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with 
 pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
 pub const TIP_ROUND_WIDTH: &str = "Structured cuts keep a number of channels that is a multiple of this: hardware runs widths like 8, 16, 24 faster than odd ones.";
 pub const TIP_CALIBRATION: &str = "How many calibration samples the criterion runs through the model to collect gradients or layer inputs: the first ones of the bundled dataset's training split (so test figures stay honest), or of the data file you chose. More give steadier scores and take longer.";
+pub const TIP_OWL: &str = "OWL (outlier-weighted layer-wise sparsity): layers whose Wanda scores hold more outliers (above 5 × the layer's mean) keep more weights, within ±8 points of the target; the weights removed in all stay the target's share. Sets layer-wise targets; needs evaluation data.";
 pub const TIP_SPARSEGPT: &str = "SparseGPT prunes each Linear layer to the current target and moves the weights it keeps to make up for the ones it removes (Optimal Brain Surgeon with the calibration inputs' Hessian). It changes the weights, so it runs once and gives a new model; Undo brings the original back.";
 pub const TIP_SPARSEGPT_MENU: &str = "It changes the kept weights too, so it is not a slider criterion: use the Run SparseGPT button below.";
 pub const TIP_NEEDS_STRUCTURE: &str =
@@ -42,6 +43,8 @@ pub struct ControlsPanel {
     custom: Option<(usize, usize)>,
     /// The user asked to run SparseGPT at the current settings, or to undo it.
     pub run_sparsegpt: bool,
+    /// The user asked OWL to split the global target across layers.
+    pub plan_owl: bool,
     pub undo: bool,
     /// The user asked for the sensitivity window.
     pub open_sensitivity: bool,
@@ -54,6 +57,7 @@ impl ControlsPanel {
             custom,
             open_sensitivity,
             run_sparsegpt,
+            plan_owl,
             undo,
         } = self;
         ui.heading("Prune");
@@ -122,6 +126,18 @@ impl ControlsPanel {
                 percent_slider(ui, &mut s.min_keep, 0.0..=1.0)
                     .labelled_by(label.id)
                     .on_hover_text(TIP_MIN_KEEP);
+                let owl_ok =
+                    has_data && matches!(s.pattern, Pattern::Unstructured | Pattern::Block { .. });
+                if ui
+                    .add_enabled(owl_ok, egui::Button::new("Split by OWL"))
+                    .on_hover_text(TIP_OWL)
+                    .on_disabled_hover_text(format!(
+                        "{TIP_OWL} It needs evaluation data and an unstructured or block pattern."
+                    ))
+                    .clicked()
+                {
+                    *plan_owl = true;
+                }
             }
             Scope::Layer => {
                 let label = ui.label(RichText::new("All layers").strong());

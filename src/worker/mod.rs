@@ -138,6 +138,17 @@ impl WorkerHandle {
         Ok(job)
     }
 
+    /// Plans layer-wise targets for `settings`' global target by OWL.
+    pub fn owl_plan(&mut self, settings: crate::prune::PruneSettings) -> Result<JobId, WorkerBusy> {
+        let (job, cancel) = self.next_job();
+        self.send(Command::OwlPlan {
+            job,
+            cancel,
+            settings,
+        })?;
+        Ok(job)
+    }
+
     /// Runs SparseGPT at `settings`' targets; its model replaces the open one.
     pub fn sparsegpt(
         &mut self,

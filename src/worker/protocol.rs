@@ -85,6 +85,12 @@ pub enum Command {
         settings: PruneSettings,
         other: crate::prune::Criterion,
     },
+    /// Split the settings' global target across layers by OWL (outlier-weighted).
+    OwlPlan {
+        job: JobId,
+        cancel: CancelFlag,
+        settings: PruneSettings,
+    },
     /// Prune the open model with SparseGPT at `settings`' targets; the result, with its updated
     /// weights, replaces it (Undo brings the original back).
     SparseGpt {
@@ -215,6 +221,11 @@ pub enum Event {
         model: ModelId,
         report: Arc<crate::latency::LatencyReport>,
         sizes: Option<Arc<Vec<crate::analysis::StorageSize>>>,
+    },
+    /// Layer-wise targets planned by OWL from the global target.
+    OwlPlanned {
+        model: ModelId,
+        settings: PruneSettings,
     },
     /// Two criteria at the same settings, compared.
     CriteriaCompared {

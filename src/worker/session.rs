@@ -236,6 +236,7 @@ impl Worker {
             | Command::Latency { job, .. }
             | Command::CompareCriteria { job, .. }
             | Command::SparseGpt { job, .. }
+            | Command::OwlPlan { job, .. }
             | Command::PanicForTest { job } => Some(*job),
             Command::Preview(_)
             | Command::Plan { .. }
@@ -314,6 +315,11 @@ impl Worker {
                 cancel,
                 settings,
             } => self.sparsegpt(job, cancel, settings),
+            Command::OwlPlan {
+                job,
+                cancel,
+                settings,
+            } => self.owl_plan(job, cancel, settings),
             Command::ClearHistory { model } => {
                 if let Some(s) = self.session.as_mut().filter(|s| s.id == model) {
                     s.history.records.clear();
@@ -564,6 +570,48 @@ impl Worker {
         if spawned.is_err() {
             sweeps.lock().unwrap_or_else(|e| e.into_inner()).running = false;
             fail(self, "could not start a thread for the sweep".into());
+        }
+    }
+
+    fn owl_plan(&mut self, job: JobId, cancel: CancelFlag, settings: PruneSettings) {
+        self.emit(Event::JobStarted {
+            job,
+            label: "OWL plan".into(),
+        });
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some(s) = self.session.as_ref() else {
+            return fail(self, "no model is open".into());
+        };
+        let Some(data) = s.evaluator.as_ref().and_then(|e| e.shared_data()) else {
+            return fail(
+                self,
+                "OWL counts outliers on calibration data: choose evaluation data for a model \
+                 prunescope can run"
+                    .into(),
+            );
+        };
+        let progress = self.progress_for(job, cancel);
+        match crate::prune::owl::plan(
+            &s.model,
+            &settings,
+            &data,
+            settings.calibration,
+            crate::prune::owl::DEFAULT_M,
+            crate::prune::owl::DEFAULT_LAMBDA,
+            &progress,
+        ) {
+            Ok(planned) => {
+                self.emit(Event::OwlPlanned {
+                    model: s.id,
+                    settings: planned,
+                });
+                self.emit(Event::JobFinished {
+                    job,
+                    message: "OWL targets set layer by layer".into(),
+                });
+            }
+            Err(PruneError::Cancelled) => self.emit(Event::JobCancelled { job }),
+            Err(e) => fail(self, e.to_string()),
         }
     }
 
