@@ -274,3 +274,35 @@ fn a_cnn_fine_tunes_in_the_worker_and_undo_brings_the_pruned_one_back() {
         "fine-tuned {tuned} vs pruned {pruned}"
     );
 }
+
+#[test]
+fn scoring_that_the_worker_starts_itself_can_be_cancelled_and_the_model_stays() {
+    let mut w = WorkerHandle::spawn(|| {});
+    let model = open_sample(&mut w);
+    // OBD needs one backward pass per calibration sample: long enough to cancel.
+    let mut p = preview(model, 1, 0.5);
+    p.settings.criterion = prunescope::prune::Criterion::Obd;
+    p.settings.calibration = 100_000;
+    w.preview(p).unwrap();
+    let job = wait_for(&w, |e| match e {
+        Event::JobStarted { job, label } if label.starts_with("Scoring with") => Some(job),
+        _ => None,
+    });
+    w.cancel(job);
+    wait_for(&w, |e| match e {
+        Event::JobCancelled { job: j } if j == job => Some(()),
+        Event::JobFinished { job: j, .. } if j == job => panic!("scoring finished, not cancelled"),
+        _ => None,
+    });
+    let error = wait_for(&w, |e| match e {
+        Event::PreviewError { error, .. } => Some(error),
+        _ => None,
+    });
+    assert!(error.contains("cancelled"), "{error}");
+    // The model still answers with the criterion it had.
+    w.preview(preview(model, 2, 0.3)).unwrap();
+    wait_for(&w, |e| match e {
+        Event::Preview(p) if p.generation == 2 => Some(()),
+        _ => None,
+    });
+}
