@@ -1120,15 +1120,7 @@ fn write_updated(
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
     if onnx {
-        let values: Vec<(String, Vec<usize>, Vec<f32>)> = u
-            .model
-            .tensors
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| u.masks.get(&e.name).is_some())
-            .map(|(t, e)| (e.name.clone(), e.shape.clone(), u.model.to_f32_vec(t)))
-            .collect();
-        let bytes = crate::export::patch_onnx(model, &values)?;
+        let bytes = u.onnx_bytes(model)?;
         crate::util::atomic_write(out, |w| w.write_all(&bytes))
             .with_context(|| format!("{}: cannot write", out.display()))?;
     } else {

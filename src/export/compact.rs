@@ -141,14 +141,8 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
         tensors.push((e.name.clone(), shape, gather(&v, &e.shape, &keep)));
     }
     let mut small = Model::from_f32_tensors("compacted", tensors);
-    small.metadata = model.metadata.clone();
-    if model.format == crate::model::ModelFormat::Onnx {
-        // The graph travels with the safetensors weights, so the smaller model runs anywhere
-        // prunescope does; an ONNX output keeps the original graph instead (`write_onnx`).
-        small
-            .metadata
-            .insert(crate::eval::ARCH_METADATA_KEY.into(), graph.to_json());
-    }
+    // An ONNX output keeps the original graph instead (`write_onnx`).
+    graph.describe_in(&mut small, model);
     let macs = |m: &Model| -> Result<u64, CompactError> {
         Ok(graph
             .weight_uses(m)?

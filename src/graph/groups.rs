@@ -139,6 +139,33 @@ impl Spaces {
             }
         }
     }
+    /// A new space of `channels` output channels made by `weight` (and `bias`), both sliced
+    /// along axis 0: the channels of a Linear's or a convolution's output.
+    fn produce(
+        &mut self,
+        channels: usize,
+        weight: &str,
+        bias: Option<&str>,
+        first_axis: bool,
+    ) -> Chan {
+        let mut producers = vec![weight.to_string()];
+        producers.extend(bias.map(str::to_string));
+        let s = self.new_space(channels, producers);
+        let c = Chan {
+            segs: vec![Seg {
+                space: Some(s),
+                len: channels,
+            }],
+            first_axis,
+            per: 1,
+        };
+        self.add_members(&c, weight, 0);
+        if let Some(b) = bias {
+            self.add_members(&c, b, 0);
+        }
+        c
+    }
+
     /// Adds `tensor`'s slices along `axis` for every segment of `chan`.
     fn add_members(&mut self, chan: &Chan, tensor: &str, axis: usize) {
         let mut offset = 0;
@@ -184,22 +211,7 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
                     None => {}
                 }
                 let w = param_shape(&n.name, weight)?;
-                let mut producers = vec![weight.clone()];
-                producers.extend(bias.clone());
-                let s = sp.new_space(w[0], producers);
-                let c = Chan {
-                    segs: vec![Seg {
-                        space: Some(s),
-                        len: w[0],
-                    }],
-                    first_axis: false,
-                    per: 1,
-                };
-                sp.add_members(&c, weight, 0);
-                if let Some(b) = bias {
-                    sp.add_members(&c, b, 0);
-                }
-                Some(c)
+                Some(sp.produce(w[0], weight, bias.as_deref(), false))
             }
             Op::Conv2d {
                 weight,
@@ -215,21 +227,7 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
                     sp.block(x.as_ref(), &why("is grouped and reads them"));
                 }
                 let w = param_shape(&n.name, weight)?;
-                let mut producers = vec![weight.clone()];
-                producers.extend(bias.clone());
-                let s = sp.new_space(w[0], producers);
-                let c = Chan {
-                    segs: vec![Seg {
-                        space: Some(s),
-                        len: w[0],
-                    }],
-                    first_axis: true,
-                    per: 1,
-                };
-                sp.add_members(&c, weight, 0);
-                if let Some(b) = bias {
-                    sp.add_members(&c, b, 0);
-                }
+                let c = sp.produce(w[0], weight, bias.as_deref(), true);
                 if *groups != 1 {
                     sp.block(Some(&c), &why("is grouped and makes them"));
                 }

@@ -337,6 +337,18 @@ impl Graph {
         Ok(uses)
     }
 
+    /// Gives `derived` (new weights made from `original`: compacted, updated) `original`'s
+    /// metadata, and, where `original` is ONNX, this graph as its description, so the
+    /// safetensors it is written to runs wherever prunescope does.
+    pub fn describe_in(&self, derived: &mut Model, original: &Model) {
+        derived.metadata = original.metadata.clone();
+        if original.format == crate::model::ModelFormat::Onnx {
+            derived
+                .metadata
+                .insert(crate::eval::ARCH_METADATA_KEY.into(), self.to_json());
+        }
+    }
+
     /// The dependency groups of this graph over `model`'s tensors (see [`dependency_groups`]).
     pub fn dependency_groups(&self, model: &Model) -> Result<Groups, GraphError> {
         dependency_groups(self, &|node, name| {

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Allocation, Criterion, LayerAlloc, Mask, Pattern, PruneSettings, Scope, ScoreIndex,
-    score_of_key,
+    Allocation, Criterion, LayerAlloc, Mask, Pattern, PruneSettings, ScoreIndex, score_of_key,
 };
 use crate::model::{DECODE_CHUNK, Model};
 
@@ -147,17 +146,10 @@ fn tensor_blocks(model: &Model, index: &ScoreIndex, t: usize, b: usize) -> Tenso
     tb
 }
 
-/// The target of tensor `t` under `settings` (locked: 0).
+/// The weights tensor `t` should lose under `settings`.
 fn target(model: &Model, settings: &PruneSettings, t: usize) -> u64 {
-    let l = settings.layer(&model.tensors[t].name);
-    let s = if l.locked {
-        0.0
-    } else if settings.scope == Scope::Global {
-        settings.sparsity
-    } else {
-        l.sparsity
-    };
-    (s.clamp(0.0, 1.0) * model.tensors[t].numel as f64).round() as u64
+    let e = &model.tensors[t];
+    (settings.layer_target(&e.name) * e.numel as f64).round() as u64
 }
 
 /// Every prunable tensor loses the whole blocks closest to its target: the global target in

@@ -444,6 +444,37 @@ fn gradient_stats(
     Ok(acc)
 }
 
+/// Runs every calibration batch through `graph` and shows `f` each node with its first input,
+/// with progress and cancel between batches; the first error `f` returns stops the run.
+pub(super) fn observe_inputs(
+    graph: &Graph,
+    params: &crate::graph::Params,
+    b: &Batches,
+    progress: &Progress,
+    label: &str,
+    f: &mut dyn FnMut(&Node, &Tensor) -> Result<(), PruneError>,
+) -> Result<(), PruneError> {
+    let mut done = 0;
+    for (k, xs) in b.inputs.iter().enumerate() {
+        progress.check()?;
+        let mut failure: Option<PruneError> = None;
+        let mut observe = |n: &Node, x: &Tensor| {
+            if failure.is_none()
+                && let Err(e) = f(n, x)
+            {
+                failure = Some(e);
+            }
+        };
+        graph.forward_observed(xs, params, Mode::Eval, &mut observe)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        done += b.sizes[k];
+        progress.report(done as f32 / b.n as f32, label);
+    }
+    Ok(())
+}
+
 /// For each Linear and Conv2d weight, a function giving the activity of the input that the
 /// weight in (row, column) reads: the fraction of its values that are not zero (APoZ's
 /// complement) or their mean absolute value, over every sample and position.
@@ -459,47 +490,27 @@ fn input_activity(
     // Per weight name and input feature (Linear) or input channel (Conv2d): (nonzero, sum |x|,
     // count).
     let mut acc: HashMap<String, Vec<(f64, f64, f64)>> = HashMap::new();
-    let mut failure: Option<PruneError> = None;
-    let mut done = 0;
-    for (k, xs) in b.inputs.iter().enumerate() {
-        progress.check()?;
-        let mut observe = |n: &Node, x: &Tensor| {
-            if failure.is_some() {
-                return;
+    observe_inputs(graph, params, b, progress, label, &mut |n, x| {
+        let (weight, features, inner) = match &n.op {
+            Op::Linear { weight, .. } => (weight, x.dim(candle_core::D::Minus1)?, 1),
+            Op::Conv2d { weight, .. } => {
+                let (_, c, h, w) = x.dims4()?;
+                (weight, c, h * w)
             }
-            let r = (|| -> Result<(), PruneError> {
-                let (weight, features, inner) = match &n.op {
-                    Op::Linear { weight, .. } => (weight, x.dim(candle_core::D::Minus1)?, 1),
-                    Op::Conv2d { weight, .. } => {
-                        let (_, c, h, w) = x.dims4()?;
-                        (weight, c, h * w)
-                    }
-                    _ => return Ok(()),
-                };
-                let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let a = acc
-                    .entry(weight.clone())
-                    .or_insert_with(|| vec![(0.0, 0.0, 0.0); features]);
-                for (i, x) in v.iter().enumerate() {
-                    let f = (i / inner) % features;
-                    let e = &mut a[f];
-                    e.0 += (*x != 0.0) as u8 as f64;
-                    e.1 += x.abs() as f64;
-                    e.2 += 1.0;
-                }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                failure = Some(e);
-            }
+            _ => return Ok(()),
         };
-        graph.forward_observed(xs, params, Mode::Eval, &mut observe)?;
-        if let Some(e) = failure.take() {
-            return Err(e);
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let a = acc
+            .entry(weight.clone())
+            .or_insert_with(|| vec![(0.0, 0.0, 0.0); features]);
+        for (i, x) in v.iter().enumerate() {
+            let e = &mut a[(i / inner) % features];
+            e.0 += (*x != 0.0) as u8 as f64;
+            e.1 += x.abs() as f64;
+            e.2 += 1.0;
         }
-        done += b.sizes[k];
-        progress.report(done as f32 / b.n as f32, label);
-    }
+        Ok(())
+    })?;
     let mut out: HashMap<String, Box<dyn Fn(usize, usize) -> f32>> = HashMap::new();
     for n in &graph.nodes {
         let (weight, groups, k) = match &n.op {
@@ -552,64 +563,45 @@ fn wanda_input_sq(
     // Sums of squares per weight name: a Linear's per input feature, a Conv2d's per
     // (input channel, ky, kx).
     let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
-    let mut failure: Option<PruneError> = None;
-    let mut done = 0;
-    for (k, xs) in b.inputs.iter().enumerate() {
-        progress.check()?;
-        let mut observe = |n: &Node, x: &Tensor| {
-            if failure.is_some() {
-                return;
-            }
-            let r = (|| -> Result<(), PruneError> {
-                match &n.op {
-                    Op::Linear { weight, .. } => {
-                        let cols = x.dim(candle_core::D::Minus1)?;
-                        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                        let s = sums
-                            .entry(weight.clone())
-                            .or_insert_with(|| vec![0.0; cols]);
-                        for (i, x) in v.iter().enumerate() {
-                            s[i % cols] += (*x as f64) * (*x as f64);
-                        }
-                    }
-                    Op::Conv2d {
-                        weight,
-                        stride,
-                        padding,
-                        dilation,
-                        ..
-                    } => {
-                        let w = params[weight].dims().to_vec();
-                        let (bn, c, h, wd) = x.dims4()?;
-                        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                        let s = sums
-                            .entry(weight.clone())
-                            .or_insert_with(|| vec![0.0; c * w[2] * w[3]]);
-                        conv_input_sq(
-                            &v,
-                            [bn, c, h, wd],
-                            [w[2], w[3]],
-                            *stride,
-                            *padding,
-                            *dilation,
-                            s,
-                        );
-                    }
-                    _ => {}
+    observe_inputs(graph, params, b, progress, label, &mut |n, x| {
+        match &n.op {
+            Op::Linear { weight, .. } => {
+                let cols = x.dim(candle_core::D::Minus1)?;
+                let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let s = sums
+                    .entry(weight.clone())
+                    .or_insert_with(|| vec![0.0; cols]);
+                for (i, x) in v.iter().enumerate() {
+                    s[i % cols] += (*x as f64) * (*x as f64);
                 }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                failure = Some(e);
             }
-        };
-        graph.forward_observed(xs, params, Mode::Eval, &mut observe)?;
-        if let Some(e) = failure.take() {
-            return Err(e);
+            Op::Conv2d {
+                weight,
+                stride,
+                padding,
+                dilation,
+                ..
+            } => {
+                let w = params[weight].dims().to_vec();
+                let (bn, c, h, wd) = x.dims4()?;
+                let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let s = sums
+                    .entry(weight.clone())
+                    .or_insert_with(|| vec![0.0; c * w[2] * w[3]]);
+                conv_input_sq(
+                    &v,
+                    [bn, c, h, wd],
+                    [w[2], w[3]],
+                    *stride,
+                    *padding,
+                    *dilation,
+                    s,
+                );
+            }
+            _ => {}
         }
-        done += b.sizes[k];
-        progress.report(done as f32 / b.n as f32, label);
-    }
+        Ok(())
+    })?;
     let mut out: HashMap<String, Box<dyn Fn(usize, usize) -> f32>> = HashMap::new();
     for n in &graph.nodes {
         match &n.op {

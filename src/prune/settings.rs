@@ -243,6 +243,21 @@ impl PruneSettings {
         self.layers.get(name).cloned().unwrap_or_default()
     }
 
+    /// The sparsity tensor `name` is cut to when every layer takes its own share (block
+    /// pruning, SparseGPT, structured groups): 0 when locked, the global target in global
+    /// scope, else the layer's own target.
+    pub fn layer_target(&self, name: &str) -> f64 {
+        let l = self.layer(name);
+        let s = if l.locked {
+            0.0
+        } else if self.scope == Scope::Global {
+            self.sparsity
+        } else {
+            l.sparsity
+        };
+        s.clamp(0.0, 1.0)
+    }
+
     pub fn layer_mut(&mut self, name: &str) -> &mut LayerSettings {
         self.layers.entry(name.to_string()).or_default()
     }

@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
-use super::{Mask, MaskSet, PruneError, PruneSettings, Scope};
+use super::{Mask, MaskSet, PruneError, PruneSettings};
 use crate::data::EvalData;
-use crate::graph::{Mode, Node, Op};
+use crate::graph::Op;
 use crate::model::Model;
 use crate::progress::Progress;
 
@@ -37,6 +37,22 @@ pub struct SparseGpt {
     pub model: Model,
     pub masks: MaskSet,
     pub layers: Vec<LayerResult>,
+}
+
+impl SparseGpt {
+    /// The original ONNX file's bytes with the pruned layers' updated values in place: the same
+    /// graph, which tract runs and the export writes.
+    pub fn onnx_bytes(&self, original: &Model) -> Result<Vec<u8>, crate::export::ExportError> {
+        let values: crate::train::NamedTensors = self
+            .model
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| self.masks.get(&e.name).is_some())
+            .map(|(t, e)| (e.name.clone(), e.shape.clone(), self.model.to_f32_vec(t)))
+            .collect();
+        crate::export::patch_onnx(original, &values)
+    }
 }
 
 /// ‖(W − Ŵ) X‖² = Σ_r (w_r − ŵ_r)ᵀ H (w_r − ŵ_r) for H = X Xᵀ.
@@ -222,42 +238,36 @@ pub fn run(
     let params = crate::graph::load_params(&graph, model, None, &Device::Cpu)?;
     // H = Σ x xᵀ of every Linear's inputs.
     let mut hs: HashMap<String, (usize, Vec<f64>)> = HashMap::new();
-    let mut failure: Option<PruneError> = None;
-    for xs in &b.inputs {
-        progress.check()?;
-        let mut observe = |node: &Node, x: &Tensor| {
+    super::calibrate::observe_inputs(
+        &graph,
+        &params,
+        &b,
+        progress,
+        "SparseGPT: calibrating",
+        &mut |node, x| {
             let Op::Linear { weight, .. } = &node.op else {
-                return;
+                return Ok(());
             };
-            let r = (|| -> Result<(), PruneError> {
-                let cols = x.dim(candle_core::D::Minus1)?;
-                let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let (_, h) = hs
-                    .entry(weight.clone())
-                    .or_insert_with(|| (cols, vec![0.0; cols * cols]));
-                for row in v.chunks(cols) {
-                    for i in 0..cols {
-                        let xi = row[i] as f64;
-                        if xi == 0.0 {
-                            continue;
-                        }
-                        let hrow = &mut h[i * cols..(i + 1) * cols];
-                        for (hj, &xj) in hrow.iter_mut().zip(row) {
-                            *hj += xi * xj as f64;
-                        }
+            let cols = x.dim(candle_core::D::Minus1)?;
+            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let (_, h) = hs
+                .entry(weight.clone())
+                .or_insert_with(|| (cols, vec![0.0; cols * cols]));
+            for row in v.chunks(cols) {
+                for i in 0..cols {
+                    let xi = row[i] as f64;
+                    if xi == 0.0 {
+                        continue;
+                    }
+                    let hrow = &mut h[i * cols..(i + 1) * cols];
+                    for (hj, &xj) in hrow.iter_mut().zip(row) {
+                        *hj += xi * xj as f64;
                     }
                 }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                failure.get_or_insert(e);
             }
-        };
-        graph.forward_observed(xs, &params, Mode::Eval, &mut observe)?;
-        if let Some(e) = failure.take() {
-            return Err(e);
-        }
-    }
+            Ok(())
+        },
+    )?;
     let targets: Vec<usize> = (0..model.tensors.len())
         .filter(|&t| settings.is_prunable(model, t))
         .collect();
@@ -268,14 +278,7 @@ pub fn run(
         let mut v = model.to_f32_vec(k);
         if targets.contains(&k) {
             progress.check()?;
-            let ls = settings.layer(&e.name);
-            let s = if ls.locked {
-                0.0
-            } else if settings.scope == Scope::Global {
-                settings.sparsity
-            } else {
-                ls.sparsity
-            };
+            let s = settings.layer_target(&e.name);
             let kept = match hs.get(&e.name) {
                 Some((cols, h)) if e.shape.len() == 2 && e.shape[1] == *cols => {
                     let (w_hat, kept) = prune_layer(&v, *cols, h, s)
@@ -315,13 +318,7 @@ pub fn run(
         tensors.push((e.name.clone(), e.shape.clone(), v));
     }
     let mut updated = Model::from_f32_tensors("sparsegpt", tensors);
-    updated.metadata = model.metadata.clone();
-    if model.format == crate::model::ModelFormat::Onnx {
-        // Written as safetensors, the updated weights carry the graph they run in.
-        updated
-            .metadata
-            .insert(crate::eval::ARCH_METADATA_KEY.into(), graph.to_json());
-    }
+    graph.describe_in(&mut updated, model);
     Ok(SparseGpt {
         model: updated,
         masks,

@@ -160,11 +160,7 @@ pub fn plan(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Ve
             if !eligible {
                 return 0;
             }
-            let s = match settings.scope {
-                super::Scope::Global => settings.sparsity,
-                _ => settings.layer(&model.tensors[producers[0]].name).sparsity,
-            }
-            .clamp(0.0, 1.0);
+            let s = settings.layer_target(&model.tensors[producers[0]].name);
             removed_channels(g.channels, s, settings.round_width)
         })
         .collect()

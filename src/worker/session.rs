@@ -573,22 +573,36 @@ impl Worker {
         }
     }
 
-    fn owl_plan(&mut self, job: JobId, cancel: CancelFlag, settings: PruneSettings) {
+    /// Starts job `job` as `label` and returns the open model with its calibration samples, or
+    /// fails the job saying that `what` needs them.
+    fn start_calibrated(
+        &self,
+        job: JobId,
+        label: &str,
+        what: &str,
+    ) -> Option<(&Session, Arc<crate::data::EvalData>)> {
         self.emit(Event::JobStarted {
             job,
-            label: "OWL plan".into(),
+            label: label.into(),
         });
-        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
-        let Some(s) = self.session.as_ref() else {
-            return fail(self, "no model is open".into());
+        let error = match self.session.as_ref() {
+            None => "no model is open".to_string(),
+            Some(s) => match s.evaluator.as_ref().and_then(|e| e.shared_data()) {
+                Some(data) => return Some((s, data)),
+                None => format!(
+                    "{what} on calibration data: choose evaluation data for a model prunescope \
+                     can run"
+                ),
+            },
         };
-        let Some(data) = s.evaluator.as_ref().and_then(|e| e.shared_data()) else {
-            return fail(
-                self,
-                "OWL counts outliers on calibration data: choose evaluation data for a model \
-                 prunescope can run"
-                    .into(),
-            );
+        self.emit(Event::JobFailed { job, error });
+        None
+    }
+
+    fn owl_plan(&mut self, job: JobId, cancel: CancelFlag, settings: PruneSettings) {
+        let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
+        let Some((s, data)) = self.start_calibrated(job, "OWL plan", "OWL counts outliers") else {
+            return;
         };
         let progress = self.progress_for(job, cancel);
         match crate::prune::owl::plan(
@@ -616,21 +630,10 @@ impl Worker {
     }
 
     fn sparsegpt(&mut self, job: JobId, cancel: CancelFlag, mut settings: PruneSettings) {
-        self.emit(Event::JobStarted {
-            job,
-            label: "SparseGPT".into(),
-        });
         let fail = |w: &Self, error: String| w.emit(Event::JobFailed { job, error });
-        let Some(s) = self.session.as_ref() else {
-            return fail(self, "no model is open".into());
-        };
-        let Some(data) = s.evaluator.as_ref().and_then(|e| e.shared_data()) else {
-            return fail(
-                self,
-                "SparseGPT calibrates on data: choose evaluation data for a model prunescope \
-                 can run"
-                    .into(),
-            );
+        let Some((s, data)) = self.start_calibrated(job, "SparseGPT", "SparseGPT calibrates")
+        else {
+            return;
         };
         settings.criterion = crate::prune::Criterion::SparseGpt;
         let progress = self.progress_for(job, cancel.clone());
@@ -661,15 +664,7 @@ impl Worker {
         let m = if model.format == crate::model::ModelFormat::Onnx {
             // The same ONNX file with the updated initializers: it still runs through tract and
             // exports as ONNX.
-            let values: Vec<(String, Vec<usize>, Vec<f32>)> = u
-                .model
-                .tensors
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| u.masks.get(&e.name).is_some())
-                .map(|(t, e)| (e.name.clone(), e.shape.clone(), u.model.to_f32_vec(t)))
-                .collect();
-            match crate::export::patch_onnx(&model, &values).and_then(|b| {
+            match u.onnx_bytes(&model).and_then(|b| {
                 Model::from_bytes(name, crate::model::ModelFormat::Onnx, b)
                     .map_err(|e| crate::export::ExportError::Unsupported(e.to_string()))
             }) {
