@@ -1079,7 +1079,7 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let data = data_source(a.data.as_deref(), None, None);
-            prune_from_flags(&model, &flags, &data, &progress)?.0.masks
+            masks_only(prune_from_flags(&model, &flags, &data, &progress)?.0)?
         }
     };
     let c = crate::export::compact::compact(&model, &masks)?;
@@ -1107,6 +1107,19 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The masks of a cut for commands that apply masks to the input's weights; a criterion that
+/// also changes the kept weights (SparseGPT) would be silently undone there, so it is refused.
+fn masks_only(p: crate::prune::Pruned) -> anyhow::Result<crate::prune::MaskSet> {
+    if p.updated.is_some() {
+        bail!(
+            "sparsegpt changes the kept weights, which this command would not use: run \
+             `prunescope prune --criterion sparsegpt … --out M` first, then use M (its zeros are \
+             the cut)"
+        );
+    }
+    Ok(p.masks)
 }
 
 /// Writes a model whose kept weights pruning changed (SparseGPT), and reports what it bought.
@@ -1662,7 +1675,9 @@ fn finetune_graph_cmd(
 ) -> anyhow::Result<()> {
     let masks = match &a.masks {
         Some(m) => crate::export::load_masks(model, m)?,
-        None if a.flags.any() => prune_from_flags(model, &a.flags, source, progress)?.0.masks,
+        None if a.flags.any() => {
+            masks_only(prune_from_flags(model, &a.flags, source, progress)?.0)?
+        }
         None => bail!("say what to prune: --masks, --recipe or --sparsity"),
     };
     let cfg = train_config(&a.train, 5)?;
@@ -1736,9 +1751,7 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
     let masks = match &a.masks {
         Some(m) => crate::export::load_masks(&model, m)?,
         None if a.flags.any() => {
-            prune_from_flags(&model, &a.flags, &source, &progress)?
-                .0
-                .masks
+            masks_only(prune_from_flags(&model, &a.flags, &source, &progress)?.0)?
         }
         None => bail!(
             "say what to prune: --masks, --recipe or --sparsity (fine-tuning a dense model is training)"

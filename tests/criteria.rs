@@ -465,3 +465,45 @@ fn owl_plans_each_layer_from_the_outliers_of_its_own_wanda_scores() {
         }
     }
 }
+
+#[test]
+fn commands_that_apply_masks_refuse_sparsegpt_instead_of_undoing_its_updates() {
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_prunescope");
+    let out_dir = std::env::temp_dir().join(format!("prunescope-sgpt-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("ft.safetensors");
+    for args in [
+        vec![
+            "sensitivity",
+            "sample_models/digits_mlp.safetensors",
+            "--criterion",
+            "sparsegpt",
+            "--grid",
+            "0.5",
+            "--fresh",
+        ],
+        vec![
+            "finetune",
+            "sample_models/digits_mlp.safetensors",
+            "--criterion",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let o = Command::new(bin).args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("sparsegpt changes the kept weights"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

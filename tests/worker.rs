@@ -306,3 +306,18 @@ fn scoring_that_the_worker_starts_itself_can_be_cancelled_and_the_model_stays() 
         _ => None,
     });
 }
+
+#[test]
+fn sparsegpt_is_not_a_slider_criterion() {
+    let mut w = WorkerHandle::spawn(|| {});
+    let model = open_sample(&mut w);
+    let mut p = preview(model, 1, 0.5);
+    p.settings.criterion = prunescope::prune::Criterion::SparseGpt;
+    w.preview(p).unwrap();
+    let error = wait_for(&w, |e| match e {
+        Event::PreviewError { error, .. } => Some(error),
+        Event::Preview(_) => panic!("a SparseGPT preview would show magnitude's masks"),
+        _ => None,
+    });
+    assert!(error.contains("Run SparseGPT"), "{error}");
+}

@@ -466,6 +466,13 @@ pub fn sweep(
     if groups.is_empty() {
         return Err(SensitivityError::NothingToSweep);
     }
+    if spec.criterion.updates_weights() {
+        return Err(SensitivityError::Prune(PruneError::Calibration(format!(
+            "{} changes the kept weights; sensitivity curves rank weights by a score: sweep \
+             magnitude or wanda",
+            spec.criterion.cli_name()
+        ))));
+    }
     if spec.pattern.structured() {
         return Err(SensitivityError::Prune(PruneError::Structured(format!(
             "sensitivity curves prune one layer at a time, and a {} cut moves whole dependency \

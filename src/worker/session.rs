@@ -345,6 +345,13 @@ impl Worker {
     /// criteria), rebuilding it as a visible job when it does not.
     fn ensure_index(&mut self, s: &PruneSettings) -> Result<Arc<ScoreIndex>, String> {
         let session = self.session.as_ref().ok_or("no model is open")?;
+        if s.criterion.updates_weights() {
+            return Err(format!(
+                "{} changes the kept weights, so it is not a criterion the sliders can move \
+                 over: use Run SparseGPT",
+                s.criterion.label()
+            ));
+        }
         // Data-driven criteria calibrate on the evaluation data in use.
         let data = session.evaluator.as_ref().and_then(|e| e.shared_data());
         let inputs = score_inputs(data.as_deref(), s);
