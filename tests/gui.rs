@@ -319,6 +319,7 @@ fn a_recipe_exported_from_the_app_replays_byte_identical_in_the_cli() {
         weights: Some(weights.clone()),
         masks: None,
         recipe: Some(recipe.clone()),
+        compacted: None,
     });
     step_until(&mut h, "the export", |a| {
         a.state()
@@ -1217,4 +1218,52 @@ fn split_by_owl_sets_the_librarys_layer_targets() {
     .unwrap();
     assert_eq!(h.state().state().settings, want);
     h.get_by_label_contains("OWL set each layer's target");
+}
+
+#[test]
+fn the_export_dialog_writes_the_compacted_model_the_library_makes() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    let model = sample();
+    h.state_mut().state_mut().settings = PruneSettings {
+        pattern: Pattern::Neuron,
+        sparsity: 0.5,
+        ..Default::default()
+    };
+    step_until(&mut h, "the neuron cut", settled);
+    h.get_by_label("File").click();
+    h.run_steps(4);
+    h.get_by_label_contains("Export…").click();
+    h.run_steps(4);
+    h.get_by_label("Compacted model");
+    let dir = common::tempdir("gui-compact");
+    let out = dir.join("small.safetensors");
+    let settings = h.state().state().settings.clone();
+    h.state_mut().export(prunescope::worker::ExportRequest {
+        settings: settings.clone(),
+        weights: None,
+        masks: None,
+        recipe: None,
+        compacted: Some(out.clone()),
+    });
+    step_until(&mut h, "the export", |a| {
+        a.state()
+            .notice
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Wrote"))
+    });
+    let want = prunescope::export::compact::compact(&model, &masks_for(&model, &settings)).unwrap();
+    let got = Model::open(&out).unwrap();
+    assert_eq!(got.total_params(), want.report.params_after);
+    for (a, b) in got.tensors.iter().zip(&want.model.tensors) {
+        assert_eq!((&a.name, &a.shape), (&b.name, &b.shape));
+        let (ta, tb) = (
+            got.find(&a.name).unwrap(),
+            want.model.find(&b.name).unwrap(),
+        );
+        assert_eq!(got.to_f32_vec(ta), want.model.to_f32_vec(tb), "{}", a.name);
+    }
+    // And it runs: its graph travels in its metadata.
+    let e = prunescope::eval::evaluator_for(&got).unwrap().unwrap();
+    assert!(e.evaluate(&got, &prunescope::prune::MaskSet::new()).is_ok());
 }

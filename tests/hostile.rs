@@ -624,6 +624,7 @@ fn the_worker_refuses_an_export_over_the_open_model_and_keeps_it() {
         weights: Some(weights),
         masks,
         recipe: None,
+        compacted: None,
     };
     for r in [
         req(dir.join("./m.npz"), None),

@@ -183,6 +183,7 @@ fn cancelling_an_export_reports_cancelled_and_writes_nothing() {
             weights: Some(out.clone()),
             masks: None,
             recipe: None,
+            compacted: None,
         })
         .unwrap();
     w.cancel(job);

@@ -68,6 +68,7 @@ pub enum ExportTarget {
     Weights,
     Masks,
     Recipe,
+    Compacted,
 }
 
 impl ExportTarget {
@@ -76,6 +77,7 @@ impl ExportTarget {
             ExportTarget::Weights => "Save pruned weights",
             ExportTarget::Masks => "Save masks",
             ExportTarget::Recipe => "Save recipe",
+            ExportTarget::Compacted => "Save compacted model",
         }
     }
 }
@@ -122,6 +124,17 @@ impl ExportDialog {
                 ),
                 (ExportTarget::Masks, true, path(".masks.safetensors")),
                 (ExportTarget::Recipe, true, path(".recipe.json")),
+                (
+                    ExportTarget::Compacted,
+                    false,
+                    path(
+                        if m.snapshot.format == crate::model::ModelFormat::Onnx.label() {
+                            ".compact.onnx"
+                        } else {
+                            ".compact.safetensors"
+                        },
+                    ),
+                ),
             ];
         }
         self.open = true;
@@ -153,6 +166,7 @@ impl ExportDialog {
                         ExportTarget::Weights => ("Pruned weights", "Same names, shapes and dtypes as the input, zeros where pruned. A path ending in .onnx (for ONNX models) writes the whole graph with only the pruned values changed; any other path writes safetensors."),
                         ExportTarget::Masks => ("Masks", "One u8 tensor per pruned tensor, 1 = kept (safetensors)."),
                         ExportTarget::Recipe => ("Recipe", "The settings and the input file's hash, as JSON; `prunescope prune MODEL --recipe R.json` replays it."),
+                        ExportTarget::Compacted => ("Compacted model", "A neuron or channel cut made physically smaller: every removed channel leaves its dependency group, so the layers are narrower and compute exactly what the masked model does. safetensors with the graph, or .onnx for an ONNX model."),
                     };
                     ui.checkbox(on, label).on_hover_text(tip);
                     // min_size, not desired_width: a grid column would otherwise keep it a stub.
@@ -184,8 +198,9 @@ impl ExportDialog {
                 weights: pick(ExportTarget::Weights),
                 masks: pick(ExportTarget::Masks),
                 recipe: pick(ExportTarget::Recipe),
+                compacted: pick(ExportTarget::Compacted),
             };
-            let any = request.weights.is_some() || request.masks.is_some() || request.recipe.is_some();
+            let any = !request.outputs().is_empty();
             let mut error = state.model.as_ref().and_then(|m| m.preview_error.as_ref()).map(|(_, e)| e.clone());
             if let Some(e) = &error {
                 ui.colored_label(super::theme::BAD, format!("The settings are invalid: {e}"));

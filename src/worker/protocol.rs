@@ -142,6 +142,8 @@ pub struct ExportRequest {
     pub weights: Option<PathBuf>,
     pub masks: Option<PathBuf>,
     pub recipe: Option<PathBuf>,
+    /// The structurally pruned model made smaller (see [`crate::export::compact`]).
+    pub compacted: Option<PathBuf>,
 }
 
 impl ExportRequest {
@@ -151,6 +153,7 @@ impl ExportRequest {
             ("Pruned weights", &self.weights),
             ("Masks", &self.masks),
             ("Recipe", &self.recipe),
+            ("Compacted model", &self.compacted),
         ]
         .into_iter()
         .filter_map(|(what, p)| p.as_deref().map(|p| (what, p)))

@@ -1855,6 +1855,22 @@ impl Worker {
                 Recipe::new(&model, hash, &req.settings, &alloc).save(p)?;
                 written.push(p.display().to_string());
             }
+            if let Some(p) = &req.compacted {
+                let c = crate::export::compact::compact(&model, &masks)?;
+                if p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+                {
+                    crate::export::compact::write_onnx(&model, &masks, &c, p)?;
+                } else {
+                    crate::export::export_pruned(&c.model, &MaskSet::new(), p, &progress)?;
+                }
+                written.push(format!(
+                    "{} ({} → {} parameters)",
+                    p.display(),
+                    crate::util::group_digits(c.report.params_before),
+                    crate::util::group_digits(c.report.params_after)
+                ));
+            }
             Ok(format!("Wrote {}", written.join(", ")))
         })();
         match result {
