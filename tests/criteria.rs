@@ -507,3 +507,30 @@ fn commands_that_apply_masks_refuse_sparsegpt_instead_of_undoing_its_updates() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+#[test]
+fn sparsegpt_leaves_a_locked_layer_exactly_as_it_was() {
+    let model = Model::open(std::path::Path::new("sample_models/digits_mlp.safetensors")).unwrap();
+    let evaluator = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let mut settings = PruneSettings {
+        criterion: Criterion::SparseGpt,
+        sparsity: 0.5,
+        calibration: 64,
+        ..Default::default()
+    };
+    settings.layer_mut("fc1.weight").locked = true;
+    let inputs = ScoreInputs {
+        calibration: Some(evaluator.calibration()),
+        samples: 64,
+        ..Default::default()
+    };
+    let p = prune(&model, &settings, &inputs, &Progress::none()).unwrap();
+    let u = p.updated.unwrap();
+    let name = "fc1.weight";
+    // The digits' border pixels are blank in every sample; fc1's columns on them stay too.
+    assert_eq!(
+        u.model.to_f32_vec(u.model.find(name).unwrap()),
+        model.to_f32_vec(model.find(name).unwrap())
+    );
+    assert_eq!(p.masks.get(name).unwrap().count_kept(), 128 * 64);
+}

@@ -263,3 +263,58 @@ fn channels_that_a_matmul_a_layer_norm_or_a_grouped_conv_needs_are_not_prunable(
     assert!(groups.groups.is_empty(), "{groups:#?}");
     assert!(groups.blocked.iter().any(|b| b.why.contains("grouped")));
 }
+
+#[test]
+fn channels_a_concat_would_shift_by_a_fraction_or_a_batchnorm_reads_across_are_not_prunable() {
+    // A tabular input of 3 features beside a conv's 4 channels of 2 × 2 flattened: the fixed
+    // part is not whole channels, so the conv's channels cannot be located in fc's inputs.
+    let (g, model) = graph_model(
+        serde_json::json!({"kind": "graph",
+        "inputs": [{"name": "img", "shape": [1, 2, 2]}, {"name": "tab", "shape": [3]}],
+        "output": "out", "nodes": [
+            conv("a", "img", "ya", 1),
+            {"name": "flat", "op": "flatten", "inputs": ["ya"], "output": "f"},
+            {"name": "cat", "op": "concat", "axis": 0, "inputs": ["tab", "f"], "output": "c"},
+            {"name": "fc", "op": "linear", "weight": "fc.weight", "inputs": ["c"], "output": "out"}
+        ]}),
+        &[
+            ("a.weight", vec![4, 1, 3, 3]),
+            ("a.bias", vec![4]),
+            ("fc.weight", vec![2, 19]),
+        ],
+    );
+    let groups = g.dependency_groups(&model).unwrap();
+    assert!(groups.groups.is_empty(), "{groups:#?}");
+    assert!(groups.blocked.iter().any(|b| b.tensors[0] == "a.weight"));
+
+    // A Linear's outputs on the last axis of [8, 32], normalised by a BatchNorm over the 8.
+    let (g, model) = graph_model(
+        serde_json::json!({"kind": "graph", "inputs": [{"name": "x", "shape": [8, 16]}],
+        "output": "out", "nodes": [
+            {"name": "up", "op": "linear", "weight": "up.weight", "inputs": ["x"], "output": "u"},
+            {"name": "bn", "op": "batch_norm", "weight": "bn.weight", "bias": "bn.bias",
+             "running_mean": "bn.mean", "running_var": "bn.var", "inputs": ["u"], "output": "b"},
+            {"name": "down", "op": "linear", "weight": "down.weight", "inputs": ["b"], "output": "out"}
+        ]}),
+        &[
+            ("up.weight", vec![32, 16]),
+            ("bn.weight", vec![8]),
+            ("bn.bias", vec![8]),
+            ("bn.mean", vec![8]),
+            ("bn.var", vec![8]),
+            ("down.weight", vec![4, 32]),
+        ],
+    );
+    let groups = g.dependency_groups(&model).unwrap();
+    assert!(groups.groups.is_empty(), "{groups:#?}");
+    let up = groups
+        .blocked
+        .iter()
+        .find(|b| b.tensors[0] == "up.weight")
+        .unwrap();
+    assert!(
+        up.why.contains("normalises along another axis"),
+        "{}",
+        up.why
+    );
+}

@@ -103,6 +103,9 @@ fn kept_widths_round_up_to_the_multiple_asked_for() {
     assert_eq!(structured::removed_channels(16, 1.0, 1), 15); // at least one channel
     assert_eq!(structured::removed_channels(6, 0.5, 8), 3); // narrower than the multiple
     assert_eq!(structured::removed_channels(0, 0.5, 8), 0);
+    // 1 − 0.7 is 0.30000000000000004 in floating point: still 24 of 80 kept, 30 of 100.
+    assert_eq!(structured::removed_channels(80, 0.7, 8), 56);
+    assert_eq!(structured::removed_channels(100, 0.7, 1), 70);
 }
 
 #[test]
@@ -366,4 +369,24 @@ fn one_by_one_blocks_are_layer_wise_unstructured_pruning() {
     for (name, m) in unstructured.masks.iter() {
         assert!(blocks.masks.get(name) == Some(m), "{name}");
     }
+}
+
+#[test]
+fn a_locked_layer_keeps_every_weight_whichever_group_would_slice_it() {
+    let model = sample("digits_mlp");
+    let mut s = settings(Pattern::Neuron, 0.5, 1);
+    // fc3 reads fc2's neurons: locked, fc2's neurons must all stay; fc1's still go.
+    s.layer_mut("fc3.weight").locked = true;
+    let p = prune(&model, &s, &ScoreInputs::default(), &Progress::none()).unwrap();
+    assert!(
+        p.masks
+            .get("fc3.weight")
+            .is_none_or(|m| m.count_kept() == m.len())
+    );
+    let fc2 = p.masks.get("fc2.weight").unwrap();
+    // fc2 [64, 128]: every row keeps something (no neuron of fc2 removed), half its inputs go.
+    for r in 0..64 {
+        assert!((0..128).any(|c| fc2.kept(r * 128 + c)), "fc2 row {r}");
+    }
+    assert_eq!(fc2.count_kept(), 64 * 64);
 }

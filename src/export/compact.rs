@@ -229,14 +229,21 @@ pub fn write_onnx(
         if e.shape == small.shape && masks.get(&e.name).is_none() {
             continue;
         }
-        if let Some((init, _)) = inits.iter().find(|(i, _)| i.name == e.name)
-            && init.storage == Storage::External
-        {
-            return Err(CompactError::Onnx(format!(
-                "initializer '{}' is in an external data file; compacting such models to ONNX \
-                 is not supported (write .safetensors)",
-                e.name
-            )));
+        if let Some((init, _)) = inits.iter().find(|(i, _)| i.name == e.name) {
+            if init.storage == Storage::External {
+                return Err(CompactError::Onnx(format!(
+                    "initializer '{}' is in an external data file; compacting such models to \
+                     ONNX is not supported (write .safetensors)",
+                    e.name
+                )));
+            }
+            if init.dtype != crate::model::DType::F32 {
+                return Err(CompactError::Onnx(format!(
+                    "initializer '{}' is {}; compacted ONNX initializers are written as F32, \
+                     which the graph would not accept (write .safetensors)",
+                    e.name, init.dtype
+                )));
+            }
         }
         let t = c.model.find(&small.name).expect("same names");
         replace.insert(

@@ -219,12 +219,12 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
                 groups,
                 ..
             } => {
-                if *groups == 1 {
-                    if let Some(c) = &x {
-                        sp.add_members(c, weight, 1);
+                match &x {
+                    Some(c) if *groups == 1 && c.first_axis => sp.add_members(c, weight, 1),
+                    Some(_) if *groups == 1 => {
+                        sp.block(x.as_ref(), &why("reads them along another axis"))
                     }
-                } else {
-                    sp.block(x.as_ref(), &why("is grouped and reads them"));
+                    _ => sp.block(x.as_ref(), &why("is grouped and reads them")),
                 }
                 let w = param_shape(&n.name, weight)?;
                 let c = sp.produce(w[0], weight, bias.as_deref(), true);
@@ -233,14 +233,20 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
                 }
                 Some(c)
             }
-            Op::BatchNorm { .. } => {
-                if let Some(c) = &x {
+            // BatchNorm normalises along a sample's first axis.
+            Op::BatchNorm { .. } => match &x {
+                Some(c) if c.first_axis || x_rank == 1 => {
                     for (_, t) in n.op.params() {
                         sp.add_members(c, t, 0);
                     }
+                    x
                 }
-                x
-            }
+                Some(_) => {
+                    sp.block(x.as_ref(), &why("normalises along another axis"));
+                    None
+                }
+                None => None,
+            },
             Op::LayerNorm { .. } | Op::Softmax => match &x {
                 Some(c) if on_last(c) => {
                     sp.block(x.as_ref(), &why("normalises over them"));
@@ -348,6 +354,11 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
                                 Some(_) => ok = false,
                                 None => {
                                     let s = &shapes[n.inputs[k].as_str()];
+                                    // A fixed part that is not whole channels would shift every
+                                    // later channel by a fraction: none of them can be tracked.
+                                    if s[*axis] % f.per.max(1) != 0 {
+                                        ok = false;
+                                    }
                                     segs.push(Seg {
                                         space: None,
                                         len: s[*axis] / f.per.max(1),

@@ -280,6 +280,8 @@ pub fn run(
             progress.check()?;
             let s = settings.layer_target(&e.name);
             let kept = match hs.get(&e.name) {
+                // A layer left dense (locked, or a zero target) is left as it is.
+                _ if s == 0.0 => vec![true; e.numel],
                 Some((cols, h)) if e.shape.len() == 2 && e.shape[1] == *cols => {
                     let (w_hat, kept) = prune_layer(&v, *cols, h, s)
                         .map_err(|m| err(format!("layer '{}': {m}", e.name)))?;

@@ -153,9 +153,14 @@ pub fn plan(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Ve
         .iter()
         .zip(&order.producers)
         .map(|(g, producers)| {
+            // Every weight the group slices must be free to change: its producers and the
+            // layers that read it.
             let eligible = kind_matches(model, producers, settings.pattern)
-                && producers.iter().all(|&t| {
-                    settings.is_prunable(model, t) && !settings.layer(&model.tensors[t].name).locked
+                && g.members.iter().all(|m| {
+                    model.find(&m.tensor).is_none_or(|t| {
+                        model.tensors[t].shape.len() < 2
+                            || (settings.is_prunable(model, t) && !settings.layer(&m.tensor).locked)
+                    })
                 });
             if !eligible {
                 return 0;
@@ -172,7 +177,10 @@ pub fn removed_channels(channels: usize, s: f64, round: usize) -> usize {
     if channels == 0 {
         return 0;
     }
-    let mut kept = ((1.0 - s) * channels as f64).ceil().max(1.0) as usize;
+    // kept = ⌈(1 − s)·C⌉, computed from the removed share so that 1 − 0.7 = 0.30000000000000004
+    // does not keep one channel too many.
+    let removed = ((s * channels as f64) + 1e-9).floor() as usize;
+    let mut kept = (channels - removed.min(channels)).max(1);
     let round = round.max(1);
     if round > 1 && channels >= round {
         kept = kept.div_ceil(round) * round;

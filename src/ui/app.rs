@@ -392,7 +392,11 @@ impl AppState {
             }
             Event::OwlPlanned { model, settings } => {
                 if current == Some(model) {
-                    self.settings = settings;
+                    // Only the targets: anything else changed while OWL ran stays.
+                    self.settings.scope = settings.scope;
+                    for (name, l) in &settings.layers {
+                        self.settings.layer_mut(name).sparsity = l.sparsity;
+                    }
                     self.notice = Some(
                         "OWL set each layer's target from its outliers: layer-wise scope, the \
                          table's sliders show them."

@@ -1948,7 +1948,13 @@ fn curves_for(s: &Session, settings: &PruneSettings) -> Result<Arc<Sensitivity>,
         return Err("no finished sensitivity curves: run the sensitivity analysis first".into());
     };
     let seed_differs = settings.criterion.seeded() && sens.seed != settings.seed;
-    if sens.criterion != settings.criterion || sens.pattern != settings.pattern || seed_differs {
+    let samples_differ =
+        settings.criterion.needs_data() && sens.calibration != settings.calibration;
+    if sens.criterion != settings.criterion
+        || sens.pattern != settings.pattern
+        || seed_differs
+        || samples_differ
+    {
         return Err(format!(
             "the curves were measured with {} / {}; run the analysis again for {} / {}",
             sens.criterion.cli_name(),
