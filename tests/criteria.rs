@@ -534,3 +534,28 @@ fn sparsegpt_leaves_a_locked_layer_exactly_as_it_was() {
     );
     assert_eq!(p.masks.get(name).unwrap().count_kept(), 128 * 64);
 }
+
+#[test]
+fn the_cached_calibration_fingerprint_gives_the_same_index_key_as_the_data() {
+    use prunescope::eval::Evaluator;
+    let model = Model::open(std::path::Path::new("sample_models/digits_mlp.safetensors")).unwrap();
+    let e = prunescope::eval::evaluator_with_data(&model, &Default::default()).unwrap();
+    let plain = ScoreInputs {
+        calibration: Some(e.calibration()),
+        samples: 64,
+        ..Default::default()
+    };
+    let cached = ScoreInputs {
+        fingerprint: e.calibration_fingerprint(),
+        calibration: Some(e.calibration()),
+        samples: 64,
+        ..Default::default()
+    };
+    let key = |i: &ScoreInputs| calibrate::calibration_key(Criterion::Wanda, i);
+    assert!(key(&plain).is_some());
+    assert_eq!(key(&plain), key(&cached));
+    assert_eq!(
+        calibrate::calibration_key(Criterion::Magnitude, &cached),
+        None
+    );
+}

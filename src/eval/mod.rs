@@ -138,6 +138,10 @@ pub trait Evaluator: Send + Sync {
     fn shared_data(&self) -> Option<Arc<EvalData>> {
         None
     }
+    /// The fingerprint of [`Evaluator::shared_data`], computed once.
+    fn calibration_fingerprint(&self) -> Option<&str> {
+        None
+    }
     /// Metrics, and the predictions on the first `n` samples where each sample gets one row
     /// of outputs.
     fn evaluate_with_predictions(
@@ -160,6 +164,7 @@ pub struct DataEvaluator {
     notes: Vec<String>,
     dense: Mutex<Option<Arc<Outputs>>>,
     fingerprint: std::sync::OnceLock<String>,
+    calibration_fingerprint: std::sync::OnceLock<String>,
 }
 
 impl DataEvaluator {
@@ -171,6 +176,7 @@ impl DataEvaluator {
             notes,
             dense: Mutex::new(None),
             fingerprint: std::sync::OnceLock::new(),
+            calibration_fingerprint: std::sync::OnceLock::new(),
         }
     }
 
@@ -220,6 +226,12 @@ impl DataEvaluator {
 impl Evaluator for DataEvaluator {
     fn shared_data(&self) -> Option<Arc<EvalData>> {
         Some(self.calibration.clone())
+    }
+    fn calibration_fingerprint(&self) -> Option<&str> {
+        Some(
+            self.calibration_fingerprint
+                .get_or_init(|| self.calibration.fingerprint()),
+        )
     }
     fn describe(&self) -> String {
         let mut s = format!(

@@ -22,9 +22,12 @@ const BATCH: usize = 64;
 /// Identifies what data-driven scores were computed on, for caches.
 pub fn calibration_key(criterion: Criterion, inputs: &ScoreInputs) -> Option<String> {
     let data = inputs.calibration.filter(|_| criterion.needs_data())?;
+    let fingerprint = match inputs.fingerprint {
+        Some(f) => f.to_string(),
+        None => data.fingerprint(),
+    };
     Some(format!(
-        "{}:{}",
-        data.fingerprint(),
+        "{fingerprint}:{}",
         samples_used(data, inputs.samples)
     ))
 }

@@ -210,6 +210,9 @@ pub struct ScoreInputs<'a> {
     pub calibration: Option<&'a crate::data::EvalData>,
     /// How many calibration samples to use (0: the default, [`super::DEFAULT_CALIBRATION`]).
     pub samples: usize,
+    /// The calibration data's fingerprint where the caller keeps it (the worker asks on every
+    /// slider move whether its index still fits); computed from the data otherwise.
+    pub fingerprint: Option<&'a str>,
     /// 16-bit tensors' bit-pattern counts already taken (the pass at open that the histograms
     /// share), so the magnitude index need not read the weights again.
     pub patterns: Option<&'a crate::model::PatternCounts>,

@@ -354,7 +354,7 @@ impl Worker {
         }
         // Data-driven criteria calibrate on the evaluation data in use.
         let data = session.evaluator.as_ref().and_then(|e| e.shared_data());
-        let inputs = score_inputs(data.as_deref(), s);
+        let inputs = score_inputs(session.evaluator.as_deref(), data.as_deref(), s);
         if index_fits(&session.index, s, &inputs) {
             return Ok(session.index.clone());
         }
@@ -645,7 +645,7 @@ impl Worker {
         settings.criterion = crate::prune::Criterion::SparseGpt;
         let progress = self.progress_for(job, cancel.clone());
         let model = s.model.clone();
-        let inputs = score_inputs(Some(&data), &settings);
+        let inputs = score_inputs(None, Some(&data), &settings);
         let before = s
             .evaluator
             .as_ref()
@@ -1903,7 +1903,7 @@ fn masks_for(
 ) -> anyhow::Result<(Allocation, MaskSet)> {
     let model = &s.model;
     let data = s.evaluator.as_ref().and_then(|e| e.shared_data());
-    let inputs = score_inputs(data.as_deref(), settings);
+    let inputs = score_inputs(s.evaluator.as_deref(), data.as_deref(), settings);
     Ok(if index_fits(&s.index, settings, &inputs) {
         settings.validate(model)?;
         let alloc = allocate(model, &s.index, settings);
@@ -1918,12 +1918,14 @@ fn masks_for(
 /// What scoring for `settings` reads: the evaluation data as calibration samples, for the
 /// criteria that need data.
 fn score_inputs<'a>(
+    evaluator: Option<&'a dyn Evaluator>,
     data: Option<&'a crate::data::EvalData>,
     settings: &PruneSettings,
 ) -> ScoreInputs<'a> {
     ScoreInputs {
         calibration: data.filter(|_| settings.criterion.needs_data()),
         samples: settings.calibration,
+        fingerprint: evaluator.and_then(|e| e.calibration_fingerprint()),
         ..Default::default()
     }
 }
