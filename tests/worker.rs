@@ -25,8 +25,12 @@ fn wait_for<T>(w: &WorkerHandle, mut pick: impl FnMut(Event) -> Option<T>) -> T 
 }
 
 fn open_sample(w: &mut WorkerHandle) -> u64 {
+    open_source(w, OpenSource::Sample)
+}
+
+fn open_source(w: &mut WorkerHandle, source: OpenSource) -> u64 {
     common::isolate();
-    let job = w.open(OpenSource::Sample).unwrap();
+    let job = w.open(source).unwrap();
     match next(w) {
         Event::JobStarted { job: j, .. } => assert_eq!(j, job),
         e => panic!("expected JobStarted, got {e:?}"),
@@ -279,8 +283,9 @@ fn a_cnn_fine_tunes_in_the_worker_and_undo_brings_the_pruned_one_back() {
 #[test]
 fn scoring_that_the_worker_starts_itself_can_be_cancelled_and_the_model_stays() {
     let mut w = WorkerHandle::spawn(|| {});
-    let model = open_sample(&mut w);
-    // OBD needs one backward pass per calibration sample: long enough to cancel.
+    // OBD takes one backward pass per calibration sample: on the residual CNN's 1,437
+    // training samples, seconds of work, so the cancel lands while it runs.
+    let model = open_source(&mut w, OpenSource::NamedSample("rescnn"));
     let mut p = preview(model, 1, 0.5);
     p.settings.criterion = prunescope::prune::Criterion::Obd;
     p.settings.calibration = 100_000;

@@ -359,12 +359,13 @@ impl Worker {
             return Ok(session.index.clone());
         }
         let job = self.ids.fetch_add(1, Ordering::Relaxed);
+        // Registered before anyone hears of the job, so a Cancel right away finds its flag.
+        let cancel = CancelFlag::new();
+        super::register(&self.jobs, job, cancel.clone());
         self.emit(Event::JobStarted {
             job,
             label: format!("Scoring with {}", s.criterion.label()),
         });
-        let cancel = CancelFlag::new();
-        super::register(&self.jobs, job, cancel.clone());
         let progress = self.progress_for(job, cancel);
         let model = session.model.clone();
         match ScoreIndex::build(&model, s.criterion, s.seed, &inputs, &progress) {
