@@ -53,15 +53,8 @@ pub enum CompactError {
 }
 
 /// The channels of each group that no reader uses: every slice of the group on an axis other
-/// than 0 (the next layers' inputs) is zero in the masked values.
-fn unused_channels(model: &Model, masks: &MaskSet, groups: &Groups) -> Vec<Vec<usize>> {
-    let values: Vec<Option<Vec<f32>>> = (0..model.tensors.len())
-        .map(|t| {
-            model.tensors[t]
-                .analysable()
-                .then(|| crate::prune::masked_f32(model, t, Some(masks)))
-        })
-        .collect();
+/// than 0 (the next layers' inputs) is zero in `values`, every tensor with its masks applied.
+fn unused_channels(model: &Model, values: &[Vec<f32>], groups: &Groups) -> Vec<Vec<usize>> {
     groups
         .groups
         .iter()
@@ -76,9 +69,10 @@ fn unused_channels(model: &Model, masks: &MaskSet, groups: &Groups) -> Vec<Vec<u
                         let Some(t) = model.find(&m.tensor) else {
                             return false;
                         };
-                        let Some(v) = &values[t] else {
+                        if !model.tensors[t].analysable() {
                             return false;
-                        };
+                        }
+                        let v = &values[t];
                         let shape = &model.tensors[t].shape;
                         let lo = m.offset + c * m.per_channel;
                         slice_entries(shape, m.axis, lo..lo + m.per_channel).all(|i| v[i] == 0.0)
@@ -109,7 +103,12 @@ fn slice_entries(
 pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError> {
     let graph: Graph = crate::train::Trainable::graph_of(model).map_err(CompactError::NoGraph)?;
     let groups = graph.dependency_groups(model)?;
-    let unused = unused_channels(model, masks, &groups);
+    // Read once: the unused channels are found in these values and the smaller tensors are
+    // gathered from them.
+    let values: Vec<Vec<f32>> = (0..model.tensors.len())
+        .map(|t| crate::prune::masked_f32(model, t, Some(masks)))
+        .collect();
+    let unused = unused_channels(model, &values, &groups);
     if unused.iter().all(Vec::is_empty) {
         return Err(CompactError::Nothing);
     }
@@ -132,13 +131,13 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
     }
     let mut tensors = Vec::new();
     for (t, e) in model.tensors.iter().enumerate() {
-        let v = crate::prune::masked_f32(model, t, Some(masks));
+        let v = &values[t];
         let keep: Vec<Vec<usize>> = gone[t]
             .iter()
             .map(|g| (0..g.len()).filter(|&i| !g[i]).collect())
             .collect();
         let shape: Vec<usize> = keep.iter().map(Vec::len).collect();
-        tensors.push((e.name.clone(), shape, gather(&v, &e.shape, &keep)));
+        tensors.push((e.name.clone(), shape, gather(v, &e.shape, &keep)));
     }
     let mut small = Model::from_f32_tensors("compacted", tensors);
     // An ONNX output keeps the original graph instead (`write_onnx`).
