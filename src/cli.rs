@@ -1758,17 +1758,9 @@ fn finetune_cmd(a: FinetuneArgs) -> anyhow::Result<()> {
         ),
     };
     let cfg = train_config(&a.train, 5)?;
-    let distill = cfg.distill;
     let split = training_split(&arch.dataset, &source, cfg.seed)?;
     let net = Net::from_model(&model, &arch, &masks)?;
-    let teacher = match distill {
-        Some(_) => Some(Net::from_model(
-            &model,
-            &arch,
-            &crate::prune::MaskSet::new(),
-        )?),
-        None => None,
-    };
+    let teacher = Net::teacher_for(&model, &arch, &cfg)?;
     let device = crate::train::TrainDevice::parse(&a.device).with_context(|| {
         format!(
             "unknown device '{}' (native, candle, cuda[:N] or metal[:N])",

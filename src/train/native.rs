@@ -133,6 +133,17 @@ pub struct Net {
 
 impl Net {
     /// The model's MLP with `masks` applied to its weights (biases are never masked here).
+    /// The dense model as a distillation teacher, where `cfg` asks for distillation.
+    pub fn teacher_for(
+        model: &Model,
+        arch: &MlpArch,
+        cfg: &FinetuneConfig,
+    ) -> Result<Option<Net>, TrainError> {
+        cfg.distill
+            .map(|_| Net::from_model(model, arch, &MaskSet::new()))
+            .transpose()
+    }
+
     pub fn from_model(model: &Model, arch: &MlpArch, masks: &MaskSet) -> Result<Net, TrainError> {
         let mut layers = Vec::new();
         for l in &arch.layers {

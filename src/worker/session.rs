@@ -1077,10 +1077,7 @@ impl Worker {
                         }
                     };
                     let net = Net::from_model(&model, arch, &masks)?;
-                    let teacher = match config.distill {
-                        Some(_) => Some(Net::from_model(&model, arch, &MaskSet::new())?),
-                        None => None,
-                    };
+                    let teacher = Net::teacher_for(&model, arch, &config)?;
                     send(TrainUpdate::Started {
                         kind: "finetune",
                         start: net.metrics(&split.test)?.accuracy.unwrap_or(f64::NAN),
