@@ -287,9 +287,22 @@ impl PruneSettings {
 
     /// Checks ranges and that every named tensor exists and can be pruned.
     pub fn validate(&self, model: &Model) -> Result<(), PruneError> {
+        self.validate_given(model, || {
+            super::structured::groups_of(model).map(std::sync::Arc::new)
+        })
+    }
+
+    /// [`PruneSettings::validate`] with the model's dependency groups from `groups`, asked for
+    /// only under a structured pattern (the worker keeps them from the model's opening rather
+    /// than reading the graph again on every slider move).
+    pub fn validate_given(
+        &self,
+        model: &Model,
+        groups: impl FnOnce() -> Result<std::sync::Arc<crate::graph::Groups>, PruneError>,
+    ) -> Result<(), PruneError> {
         self.pattern.validate()?;
         if self.pattern.structured() {
-            super::structured::check(model, self.pattern)?;
+            super::structured::check_groups(model, &*groups()?, self.pattern)?;
         } else if self.criterion.channels_only() {
             return Err(PruneError::Structured(format!(
                 "{} scores whole neurons and channels: choose the neuron or channel granularity",

@@ -35,11 +35,10 @@ fn kind_matches(model: &Model, producers: &[usize], pattern: Pattern) -> bool {
     })
 }
 
-/// Checks that `model` has groups of `pattern`'s kind, or says why not (no graph, or the
-/// other kind only).
-pub fn check(model: &Model, pattern: Pattern) -> Result<(), PruneError> {
-    let groups = groups_of(model)?;
-    let producers = producers_of(model, &groups);
+/// Checks that `groups` (`model`'s, from [`groups_of`]) hold channels of `pattern`'s kind, or
+/// says why not (the other kind only).
+pub fn check_groups(model: &Model, groups: &Groups, pattern: Pattern) -> Result<(), PruneError> {
+    let producers = producers_of(model, groups);
     if producers.iter().any(|p| kind_matches(model, p, pattern)) {
         return Ok(());
     }
@@ -59,7 +58,8 @@ pub fn check(model: &Model, pattern: Pattern) -> Result<(), PruneError> {
     )))
 }
 
-fn groups_of(model: &Model) -> Result<Groups, PruneError> {
+/// The model's dependency groups, or why structured pruning cannot follow its graph.
+pub fn groups_of(model: &Model) -> Result<Groups, PruneError> {
     let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
         PruneError::Structured(format!(
             "structured pruning follows the model's graph, and {e}"

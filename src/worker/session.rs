@@ -49,6 +49,9 @@ struct Session {
     uses: Option<Vec<(String, f64)>>,
     sweeps: Arc<Mutex<Sweeps>>,
     latency: Arc<Mutex<LatencyRuns>>,
+    /// The graph's dependency groups, or why structured pruning cannot follow it: read once
+    /// at open for the table, the layer panel and every structured preview.
+    groups: Result<Arc<crate::graph::Groups>, String>,
 }
 
 /// Latency measurements of this model (by layer shape, mask, format, batch and device), and
@@ -1449,6 +1452,9 @@ impl Worker {
             .as_ref()
             .map(|u| crate::history::flops(&model, &Allocation::default(), u));
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let groups = crate::prune::structured::groups_of(&model)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         let snapshot = ModelSnapshot {
             id,
             name: model.display_name(),
@@ -1482,9 +1488,7 @@ impl Worker {
             hash: hash.clone(),
             history: history.records.clone(),
             dense_flops,
-            groups: crate::train::Trainable::graph_of(&model)
-                .and_then(|g| g.dependency_groups(&model).map_err(|e| e.to_string()))
-                .map(Arc::new),
+            groups: groups.clone(),
             derived: derived.as_ref().map(|d| d.what.clone()),
             adopt: derived.and_then(|d| d.settings),
             can_undo: !self.undo.is_empty(),
@@ -1513,6 +1517,7 @@ impl Worker {
             uses,
             sweeps: Default::default(),
             latency: Default::default(),
+            groups,
         });
         self.emit(Event::ModelOpened(Arc::new(snapshot)));
         true
@@ -1528,7 +1533,8 @@ impl Worker {
             return;
         }
         let generation = req.generation;
-        if let Err(e) = req.settings.validate(&session.model) {
+        let groups = || session.groups.clone().map_err(PruneError::Structured);
+        if let Err(e) = req.settings.validate_given(&session.model, groups) {
             return self.emit(Event::PreviewError {
                 generation,
                 error: e.to_string(),
