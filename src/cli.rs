@@ -1054,10 +1054,6 @@ fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
 }
 
 fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
-    let onnx_out = a
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
     let mut inputs = vec![("model", a.model.as_path())];
     for (what, p) in [("masks", &a.masks), ("recipe", &a.recipe)] {
         if let Some(p) = p {
@@ -1083,11 +1079,7 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
         }
     };
     let c = crate::export::compact::compact(&model, &masks)?;
-    if onnx_out {
-        crate::export::compact::write_onnx(&model, &masks, &c, &a.out)?;
-    } else {
-        crate::export::export_pruned(&c.model, &crate::prune::MaskSet::new(), &a.out, &progress)?;
-    }
+    crate::export::compact::write(&model, &masks, &c, &a.out, &progress)?;
     let r = &c.report;
     if a.json {
         println!("{}", serde_json::to_string_pretty(r)?);
@@ -1129,10 +1121,7 @@ fn write_updated(
     out: &Path,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    let onnx = out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-    if onnx {
+    if crate::export::onnx_path(out) {
         let bytes = u.onnx_bytes(model)?;
         crate::util::atomic_write(out, |w| w.write_all(&bytes))
             .with_context(|| format!("{}: cannot write", out.display()))?;
@@ -1686,10 +1675,7 @@ fn finetune_graph_cmd(
     let device = crate::train::TrainDevice::parse(&a.device)
         .with_context(|| format!("unknown device '{}'", a.device))?;
     let dev = device.candle()?.unwrap_or(candle_core::Device::Cpu);
-    let onnx_out = a
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    let onnx_out = crate::export::onnx_path(&a.out);
     let onnx_in = model.format == crate::model::ModelFormat::Onnx;
     if onnx_in && !onnx_out {
         bail!("an ONNX model fine-tunes into an .onnx file: give --out NAME.onnx");

@@ -206,6 +206,27 @@ fn gather(v: &[f32], shape: &[usize], keep: &[Vec<usize>]) -> Vec<f32> {
     out
 }
 
+/// Writes `c` to `path` in the format its extension names: ONNX ([`write_onnx`]), or else
+/// safetensors carrying the graph.
+pub fn write(
+    original: &Model,
+    masks: &MaskSet,
+    c: &Compacted,
+    path: &std::path::Path,
+    progress: &crate::progress::Progress,
+) -> Result<(), CompactError> {
+    if super::onnx_path(path) {
+        write_onnx(original, masks, c, path)
+    } else {
+        Ok(super::export_pruned(
+            &c.model,
+            &MaskSet::new(),
+            path,
+            progress,
+        )?)
+    }
+}
+
 /// Writes `c` as an ONNX model: `original`'s file with every initializer that compaction
 /// narrowed or masks zeroed replaced, so onnxruntime runs the smaller model with the same graph.
 pub fn write_onnx(

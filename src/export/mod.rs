@@ -399,6 +399,12 @@ fn write_masked(w: &mut impl Write, bytes: &[u8], mask: &Mask, size: usize) -> i
     w.write_all(&buf)
 }
 
+/// Whether an output path asks for ONNX (its extension is `.onnx`, any case).
+pub fn onnx_path(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
 /// Writes the pruned weights to `path` in the format its extension names: `.onnx` writes the
 /// ONNX graph with pruned initializers (the model must be ONNX), anything else safetensors.
 pub fn export_weights(
@@ -407,10 +413,7 @@ pub fn export_weights(
     path: &Path,
     progress: &Progress,
 ) -> Result<(), ExportError> {
-    let onnx = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-    if onnx {
+    if onnx_path(path) {
         export_onnx(model, masks, path, progress)
     } else {
         export_pruned(model, masks, path, progress)

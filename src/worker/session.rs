@@ -1861,13 +1861,7 @@ impl Worker {
             }
             if let Some(p) = &req.compacted {
                 let c = crate::export::compact::compact(&model, &masks)?;
-                if p.extension()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-                {
-                    crate::export::compact::write_onnx(&model, &masks, &c, p)?;
-                } else {
-                    crate::export::export_pruned(&c.model, &MaskSet::new(), p, &progress)?;
-                }
+                crate::export::compact::write(&model, &masks, &c, p, &progress)?;
                 written.push(format!(
                     "{} ({} → {} parameters)",
                     p.display(),
