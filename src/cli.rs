@@ -309,6 +309,10 @@ pub struct ScheduleArgs {
     /// AGP: steps between mask updates.
     #[arg(long, default_value_t = 10)]
     pub every: usize,
+    /// What each pruning step removes: magnitude (the smallest |w|) or movement (the lowest
+    /// −Σ w·∂L/∂w accumulated since training began; agp only).
+    #[arg(long, default_value = "magnitude")]
+    pub criterion: String,
     #[arg(long)]
     pub data: Option<String>,
     #[arg(long)]
@@ -833,14 +837,11 @@ pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     };
     let criterion = match Criterion::parse(&a.criterion) {
         Some(c) => c,
-        None => match Criterion::NOT_BUILT.iter().find(|(n, _)| *n == a.criterion) {
-            Some((_, why)) => bail!("criterion '{}': {why}", a.criterion),
-            None => bail!(
-                "unknown criterion '{}' (expected {})",
-                a.criterion,
-                Criterion::ALL.map(Criterion::cli_name).join(", ")
-            ),
-        },
+        None => bail!(
+            "unknown criterion '{}' (expected {})",
+            a.criterion,
+            Criterion::ALL.map(Criterion::cli_name).join(", ")
+        ),
     };
     if a.calibration == 0 {
         bail!("--calibration must be at least 1 sample");
@@ -1478,8 +1479,26 @@ fn schedule_cmd(a: ScheduleArgs) -> anyhow::Result<()> {
         "agp" => Schedule::Agp {
             ramp: a.ramp,
             every: a.every.max(1),
+            movement: false,
         },
         other => bail!("unknown schedule '{other}' (oneshot, iterative or agp)"),
+    };
+    let schedule = match (a.criterion.as_str(), schedule) {
+        ("magnitude", s) => s,
+        ("movement", Schedule::Agp { ramp, every, .. }) => Schedule::Agp {
+            ramp,
+            every,
+            movement: true,
+        },
+        ("movement", _) => bail!(
+            "--criterion movement prunes by what training has accumulated, and {} prunes before \
+             any training: use --kind agp",
+            a.kind
+        ),
+        (other, _) => bail!(
+            "schedules prune by magnitude or movement, not '{other}' (prune once with `prunescope \
+             prune --criterion {other}` and fine-tune with `finetune --masks`)"
+        ),
     };
     let source = data_source(a.data.as_deref(), a.x.clone(), a.y.clone());
     let split = training_split(kind.dataset(), &source, cfg.seed)?;

@@ -81,14 +81,21 @@ fn loss(p: &[Vec<f64>; 4], x: &[f32], labels: &[u32], i: Option<usize>) -> f64 {
     total / samples.len() as f64
 }
 
+fn params_f64(m: &Model) -> [Vec<f64>; 4] {
+    std::array::from_fn(|k| values(m, k).iter().map(|v| *v as f64).collect())
+}
+
 /// ∂loss/∂p[t][j] by central differences.
 fn fd_grad(m: &Model, data: &EvalData, i: Option<usize>) -> [Vec<f64>; 4] {
+    fd_grad_at(&params_f64(m), data, i)
+}
+
+/// ∂loss/∂p[t][j] by central differences, at parameters `p`.
+fn fd_grad_at(p: &[Vec<f64>; 4], data: &EvalData, i: Option<usize>) -> [Vec<f64>; 4] {
     let ArrayValues::F32(x) = &data.inputs[0].values else {
         unreachable!()
     };
     let labels = data.labels.as_ref().unwrap();
-    let p: [Vec<f64>; 4] =
-        std::array::from_fn(|k| values(m, k).iter().map(|v| *v as f64).collect());
     std::array::from_fn(|t| {
         (0..p[t].len())
             .map(|j| {
@@ -152,6 +159,34 @@ fn obd_is_half_w_squared_times_the_mean_squared_per_sample_gradient() {
                 0.5 * (w[j] as f64).powi(2) * fisher,
                 &format!("{} #{j}", NAMES[t]),
             );
+        }
+    }
+}
+
+#[test]
+fn movement_sums_minus_w_times_g_over_the_sgd_steps_written_out_with_finite_differences() {
+    let (m, data) = toy();
+    let s = scores(&m, &data, Criterion::Movement);
+    // The toy's five samples are one batch: each epoch is one full-batch SGD step.
+    let mut p = params_f64(&m);
+    let mut sum: [Vec<f64>; 4] = std::array::from_fn(|t| vec![0.0; p[t].len()]);
+    for _ in 0..calibrate::MOVEMENT_EPOCHS {
+        let g = fd_grad_at(&p, &data, None);
+        for t in 0..4 {
+            for j in 0..p[t].len() {
+                sum[t][j] -= p[t][j] * g[t][j];
+                p[t][j] -= calibrate::MOVEMENT_LR * g[t][j];
+            }
+        }
+    }
+    // Scores are the sums shifted by the lowest, so that they are non-negative and keep the
+    // sums' order across tensors.
+    let low = sum.iter().flatten().copied().fold(0.0, f64::min);
+    assert!(low < 0.0, "some weight moved towards zero");
+    for t in 0..4 {
+        let st = s[m.find(NAMES[t]).unwrap()].as_ref().unwrap();
+        for j in 0..st.len() {
+            close(st[j], sum[t][j] - low, &format!("{} #{j}", NAMES[t]));
         }
     }
 }
@@ -467,6 +502,48 @@ fn owl_plans_each_layer_from_the_outliers_of_its_own_wanda_scores() {
 }
 
 #[test]
+fn the_prune_cli_scores_movement_on_the_calibration_samples() {
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_prunescope");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "sample_models/digits_mlp.safetensors",
+            "--sparsity",
+            "0.7",
+            "--criterion",
+            "movement",
+            "--json",
+        ];
+        args.extend(extra);
+        Command::new(bin).args(&args).output().unwrap()
+    };
+    let o = run(&["--calibration", "64"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{v}");
+    // Unlabelled data has no loss to differentiate.
+    let dir = std::env::temp_dir().join(format!("prunescope-mv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = dir.join("x.safetensors");
+    prunescope::export::write_f32_safetensors(
+        &x,
+        &Default::default(),
+        &[("x".into(), vec![4, 64], vec![0.5; 256])],
+    )
+    .unwrap();
+    let o = run(&["--data", x.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("labelled"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn commands_that_apply_masks_refuse_sparsegpt_instead_of_undoing_its_updates() {
     use std::process::Command;
     let bin = env!("CARGO_BIN_EXE_prunescope");
@@ -558,4 +635,98 @@ fn the_cached_calibration_fingerprint_gives_the_same_index_key_as_the_data() {
         calibrate::calibration_key(Criterion::Magnitude, &cached),
         None
     );
+}
+
+/// The toy as a training split (the same five samples to train on and to test on).
+fn toy_split(data: &EvalData) -> prunescope::data::Split {
+    let ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let d = prunescope::data::Dataset {
+        name: "toy".into(),
+        inputs: x.clone(),
+        labels: data.labels.clone().unwrap(),
+        dim: D,
+        classes: C,
+    };
+    prunescope::data::Split {
+        train: d.clone(),
+        test: d,
+    }
+}
+
+#[test]
+fn schedules_track_movement_as_the_finite_difference_sum_on_both_trainers() {
+    use prunescope::train::{FinetuneConfig, GraphNet, Net, Trainee};
+    let (m, data) = toy();
+    let split = toy_split(&data);
+    // Three full-batch steps of plain SGD.
+    let cfg = FinetuneConfig {
+        epochs: 3,
+        batch_size: N,
+        momentum: 0.0,
+        ..Default::default()
+    };
+    let mut p = params_f64(&m);
+    let mut sum: [Vec<f64>; 4] = std::array::from_fn(|t| vec![0.0; p[t].len()]);
+    for _ in 0..cfg.epochs {
+        let g = fd_grad_at(&p, &data, None);
+        for t in 0..4 {
+            for j in 0..p[t].len() {
+                sum[t][j] -= p[t][j] * g[t][j];
+                p[t][j] -= cfg.lr * g[t][j];
+            }
+        }
+    }
+    let arch =
+        prunescope::eval::MlpArch::from_json(&m.metadata[prunescope::eval::ARCH_METADATA_KEY])
+            .unwrap();
+    let masks = prunescope::prune::MaskSet::new();
+    let train = |mut t: prunescope::train::AnyTrainee| {
+        t.track_movement();
+        t.train(
+            &split,
+            &cfg,
+            &Progress::none(),
+            &mut |_| {},
+            &mut |_, _| None,
+            None,
+        )
+        .unwrap()
+        .trainee
+    };
+    // prunescope's own loops, and candle's autograd on the same MLP as a graph.
+    let native = train(prunescope::train::AnyTrainee::Mlp(
+        Net::from_model(&m, &arch, &masks).unwrap(),
+    ));
+    let graph = train(prunescope::train::AnyTrainee::Graph(
+        GraphNet::from_model(&m, arch.to_graph(), &masks).unwrap(),
+    ));
+    let prunescope::train::AnyTrainee::Mlp(native) = native else {
+        unreachable!()
+    };
+    let mv = native.movement.as_ref().unwrap();
+    for (l, t) in [(0, 0), (1, 2)] {
+        for j in 0..sum[t].len() {
+            close(
+                mv[l][j] as f32,
+                sum[t][j],
+                &format!("native {} #{j}", NAMES[t]),
+            );
+        }
+    }
+    // Each trainer then prunes the lowest movement, which a sort of the sums names.
+    for trainee in [prunescope::train::AnyTrainee::Mlp(native), graph] {
+        let mut t = trainee;
+        t.prune_layerwise(0.5);
+        for (name, keep) in t.masks() {
+            let k = NAMES.iter().position(|n| *n == name).unwrap();
+            let mut order: Vec<usize> = (0..sum[k].len()).collect();
+            order.sort_by(|&a, &b| sum[k][a].total_cmp(&sum[k][b]));
+            let cut = (0.5 * order.len() as f64).round() as usize;
+            for (r, &i) in order.iter().enumerate() {
+                assert_eq!(keep[i], r >= cut, "{name} #{i}");
+            }
+        }
+    }
 }

@@ -860,6 +860,56 @@ fn fine_tuning_in_the_app_grows_its_curve_raises_accuracy_and_undoes() {
     );
 }
 
+#[test]
+fn a_gradual_schedule_by_movement_runs_from_the_recovery_panel() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    h.get_by_label("View").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Recover (fine-tune, schedules, lottery)")
+        .click();
+    h.run_steps(4);
+    h.get_by_label("Schedule").click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::CheckBox, "Prune by movement")
+        .click();
+    h.run_steps(4);
+    h.get_by_role_and_label(Role::Button, "Start").click();
+    step_until(&mut h, "the scheduled model", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.derived.as_deref() == Some("pruned on a schedule"))
+            && settled(a)
+    });
+    let m = h.state().state().model.as_ref().unwrap();
+    let a = &m.preview.as_ref().unwrap().alloc;
+    assert!(
+        (a.pruned as f64 / a.prunable as f64 - 0.9).abs() < 1e-3,
+        "{} of {}",
+        a.pruned,
+        a.prunable
+    );
+    // The run is recorded, with what it pruned by, in the history of the model it started from.
+    h.get_by_role_and_label(Role::Button, "Undo training")
+        .click();
+    step_until(&mut h, "the model before training", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.derived.as_deref() == Some("restored"))
+            && settled(a)
+    });
+    let m = h.state().state().model.as_ref().unwrap();
+    assert!(
+        m.history
+            .iter()
+            .any(|r| r.source == "schedule: AGP by movement"),
+        "{:?}",
+        m.history.iter().map(|r| &r.source).collect::<Vec<_>>()
+    );
+}
+
 fn latency_job(app: &App) -> Option<f32> {
     app.state()
         .jobs

@@ -137,6 +137,7 @@ fn a_gradual_schedule_reaches_its_target_and_beats_one_shot_on_the_sample() {
         Schedule::Agp {
             ramp: 0.75,
             every: 10,
+            movement: false,
         },
     ] {
         let mut last = 0.0;
@@ -284,4 +285,71 @@ fn graphs_prune_rewind_draw_controls_and_run_a_schedule() {
         assert!(v.iter().zip(&keep).all(|(x, k)| *k || *x == 0.0), "{name}");
     }
     assert!(r.final_accuracy > 0.5, "{}", r.final_accuracy);
+}
+
+#[test]
+fn movement_keep_prunes_what_is_pruned_first_then_the_lowest_movement() {
+    let mut rng = prunescope::util::SplitMix64::new(5);
+    let n = 40;
+    let movement: Vec<f64> = (0..n).map(|_| rng.next_f64() - 0.5).collect();
+    let mask: Vec<f32> = (0..n).map(|i| (i % 5 != 0) as u8 as f32).collect();
+    for s in [0.0, 0.1, 0.2, 0.35, 0.8, 1.0] {
+        let keep = prunescope::train::movement_keep(&movement, Some(&mask), s);
+        let k = (s * n as f64).round() as usize;
+        // By hand: the 8 already pruned, then the rest, each by rising movement.
+        let by_movement = |keep: bool| {
+            let mut v: Vec<usize> = (0..n).filter(|i| (i % 5 != 0) == keep).collect();
+            v.sort_by(|&a, &b| movement[a].total_cmp(&movement[b]));
+            v
+        };
+        let pruned: Vec<usize> = by_movement(false)
+            .into_iter()
+            .chain(by_movement(true))
+            .take(k)
+            .collect();
+        for i in 0..n {
+            assert_eq!(keep[i] == 0.0, pruned.contains(&i), "s {s}, #{i}");
+        }
+    }
+}
+
+#[test]
+fn the_schedule_cli_prunes_by_movement_under_agp_and_refuses_it_before_training() {
+    common::isolate();
+    let dir = common::tempdir("movement");
+    let out = dir.join("mv.safetensors");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample_models/digits_mlp.safetensors");
+    let run = |kind: &str| {
+        Command::new(env!("CARGO_BIN_EXE_prunescope"))
+            .args([
+                "schedule",
+                sample.to_str().unwrap(),
+                "--sparsity",
+                "0.8",
+                "--kind",
+                kind,
+                "--criterion",
+                "movement",
+                "--epochs",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run("oneshot");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use --kind agp"));
+    assert!(!out.exists());
+    let o = run("agp");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["schedule"]["movement"], true);
+    assert!((v["sparsity"].as_f64().unwrap() - 0.8).abs() < 1e-3, "{v}");
+    let m = prunescope::model::Model::open(&out).unwrap();
+    let w = m.to_f32_vec(m.find("fc1.weight").unwrap());
+    let zeros = w.iter().filter(|v| **v == 0.0).count() as f64 / w.len() as f64;
+    assert!((zeros - 0.8).abs() < 1e-3, "{zeros}");
 }

@@ -19,6 +19,11 @@ pub const DEFAULT_CALIBRATION: usize = 128;
 /// Samples per forward and backward pass (Taylor, Wanda); OBD needs one sample a pass.
 const BATCH: usize = 64;
 
+/// Epochs over the calibration samples that the movement criterion fine-tunes a copy of the
+/// model for, and the (plain SGD) learning rate of those steps: the fine-tune's default rate.
+pub const MOVEMENT_EPOCHS: usize = 5;
+pub const MOVEMENT_LR: f64 = 0.05;
+
 /// Identifies what data-driven scores were computed on, for caches.
 pub fn calibration_key(criterion: Criterion, inputs: &ScoreInputs) -> Option<String> {
     let data = inputs.calibration.filter(|_| criterion.needs_data())?;
@@ -70,7 +75,8 @@ pub fn tensor_scores(
         | Criterion::Obd
         | Criterion::Wanda
         | Criterion::Apoz
-        | Criterion::MeanActivation => {
+        | Criterion::MeanActivation
+        | Criterion::Movement => {
             let data = inputs.calibration.ok_or_else(|| {
                 PruneError::Calibration(format!(
                     "{} needs calibration data: load evaluation data first (--data in the CLI, \
@@ -361,6 +367,12 @@ fn data_scores(
                 });
             }
         }
+        Criterion::Movement => {
+            let raw = movement_raw(&graph, &params, &b, progress, &label)?;
+            for (t, s) in movement_scores(model, &raw).into_iter().enumerate() {
+                scores[t] = s;
+            }
+        }
         _ => {
             let fisher = criterion == Criterion::Obd;
             let grads = gradient_stats(&graph, &params, &b, fisher, progress, &label)?;
@@ -390,6 +402,108 @@ fn data_scores(
     Ok(scores)
 }
 
+/// Every tensor training updates as a candle variable, and the parameters that read them.
+fn variables(
+    graph: &Graph,
+    params: &crate::graph::Params,
+) -> Result<(HashMap<String, Var>, crate::graph::Params), PruneError> {
+    let mut vars: HashMap<String, Var> = HashMap::new();
+    let mut run_params = params.clone();
+    for name in graph.trainable_names() {
+        let v = Var::from_tensor(&params[&name])?;
+        run_params.insert(name.clone(), v.as_tensor().clone());
+        vars.insert(name, v);
+    }
+    Ok((vars, run_params))
+}
+
+/// The gradients of the mean cross-entropy of calibration batch `k`.
+fn batch_gradients(
+    graph: &Graph,
+    run_params: &crate::graph::Params,
+    b: &Batches,
+    k: usize,
+) -> Result<candle_core::backprop::GradStore, PruneError> {
+    let (logits, _) = graph.forward(&b.inputs[k], run_params, Mode::Eval)?;
+    if logits.rank() != 2 {
+        return Err(PruneError::Calibration(format!(
+            "a loss needs one row of class scores a sample, and the graph's output is {:?}",
+            logits.dims()
+        )));
+    }
+    let y = b.labels[k].as_ref().expect("labels checked");
+    let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+    Ok(loss.backward()?)
+}
+
+/// Movement's signed sums −Σ_t w_t · g_t over [`MOVEMENT_EPOCHS`] epochs of plain SGD (rate
+/// [`MOVEMENT_LR`], BatchNorm and dropout in inference mode) on the calibration batches, for
+/// every tensor training updates. The trained copy is dropped: only the sums come back.
+pub(super) fn movement_raw(
+    graph: &Graph,
+    params: &crate::graph::Params,
+    b: &Batches,
+    progress: &Progress,
+    label: &str,
+) -> Result<HashMap<String, Vec<f64>>, PruneError> {
+    let (vars, run_params) = variables(graph, params)?;
+    let mut acc: HashMap<String, Vec<f64>> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), vec![0f64; v.elem_count()]))
+        .collect();
+    let total = (MOVEMENT_EPOCHS * b.inputs.len()).max(1);
+    let mut done = 0;
+    for _ in 0..MOVEMENT_EPOCHS {
+        for k in 0..b.inputs.len() {
+            progress.check()?;
+            let grads = batch_gradients(graph, &run_params, b, k)?;
+            for (name, v) in &vars {
+                let Some(g) = grads.get(v.as_tensor()) else {
+                    continue;
+                };
+                let gv: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                let wv: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
+                let a = acc.get_mut(name).expect("same keys");
+                for ((a, w), g) in a.iter_mut().zip(wv).zip(gv) {
+                    *a -= w as f64 * g as f64;
+                }
+                // In place: `run_params` holds the same storage, so the next batch sees it.
+                v.set(&(v.as_tensor() - (g * MOVEMENT_LR)?)?)?;
+            }
+            done += 1;
+            progress.report(done as f32 / total as f32, label);
+        }
+    }
+    Ok(acc)
+}
+
+/// Movement's signed sums as the non-negative scores the index orders: every analysable
+/// tensor's sums shifted by the same amount (the lowest over the model), so the order within
+/// and across tensors is the sums' order. A tensor the graph does not read moved nowhere: 0.
+pub fn movement_scores(model: &Model, raw: &HashMap<String, Vec<f64>>) -> Vec<Option<Vec<f32>>> {
+    let sums: Vec<Option<Vec<f64>>> = model
+        .tensors
+        .iter()
+        .map(|e| {
+            e.analysable().then(|| {
+                raw.get(e.name.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; e.numel])
+            })
+        })
+        .collect();
+    let low = sums
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0f64, f64::min);
+    sums.into_iter()
+        .map(|s| s.map(|s| s.into_iter().map(|v| (v - low) as f32).collect()))
+        .collect()
+}
+
 /// The mean gradient of the loss over the samples, or (with `fisher`) the mean of the squared
 /// per-sample gradients, for every tensor training updates.
 fn gradient_stats(
@@ -400,30 +514,15 @@ fn gradient_stats(
     progress: &Progress,
     label: &str,
 ) -> Result<HashMap<String, Vec<f64>>, PruneError> {
-    let mut vars: HashMap<String, Var> = HashMap::new();
-    let mut run_params = params.clone();
-    for name in graph.trainable_names() {
-        let v = Var::from_tensor(&params[&name])?;
-        run_params.insert(name.clone(), v.as_tensor().clone());
-        vars.insert(name, v);
-    }
+    let (vars, run_params) = variables(graph, params)?;
     let mut acc: HashMap<String, Vec<f64>> = vars
         .iter()
         .map(|(k, v)| (k.clone(), vec![0f64; v.elem_count()]))
         .collect();
     let mut done = 0;
-    for (k, xs) in b.inputs.iter().enumerate() {
+    for k in 0..b.inputs.len() {
         progress.check()?;
-        let (logits, _) = graph.forward(xs, &run_params, Mode::Eval)?;
-        if logits.rank() != 2 {
-            return Err(PruneError::Calibration(format!(
-                "a loss needs one row of class scores a sample, and the graph's output is {:?}",
-                logits.dims()
-            )));
-        }
-        let y = b.labels[k].as_ref().expect("labels checked");
-        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
-        let grads = loss.backward()?;
+        let grads = batch_gradients(graph, &run_params, b, k)?;
         let weight = b.sizes[k] as f64 / b.n as f64;
         for (name, v) in &vars {
             let Some(g) = grads.get(v.as_tensor()) else {

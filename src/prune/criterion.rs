@@ -42,12 +42,17 @@ pub enum Criterion {
     /// Mean absolute activation of a channel on the calibration samples. Neurons and channels
     /// only.
     MeanActivation,
+    /// Movement (Sanh et al., 2020): −Σ_t w_t · ∂L/∂w_t accumulated over steps of fine-tuning,
+    /// so weights that training pushes towards zero score lowest. As a criterion it fine-tunes a
+    /// copy on the calibration samples ([`super::calibrate::MOVEMENT_EPOCHS`] epochs of SGD);
+    /// `prunescope schedule --criterion movement` accumulates it during the real fine-tuning.
+    Movement,
     /// A seeded uniform random score per weight: the control every study needs.
     Random,
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 10] = [
+    pub const ALL: [Criterion; 11] = [
         Criterion::Magnitude,
         Criterion::L2,
         Criterion::Lamp,
@@ -57,15 +62,9 @@ impl Criterion {
         Criterion::SparseGpt,
         Criterion::Apoz,
         Criterion::MeanActivation,
+        Criterion::Movement,
         Criterion::Random,
     ];
-
-    /// Criteria the issue tracker names that prunescope does not compute yet, with why; the
-    /// CLI refuses them with this rather than falling back to something else.
-    pub const NOT_BUILT: [(&'static str, &'static str); 1] = [(
-        "movement",
-        "movement scores accumulate during fine-tuning, which does not record them yet",
-    )];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -78,6 +77,7 @@ impl Criterion {
             Criterion::SparseGpt => "SparseGPT (updates weights)",
             Criterion::Apoz => "APoZ (channels)",
             Criterion::MeanActivation => "mean activation (channels)",
+            Criterion::Movement => "movement −w·∂L/∂w",
             Criterion::Random => "random (seeded)",
         }
     }
@@ -92,6 +92,7 @@ impl Criterion {
             Criterion::SparseGpt => "sparsegpt",
             Criterion::Apoz => "apoz",
             Criterion::MeanActivation => "mean-activation",
+            Criterion::Movement => "movement",
             Criterion::Random => "random",
         }
     }
@@ -108,6 +109,7 @@ impl Criterion {
                 | Criterion::SparseGpt
                 | Criterion::Apoz
                 | Criterion::MeanActivation
+                | Criterion::Movement
         )
     }
     /// Whether pruning with it also changes the kept weights (a whole operation, not scores
@@ -121,7 +123,10 @@ impl Criterion {
     }
     /// Whether scoring needs labels (a loss to differentiate), not only inputs.
     pub fn needs_labels(self) -> bool {
-        matches!(self, Criterion::Taylor | Criterion::Obd)
+        matches!(
+            self,
+            Criterion::Taylor | Criterion::Obd | Criterion::Movement
+        )
     }
     /// Whether scores are computed for whole tensors up front rather than weight by weight.
     pub fn precomputed(self) -> bool {
@@ -163,6 +168,9 @@ impl Criterion {
             }
             Criterion::MeanActivation => {
                 "Mean activation: how large a channel's activations are on average on the calibration samples; the quietest channels go first. Neuron and channel granularity only."
+            }
+            Criterion::Movement => {
+                "Movement: −w·∂L/∂w summed over steps of fine-tuning on the calibration samples; weights that training pulls towards zero go first, even large ones, and small ones that grow stay. Needs labelled data."
             }
             Criterion::Random => {
                 "Random: every weight gets a seeded random score; a criterion that beats this baseline has learned something."

@@ -324,6 +324,8 @@ pub struct GraphFinetune {
     pub masks: Vec<(String, Vec<bool>)>,
     /// The tensors before step `record_at`, when asked.
     pub recorded: Option<NamedTensors>,
+    /// The movement given, with this run's added.
+    pub movement: Option<HashMap<String, Vec<f64>>>,
 }
 
 /// Fine-tunes `graph`'s parameters from `model` with `masks` held (pruned weights are zeroed
@@ -351,12 +353,14 @@ pub fn finetune_graph(
         on_epoch,
         |_, _| None,
         None,
+        None,
     )
 }
 
 /// [`finetune_graph`] with a schedule's hooks: before step `t`, `prune_at(t, sparsity)` may
-/// return a sparsity to prune the masked tensors to first (by magnitude, layer by layer); the
-/// weights before step `record_at` are returned too (late rewinding).
+/// return a sparsity to prune the masked tensors to first (layer by layer, by magnitude, or by
+/// movement when `movement` is given: every step then adds −w·∂L/∂w of each masked tensor to
+/// it); the weights before step `record_at` are returned too (late rewinding).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_graph_with(
     model: &crate::model::Model,
@@ -369,6 +373,7 @@ pub fn finetune_graph_with(
     mut on_epoch: impl FnMut(&super::EpochStats),
     mut prune_at: impl FnMut(usize, f64) -> Option<f64>,
     record_at: Option<usize>,
+    mut movement: Option<HashMap<String, Vec<f64>>>,
 ) -> Result<GraphFinetune, TrainError> {
     use candle_core::D;
     let sample = graph.inputs[0].shape.clone();
@@ -486,10 +491,18 @@ pub fn finetune_graph_with(
             let current_sparsity = pruned_now as f64 / masked_numel.max(1) as f64;
             if let Some(target) = prune_at(step, current_sparsity) {
                 pruned_now = 0;
-                for ((_, v), m) in vars.iter().zip(mask_of.iter_mut()) {
+                for ((name, v), m) in vars.iter().zip(mask_of.iter_mut()) {
                     let Some(old) = m.as_ref() else { continue };
-                    let values = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    let keep = magnitude_keep(&values, target);
+                    let keep = match movement.as_ref().and_then(|mv| mv.get(name)) {
+                        Some(mv) => {
+                            let old = old.flatten_all()?.to_vec1::<f32>()?;
+                            super::recovery::movement_keep(mv, Some(&old), target)
+                        }
+                        None => {
+                            let values = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                            magnitude_keep(&values, target)
+                        }
+                    };
                     pruned_now += keep.iter().filter(|k| **k == 0.0).count();
                     let new = Tensor::from_vec(keep, old.dims(), dev)?;
                     v.set(&(v.as_tensor() * &new)?)?;
@@ -531,7 +544,22 @@ pub fn finetune_graph_with(
                 .filter(|(p, i)| **p == train.labels[**i])
                 .count();
             loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            opt.step(&loss, cfg, lr)?;
+            let grads = loss.backward()?;
+            if let Some(mv) = movement.as_mut() {
+                for ((name, v), m) in vars.iter().zip(&mask_of) {
+                    let (Some(_), Some(acc), Some(g)) =
+                        (m, mv.get_mut(name), grads.get(v.as_tensor()))
+                    else {
+                        continue;
+                    };
+                    let g = g.flatten_all()?.to_vec1::<f32>()?;
+                    let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    for ((a, w), g) in acc.iter_mut().zip(w).zip(g) {
+                        *a -= w as f64 * g as f64;
+                    }
+                }
+            }
+            opt.apply(&grads, cfg, lr)?;
             for ((_, v), m) in vars.iter().zip(&mask_of) {
                 if let Some(m) = m {
                     v.set(&(v.as_tensor() * m)?)?;
@@ -606,6 +634,7 @@ pub fn finetune_graph_with(
         cancelled,
         masks: final_masks,
         recorded,
+        movement,
     })
 }
 

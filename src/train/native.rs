@@ -129,6 +129,9 @@ pub struct Layer {
 #[derive(Clone, Debug)]
 pub struct Net {
     pub layers: Vec<Layer>,
+    /// Each layer's movement −Σ_t w_t·∂L/∂w_t over the training steps since
+    /// [`super::Trainee::track_movement`]; while it is kept, schedules prune by it.
+    pub movement: Option<Vec<Vec<f64>>>,
 }
 
 impl Net {
@@ -208,7 +211,10 @@ impl Net {
                 )));
             }
         }
-        Ok(Net { layers })
+        Ok(Net {
+            layers,
+            movement: None,
+        })
     }
 
     pub fn input_dim(&self) -> usize {
@@ -682,6 +688,11 @@ impl Trainer {
                     *g *= m;
                 }
             }
+            if let Some(mv) = net.movement.as_mut() {
+                for ((a, w), g) in mv[l].iter_mut().zip(&layer.w).zip(&self.gw[l]) {
+                    *a -= *w as f64 * *g as f64;
+                }
+            }
             let st = &mut self.states[l];
             let has_bias = layer.bias_name.is_some();
             update(
@@ -974,14 +985,23 @@ impl CandleOptimizer {
         cfg: &FinetuneConfig,
         lr: f64,
     ) -> candle_core::Result<()> {
+        self.apply(&loss.backward()?, cfg, lr)
+    }
+
+    /// One step with gradients already taken.
+    pub(crate) fn apply(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        cfg: &FinetuneConfig,
+        lr: f64,
+    ) -> candle_core::Result<()> {
         use candle_nn::optim::Optimizer;
         match cfg.optimizer {
             Optim::AdamW => {
                 self.adam.set_learning_rate(lr);
-                self.adam.backward_step(loss)
+                self.adam.step(grads)
             }
             Optim::Sgd => {
-                let grads = loss.backward()?;
                 for (v, m) in self.vars.iter().zip(self.momentum.iter_mut()) {
                     let Some(g) = grads.get(v.as_tensor()) else {
                         continue;

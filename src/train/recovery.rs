@@ -28,10 +28,41 @@ pub fn iterative_sparsity(target: f64, r: usize, k: usize) -> f64 {
     1.0 - (1.0 - target).powf(r as f64 / k.max(1) as f64)
 }
 
+/// 1 for the weights a tensor keeps at `sparsity` by movement, 0 for the rest: the weights
+/// `mask` already prunes first (pruned weights stay pruned), then the lowest movement (ties by
+/// flat index).
+pub fn movement_keep(movement: &[f64], mask: Option<&[f32]>, sparsity: f64) -> Vec<f32> {
+    let n = movement.len();
+    let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+    let kept = |i: usize| mask.is_none_or(|m| m[i] != 0.0);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        kept(a)
+            .cmp(&kept(b))
+            .then(movement[a].total_cmp(&movement[b]))
+            .then(a.cmp(&b))
+    });
+    let mut keep = vec![1f32; n];
+    for &i in &order[..k] {
+        keep[i] = 0.0;
+    }
+    keep
+}
+
 impl Net {
     /// Prunes every layer's weights to `sparsity` by magnitude (smallest first, ties by flat
-    /// index); weights pruned before stay pruned (they are zero, so the smallest).
+    /// index), or by movement while it is tracked; weights pruned before stay pruned.
     pub fn prune_layerwise(&mut self, sparsity: f64) {
+        if let Some(mv) = &self.movement {
+            for (l, mv) in self.layers.iter_mut().zip(mv) {
+                let keep = movement_keep(mv, l.mask.as_deref(), sparsity);
+                for (w, k) in l.w.iter_mut().zip(&keep) {
+                    *w *= k;
+                }
+                l.mask = Some(keep);
+            }
+            return;
+        }
         for l in &mut self.layers {
             let n = l.w.len();
             let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
@@ -115,8 +146,12 @@ impl Net {
 pub trait Trainee: Clone {
     /// Fraction of the prunable weights that are pruned.
     fn sparsity(&self) -> f64;
-    /// Every prunable tensor to `sparsity` by magnitude; pruned weights stay pruned.
+    /// Every prunable tensor to `sparsity` by magnitude, or by movement once
+    /// [`Trainee::track_movement`] was called; pruned weights stay pruned.
     fn prune_layerwise(&mut self, sparsity: f64);
+    /// From now on, training accumulates each prunable weight's movement −Σ_t w_t·∂L/∂w_t and
+    /// [`Trainee::prune_layerwise`] prunes the lowest.
+    fn track_movement(&mut self);
     fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError>;
     fn tensors(&self) -> NamedTensors;
     /// Values by name, the masks applied after.
@@ -166,6 +201,9 @@ impl Trainee for Net {
     }
     fn prune_layerwise(&mut self, sparsity: f64) {
         Net::prune_layerwise(self, sparsity)
+    }
+    fn track_movement(&mut self) {
+        self.movement = Some(self.layers.iter().map(|l| vec![0.0; l.w.len()]).collect());
     }
     fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
         Net::metrics(self, test)
@@ -238,6 +276,8 @@ pub struct GraphNet {
     tensors: NamedTensors,
     /// The prunable tensors' masks, true = kept.
     masks: Vec<(String, Vec<bool>)>,
+    /// Each masked tensor's movement while it is tracked (see [`Trainee::track_movement`]).
+    movement: Option<std::collections::HashMap<String, Vec<f64>>>,
 }
 
 impl GraphNet {
@@ -274,6 +314,7 @@ impl GraphNet {
             graph,
             tensors,
             masks: gmasks,
+            movement: None,
         })
     }
 
@@ -308,11 +349,25 @@ impl Trainee for GraphNet {
     fn prune_layerwise(&mut self, sparsity: f64) {
         for (name, keep) in &mut self.masks {
             if let Some((_, _, v)) = self.tensors.iter().find(|(n, _, _)| n == name) {
-                let k = super::graph::magnitude_keep(v, sparsity);
+                let k = match self.movement.as_ref().and_then(|m| m.get(name)) {
+                    Some(mv) => {
+                        let mask: Vec<f32> = keep.iter().map(|k| *k as u8 as f32).collect();
+                        movement_keep(mv, Some(&mask), sparsity)
+                    }
+                    None => super::graph::magnitude_keep(v, sparsity),
+                };
                 *keep = k.iter().map(|x| *x != 0.0).collect();
             }
         }
         self.apply_masks();
+    }
+    fn track_movement(&mut self) {
+        self.movement = Some(
+            self.masks
+                .iter()
+                .map(|(n, m)| (n.clone(), vec![0.0; m.len()]))
+                .collect(),
+        );
     }
     fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
         super::graph::eval_graph(&self.graph, &self.tensors, test)
@@ -387,9 +442,11 @@ impl Trainee for GraphNet {
             |e| on_epoch(e),
             prune_at,
             record_at,
+            self.movement.clone(),
         )?;
         let mut next = self;
         next.tensors = r.tensors;
+        next.movement = r.movement;
         for (name, keep) in r.masks {
             if let Some((_, m)) = next.masks.iter_mut().find(|(n, _)| *n == name) {
                 *m = keep;
@@ -428,6 +485,9 @@ impl Trainee for AnyTrainee {
     }
     fn prune_layerwise(&mut self, sparsity: f64) {
         on_each!(self, t => t.prune_layerwise(sparsity))
+    }
+    fn track_movement(&mut self) {
+        on_each!(self, t => t.track_movement())
     }
     fn metrics(&self, test: &Dataset) -> Result<Metrics, TrainError> {
         on_each!(self, t => t.metrics(test))
@@ -490,8 +550,14 @@ pub enum Schedule {
     /// `epochs / rounds` epochs of fine-tuning (skipped when the drop is below `skip_below`).
     Iterative { rounds: usize, skip_below: f64 },
     /// Gradual AGP over the first `ramp` fraction of the steps, masks updated every `every`
-    /// steps, then fine-tuning at the target.
-    Agp { ramp: f64, every: usize },
+    /// steps, then fine-tuning at the target; with `movement`, each update prunes the lowest
+    /// movement accumulated since training began (Sanh et al.'s movement pruning) instead of
+    /// the smallest magnitudes.
+    Agp {
+        ramp: f64,
+        every: usize,
+        movement: bool,
+    },
 }
 
 /// One point of a schedule's timeline.
@@ -628,7 +694,14 @@ pub fn run_schedule<T: Trainee>(
                 progress.report(r as f32 / rounds as f32, &format!("round {r}/{rounds}"));
             }
         }
-        Schedule::Agp { ramp, every } => {
+        Schedule::Agp {
+            ramp,
+            every,
+            movement,
+        } => {
+            if movement {
+                net.track_movement();
+            }
             // One training run: the optimiser state and the learning-rate schedule run through;
             // before a step at t = k·Δt (k ≤ n) the masks move to s_t on the cubic, which
             // reaches the target at t = n·Δt, inside the ramp.

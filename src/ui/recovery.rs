@@ -19,6 +19,7 @@ pub const TIP_OPTIMIZER: &str = "SGD with momentum follows the averaged gradient
 pub const TIP_LR: &str = "Learning rate: the step size of each update.";
 pub const TIP_EPOCHS: &str = "Passes over the training data.";
 pub const TIP_BATCH: &str = "Samples per optimiser step.";
+pub const TIP_MOVEMENT: &str = "Movement pruning (Sanh et al.): every training step adds −w·∂L/∂w to a weight's score, and each mask update removes the lowest scores: weights that fine-tuning pulls towards zero go, even large ones. Off: the smallest magnitudes go.";
 pub const TIP_LR_SCHEDULE: &str = "How the learning rate moves: constant, cosine (warm-up, then half a cosine to zero) or step (×0.1 every few epochs).";
 pub const TIP_DISTILL: &str = "Knowledge distillation: the dense model is the teacher; the pruned student also learns to match its softened outputs (temperature T), weighted by α.";
 pub const TIP_UNDO: &str = "Go back to the model as it was before training.";
@@ -68,6 +69,7 @@ pub struct RecoveryPanel {
     kind: ScheduleKind,
     rounds: usize,
     skip_below: f64,
+    movement: bool,
     levels: usize,
     rate: f64,
     device: crate::train::TrainDevice,
@@ -91,6 +93,7 @@ impl Default for RecoveryPanel {
             kind: ScheduleKind::Agp,
             rounds: 5,
             skip_below: 0.0,
+            movement: false,
             levels: 6,
             rate: 0.4,
             device: crate::train::TrainDevice::Native,
@@ -281,6 +284,10 @@ impl RecoveryPanel {
                             .on_hover_text("ICE-Pruning's idea: a round that cost less accuracy than this needs no recovery, so its fine-tuning is skipped.");
                     });
                 }
+                if self.kind == ScheduleKind::Agp {
+                    ui.checkbox(&mut self.movement, "Prune by movement")
+                        .on_hover_text(TIP_MOVEMENT);
+                }
                 TrainRequest::Schedule {
                     target: self.target,
                     schedule: match self.kind {
@@ -292,6 +299,7 @@ impl RecoveryPanel {
                         ScheduleKind::Agp => Schedule::Agp {
                             ramp: 0.75,
                             every: 10,
+                            movement: self.movement,
                         },
                     },
                     config: self.config(),

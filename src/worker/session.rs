@@ -1141,7 +1141,12 @@ impl Worker {
                             crate::train::Schedule::Iterative { rounds, .. } => {
                                 format!("schedule: iterative, {rounds} rounds")
                             }
-                            crate::train::Schedule::Agp { .. } => "schedule: AGP".into(),
+                            crate::train::Schedule::Agp { movement, .. } => if movement {
+                                "schedule: AGP by movement"
+                            } else {
+                                "schedule: AGP"
+                            }
+                            .into(),
                         },
                         metrics,
                         settings: settings.clone(),
