@@ -307,8 +307,8 @@ fn movement_keep_prunes_what_is_pruned_first_then_the_lowest_movement() {
             .chain(by_movement(true))
             .take(k)
             .collect();
-        for i in 0..n {
-            assert_eq!(keep[i] == 0.0, pruned.contains(&i), "s {s}, #{i}");
+        for (i, k) in keep.iter().enumerate() {
+            assert_eq!(*k == 0.0, pruned.contains(&i), "s {s}, #{i}");
         }
     }
 }
