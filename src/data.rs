@@ -198,6 +198,33 @@ impl EvalData {
         }
     }
 
+    /// The first `n` samples (all of them when there are fewer).
+    pub fn head(&self, n: usize) -> EvalData {
+        let n = n.min(self.samples);
+        EvalData {
+            name: self.name.clone(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|a| {
+                    let end = n * a.sample_len();
+                    let mut shape = a.shape.clone();
+                    shape[0] = n;
+                    DataArray {
+                        name: a.name.clone(),
+                        shape,
+                        values: match &a.values {
+                            ArrayValues::F32(v) => ArrayValues::F32(v[..end].to_vec()),
+                            ArrayValues::I64(v) => ArrayValues::I64(v[..end].to_vec()),
+                        },
+                    }
+                })
+                .collect(),
+            labels: self.labels.as_ref().map(|l| l[..n].to_vec()),
+            samples: n,
+        }
+    }
+
     pub fn input(&self, name: &str) -> Option<&DataArray> {
         self.inputs.iter().find(|a| a.name == name)
     }

@@ -730,3 +730,121 @@ fn schedules_track_movement_as_the_finite_difference_sum_on_both_trainers() {
         }
     }
 }
+
+#[test]
+fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_hand() {
+    // Embedding → Linear (through a Transpose) → GELU → LayerNorm → masked mean: it does not
+    // import into prunescope's graph, so only tract runs it.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx");
+    let m = Model::open(&dir.join("encoder_two_inputs.onnx")).unwrap();
+    assert!(prunescope::train::Trainable::graph_of(&m).is_err());
+    let data = prunescope::data::load_eval_data(
+        &dir.join("encoder_data.npz"),
+        &["input_ids".to_string(), "attention_mask".to_string()],
+        &Default::default(),
+    )
+    .unwrap();
+    let n = 16;
+    let raw = calibrate::wanda_raw(&m, &data, n, &Progress::none()).unwrap();
+    let ranked = calibrate::tensor_scores(
+        &m,
+        Criterion::Wanda,
+        &ScoreInputs {
+            calibration: Some(&data),
+            samples: n,
+            ..Default::default()
+        },
+        &Progress::none(),
+    )
+    .unwrap();
+    // By hand: the projection's input is the embedding row of every token of the first n
+    // samples (padding tokens included: the Linear sees them too).
+    let embed = m.to_f32_vec(m.find("embed.weight").unwrap());
+    let ArrayValues::I64(ids) = &data.input("input_ids").unwrap().values else {
+        unreachable!()
+    };
+    let d = 16;
+    let mut sq = vec![0f64; d];
+    for &id in &ids[..n * 12] {
+        for j in 0..d {
+            sq[j] += (embed[id as usize * d + j] as f64).powi(2);
+        }
+    }
+    let t = m.find("proj.weight").unwrap();
+    let w = m.to_f32_vec(t);
+    let got = raw[t].as_ref().unwrap();
+    for o in 0..d {
+        for j in 0..d {
+            close(
+                got[o * d + j],
+                (w[o * d + j] as f64).abs() * sq[j].sqrt(),
+                &format!("proj.weight[{o}][{j}]"),
+            );
+        }
+    }
+    // The criterion compares within each output row: its order there is the raw scores'.
+    let r = ranked[t].as_ref().unwrap();
+    for o in 0..d {
+        let order = |s: &[f32]| {
+            let mut v: Vec<usize> = (0..d).collect();
+            v.sort_by(|&a, &b| s[o * d + a].total_cmp(&s[o * d + b]));
+            v
+        };
+        assert_eq!(order(r), order(got), "row {o}");
+    }
+    // The embedding multiplies nothing: its rows compare by magnitude.
+    let e = m.find("embed.weight").unwrap();
+    let re = raw[e].as_ref().unwrap();
+    assert!(re.iter().zip(&embed).all(|(s, w)| *s == w.abs()));
+
+    // The same projection stored [in, out] and read by MatMul directly: input features run
+    // down the rows, and an output neuron is a column, within which Wanda compares.
+    let p = Model::open(&dir.join("encoder_plain_matmul.onnx")).unwrap();
+    let tp = p.find("proj.weight").unwrap();
+    assert_eq!(p.tensors[tp].shape, vec![d, d]);
+    let wp = p.to_f32_vec(tp);
+    let inputs = ScoreInputs {
+        calibration: Some(&data),
+        samples: n,
+        ..Default::default()
+    };
+    let raw_p = calibrate::wanda_raw(&p, &data, n, &Progress::none()).unwrap();
+    let ranked_p = calibrate::tensor_scores(&p, Criterion::Wanda, &inputs, &Progress::none())
+        .unwrap();
+    let (gp, rp) = (
+        raw_p[tp].as_ref().unwrap(),
+        ranked_p[tp].as_ref().unwrap(),
+    );
+    for j in 0..d {
+        for o in 0..d {
+            close(
+                gp[j * d + o],
+                (wp[j * d + o] as f64).abs() * sq[j].sqrt(),
+                &format!("[in, out] proj.weight[{j}][{o}]"),
+            );
+            // The same weight as in the [out, in] file, so the same score.
+            assert_eq!(gp[j * d + o], got[o * d + j]);
+        }
+    }
+    for o in 0..d {
+        let order = |s: &[f32]| {
+            let mut v: Vec<usize> = (0..d).collect();
+            v.sort_by(|&a, &b| s[a * d + o].total_cmp(&s[b * d + o]));
+            v
+        };
+        assert_eq!(order(rp), order(gp), "column {o}");
+    }
+    // Pruned half by half: each output neuron loses the same count in both layouts.
+    let settings = PruneSettings {
+        sparsity: 0.5,
+        criterion: Criterion::Wanda,
+        calibration: n,
+        ..Default::default()
+    };
+    let masks = prune(&p, &settings, &inputs, &Progress::none()).unwrap().masks;
+    let mk = masks.get("proj.weight").unwrap();
+    for o in 0..d {
+        let kept = (0..d).filter(|&j| mk.kept(j * d + o)).count();
+        assert_eq!(kept, d / 2, "column {o}");
+    }
+}

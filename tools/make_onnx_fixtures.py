@@ -225,6 +225,24 @@ class Encoder(torch.nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def plain_matmul_encoder():
+    """The encoder with its projection stored [in, out] and read by MatMul directly, as some
+    exporters write it (no Transpose): Wanda must compare within its columns."""
+    m = onnx.load(str(OUT / "encoder_two_inputs.onnx"))
+    g = m.graph
+    tr = next(n for n in g.node if n.op_type == "Transpose" and n.input[0] == "proj.weight")
+    init = next(i for i in g.initializer if i.name == "proj.weight")
+    w = onnx.numpy_helper.to_array(init).T.copy()
+    init.CopyFrom(onnx.numpy_helper.from_array(w, "proj.weight"))
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            if name == tr.output[0]:
+                n.input[k] = "proj.weight"
+    g.node.remove(tr)
+    onnx.checker.check_model(m)
+    onnx.save_model(m, str(OUT / "encoder_plain_matmul.onnx"))
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     trained_fixtures()
@@ -252,6 +270,8 @@ def main():
     onnx.save_model(m, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="mlp_external.onnx.data", size_threshold=0)
     describe(ext, x)
+
+    plain_matmul_encoder()
 
     # Malformed files.
     good = p17.read_bytes()

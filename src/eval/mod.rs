@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 pub use graph_runner::{FastRunner, Fastest, GraphRunner};
 pub use mlp::{ARCH_METADATA_KEY, Activation, MlpArch, MlpLayer, MlpRunner, metrics, mlp_forward};
-pub use onnx::OnnxRunner;
+pub use onnx::{GraphInfo, MatmulWeight, OnnxRunner};
 pub use score::{Fidelity, Metrics, Outputs, argmax, score};
 
 use crate::data::{DataSpec, EvalData};

@@ -152,6 +152,62 @@ impl GraphInfo {
         crate::graph::onnx_import::import(&self.proto, model, shapes)
     }
 
+    /// Every 2-D initializer that a MatMul or Gemm multiplies an activation by: what Wanda
+    /// needs to collect through tract. PyTorch's Linear reaches its MatMul through a Transpose
+    /// ([out, in], input features along the columns); a plain initializer is [in, out].
+    pub fn matmul_weights(&self, model: &Model) -> Vec<MatmulWeight> {
+        let Some(g) = self.proto.graph.as_ref() else {
+            return Vec::new();
+        };
+        let inits: BTreeSet<&str> = g.initializer.iter().map(|i| i.name.as_str()).collect();
+        let transposed: HashMap<&str, &str> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Transpose" && n.input.len() == 1 && n.output.len() == 1)
+            .filter(|n| inits.contains(n.input[0].as_str()))
+            .filter(|n| {
+                n.attribute
+                    .iter()
+                    .find(|a| a.name == "perm")
+                    .is_none_or(|a| a.ints == [1, 0])
+            })
+            .map(|n| (n.output[0].as_str(), n.input[0].as_str()))
+            .collect();
+        let flag = |n: &pb::NodeProto, name: &str| {
+            n.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .is_some_and(|a| a.i != 0)
+        };
+        let mut out = Vec::new();
+        for n in &g.node {
+            let gemm = n.op_type == "Gemm";
+            if !(n.op_type == "MatMul" || gemm) || n.input.len() < 2 || (gemm && flag(n, "transA"))
+            {
+                continue;
+            }
+            let b = n.input[1].as_str();
+            let (name, mut in_on_columns) = match transposed.get(b) {
+                Some(w) => (*w, true),
+                None if inits.contains(b) => (b, false),
+                None => continue,
+            };
+            if gemm && flag(n, "transB") {
+                in_on_columns = !in_on_columns;
+            }
+            let Some(t) = model.find(name) else { continue };
+            if model.tensors[t].shape.len() != 2 || inits.contains(n.input[0].as_str()) {
+                continue;
+            }
+            out.push(MatmulWeight {
+                tensor: t,
+                activation: n.input[0].clone(),
+                in_on_columns,
+            });
+        }
+        out
+    }
+
     pub fn describe_inputs(&self) -> String {
         self.data_inputs
             .iter()
@@ -166,6 +222,16 @@ impl GraphInfo {
             msg,
         }
     }
+}
+
+/// A weight that a MatMul or Gemm multiplies `activation` by (see
+/// [`GraphInfo::matmul_weights`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatmulWeight {
+    pub tensor: usize,
+    pub activation: String,
+    /// The weight is [out, in]: input features along its columns.
+    pub in_on_columns: bool,
 }
 
 /// One data input, matched with its array and the per-sample shape the plan is built for.
@@ -395,7 +461,7 @@ impl OnnxRunner {
             return Ok(p.clone());
         }
         let guarded = |inputs: &BTreeSet<usize>, b: &[(usize, &Mask)], k: u64| {
-            catch_unwind(AssertUnwindSafe(|| self.build(model, inputs, b, k))).unwrap_or_else(|p| {
+            catch_unwind(AssertUnwindSafe(|| self.build(model, inputs, b, k, &[]))).unwrap_or_else(|p| {
                 Err(self
                     .graph
                     .gerr(format!("tract panicked: {}", panic_text(&p))))
@@ -434,6 +500,7 @@ impl OnnxRunner {
         weights: &BTreeSet<usize>,
         baked: &[(usize, &Mask)],
         baked_key: u64,
+        outputs: &[String],
     ) -> Result<Built, EvalError> {
         let mut proto = self.graph.proto.clone();
         let g = proto
@@ -518,6 +585,18 @@ impl OnnxRunner {
                 };
             im.set_input_fact(i, fact).map_err(tract_err)?;
             slots.push(slot);
+        }
+        if !outputs.is_empty() {
+            let outlets = outputs
+                .iter()
+                .map(|name| {
+                    im.find_outlet_label(name).ok_or_else(|| {
+                        self.graph
+                            .gerr(format!("no value named '{name}' to observe in the graph"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            im.select_output_outlets(&outlets).map_err(tract_err)?;
         }
         let plan = im
             .into_optimized()
@@ -662,6 +741,88 @@ impl OnnxRunner {
                 view.iter().take(real * per).copied().collect(),
             ))
         })
+    }
+}
+
+impl OnnxRunner {
+    /// Runs the dense model on its data and returns, for each of the named values, the sum
+    /// of squares of each entry along its last axis over every other position of every
+    /// sample (tokens included): ‖X_j‖₂² for the activations a weight multiplies.
+    pub fn activation_sq(
+        &self,
+        model: &Model,
+        names: &[String],
+        progress: &crate::progress::Progress,
+        label: &str,
+    ) -> Result<Vec<Vec<f64>>, EvalError> {
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            self.build(model, &BTreeSet::new(), &[], 0, names)
+        }))
+        .unwrap_or_else(|p| {
+            Err(self
+                .graph
+                .gerr(format!("tract panicked: {}", panic_text(&p))))
+        })?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let executor = Executor::multithread(threads);
+        let n = self.data.samples;
+        let mut acc: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        let mut start = 0;
+        while start < n {
+            progress
+                .check()
+                .map_err(|_| EvalError::Compute("cancelled".into()))?;
+            let real = self.batch.min(n - start);
+            let mut inputs: TVec<TValue> = tvec![];
+            for slot in &built.slots {
+                match slot {
+                    Slot::Data(k) => inputs.push(self.data_tensor(*k, start, real)?),
+                    Slot::Weight(_) => unreachable!("every weight is a constant here"),
+                }
+            }
+            let plan = built.plan.clone();
+            let out = multithread_tract_scope(executor.clone(), || {
+                catch_unwind(AssertUnwindSafe(|| plan.run(inputs)))
+            })
+            .map_err(|p| EvalError::Compute(format!("tract panicked: {}", panic_text(&p))))?
+            .map_err(|e| EvalError::Compute(format!("{e:#}")))?;
+            for ((k, y), name) in out.into_iter().enumerate().zip(names) {
+                let y = y
+                    .cast_to::<f32>()
+                    .map_err(|e| EvalError::Compute(format!("'{name}': {e:#}")))?;
+                let shape = y.shape().to_vec();
+                let (Some(&width), Some(&b)) = (shape.last(), shape.first()) else {
+                    return Err(EvalError::Compute(format!("'{name}' is a scalar")));
+                };
+                if shape.len() < 2 || b != self.batch {
+                    return Err(EvalError::Compute(format!(
+                        "'{name}' has shape {shape:?}, not one row of features a sample (or \
+                         token) with the batch first"
+                    )));
+                }
+                let view = y
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| EvalError::Compute(format!("'{name}': {e:#}")))?;
+                let a = &mut acc[k];
+                a.resize(width, 0.0);
+                let per: usize = shape[1..].iter().product();
+                // Padding samples of the last batch are left out.
+                for row in view
+                    .as_slice()
+                    .expect("plain arrays are contiguous")
+                    .get(..real * per)
+                    .unwrap_or(&[])
+                    .chunks(width)
+                {
+                    for (a, v) in a.iter_mut().zip(row) {
+                        *a += (*v as f64) * (*v as f64);
+                    }
+                }
+            }
+            start += real;
+            progress.report(start as f32 / n as f32, label);
+        }
+        Ok(acc)
     }
 }
 

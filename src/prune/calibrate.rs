@@ -310,12 +310,22 @@ fn data_scores(
     progress: &Progress,
     row_ranked: bool,
 ) -> Result<Vec<Option<Vec<f32>>>, PruneError> {
-    let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
-        PruneError::Calibration(format!(
-            "{} runs the model on calibration data, and {e}",
-            criterion.cli_name()
-        ))
-    })?;
+    let graph = match crate::train::Trainable::graph_of(model) {
+        Ok(g) => g,
+        // A graph only tract runs (a transformer): Wanda's inputs are collected there.
+        Err(e)
+            if criterion == Criterion::Wanda
+                && model.format == crate::model::ModelFormat::Onnx =>
+        {
+            return tract_wanda(model, data, samples, progress, row_ranked, &e);
+        }
+        Err(e) => {
+            return Err(PruneError::Calibration(format!(
+                "{} runs the model on calibration data, and {e}",
+                criterion.cli_name()
+            )));
+        }
+    };
     let n = samples_used(data, samples);
     let label = format!("Calibrating {} on {n} samples", criterion.label());
     let batch = if criterion == Criterion::Obd {
@@ -400,6 +410,96 @@ fn data_scores(
         }
     }
     Ok(scores)
+}
+
+/// Wanda on an ONNX graph that only tract runs: the activations that each MatMul or Gemm
+/// multiplies a weight by are observed there. Other tensors compare by magnitude within rows,
+/// as on the candle path.
+fn tract_wanda(
+    model: &Model,
+    data: &EvalData,
+    samples: usize,
+    progress: &Progress,
+    row_ranked: bool,
+    why: &str,
+) -> Result<Vec<Option<Vec<f32>>>, PruneError> {
+    use crate::eval::GraphInfo;
+    let fail = |e: crate::eval::EvalError| {
+        PruneError::Calibration(format!("wanda collects its inputs through tract, and {e}"))
+    };
+    let info = GraphInfo::read(model).map_err(fail)?;
+    let weights = info.matmul_weights(model);
+    if weights.is_empty() {
+        return Err(PruneError::Calibration(format!(
+            "wanda runs the model on calibration data, and {why}; no MatMul or Gemm in it \
+             multiplies a weight either"
+        )));
+    }
+    let n = samples_used(data, samples);
+    let runner =
+        crate::eval::OnnxRunner::new(model, info, std::sync::Arc::new(data.head(n))).map_err(fail)?;
+    let mut names: Vec<String> = weights.iter().map(|w| w.activation.clone()).collect();
+    names.sort();
+    names.dedup();
+    let label = format!("Calibrating {} on {n} samples (tract)", Criterion::Wanda.label());
+    let sq = runner
+        .activation_sq(model, &names, progress, &label)
+        .map_err(|e| match progress.check() {
+            Err(_) => PruneError::Cancelled,
+            Ok(()) => fail(e),
+        })?;
+    let mut scores: Vec<Option<Vec<f32>>> = vec![None; model.tensors.len()];
+    for (t, e) in model.tensors.iter().enumerate() {
+        if !e.analysable() {
+            continue;
+        }
+        let w = model.to_f32_vec(t);
+        let rows = e.shape.first().copied().unwrap_or(1).max(1);
+        let cols = e.numel / rows;
+        let found = weights.iter().find(|m| m.tensor == t);
+        let raw: Vec<f32> = match found {
+            Some(m) => {
+                let k = names.binary_search(&m.activation).expect("listed above");
+                let norms: Vec<f32> = sq[k].iter().map(|v| v.sqrt() as f32).collect();
+                let inputs = if m.in_on_columns { cols } else { rows };
+                if norms.len() != inputs {
+                    return Err(PruneError::Calibration(format!(
+                        "wanda: '{}' reads {inputs} input features, and its input '{}' has {}",
+                        e.name,
+                        m.activation,
+                        norms.len()
+                    )));
+                }
+                (0..e.numel)
+                    .map(|i| {
+                        let j = if m.in_on_columns { i % cols } else { i / cols };
+                        w[i].abs() * norms[j]
+                    })
+                    .collect()
+            }
+            None => w.iter().map(|v| v.abs()).collect(),
+        };
+        scores[t] = Some(match (row_ranked, found) {
+            (false, _) => raw,
+            // [in, out]: an output neuron is a column, and Wanda compares within it.
+            (true, Some(m)) if !m.in_on_columns => {
+                let ranked = row_ranks(&transpose(&raw, rows, cols), cols);
+                transpose(&ranked, cols, rows)
+            }
+            (true, _) => row_ranks(&raw, rows),
+        });
+    }
+    Ok(scores)
+}
+
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
 }
 
 /// Every tensor training updates as a candle variable, and the parameters that read them.
