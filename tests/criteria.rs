@@ -809,12 +809,9 @@ fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_ha
         ..Default::default()
     };
     let raw_p = calibrate::wanda_raw(&p, &data, n, &Progress::none()).unwrap();
-    let ranked_p = calibrate::tensor_scores(&p, Criterion::Wanda, &inputs, &Progress::none())
-        .unwrap();
-    let (gp, rp) = (
-        raw_p[tp].as_ref().unwrap(),
-        ranked_p[tp].as_ref().unwrap(),
-    );
+    let ranked_p =
+        calibrate::tensor_scores(&p, Criterion::Wanda, &inputs, &Progress::none()).unwrap();
+    let (gp, rp) = (raw_p[tp].as_ref().unwrap(), ranked_p[tp].as_ref().unwrap());
     for j in 0..d {
         for o in 0..d {
             close(
@@ -841,7 +838,9 @@ fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_ha
         calibration: n,
         ..Default::default()
     };
-    let masks = prune(&p, &settings, &inputs, &Progress::none()).unwrap().masks;
+    let masks = prune(&p, &settings, &inputs, &Progress::none())
+        .unwrap()
+        .masks;
     let mk = masks.get("proj.weight").unwrap();
     for o in 0..d {
         let kept = (0..d).filter(|&j| mk.kept(j * d + o)).count();

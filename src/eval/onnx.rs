@@ -461,11 +461,13 @@ impl OnnxRunner {
             return Ok(p.clone());
         }
         let guarded = |inputs: &BTreeSet<usize>, b: &[(usize, &Mask)], k: u64| {
-            catch_unwind(AssertUnwindSafe(|| self.build(model, inputs, b, k, &[]))).unwrap_or_else(|p| {
-                Err(self
-                    .graph
-                    .gerr(format!("tract panicked: {}", panic_text(&p))))
-            })
+            catch_unwind(AssertUnwindSafe(|| self.build(model, inputs, b, k, &[]))).unwrap_or_else(
+                |p| {
+                    Err(self
+                        .graph
+                        .gerr(format!("tract panicked: {}", panic_text(&p))))
+                },
+            )
         };
         let built = match guarded(&inputs, &b, k) {
             Ok(built) => built,

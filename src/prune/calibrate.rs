@@ -314,8 +314,7 @@ fn data_scores(
         Ok(g) => g,
         // A graph only tract runs (a transformer): Wanda's inputs are collected there.
         Err(e)
-            if criterion == Criterion::Wanda
-                && model.format == crate::model::ModelFormat::Onnx =>
+            if criterion == Criterion::Wanda && model.format == crate::model::ModelFormat::Onnx =>
         {
             return tract_wanda(model, data, samples, progress, row_ranked, &e);
         }
@@ -436,12 +435,15 @@ fn tract_wanda(
         )));
     }
     let n = samples_used(data, samples);
-    let runner =
-        crate::eval::OnnxRunner::new(model, info, std::sync::Arc::new(data.head(n))).map_err(fail)?;
+    let runner = crate::eval::OnnxRunner::new(model, info, std::sync::Arc::new(data.head(n)))
+        .map_err(fail)?;
     let mut names: Vec<String> = weights.iter().map(|w| w.activation.clone()).collect();
     names.sort();
     names.dedup();
-    let label = format!("Calibrating {} on {n} samples (tract)", Criterion::Wanda.label());
+    let label = format!(
+        "Calibrating {} on {n} samples (tract)",
+        Criterion::Wanda.label()
+    );
     let sq = runner
         .activation_sq(model, &names, progress, &label)
         .map_err(|e| match progress.check() {
