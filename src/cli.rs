@@ -785,9 +785,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
 
 fn groups_cmd(path: &Path, json: bool) -> anyhow::Result<()> {
     let model = Model::open(path)?;
-    let graph = crate::train::Trainable::graph_of(&model)
-        .map_err(|e| anyhow::anyhow!("dependency groups follow the model's graph, and {e}"))?;
-    let groups = graph.dependency_groups(&model)?;
+    let groups = crate::prune::structured::groups_of(&model)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&groups)?);
         return Ok(());
@@ -800,7 +798,15 @@ fn groups_cmd(path: &Path, json: bool) -> anyhow::Result<()> {
         groups.groups.len()
     )?;
     for (i, g) in groups.groups.iter().enumerate() {
-        writeln!(w, "group {}: {} channels", i + 1, g.channels)?;
+        match g.head_dim {
+            Some(d) => writeln!(
+                w,
+                "group {}: {} attention heads of {d} features",
+                i + 1,
+                g.channels
+            )?,
+            None => writeln!(w, "group {}: {} channels", i + 1, g.channels)?,
+        }
         for m in &g.members {
             let mut at = String::new();
             if m.offset > 0 {
@@ -828,10 +834,6 @@ fn groups_cmd(path: &Path, json: bool) -> anyhow::Result<()> {
 /// Builds settings from the flags (everything the GUI can set globally).
 pub fn settings_from_args(a: &PruneFlags) -> anyhow::Result<PruneSettings> {
     let pattern = match a.granularity.as_deref() {
-        Some("head") => bail!(
-            "--granularity head: prunescope's graph has no attention operation to find heads \
-             in, so head pruning is not built yet"
-        ),
         Some(g) => Pattern::parse(g)?,
         None => Pattern::parse(&a.pattern)?,
     };

@@ -390,3 +390,176 @@ fn a_locked_layer_keeps_every_weight_whichever_group_would_slice_it() {
     }
     assert_eq!(fc2.count_kept(), 64 * 64);
 }
+
+/// The attention fixture's (E = 8, H = 4 heads of D = 2) output on its data, computed by hand
+/// in f64 with only the heads in `kept`: a smaller attention block, not a masked one.
+fn attention_by_hand(m: &Model, x: &[f32], kept: &[usize]) -> Vec<f64> {
+    let (e, d, t) = (8, 2, 3);
+    let p = |name: &str| -> Vec<f64> {
+        m.to_f32_vec(m.find(name).unwrap())
+            .iter()
+            .map(|v| *v as f64)
+            .collect()
+    };
+    let (wq, bq, wk, bk, wv, bv, wo, bo) = (
+        p("query.weight"),
+        p("query.bias"),
+        p("key.weight"),
+        p("key.bias"),
+        p("value.weight"),
+        p("value.bias"),
+        p("out.weight"),
+        p("out.bias"),
+    );
+    let linear = |w: &[f64], b: &[f64], row: &[f64]| -> Vec<f64> {
+        (0..e)
+            .map(|o| b[o] + (0..e).map(|i| w[o * e + i] * row[i]).sum::<f64>())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for s in x.chunks(t * e) {
+        let rows: Vec<Vec<f64>> = s
+            .chunks(e)
+            .map(|r| r.iter().map(|v| *v as f64).collect())
+            .collect();
+        let q: Vec<Vec<f64>> = rows.iter().map(|r| linear(&wq, &bq, r)).collect();
+        let k: Vec<Vec<f64>> = rows.iter().map(|r| linear(&wk, &bk, r)).collect();
+        let v: Vec<Vec<f64>> = rows.iter().map(|r| linear(&wv, &bv, r)).collect();
+        let mut mean = vec![0f64; e];
+        for a in 0..t {
+            let mut ctx = vec![0f64; e];
+            for &h in kept {
+                let score: Vec<f64> = (0..t)
+                    .map(|u| {
+                        (0..d)
+                            .map(|j| q[a][h * d + j] * k[u][h * d + j])
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = score.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = score.iter().map(|s| (s - mx).exp()).sum();
+                for u in 0..t {
+                    let pr = (score[u] - mx).exp() / z;
+                    for j in 0..d {
+                        ctx[h * d + j] += pr * v[u][h * d + j];
+                    }
+                }
+            }
+            // The output projection reads only the kept heads' features.
+            for (o, mo) in mean.iter_mut().enumerate() {
+                let y = bo[o]
+                    + kept
+                        .iter()
+                        .flat_map(|&h| h * d..(h + 1) * d)
+                        .map(|i| wo[o * e + i] * ctx[i])
+                        .sum::<f64>();
+                *mo += y / t as f64;
+            }
+        }
+        out.extend(mean);
+    }
+    out
+}
+
+#[test]
+fn attention_heads_are_found_in_an_exported_transformer_and_cut_whole() {
+    let dir = Path::new("tests/fixtures/onnx");
+    let m = Model::open(&dir.join("attention_heads.onnx")).unwrap();
+    let groups = structured::groups_of(&m).unwrap();
+    assert_eq!(groups.groups.len(), 1);
+    let g = &groups.groups[0];
+    assert_eq!((g.channels, g.head_dim), (4, Some(2)));
+    let listed: Vec<(&str, usize, usize)> = g
+        .members
+        .iter()
+        .map(|m| (m.tensor.as_str(), m.axis, m.per_channel))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("query.weight", 0, 2),
+            ("query.bias", 0, 2),
+            ("key.weight", 0, 2),
+            ("key.bias", 0, 2),
+            ("value.weight", 0, 2),
+            ("value.bias", 0, 2),
+            ("out.weight", 1, 2),
+        ]
+    );
+    // Heads ranked by the L1 norm of all their weights, summed by hand.
+    let w = |n: &str| m.to_f32_vec(m.find(n).unwrap());
+    let l1: Vec<f64> = (0..4)
+        .map(|h| {
+            let mut s = 0.0;
+            for n in ["query.weight", "key.weight", "value.weight"] {
+                s += w(n)[h * 16..(h + 1) * 16]
+                    .iter()
+                    .map(|v| v.abs() as f64)
+                    .sum::<f64>();
+            }
+            s + (0..8)
+                .flat_map(|o| [o * 8 + 2 * h, o * 8 + 2 * h + 1])
+                .map(|i| w("out.weight")[i].abs() as f64)
+                .sum::<f64>()
+        })
+        .collect();
+    let mut by_l1: Vec<usize> = (0..4).collect();
+    by_l1.sort_by(|&a, &b| l1[a].total_cmp(&l1[b]));
+    // Head counts are not rounded to the width multiple (8 would keep all four).
+    let s = settings(Pattern::Head, 0.5, 8);
+    let masks = prune(&m, &s, &ScoreInputs::default(), &Progress::none())
+        .unwrap()
+        .masks;
+    let gone = &by_l1[..2];
+    let kept: Vec<usize> = (0..4).filter(|h| !gone.contains(h)).collect();
+    for (name, per_row) in [
+        ("query.weight", 8),
+        ("key.weight", 8),
+        ("value.weight", 8),
+        ("query.bias", 1),
+        ("key.bias", 1),
+        ("value.bias", 1),
+    ] {
+        let mk = masks.get(name).unwrap();
+        for i in 0..mk.len() {
+            let head = i / per_row / 2;
+            assert_eq!(mk.kept(i), kept.contains(&head), "{name} #{i}");
+        }
+    }
+    let mo = masks.get("out.weight").unwrap();
+    for i in 0..64 {
+        assert_eq!(mo.kept(i), kept.contains(&(i % 8 / 2)), "out.weight #{i}");
+    }
+    assert!(masks.get("out.bias").is_none());
+    // The masked model through tract computes what the smaller block computes.
+    let data = prunescope::data::load_eval_data(
+        &dir.join("attention_data.npz"),
+        &["x".to_string()],
+        &Default::default(),
+    )
+    .unwrap();
+    let prunescope::data::ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let x = x.clone();
+    let info = prunescope::eval::GraphInfo::read(&m).unwrap();
+    let runner = prunescope::eval::OnnxRunner::new(&m, info, std::sync::Arc::new(data)).unwrap();
+    use prunescope::eval::Runner;
+    for (masks, heads) in [(None, vec![0, 1, 2, 3]), (Some(&masks), kept.clone())] {
+        let got = runner.run(&m, masks).unwrap().values;
+        let want = attention_by_hand(&m, &x, &heads);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 1e-5,
+                "heads {heads:?} #{i}: {g} vs {w}"
+            );
+        }
+    }
+    // No smaller ONNX is written for heads: the graph's Reshapes fix the head count.
+    match prunescope::export::compact::compact(&m, &masks) {
+        Err(e) => assert!(e.to_string().contains("import"), "{e}"),
+        Ok(_) => panic!("a head cut was compacted"),
+    }
+}

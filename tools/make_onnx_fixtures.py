@@ -225,6 +225,39 @@ class Encoder(torch.nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+class Attention(torch.nn.Module):
+    """One self-attention block written as Hugging Face's BERT writes it (separate query, key
+    and value Linears, view(B, -1, H, D), softmax(QKᵀ/√D)V, heads merged, output Linear), then a
+    mean over the tokens: what head pruning has to find in an exported transformer."""
+
+    def __init__(self, e=8, h=4):
+        super().__init__()
+        self.h, self.d = h, e // h
+        self.query = torch.nn.Linear(e, e)
+        self.key = torch.nn.Linear(e, e)
+        self.value = torch.nn.Linear(e, e)
+        self.out = torch.nn.Linear(e, e)
+
+    def forward(self, x):
+        b = x.size(0)
+        q, k, v = (p(x).view(b, -1, self.h, self.d).transpose(1, 2)
+                   for p in (self.query, self.key, self.value))
+        s = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1)
+        ctx = (s @ v).transpose(1, 2).reshape(b, -1, self.h * self.d)
+        return self.out(ctx).mean(1)
+
+
+def attention_fixture():
+    torch.manual_seed(3)
+    model = Attention().eval()
+    x = np.random.default_rng(3).standard_normal((5, 3, 8)).astype(np.float32)
+    path = OUT / "attention_heads.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(path), opset_version=17, dynamo=False,
+                      do_constant_folding=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    np.savez(OUT / "attention_data.npz", x=x)
+
+
 def plain_matmul_encoder():
     """The encoder with its projection stored [in, out] and read by MatMul directly, as some
     exporters write it (no Transpose): Wanda must compare within its columns."""
@@ -272,6 +305,7 @@ def main():
     describe(ext, x)
 
     plain_matmul_encoder()
+    attention_fixture()
 
     # Malformed files.
     good = p17.read_bytes()

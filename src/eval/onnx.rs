@@ -202,10 +202,238 @@ impl GraphInfo {
             out.push(MatmulWeight {
                 tensor: t,
                 activation: n.input[0].clone(),
+                output: n.output.first().cloned().unwrap_or_default(),
                 in_on_columns,
             });
         }
         out
+    }
+
+    /// The attention heads of the graph, as dependency groups: wherever the query, key and
+    /// value projections are each split by a Reshape into H heads of D features, and an output
+    /// projection reads the heads' merged context, head h is the D output features
+    /// h·D..(h+1)·D of the three projections (weights and biases) with the same D input
+    /// features of the output projection. Each group's `channels` counts heads.
+    pub fn attention_groups(&self, model: &Model) -> Vec<crate::graph::Group> {
+        use crate::graph::{Group, Member};
+        let Some(g) = self.proto.graph.as_ref() else {
+            return Vec::new();
+        };
+        let weights = self.matmul_weights(model);
+        let producer: HashMap<&str, &pb::NodeProto> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+            .collect();
+        let mut consumers: HashMap<&str, Vec<&pb::NodeProto>> = HashMap::new();
+        for n in &g.node {
+            for i in &n.input {
+                consumers.entry(i.as_str()).or_default().push(n);
+            }
+        }
+        let inits: HashMap<&str, &pb::TensorProto> =
+            g.initializer.iter().map(|i| (i.name.as_str(), i)).collect();
+        // Computed from constants only (a scale such as Cast(Sqrt(Constant))).
+        fn is_constant(
+            v: &str,
+            producer: &HashMap<&str, &pb::NodeProto>,
+            inits: &HashMap<&str, &pb::TensorProto>,
+            depth: usize,
+        ) -> bool {
+            if inits.contains_key(v) {
+                return true;
+            }
+            match producer.get(v) {
+                Some(n) if n.op_type == "Constant" => true,
+                Some(n) if depth > 0 && !n.input.is_empty() => n
+                    .input
+                    .iter()
+                    .all(|i| is_constant(i, producer, inits, depth - 1)),
+                _ => false,
+            }
+        }
+        let constant = |name: &str| is_constant(name, &producer, &inits, 4);
+        let by_output: HashMap<&str, usize> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.output.as_str(), i))
+            .collect();
+        let out_features = |w: &MatmulWeight| {
+            let s = &model.tensors[w.tensor].shape;
+            if w.in_on_columns { s[0] } else { s[1] }
+        };
+        // Projections split into heads: (heads, head dim, bias) by weight.
+        let mut split: HashMap<usize, (usize, usize, Option<String>)> = HashMap::new();
+        for (i, w) in weights.iter().enumerate() {
+            let out = out_features(w);
+            let mut value = w.output.as_str();
+            let mut bias = None;
+            // The one consumer that reads the values (Shape nodes read only the shape).
+            let only = |v: &str| {
+                let mut readers = consumers.get(v)?.iter().filter(|n| n.op_type != "Shape");
+                let n = readers.next()?;
+                readers.next().is_none().then_some(*n)
+            };
+            if let Some(n) = only(value).filter(|n| n.op_type == "Add" && n.input.len() == 2) {
+                let other = if n.input[0] == value {
+                    &n.input[1]
+                } else {
+                    &n.input[0]
+                };
+                match model.find(other) {
+                    Some(b)
+                        if inits.contains_key(other.as_str())
+                            && model.tensors[b].shape == [out] =>
+                    {
+                        bias = Some(other.clone());
+                        value = n.output[0].as_str();
+                    }
+                    _ => continue,
+                }
+            }
+            let Some(r) = only(value).filter(|n| n.op_type == "Reshape" && n.input.len() == 2)
+            else {
+                continue;
+            };
+            let Some(shape) = shape_entries(&r.input[1], &producer, &inits) else {
+                continue;
+            };
+            let heads = match shape.as_slice() {
+                [.., Some(h), Some(d)] if *h > 0 && *d > 0 && (*h * *d) as usize == out => {
+                    *h as usize
+                }
+                [.., _, Some(d)] if *d > 0 && out % *d as usize == 0 => out / *d as usize,
+                [.., Some(h), _] if *h > 0 && out % *h as usize == 0 => *h as usize,
+                _ => continue,
+            };
+            if heads > 1 && shape.len() >= 3 {
+                split.insert(i, (heads, out / heads, bias));
+            }
+        }
+        // Back from a value through reshapes, transposes and constant scalings to the
+        // projection that made it.
+        fn trace<'a>(
+            mut v: &'a str,
+            producer: &HashMap<&'a str, &'a pb::NodeProto>,
+            by_output: &HashMap<&'a str, usize>,
+            constant: &dyn Fn(&str) -> bool,
+        ) -> Option<usize> {
+            for _ in 0..8 {
+                if let Some(&w) = by_output.get(v) {
+                    return Some(w);
+                }
+                let n = producer.get(v)?;
+                v = match n.op_type.as_str() {
+                    "Transpose" | "Reshape" | "Cast" | "Identity" => n.input.first()?,
+                    "Add" | "Mul" | "Div" | "Sub" if n.input.len() == 2 => {
+                        match (constant(&n.input[0]), constant(&n.input[1])) {
+                            (false, true) => &n.input[0],
+                            (true, false) => &n.input[1],
+                            _ => return None,
+                        }
+                    }
+                    _ => return None,
+                };
+            }
+            None
+        }
+        let trace = |v: &'_ str| trace(v, &producer, &by_output, &constant);
+        // Back from the attention probabilities to the product of queries and keys.
+        fn scores_matmul<'a, 'k>(
+            v: &str,
+            producer: &HashMap<&'k str, &'a pb::NodeProto>,
+            by_output: &HashMap<&'k str, usize>,
+            depth: usize,
+        ) -> Option<&'a pb::NodeProto> {
+            let n = producer.get(v)?;
+            if n.op_type == "MatMul" && !by_output.contains_key(v) {
+                return Some(n);
+            }
+            if depth == 0
+                || by_output.contains_key(v)
+                || matches!(
+                    n.op_type.as_str(),
+                    "LayerNormalization" | "Shape" | "Constant"
+                )
+            {
+                return None;
+            }
+            let inputs: &[String] = if n.op_type == "Reshape" {
+                &n.input[..1]
+            } else {
+                &n.input
+            };
+            inputs
+                .iter()
+                .find_map(|i| scores_matmul(i, producer, by_output, depth - 1))
+        }
+        let mut groups = Vec::new();
+        for o in &weights {
+            // The output projection reads Reshape(Transpose(MatMul(probabilities, values))).
+            // The output projection reads the heads' context, MatMul(probabilities, values),
+            // through the Transpose and Reshapes that merge the heads.
+            let Some(ctx) = (|| {
+                let mut v = o.activation.as_str();
+                let mut merged = false;
+                for _ in 0..6 {
+                    let n = producer.get(v)?;
+                    match n.op_type.as_str() {
+                        "Reshape" | "Transpose" => {
+                            merged |= n.op_type == "Transpose";
+                            v = n.input.first()?;
+                        }
+                        "MatMul" if merged && n.input.len() == 2 && !by_output.contains_key(v) => {
+                            return Some(*n);
+                        }
+                        _ => return None,
+                    }
+                }
+                None
+            })() else {
+                continue;
+            };
+            let Some(v) = trace(&ctx.input[1]) else {
+                continue;
+            };
+            let Some(qk) = scores_matmul(&ctx.input[0], &producer, &by_output, 12) else {
+                continue;
+            };
+            let (Some(q), Some(k)) = (trace(&qk.input[0]), trace(&qk.input[1])) else {
+                continue;
+            };
+            let parts: Option<Vec<&(usize, usize, Option<String>)>> =
+                [q, k, v].iter().map(|p| split.get(p)).collect();
+            let Some(parts) = parts else { continue };
+            let (heads, dim) = (parts[0].0, parts[0].1);
+            let in_o = {
+                let s = &model.tensors[o.tensor].shape;
+                if o.in_on_columns { s[1] } else { s[0] }
+            };
+            if parts.iter().any(|p| (p.0, p.1) != (heads, dim)) || in_o != heads * dim {
+                continue;
+            }
+            let member = |t: usize, axis: usize| Member {
+                tensor: model.tensors[t].name.clone(),
+                axis,
+                offset: 0,
+                per_channel: dim,
+            };
+            let mut members = Vec::new();
+            for (p, part) in [q, k, v].iter().zip(&parts) {
+                let w = &weights[*p];
+                members.push(member(w.tensor, if w.in_on_columns { 0 } else { 1 }));
+                if let Some(t) = part.2.as_deref().and_then(|b| model.find(b)) {
+                    members.push(member(t, 0));
+                }
+            }
+            members.push(member(o.tensor, if o.in_on_columns { 1 } else { 0 }));
+            groups.push(Group {
+                channels: heads,
+                members,
+                head_dim: Some(dim),
+            });
+        }
+        groups
     }
 
     pub fn describe_inputs(&self) -> String {
@@ -230,8 +458,63 @@ impl GraphInfo {
 pub struct MatmulWeight {
     pub tensor: usize,
     pub activation: String,
+    /// The MatMul's (or Gemm's) output.
+    pub output: String,
     /// The weight is [out, in]: input features along its columns.
     pub in_on_columns: bool,
+}
+
+/// The entries of a Reshape's target shape, `None` where computed at run time: a constant, or a
+/// Concat of constants and of single run-time entries (`Unsqueeze(Gather(Shape(…)))`).
+fn shape_entries(
+    name: &str,
+    producer: &HashMap<&str, &pb::NodeProto>,
+    inits: &HashMap<&str, &pb::TensorProto>,
+) -> Option<Vec<Option<i64>>> {
+    let ints = |t: &pb::TensorProto| -> Option<Vec<i64>> {
+        if t.data_type != pb::tensor_proto::DataType::Int64 as i32 {
+            return None;
+        }
+        if !t.int64_data.is_empty() {
+            return Some(t.int64_data.clone());
+        }
+        Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        )
+    };
+    let constant = |v: &str| -> Option<Vec<i64>> {
+        if let Some(t) = inits.get(v) {
+            return ints(t);
+        }
+        let n = producer.get(v)?;
+        match n.op_type.as_str() {
+            "Constant" => ints(n.attribute.iter().find(|a| a.name == "value")?.t.as_ref()?),
+            _ => None,
+        }
+    };
+    if let Some(c) = constant(name) {
+        return Some(c.into_iter().map(Some).collect());
+    }
+    let n = producer.get(name)?;
+    if n.op_type != "Concat" {
+        return None;
+    }
+    let mut out = Vec::new();
+    for i in &n.input {
+        if let Some(c) = constant(i) {
+            out.extend(c.into_iter().map(Some));
+            continue;
+        }
+        // One entry: a scalar made a vector, constant or not.
+        let u = producer
+            .get(i.as_str())
+            .filter(|u| u.op_type == "Unsqueeze")?;
+        out.push(constant(u.input.first()?).and_then(|c| (c.len() == 1).then(|| c[0])));
+    }
+    Some(out)
 }
 
 /// One data input, matched with its array and the per-sample shape the plan is built for.

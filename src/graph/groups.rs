@@ -39,6 +39,10 @@ fn is_one(n: &usize) -> bool {
 pub struct Group {
     pub channels: usize,
     pub members: Vec<Member>,
+    /// For attention heads: the features of one head (each member slices `head_dim` entries
+    /// per head). `None` for neurons and channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
 }
 
 /// Channels that cannot be removed, and why.
@@ -434,6 +438,7 @@ pub fn dependency_groups(graph: &Graph, param_shape: ParamShape) -> Result<Group
             None => result.groups.push(Group {
                 channels: space.channels,
                 members: space.members.clone(),
+                head_dim: None,
             }),
         }
     }

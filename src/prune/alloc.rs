@@ -146,7 +146,7 @@ pub fn allocate(model: &Model, index: &ScoreIndex, settings: &PruneSettings) -> 
             }
             requested = layers.iter().map(|l| l.pruned as u64).sum();
         }
-        (Pattern::Neuron | Pattern::Channel | Pattern::Block { .. }, _) => {
+        (Pattern::Neuron | Pattern::Channel | Pattern::Head | Pattern::Block { .. }, _) => {
             unreachable!("returned above")
         }
         (Pattern::Unstructured, Scope::Layer | Scope::Sensitivity) => {

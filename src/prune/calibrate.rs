@@ -504,11 +504,15 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Every tensor training updates as a candle variable, and the parameters that read them.
+/// Per-variable sums, one f64 per element.
+type Sums = HashMap<String, Vec<f64>>;
+
+/// Every tensor training updates as a candle variable, the parameters that read them, and a
+/// zeroed sum for each.
 fn variables(
     graph: &Graph,
     params: &crate::graph::Params,
-) -> Result<(HashMap<String, Var>, crate::graph::Params), PruneError> {
+) -> Result<(HashMap<String, Var>, crate::graph::Params, Sums), PruneError> {
     let mut vars: HashMap<String, Var> = HashMap::new();
     let mut run_params = params.clone();
     for name in graph.trainable_names() {
@@ -516,7 +520,11 @@ fn variables(
         run_params.insert(name.clone(), v.as_tensor().clone());
         vars.insert(name, v);
     }
-    Ok((vars, run_params))
+    let sums = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), vec![0f64; v.elem_count()]))
+        .collect();
+    Ok((vars, run_params, sums))
 }
 
 /// The gradients of the mean cross-entropy of calibration batch `k`.
@@ -548,11 +556,7 @@ pub(super) fn movement_raw(
     progress: &Progress,
     label: &str,
 ) -> Result<HashMap<String, Vec<f64>>, PruneError> {
-    let (vars, run_params) = variables(graph, params)?;
-    let mut acc: HashMap<String, Vec<f64>> = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), vec![0f64; v.elem_count()]))
-        .collect();
+    let (vars, run_params, mut acc) = variables(graph, params)?;
     let total = (MOVEMENT_EPOCHS * b.inputs.len()).max(1);
     let mut done = 0;
     for _ in 0..MOVEMENT_EPOCHS {
@@ -616,11 +620,7 @@ fn gradient_stats(
     progress: &Progress,
     label: &str,
 ) -> Result<HashMap<String, Vec<f64>>, PruneError> {
-    let (vars, run_params) = variables(graph, params)?;
-    let mut acc: HashMap<String, Vec<f64>> = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), vec![0f64; v.elem_count()]))
-        .collect();
+    let (vars, run_params, mut acc) = variables(graph, params)?;
     let mut done = 0;
     for k in 0..b.inputs.len() {
         progress.check()?;

@@ -21,6 +21,9 @@ pub enum Pattern {
     Neuron,
     /// Output channels (filters) of convolutions, each with its group's slices.
     Channel,
+    /// Attention heads: a head's query, key and value features and the output projection's
+    /// matching inputs, together.
+    Head,
     /// Whole b × b blocks of each layer's 2-D view.
     Block {
         b: usize,
@@ -38,6 +41,9 @@ impl Pattern {
         }
         if s.eq_ignore_ascii_case("channel") {
             return Ok(Pattern::Channel);
+        }
+        if s.eq_ignore_ascii_case("head") {
+            return Ok(Pattern::Head);
         }
         if let Some(b) = s.strip_prefix("block:") {
             let b = b
@@ -77,7 +83,7 @@ impl Pattern {
 
     /// Whether whole channels go with their dependency groups.
     pub fn structured(self) -> bool {
-        matches!(self, Pattern::Neuron | Pattern::Channel)
+        matches!(self, Pattern::Neuron | Pattern::Channel | Pattern::Head)
     }
 }
 
@@ -88,6 +94,7 @@ impl std::fmt::Display for Pattern {
             Pattern::NM { n, m } => write!(f, "{n}:{m}"),
             Pattern::Neuron => f.write_str("neuron"),
             Pattern::Channel => f.write_str("channel"),
+            Pattern::Head => f.write_str("head"),
             Pattern::Block { b } => write!(f, "block:{b}"),
         }
     }
@@ -305,7 +312,8 @@ impl PruneSettings {
             super::structured::check_groups(model, &*groups()?, self.pattern)?;
         } else if self.criterion.channels_only() {
             return Err(PruneError::Structured(format!(
-                "{} scores whole neurons and channels: choose the neuron or channel granularity",
+                "{} scores whole neurons and channels: choose the neuron or channel granularity \
+                 (or head)",
                 self.criterion.cli_name()
             )));
         }

@@ -26,8 +26,12 @@ pub struct ChannelOrder {
     pub producers: Vec<Vec<usize>>,
 }
 
-/// Whether a group's channels are Linear neurons (2-D producer) or conv channels (4-D).
-fn kind_matches(model: &Model, producers: &[usize], pattern: Pattern) -> bool {
+/// Whether a group's channels are Linear neurons (2-D producer), conv channels (4-D) or
+/// attention heads.
+fn kind_matches(model: &Model, group: &Group, producers: &[usize], pattern: Pattern) -> bool {
+    if group.head_dim.is_some() || pattern == Pattern::Head {
+        return group.head_dim.is_some() && pattern == Pattern::Head;
+    }
     producers.iter().any(|&t| match pattern {
         Pattern::Neuron => model.tensors[t].shape.len() == 2,
         Pattern::Channel => model.tensors[t].shape.len() > 2,
@@ -39,11 +43,20 @@ fn kind_matches(model: &Model, producers: &[usize], pattern: Pattern) -> bool {
 /// says why not (the other kind only).
 pub fn check_groups(model: &Model, groups: &Groups, pattern: Pattern) -> Result<(), PruneError> {
     let producers = producers_of(model, groups);
-    if producers.iter().any(|p| kind_matches(model, p, pattern)) {
+    if groups
+        .groups
+        .iter()
+        .zip(&producers)
+        .any(|(g, p)| kind_matches(model, g, p, pattern))
+    {
         return Ok(());
     }
+    let heads = groups.groups.iter().any(|g| g.head_dim.is_some());
     let (what, other) = match pattern {
+        Pattern::Neuron if heads => ("Linear neurons", "head"),
         Pattern::Neuron => ("Linear neurons", "channel"),
+        Pattern::Head => ("attention heads", "neuron"),
+        _ if heads => ("convolution channels", "head"),
         _ => ("convolution channels", "neuron"),
     };
     Err(PruneError::Structured(format!(
@@ -58,19 +71,36 @@ pub fn check_groups(model: &Model, groups: &Groups, pattern: Pattern) -> Result<
     )))
 }
 
-/// The model's dependency groups, or why structured pruning cannot follow its graph.
+/// The model's dependency groups, or why structured pruning cannot follow its graph. An
+/// ONNX graph that prunescope's graph does not import (a transformer) has the attention heads
+/// tract-side analysis finds ([`crate::eval::GraphInfo::attention_groups`]).
 pub fn groups_of(model: &Model) -> Result<Groups, PruneError> {
     let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
-        PruneError::Structured(format!(
-            "structured pruning follows the model's graph, and {e}"
-        ))
-    })?;
+        let heads = (model.format == crate::model::ModelFormat::Onnx)
+            .then(|| crate::eval::GraphInfo::read(model).ok())
+            .flatten()
+            .map(|info| info.attention_groups(model))
+            .filter(|g| !g.is_empty());
+        match heads {
+            Some(groups) => Ok(Groups {
+                groups,
+                blocked: Vec::new(),
+            }),
+            None => Err(PruneError::Structured(format!(
+                "structured pruning follows the model's graph, and {e}"
+            ))),
+        }
+    });
+    let graph = match graph {
+        Ok(g) => g,
+        Err(heads) => return heads,
+    };
     graph
         .dependency_groups(model)
         .map_err(|e| PruneError::Structured(format!("dependency groups: {e}")))
 }
 
-/// Per group: the weights (≥ 2 dims) that make its channels.
+/// Per group: the weights (≥ 2 dims) that make its channels (for heads: every weight sliced).
 fn producers_of(model: &Model, groups: &Groups) -> Vec<Vec<usize>> {
     groups
         .groups
@@ -78,7 +108,7 @@ fn producers_of(model: &Model, groups: &Groups) -> Vec<Vec<usize>> {
         .map(|g| {
             g.members
                 .iter()
-                .filter(|m| m.axis == 0)
+                .filter(|m| m.axis == 0 || g.head_dim.is_some())
                 .filter_map(|m| model.find(&m.tensor))
                 .filter(|&t| model.tensors[t].shape.len() >= 2)
                 .collect()
@@ -155,7 +185,7 @@ pub fn plan(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Ve
         .map(|(g, producers)| {
             // Every weight the group slices must be free to change: its producers and the
             // layers that read it.
-            let eligible = kind_matches(model, producers, settings.pattern)
+            let eligible = kind_matches(model, g, producers, settings.pattern)
                 && g.members.iter().all(|m| {
                     model.find(&m.tensor).is_none_or(|t| {
                         model.tensors[t].shape.len() < 2
@@ -166,7 +196,13 @@ pub fn plan(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -> Ve
                 return 0;
             }
             let s = settings.layer_target(&model.tensors[producers[0]].name);
-            removed_channels(g.channels, s, settings.round_width)
+            // Hardware likes widths in multiples of 8; a head count is not a width.
+            let round = if g.head_dim.is_some() {
+                1
+            } else {
+                settings.round_width
+            };
+            removed_channels(g.channels, s, round)
         })
         .collect()
 }

@@ -420,7 +420,7 @@ pub fn layer_mask_at(
         Pattern::NM { .. } => 0,
         Pattern::Unstructured => ((s * numel as f64).round() as usize).min(numel),
         // Sweeps refuse structured cuts before they start (see `sweep`).
-        Pattern::Neuron | Pattern::Channel => return None,
+        Pattern::Neuron | Pattern::Channel | Pattern::Head => return None,
         Pattern::Block { b } => {
             let blocks = crate::prune::blocks::blocks_for(model, index, b);
             let tb = blocks[t].as_ref()?;

@@ -18,6 +18,7 @@ pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps 
 pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
 pub const TIP_BLOCKS: &str = "Blocks: each layer is cut into b × b blocks and whole blocks go, those with the lowest mean score first, until the layer reaches the target; block-sparse kernels skip every removed block.";
 pub const TIP_NEURON: &str = "Neuron: whole output neurons of Linear layers go, each with its dependency group (its bias and the next layer's matching input), so the layer becomes narrower.";
+pub const TIP_HEAD: &str = "Head: whole attention heads go — a head's query, key and value features (weights and biases) and the output projection's matching inputs — ranked by the criterion summed over them. Found in ONNX transformers, where a Reshape splits the projections into heads; head counts are not rounded.";
 pub const TIP_CHANNEL: &str = "Channel: whole convolution filters go, each with its dependency group (bias, BatchNorm, the next layers' matching inputs, residual partners), ranked by the group's norm.";
 pub const TIP_GROUP: &str = "A dependency group is every tensor slice tied to one channel: removing a conv's output channel removes its bias and BatchNorm entries and the matching input of every layer that reads it; channels joined by a residual Add go together. Tied tensors are underlined in the table.";
 pub const TIP_ROUND_WIDTH: &str = "Structured cuts keep a number of channels that is a multiple of this: hardware runs widths like 8, 16, 24 faster than odd ones.";
@@ -433,6 +434,7 @@ fn pattern_ui(
             for (p, tip) in [
                 (Pattern::Neuron, TIP_NEURON),
                 (Pattern::Channel, TIP_CHANNEL),
+                (Pattern::Head, TIP_HEAD),
             ] {
                 if ui
                     .selectable_label(*pattern == p && custom.is_none(), p.to_string())

@@ -73,13 +73,19 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
         };
         if let Some(c) = a.structured {
             ui.separator();
-            ui.label(format!("Channels removed {} of {}", c.removed, c.channels)).on_hover_text(
-                "Whole channels (conv filters, Linear neurons) removed over all dependency groups; kept widths are rounded up to the multiple set under Pattern.",
-            );
-            let cut = 100.0 * (1.0 - c.compacted_params as f64 / total.max(1) as f64);
-            ui.label(format!("· compacted {} (−{cut:.1}%)", group_digits(c.compacted_params))).on_hover_text(
-                "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it).",
-            );
+            if state.settings.pattern == crate::prune::Pattern::Head {
+                ui.label(format!("Heads removed {} of {}", c.removed, c.channels)).on_hover_text(
+                    "Whole attention heads removed over all attention blocks; a smaller model without them is not written yet (the graph's Reshapes fix the head count), so they stay as zeros.",
+                );
+            } else {
+                ui.label(format!("Channels removed {} of {}", c.removed, c.channels)).on_hover_text(
+                    "Whole channels (conv filters, Linear neurons) removed over all dependency groups; kept widths are rounded up to the multiple set under Pattern.",
+                );
+                let cut = 100.0 * (1.0 - c.compacted_params as f64 / total.max(1) as f64);
+                ui.label(format!("· compacted {} (−{cut:.1}%)", group_digits(c.compacted_params))).on_hover_text(
+                    "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it).",
+                );
+            }
         }
         ui.separator();
         let s = &p.sizes;
