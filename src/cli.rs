@@ -118,8 +118,9 @@ pub struct PruneFlags {
     #[arg(long, default_value = "unstructured")]
     pub pattern: String,
     /// What goes at once: unstructured, N:M, block:B (b × b blocks of each layer), neuron (a
-    /// Linear's output with its dependency group) or channel (a conv filter with its group).
-    /// Overrides --pattern.
+    /// Linear's output with its dependency group), channel (a conv filter with its group) or
+    /// head (an attention head of an ONNX transformer: its query, key and value features and
+    /// the output projection's matching inputs). Overrides --pattern.
     #[arg(long)]
     pub granularity: Option<String>,
     /// Structured cuts keep widths that are multiples of this (1: any width).

@@ -910,6 +910,57 @@ fn a_gradual_schedule_by_movement_runs_from_the_recovery_panel() {
     );
 }
 
+#[test]
+fn head_pruning_in_the_app_cuts_what_the_library_cuts_and_shows_the_heads() {
+    let mut h = harness();
+    step_until(&mut h, "the sample model", settled);
+    let path = fixture("onnx/attention_heads.onnx");
+    h.state_mut().open_path(path.clone());
+    step_until(&mut h, "the attention model", |a| {
+        a.state()
+            .model
+            .as_ref()
+            .is_some_and(|m| m.snapshot.name.contains("attention_heads"))
+            && settled(a)
+    });
+    h.get_by_role_and_label(Role::ComboBox, "Pattern").click();
+    h.run_steps(4);
+    h.get_by_label("head").click();
+    h.run_steps(4);
+    assert_eq!(h.state().state().settings.pattern, Pattern::Head);
+    h.state_mut().state_mut().settings.sparsity = 0.5;
+    let model = Model::open(&path).unwrap();
+    h.state_mut().state_mut().selected = model.find("query.weight");
+    step_until(&mut h, "a head cut at 50%", |a| {
+        settled(a)
+            && a.state()
+                .model
+                .as_ref()
+                .and_then(|m| m.preview.as_ref())
+                .is_some_and(|p| p.alloc.structured.is_some())
+    });
+    let settings = h.state().state().settings.clone();
+    let lib = prune(
+        &model,
+        &settings,
+        &ScoreInputs::default(),
+        &prunescope::progress::Progress::none(),
+    )
+    .unwrap();
+    let state = h.state().state();
+    let preview = &state
+        .model
+        .as_ref()
+        .unwrap()
+        .preview
+        .as_ref()
+        .unwrap()
+        .alloc;
+    assert_eq!(preview.layers, lib.alloc.layers);
+    h.get_by_label("Heads removed 2 of 4");
+    h.get_by_label("Attention heads: 4 of 2 features, with 6 other tensor(s)");
+}
+
 fn latency_job(app: &App) -> Option<f32> {
     app.state()
         .jobs

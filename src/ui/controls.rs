@@ -516,12 +516,19 @@ fn group_ui(
             .filter(|m| m.tensor != name)
             .map(|m| format!("{} (axis {})", m.tensor, m.axis))
             .collect();
-        ui.label(format!(
-            "Dependency group of {role}: {} channels, with {} other tensor(s)",
-            g.channels,
-            others.len()
-        ))
-        .on_hover_text(format!(
+        let what = match g.head_dim {
+            Some(d) => format!(
+                "Attention heads: {} of {d} features, with {} other tensor(s)",
+                g.channels,
+                others.len()
+            ),
+            None => format!(
+                "Dependency group of {role}: {} channels, with {} other tensor(s)",
+                g.channels,
+                others.len()
+            ),
+        };
+        ui.label(what).on_hover_text(format!(
             "{TIP_GROUP}\n\nMoves together with:\n{}",
             others.join("\n")
         ));
