@@ -426,14 +426,12 @@ fn attention_by_hand(m: &Model, x: &[f32], kept: &[usize]) -> Vec<f64> {
         let k: Vec<Vec<f64>> = rows.iter().map(|r| linear(&wk, &bk, r)).collect();
         let v: Vec<Vec<f64>> = rows.iter().map(|r| linear(&wv, &bv, r)).collect();
         let mut mean = vec![0f64; e];
-        for a in 0..t {
+        for qa in &q {
             let mut ctx = vec![0f64; e];
             for &h in kept {
                 let score: Vec<f64> = (0..t)
                     .map(|u| {
-                        (0..d)
-                            .map(|j| q[a][h * d + j] * k[u][h * d + j])
-                            .sum::<f64>()
+                        (0..d).map(|j| qa[h * d + j] * k[u][h * d + j]).sum::<f64>()
                             / (d as f64).sqrt()
                     })
                     .collect();
