@@ -847,3 +847,81 @@ fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_ha
         assert_eq!(kept, d / 2, "column {o}");
     }
 }
+
+#[test]
+fn sparsegpt_runs_on_a_graph_only_tract_runs_in_both_weight_layouts() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx");
+    let data = prunescope::data::load_eval_data(
+        &dir.join("encoder_data.npz"),
+        &["input_ids".to_string(), "attention_mask".to_string()],
+        &Default::default(),
+    )
+    .unwrap();
+    let n = 16;
+    let settings = PruneSettings {
+        criterion: Criterion::SparseGpt,
+        sparsity: 0.5,
+        calibration: n,
+        ..Default::default()
+    };
+    let inputs = ScoreInputs {
+        calibration: Some(&data),
+        samples: n,
+        ..Default::default()
+    };
+    let run = |file: &str| {
+        let m = Model::open(&dir.join(file)).unwrap();
+        let p = prune(&m, &settings, &inputs, &Progress::none()).unwrap();
+        let u = p.updated.unwrap();
+        let t = u.model.find("proj.weight").unwrap();
+        (m, u.model.to_f32_vec(t), u.layers)
+    };
+    let (m, w_hat, layers) = run("encoder_two_inputs.onnx");
+    // The projection's inputs by hand: the embedding row of every token of the first n samples.
+    let embed = m.to_f32_vec(m.find("embed.weight").unwrap());
+    let ArrayValues::I64(ids) = &data.input("input_ids").unwrap().values else {
+        unreachable!()
+    };
+    let d = 16;
+    let w = m.to_f32_vec(m.find("proj.weight").unwrap());
+    // Σ over tokens of ‖(W − Ŵ) x‖², W [out, in].
+    let error = |w_hat: &[f32]| -> f64 {
+        ids[..n * 12]
+            .iter()
+            .map(|&id| {
+                let x = &embed[id as usize * d..(id as usize + 1) * d];
+                (0..d)
+                    .map(|o| {
+                        (0..d)
+                            .map(|j| (w[o * d + j] - w_hat[o * d + j]) as f64 * x[j] as f64)
+                            .sum::<f64>()
+                            .powi(2)
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+    let mut magnitude = w.clone();
+    for &i in &order[..w.len() / 2] {
+        magnitude[i] = 0.0;
+    }
+    let l = layers.iter().find(|l| l.name == "proj.weight").unwrap();
+    let (got, base) = (error(&w_hat), error(&magnitude));
+    assert!((l.error - got).abs() <= 1e-6 * got.max(1.0), "{} vs {got}", l.error);
+    assert!(
+        (l.magnitude_error - base).abs() <= 1e-6 * base.max(1.0),
+        "{} vs {base}",
+        l.magnitude_error
+    );
+    assert!(got < base, "SparseGPT {got} vs magnitude {base}");
+    assert_eq!(w_hat.iter().filter(|v| **v == 0.0).count(), w.len() / 2);
+    // Stored [in, out] and read by MatMul directly: the same layer, transposed.
+    let (_, w_hat_t, _) = run("encoder_plain_matmul.onnx");
+    for o in 0..d {
+        for j in 0..d {
+            assert_eq!(w_hat_t[j * d + o], w_hat[o * d + j], "[{o}][{j}]");
+        }
+    }
+}

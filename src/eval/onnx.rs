@@ -1030,16 +1030,18 @@ impl OnnxRunner {
 }
 
 impl OnnxRunner {
-    /// Runs the dense model on its data and returns, for each of the named values, the sum
-    /// of squares of each entry along its last axis over every other position of every
-    /// sample (tokens included): ‖X_j‖₂² for the activations a weight multiplies.
-    pub fn activation_sq(
+    /// Runs the dense model on its data, batch by batch, and shows `f` each of the named values
+    /// as rows along its last axis: `f(k, rows, width)` for `names[k]`, every position of every
+    /// real sample (tokens included; the padding samples of the last batch left out). What a
+    /// weight multiplies, for Wanda's norms and SparseGPT's Hessians.
+    pub fn observe(
         &self,
         model: &Model,
         names: &[String],
         progress: &crate::progress::Progress,
         label: &str,
-    ) -> Result<Vec<Vec<f64>>, EvalError> {
+        f: &mut dyn FnMut(usize, &[f32], usize),
+    ) -> Result<(), EvalError> {
         let built = catch_unwind(AssertUnwindSafe(|| {
             self.build(model, &BTreeSet::new(), &[], 0, names)
         }))
@@ -1051,7 +1053,6 @@ impl OnnxRunner {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let executor = Executor::multithread(threads);
         let n = self.data.samples;
-        let mut acc: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let mut start = 0;
         while start < n {
             progress
@@ -1088,26 +1089,18 @@ impl OnnxRunner {
                 let view = y
                     .to_plain_array_view::<f32>()
                     .map_err(|e| EvalError::Compute(format!("'{name}': {e:#}")))?;
-                let a = &mut acc[k];
-                a.resize(width, 0.0);
                 let per: usize = shape[1..].iter().product();
-                // Padding samples of the last batch are left out.
-                for row in view
+                let rows = view
                     .as_slice()
                     .expect("plain arrays are contiguous")
                     .get(..real * per)
-                    .unwrap_or(&[])
-                    .chunks(width)
-                {
-                    for (a, v) in a.iter_mut().zip(row) {
-                        *a += (*v as f64) * (*v as f64);
-                    }
-                }
+                    .unwrap_or(&[]);
+                f(k, rows, width);
             }
             start += real;
             progress.report(start as f32 / n as f32, label);
         }
-        Ok(acc)
+        Ok(())
     }
 }
 

@@ -422,34 +422,27 @@ fn tract_wanda(
     row_ranked: bool,
     why: &str,
 ) -> Result<Vec<Option<Vec<f32>>>, PruneError> {
-    use crate::eval::GraphInfo;
-    let fail = |e: crate::eval::EvalError| {
-        PruneError::Calibration(format!("wanda collects its inputs through tract, and {e}"))
-    };
-    let info = GraphInfo::read(model).map_err(fail)?;
-    let weights = info.matmul_weights(model);
-    if weights.is_empty() {
-        return Err(PruneError::Calibration(format!(
-            "wanda runs the model on calibration data, and {why}; no MatMul or Gemm in it \
-             multiplies a weight either"
-        )));
-    }
-    let n = samples_used(data, samples);
-    let runner = crate::eval::OnnxRunner::new(model, info, std::sync::Arc::new(data.head(n)))
-        .map_err(fail)?;
-    let mut names: Vec<String> = weights.iter().map(|w| w.activation.clone()).collect();
-    names.sort();
-    names.dedup();
-    let label = format!(
-        "Calibrating {} on {n} samples (tract)",
-        Criterion::Wanda.label()
-    );
-    let sq = runner
-        .activation_sq(model, &names, progress, &label)
-        .map_err(|e| match progress.check() {
-            Err(_) => PruneError::Cancelled,
-            Ok(()) => fail(e),
-        })?;
+    let mut sq: Vec<Vec<f64>> = Vec::new();
+    let (weights, names) = observe_through_tract(
+        model,
+        Criterion::Wanda,
+        data,
+        samples,
+        progress,
+        why,
+        &mut |k, rows, width| {
+            if sq.len() <= k {
+                sq.resize(k + 1, Vec::new());
+            }
+            let a = &mut sq[k];
+            a.resize(width, 0.0);
+            for row in rows.chunks(width) {
+                for (a, v) in a.iter_mut().zip(row) {
+                    *a += (*v as f64) * (*v as f64);
+                }
+            }
+        },
+    )?;
     let mut scores: Vec<Option<Vec<f32>>> = vec![None; model.tensors.len()];
     for (t, e) in model.tensors.iter().enumerate() {
         if !e.analysable() {
@@ -494,7 +487,49 @@ fn tract_wanda(
     Ok(scores)
 }
 
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// For an ONNX graph that only tract runs: every weight a MatMul or Gemm multiplies an
+/// activation by, and those activations' names (sorted, each once), after `f` has seen each
+/// activation's rows on the first `samples` calibration samples (see
+/// [`crate::eval::OnnxRunner::observe`]; `f`'s `k` indexes the names). `why`: why prunescope's
+/// own graph does not run the model.
+pub(super) fn observe_through_tract(
+    model: &Model,
+    criterion: Criterion,
+    data: &EvalData,
+    samples: usize,
+    progress: &Progress,
+    why: &str,
+    f: &mut dyn FnMut(usize, &[f32], usize),
+) -> Result<(Vec<crate::eval::MatmulWeight>, Vec<String>), PruneError> {
+    let name = criterion.cli_name();
+    let fail = |e: crate::eval::EvalError| {
+        PruneError::Calibration(format!("{name} collects its inputs through tract, and {e}"))
+    };
+    let info = crate::eval::GraphInfo::read(model).map_err(fail)?;
+    let weights = info.matmul_weights(model);
+    if weights.is_empty() {
+        return Err(PruneError::Calibration(format!(
+            "{name} runs the model on calibration data, and {why}; no MatMul or Gemm in it \
+             multiplies a weight either"
+        )));
+    }
+    let n = samples_used(data, samples);
+    let runner = crate::eval::OnnxRunner::new(model, info, std::sync::Arc::new(data.head(n)))
+        .map_err(fail)?;
+    let mut names: Vec<String> = weights.iter().map(|w| w.activation.clone()).collect();
+    names.sort();
+    names.dedup();
+    let label = format!("Calibrating {} on {n} samples (tract)", criterion.label());
+    runner
+        .observe(model, &names, progress, &label, f)
+        .map_err(|e| match progress.check() {
+            Err(_) => PruneError::Cancelled,
+            Ok(()) => fail(e),
+        })?;
+    Ok((weights, names))
+}
+
+pub(super) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
     for r in 0..rows {
         for c in 0..cols {

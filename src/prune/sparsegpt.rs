@@ -202,6 +202,22 @@ pub fn prune_layer(
     Ok((out, kept))
 }
 
+/// Adds Σ x xᵀ over the `cols`-wide rows of `x` to `h` (`cols × cols`), its rows in parallel.
+fn add_gram(h: &mut [f64], x: &[f32], cols: usize) {
+    use rayon::prelude::*;
+    h.par_chunks_mut(cols).enumerate().for_each(|(i, hrow)| {
+        for row in x.chunks(cols) {
+            let xi = row[i] as f64;
+            if xi == 0.0 {
+                continue;
+            }
+            for (hj, &xj) in hrow.iter_mut().zip(row) {
+                *hj += xi * xj as f64;
+            }
+        }
+    });
+}
+
 /// Magnitude pruning of one layer to `sparsity` (ties in flat order): the baseline.
 pub fn magnitude_layer(w: &[f32], sparsity: f64) -> Vec<bool> {
     let mut order: Vec<usize> = (0..w.len()).collect();
@@ -231,43 +247,66 @@ pub fn run(
             settings.pattern
         )));
     }
-    let graph = crate::train::Trainable::graph_of(model)
-        .map_err(|e| err(format!("it runs the model on calibration data, and {e}")))?;
-    let n = super::calibrate::samples_used(data, samples);
-    let b = super::calibrate::batches(&graph, data, n, 64, false, super::Criterion::SparseGpt)?;
-    let params = crate::graph::load_params(&graph, model, None, &Device::Cpu)?;
-    // H = Σ x xᵀ of every Linear's inputs.
-    let mut hs: HashMap<String, (usize, Vec<f64>)> = HashMap::new();
-    super::calibrate::observe_inputs(
-        &graph,
-        &params,
-        &b,
-        progress,
-        "SparseGPT: calibrating",
-        &mut |node, x| {
-            let Op::Linear { weight, .. } = &node.op else {
-                return Ok(());
-            };
-            let cols = x.dim(candle_core::D::Minus1)?;
-            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let (_, h) = hs
-                .entry(weight.clone())
-                .or_insert_with(|| (cols, vec![0.0; cols * cols]));
-            for row in v.chunks(cols) {
-                for i in 0..cols {
-                    let xi = row[i] as f64;
-                    if xi == 0.0 {
-                        continue;
+    // H = Σ x xᵀ of every Linear's (or MatMul's) inputs, by weight; `true` for a weight stored
+    // [in, out], pruned as its transpose.
+    let mut hs: HashMap<String, (usize, Vec<f64>, bool)> = HashMap::new();
+    let graph = match crate::train::Trainable::graph_of(model) {
+        Ok(graph) => {
+            let n = super::calibrate::samples_used(data, samples);
+            let b =
+                super::calibrate::batches(&graph, data, n, 64, false, super::Criterion::SparseGpt)?;
+            let params = crate::graph::load_params(&graph, model, None, &Device::Cpu)?;
+            super::calibrate::observe_inputs(
+                &graph,
+                &params,
+                &b,
+                progress,
+                "SparseGPT: calibrating",
+                &mut |node, x| {
+                    let Op::Linear { weight, .. } = &node.op else {
+                        return Ok(());
+                    };
+                    let cols = x.dim(candle_core::D::Minus1)?;
+                    let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    let (_, h, _) = hs
+                        .entry(weight.clone())
+                        .or_insert_with(|| (cols, vec![0.0; cols * cols], false));
+                    add_gram(h, &v, cols);
+                    Ok(())
+                },
+            )?;
+            Some(graph)
+        }
+        // A graph only tract runs (a transformer): the MatMuls' inputs are observed there.
+        Err(why) if model.format == crate::model::ModelFormat::Onnx => {
+            let mut grams: Vec<Vec<f64>> = Vec::new();
+            let (weights, names) = super::calibrate::observe_through_tract(
+                model,
+                super::Criterion::SparseGpt,
+                data,
+                samples,
+                progress,
+                &why,
+                &mut |k, rows, width| {
+                    if grams.len() <= k {
+                        grams.resize(k + 1, Vec::new());
                     }
-                    let hrow = &mut h[i * cols..(i + 1) * cols];
-                    for (hj, &xj) in hrow.iter_mut().zip(row) {
-                        *hj += xi * xj as f64;
-                    }
-                }
+                    grams[k].resize(width * width, 0.0);
+                    add_gram(&mut grams[k], rows, width);
+                },
+            )?;
+            for w in weights {
+                let k = names.binary_search(&w.activation).expect("names list every activation");
+                let cols = (grams[k].len() as f64).sqrt() as usize;
+                hs.insert(
+                    model.tensors[w.tensor].name.clone(),
+                    (cols, grams[k].clone(), !w.in_on_columns),
+                );
             }
-            Ok(())
-        },
-    )?;
+            None
+        }
+        Err(e) => return Err(err(format!("it runs the model on calibration data, and {e}"))),
+    };
     let targets: Vec<usize> = (0..model.tensors.len())
         .filter(|&t| settings.is_prunable(model, t))
         .collect();
@@ -282,8 +321,16 @@ pub fn run(
             let kept = match hs.get(&e.name) {
                 // A layer left dense (locked, or a zero target) is left as it is.
                 _ if s == 0.0 => vec![true; e.numel],
-                Some((cols, h)) if e.shape.len() == 2 && e.shape[1] == *cols => {
-                    let (w_hat, kept) = prune_layer(&v, *cols, h, s)
+                Some((cols, h, transposed))
+                    if e.shape.len() == 2 && e.shape[usize::from(!transposed)] == *cols =>
+                {
+                    // [in, out]: pruned as its [out, in] transpose (the OBS update runs along
+                    // each output's inputs), then turned back.
+                    let rows = e.numel / cols;
+                    if *transposed {
+                        v = super::calibrate::transpose(&v, *cols, rows);
+                    }
+                    let (mut w_hat, mut kept) = prune_layer(&v, *cols, h, s)
                         .map_err(|m| err(format!("layer '{}': {m}", e.name)))?;
                     let base = magnitude_layer(&v, s);
                     let mag: Vec<f32> = v
@@ -298,6 +345,14 @@ pub fn run(
                         error: output_error(&v, &w_hat, *cols, h),
                         magnitude_error: output_error(&v, &mag, *cols, h),
                     });
+                    if *transposed {
+                        w_hat = super::calibrate::transpose(&w_hat, rows, *cols);
+                        let k: Vec<f32> = kept.iter().map(|k| *k as u8 as f32).collect();
+                        kept = super::calibrate::transpose(&k, rows, *cols)
+                            .iter()
+                            .map(|k| *k != 0.0)
+                            .collect();
+                    }
                     v = w_hat;
                     kept
                 }
@@ -320,7 +375,9 @@ pub fn run(
         tensors.push((e.name.clone(), e.shape.clone(), v));
     }
     let mut updated = Model::from_f32_tensors("sparsegpt", tensors);
-    graph.describe_in(&mut updated, model);
+    if let Some(graph) = graph {
+        graph.describe_in(&mut updated, model);
+    }
     Ok(SparseGpt {
         model: updated,
         masks,
