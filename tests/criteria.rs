@@ -909,7 +909,11 @@ fn sparsegpt_runs_on_a_graph_only_tract_runs_in_both_weight_layouts() {
     }
     let l = layers.iter().find(|l| l.name == "proj.weight").unwrap();
     let (got, base) = (error(&w_hat), error(&magnitude));
-    assert!((l.error - got).abs() <= 1e-6 * got.max(1.0), "{} vs {got}", l.error);
+    assert!(
+        (l.error - got).abs() <= 1e-6 * got.max(1.0),
+        "{} vs {got}",
+        l.error
+    );
     assert!(
         (l.magnitude_error - base).abs() <= 1e-6 * base.max(1.0),
         "{} vs {base}",

@@ -57,64 +57,80 @@ impl SparseGpt {
 
 /// ‖(W − Ŵ) X‖² = Σ_r (w_r − ŵ_r)ᵀ H (w_r − ŵ_r) for H = X Xᵀ.
 pub fn output_error(w: &[f32], w_hat: &[f32], cols: usize, h: &[f64]) -> f64 {
-    let rows = w.len() / cols.max(1);
-    let mut total = 0.0;
-    let mut d = vec![0f64; cols];
-    for r in 0..rows {
-        for (j, dj) in d.iter_mut().enumerate() {
-            *dj = w[r * cols + j] as f64 - w_hat[r * cols + j] as f64;
-        }
-        for i in 0..cols {
-            if d[i] == 0.0 {
-                continue;
+    use rayon::prelude::*;
+    let cols = cols.max(1);
+    w.par_chunks(cols)
+        .zip(w_hat.par_chunks(cols))
+        .map(|(w, w_hat)| {
+            let d: Vec<f64> = w
+                .iter()
+                .zip(w_hat)
+                .map(|(a, b)| *a as f64 - *b as f64)
+                .collect();
+            let mut total = 0.0;
+            for (i, di) in d.iter().enumerate() {
+                if *di == 0.0 {
+                    continue;
+                }
+                let row = &h[i * cols..(i + 1) * cols];
+                total += di * row.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
             }
-            let row = &h[i * cols..(i + 1) * cols];
-            total += d[i] * row.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
-        }
-    }
-    total
+            total
+        })
+        .sum()
 }
 
-/// Lower Cholesky factor of the symmetric positive definite `a` (n × n, row-major).
+/// Lower Cholesky factor of the symmetric positive definite `a` (n × n, row-major), a column
+/// at a time: once L[j][j] is known, the rows below fill their column j in parallel.
 fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>, String> {
+    use rayon::prelude::*;
     let mut l = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            if i == j {
-                let d = a[i * n + i] - s;
-                if d <= 0.0 || !d.is_finite() {
-                    return Err(format!(
-                        "the Hessian is not positive definite at column {i}"
-                    ));
-                }
-                l[i * n + i] = d.sqrt();
-            } else {
-                l[i * n + j] = (a[i * n + j] - s) / l[j * n + j];
-            }
+    for j in 0..n {
+        let s: f64 = l[j * n..j * n + j].iter().map(|v| v * v).sum();
+        let d = a[j * n + j] - s;
+        if d <= 0.0 || !d.is_finite() {
+            return Err(format!(
+                "the Hessian is not positive definite at column {j}"
+            ));
         }
+        let djj = d.sqrt();
+        l[j * n + j] = djj;
+        let (done, below) = l.split_at_mut((j + 1) * n);
+        let lj = &done[j * n..j * n + j];
+        below.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let i = j + 1 + r;
+            let s: f64 = row[..j].iter().zip(lj).map(|(a, b)| a * b).sum();
+            row[j] = (a[i * n + j] - s) / djj;
+        });
     }
     Ok(l)
 }
 
 /// The inverse of `a` = L Lᵀ from its lower Cholesky factor.
 fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
-    // L⁻¹ by forward substitution, then A⁻¹ = L⁻ᵀ L⁻¹.
-    let mut li = vec![0f64; n * n];
-    for c in 0..n {
+    use rayon::prelude::*;
+    // L⁻¹ by forward substitution, a column at a time, kept transposed (`t[c][i]` = L⁻¹[i][c])
+    // so that every sum runs along contiguous rows; then A⁻¹ = L⁻ᵀ L⁻¹.
+    let mut t = vec![0f64; n * n];
+    t.par_chunks_mut(n.max(1)).enumerate().for_each(|(c, col)| {
         for i in c..n {
-            let s: f64 = (c..i).map(|k| l[i * n + k] * li[k * n + c]).sum();
-            li[i * n + c] = if i == c { 1.0 } else { -s } / l[i * n + i];
+            let s: f64 = (c..i).map(|k| l[i * n + k] * col[k]).sum();
+            col[i] = if i == c { 1.0 } else { -s } / l[i * n + i];
         }
-    }
+    });
     let mut inv = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (i..n).map(|k| li[k * n + i] * li[k * n + j]).sum();
-            inv[i * n + j] = s;
-            inv[j * n + i] = s;
-        }
-    }
+    inv.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (j, v) in row.iter_mut().enumerate() {
+                let k0 = i.max(j);
+                *v = t[i * n + k0..(i + 1) * n]
+                    .iter()
+                    .zip(&t[j * n + k0..(j + 1) * n])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+        });
     inv
 }
 
@@ -144,8 +160,15 @@ pub fn prune_layer(
     }
     let hinv = inverse_from_cholesky(&cholesky(&h, cols)?, cols);
     // Upper factor U of H⁻¹ = Uᵀ U: row i holds the update a pruned column i spreads right.
+    // Stored row-major, so that spreading runs along contiguous memory.
     let l = cholesky(&hinv, cols)?;
-    let u = |i: usize, j: usize| l[j * cols + i];
+    let mut upper = vec![0f64; cols * cols];
+    for i in 0..cols {
+        for j in i..cols {
+            upper[i * cols + j] = l[j * cols + i];
+        }
+    }
+    let u = |i: usize, j: usize| upper[i * cols + j];
     let mut kept = vec![true; rows * cols];
     let mut start = 0;
     while start < cols {
@@ -163,34 +186,37 @@ pub fn prune_layer(
         for &(_, i) in &cand[..k] {
             kept[i] = false;
         }
-        let mut err = vec![0f64; rows * (end - start)];
-        for j in start..end {
-            let d = u(j, j);
-            for r in 0..rows {
-                let idx = r * cols + j;
-                if kept[idx] {
-                    continue;
+        // Rows are independent once the block's mask is chosen.
+        {
+            use rayon::prelude::*;
+            let kept = &kept;
+            w.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                let mut err = [0f64; BLOCK];
+                for j in start..end {
+                    if kept[r * cols + j] {
+                        continue;
+                    }
+                    let e = row[j] / u(j, j);
+                    err[j - start] = e;
+                    // Spread the error over the block's remaining columns.
+                    let uj = &upper[j * cols..(j + 1) * cols];
+                    for c in j..end {
+                        row[c] -= e * uj[c];
+                    }
+                    row[j] = 0.0;
                 }
-                let e = w[idx] / d;
-                err[r * (end - start) + j - start] = e;
-                // Spread the error over the block's remaining columns.
-                for c in j..end {
-                    w[r * cols + c] -= e * u(j, c);
+                // And over every column after the block.
+                for j in start..end {
+                    let e = err[j - start];
+                    if e == 0.0 {
+                        continue;
+                    }
+                    let uj = &upper[j * cols + end..(j + 1) * cols];
+                    for (x, uc) in row[end..].iter_mut().zip(uj) {
+                        *x -= e * uc;
+                    }
                 }
-                w[idx] = 0.0;
-            }
-        }
-        // And over every column after the block.
-        for r in 0..rows {
-            for j in start..end {
-                let e = err[r * (end - start) + j - start];
-                if e == 0.0 {
-                    continue;
-                }
-                for c in end..cols {
-                    w[r * cols + c] -= e * u(j, c);
-                }
-            }
+            });
         }
         start = end;
     }
@@ -296,7 +322,9 @@ pub fn run(
                 },
             )?;
             for w in weights {
-                let k = names.binary_search(&w.activation).expect("names list every activation");
+                let k = names
+                    .binary_search(&w.activation)
+                    .expect("names list every activation");
                 let cols = (grams[k].len() as f64).sqrt() as usize;
                 hs.insert(
                     model.tensors[w.tensor].name.clone(),
@@ -305,7 +333,11 @@ pub fn run(
             }
             None
         }
-        Err(e) => return Err(err(format!("it runs the model on calibration data, and {e}"))),
+        Err(e) => {
+            return Err(err(format!(
+                "it runs the model on calibration data, and {e}"
+            )));
+        }
     };
     let targets: Vec<usize> = (0..model.tensors.len())
         .filter(|&t| settings.is_prunable(model, t))
