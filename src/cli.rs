@@ -1089,15 +1089,21 @@ fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
     }
     let pct = |a: u64, b: u64| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
+    let macs = match (r.macs_before, r.macs_after) {
+        (Some(b), Some(a)) => format!(
+            "{} → {} multiply-adds a sample (−{:.1}%)",
+            group_digits(b),
+            group_digits(a),
+            pct(a, b)
+        ),
+        _ => "multiply-adds not counted (the graph runs on tract only)".into(),
+    };
+    let what = if c.onnx_only { "heads" } else { "channels" };
     eprintln!(
-        "compacted: {} → {} parameters (−{:.1}%), {} → {} multiply-adds a sample (−{:.1}%), \
-         {} of {} channels removed → {}",
+        "compacted: {} → {} parameters (−{:.1}%), {macs}, {} of {} {what} removed → {}",
         group_digits(r.params_before),
         group_digits(r.params_after),
         pct(r.params_after, r.params_before),
-        group_digits(r.macs_before),
-        group_digits(r.macs_after),
-        pct(r.macs_after, r.macs_before),
         r.groups.iter().map(|g| g.removed).sum::<usize>(),
         r.groups.iter().map(|g| g.channels).sum::<usize>(),
         a.out.display()

@@ -230,9 +230,9 @@ class Attention(torch.nn.Module):
     and value Linears, view(B, -1, H, D), softmax(QKᵀ/√D)V, heads merged, output Linear), then a
     mean over the tokens: what head pruning has to find in an exported transformer."""
 
-    def __init__(self, e=8, h=4):
+    def __init__(self, e=8, h=4, flexible=False):
         super().__init__()
-        self.h, self.d = h, e // h
+        self.h, self.d, self.flexible = h, e // h, flexible
         self.query = torch.nn.Linear(e, e)
         self.key = torch.nn.Linear(e, e)
         self.value = torch.nn.Linear(e, e)
@@ -240,21 +240,30 @@ class Attention(torch.nn.Module):
 
     def forward(self, x):
         b = x.size(0)
-        q, k, v = (p(x).view(b, -1, self.h, self.d).transpose(1, 2)
-                   for p in (self.query, self.key, self.value))
+        # Newer transformers write view(*shape, -1, D): the head count is left to the width,
+        # so the graph runs with fewer heads; the older view(B, -1, H, D) fixes it.
+        if self.flexible:
+            split = lambda t: t.view(*t.shape[:-1], -1, self.d).transpose(1, 2)
+        else:
+            split = lambda t: t.view(b, -1, self.h, self.d).transpose(1, 2)
+        q, k, v = (split(p(x)) for p in (self.query, self.key, self.value))
         s = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1)
-        ctx = (s @ v).transpose(1, 2).reshape(b, -1, self.h * self.d)
+        ctx = (s @ v).transpose(1, 2)
+        if self.flexible:
+            ctx = ctx.reshape(*ctx.shape[:2], -1)
+        else:
+            ctx = ctx.reshape(b, -1, self.h * self.d)
         return self.out(ctx).mean(1)
 
 
 def attention_fixture():
-    torch.manual_seed(3)
-    model = Attention().eval()
     x = np.random.default_rng(3).standard_normal((5, 3, 8)).astype(np.float32)
-    path = OUT / "attention_heads.onnx"
-    torch.onnx.export(model, (torch.from_numpy(x),), str(path), opset_version=17, dynamo=False,
-                      do_constant_folding=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    for name, flexible in [("attention_heads.onnx", False), ("attention_heads_flexible.onnx", True)]:
+        torch.manual_seed(3)
+        model = Attention(flexible=flexible).eval()
+        torch.onnx.export(model, (torch.from_numpy(x),), str(OUT / name), opset_version=17,
+                          dynamo=False, do_constant_folding=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     np.savez(OUT / "attention_data.npz", x=x)
 
 

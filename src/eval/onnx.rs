@@ -213,8 +213,19 @@ impl GraphInfo {
     /// value projections are each split by a Reshape into H heads of D features, and an output
     /// projection reads the heads' merged context, head h is the D output features
     /// h·D..(h+1)·D of the three projections (weights and biases) with the same D input
-    /// features of the output projection. Each group's `channels` counts heads.
+    /// features of the output projection (the group's last member). Each group's `channels`
+    /// counts heads.
     pub fn attention_groups(&self, model: &Model) -> Vec<crate::graph::Group> {
+        self.attention_blocks(model)
+            .into_iter()
+            .map(|b| b.group)
+            .collect()
+    }
+
+    /// [`GraphInfo::attention_groups`], each with why the graph could not run with fewer
+    /// heads, if it could not: a Reshape on the heads' way whose target shape holds the head
+    /// count or the merged width as a constant (a `-1` or a run-time entry adapts).
+    pub fn attention_blocks(&self, model: &Model) -> Vec<AttentionBlock> {
         use crate::graph::{Group, Member};
         let Some(g) = self.proto.graph.as_ref() else {
             return Vec::new();
@@ -262,8 +273,10 @@ impl GraphInfo {
             let s = &model.tensors[w.tensor].shape;
             if w.in_on_columns { s[0] } else { s[1] }
         };
-        // Projections split into heads: (heads, head dim, bias) by weight.
-        let mut split: HashMap<usize, (usize, usize, Option<String>)> = HashMap::new();
+        // Projections split into heads: (heads, head dim, bias, why the count is fixed) by
+        // weight.
+        type Split = (usize, usize, Option<String>, Option<String>);
+        let mut split: HashMap<usize, Split> = HashMap::new();
         for (i, w) in weights.iter().enumerate() {
             let out = out_features(w);
             let mut value = w.output.as_str();
@@ -306,8 +319,14 @@ impl GraphInfo {
                 [.., Some(h), _] if *h > 0 && out % *h as usize == 0 => *h as usize,
                 _ => continue,
             };
+            let fixed = (shape[shape.len() - 2] != Some(-1)).then(|| {
+                format!(
+                    "Reshape '{}' splits the heads with a shape whose head count is not -1",
+                    r.name
+                )
+            });
             if heads > 1 && shape.len() >= 3 {
-                split.insert(i, (heads, out / heads, bias));
+                split.insert(i, (heads, out / heads, bias, fixed));
             }
         }
         // Back from a value through reshapes, transposes and constant scalings to the
@@ -372,6 +391,7 @@ impl GraphInfo {
             // The output projection reads Reshape(Transpose(MatMul(probabilities, values))).
             // The output projection reads the heads' context, MatMul(probabilities, values),
             // through the Transpose and Reshapes that merge the heads.
+            let mut merge_fixed = None;
             let Some(ctx) = (|| {
                 let mut v = o.activation.as_str();
                 let mut merged = false;
@@ -380,6 +400,15 @@ impl GraphInfo {
                     match n.op_type.as_str() {
                         "Reshape" | "Transpose" => {
                             merged |= n.op_type == "Transpose";
+                            if n.op_type == "Reshape"
+                                && shape_entries(n.input.get(1)?, &producer, &inits)
+                                    .is_none_or(|s| s.iter().any(|e| e.is_some_and(|e| e > 0)))
+                            {
+                                merge_fixed = Some(format!(
+                                    "Reshape '{}' merges the heads into a fixed width",
+                                    n.name
+                                ));
+                            }
                             v = n.input.first()?;
                         }
                         "MatMul" if merged && n.input.len() == 2 && !by_output.contains_key(v) => {
@@ -401,8 +430,7 @@ impl GraphInfo {
             let (Some(q), Some(k)) = (trace(&qk.input[0]), trace(&qk.input[1])) else {
                 continue;
             };
-            let parts: Option<Vec<&(usize, usize, Option<String>)>> =
-                [q, k, v].iter().map(|p| split.get(p)).collect();
+            let parts: Option<Vec<&Split>> = [q, k, v].iter().map(|p| split.get(p)).collect();
             let Some(parts) = parts else { continue };
             let (heads, dim) = (parts[0].0, parts[0].1);
             let in_o = {
@@ -427,10 +455,14 @@ impl GraphInfo {
                 }
             }
             members.push(member(o.tensor, if o.in_on_columns { 1 } else { 0 }));
-            groups.push(Group {
-                channels: heads,
-                members,
-                head_dim: Some(dim),
+            let fixed = parts.iter().find_map(|p| p.3.clone()).or(merge_fixed);
+            groups.push(AttentionBlock {
+                group: Group {
+                    channels: heads,
+                    members,
+                    head_dim: Some(dim),
+                },
+                fixed,
             });
         }
         groups
@@ -450,6 +482,14 @@ impl GraphInfo {
             msg,
         }
     }
+}
+
+/// An attention block's heads (see [`GraphInfo::attention_blocks`]).
+#[derive(Clone, Debug)]
+pub struct AttentionBlock {
+    pub group: crate::graph::Group,
+    /// Why the graph cannot run with fewer heads, where it cannot.
+    pub fixed: Option<String>,
 }
 
 /// A weight that a MatMul or Gemm multiplies `activation` by (see

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::graph::{Graph, Groups};
+use crate::graph::Groups;
 use crate::model::Model;
 use crate::prune::MaskSet;
 
@@ -14,6 +14,9 @@ pub struct Compacted {
     /// The smaller model: every tensor f32, the input's metadata (its graph) kept.
     pub model: Model,
     pub report: CompactReport,
+    /// Only the original ONNX graph can run it (attention heads removed from a graph that
+    /// only tract runs): it is written as ONNX only.
+    pub onnx_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -22,9 +25,10 @@ pub struct CompactReport {
     pub groups: Vec<GroupCut>,
     pub params_before: u64,
     pub params_after: u64,
-    /// Multiply-adds per sample of the Linear and Conv2d layers, dense, before and after.
-    pub macs_before: u64,
-    pub macs_after: u64,
+    /// Multiply-adds per sample of the Linear and Conv2d layers, dense, before and after
+    /// (`None` for graphs only tract runs, whose per-sample cost prunescope does not count).
+    pub macs_before: Option<u64>,
+    pub macs_after: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -59,7 +63,11 @@ fn unused_channels(model: &Model, values: &[Vec<f32>], groups: &Groups) -> Vec<V
         .groups
         .iter()
         .map(|g| {
-            let readers: Vec<_> = g.members.iter().filter(|m| m.axis > 0).collect();
+            // An attention head is read by the output projection alone, its last member.
+            let readers: Vec<_> = match g.head_dim {
+                Some(_) => g.members.last().into_iter().collect(),
+                None => g.members.iter().filter(|m| m.axis > 0).collect(),
+            };
             if readers.is_empty() {
                 return Vec::new();
             }
@@ -101,8 +109,31 @@ fn slice_entries(
 
 /// Removes the unused channels of every group from `model` (masks applied first).
 pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError> {
-    let graph: Graph = crate::train::Trainable::graph_of(model).map_err(CompactError::NoGraph)?;
-    let groups = graph.dependency_groups(model)?;
+    let (graph, groups, fixed) = match crate::train::Trainable::graph_of(model) {
+        Ok(graph) => {
+            let groups = graph.dependency_groups(model)?;
+            let n = groups.groups.len();
+            (Some(graph), groups, vec![None; n])
+        }
+        // A graph only tract runs: its attention heads are what can go.
+        Err(e) => {
+            let blocks = match model.format {
+                crate::model::ModelFormat::Onnx => crate::eval::GraphInfo::read(model)
+                    .map(|info| info.attention_blocks(model))
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if blocks.is_empty() {
+                return Err(CompactError::NoGraph(e));
+            }
+            let fixed = blocks.iter().map(|b| b.fixed.clone()).collect();
+            let groups = Groups {
+                groups: blocks.into_iter().map(|b| b.group).collect(),
+                blocked: Vec::new(),
+            };
+            (None, groups, fixed)
+        }
+    };
     // Read once: the unused channels are found in these values and the smaller tensors are
     // gathered from them.
     let values: Vec<Vec<f32>> = (0..model.tensors.len())
@@ -111,6 +142,15 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
     let unused = unused_channels(model, &values, &groups);
     if unused.iter().all(Vec::is_empty) {
         return Err(CompactError::Nothing);
+    }
+    if let Some(why) = unused
+        .iter()
+        .zip(&fixed)
+        .find_map(|(cs, f)| f.as_ref().filter(|_| !cs.is_empty()))
+    {
+        return Err(CompactError::Onnx(format!(
+            "the graph cannot run with fewer heads: {why} (export the masked model instead)"
+        )));
     }
     // Per tensor, per axis: which coordinates go.
     let mut gone: Vec<Vec<Vec<bool>>> = model
@@ -141,16 +181,23 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
     }
     let mut small = Model::from_f32_tensors("compacted", tensors);
     // An ONNX output keeps the original graph instead (`write_onnx`).
-    graph.describe_in(&mut small, model);
-    let macs = |m: &Model| -> Result<u64, CompactError> {
-        Ok(graph
-            .weight_uses(m)?
-            .iter()
-            .filter_map(|(w, uses)| {
-                m.find(w)
-                    .map(|t| (*uses * m.tensors[t].numel as f64) as u64)
-            })
-            .sum())
+    if let Some(graph) = &graph {
+        graph.describe_in(&mut small, model);
+    }
+    let macs = |m: &Model| -> Result<Option<u64>, CompactError> {
+        let Some(graph) = &graph else {
+            return Ok(None);
+        };
+        Ok(Some(
+            graph
+                .weight_uses(m)?
+                .iter()
+                .filter_map(|(w, uses)| {
+                    m.find(w)
+                        .map(|t| (*uses * m.tensors[t].numel as f64) as u64)
+                })
+                .sum(),
+        ))
     };
     let report = CompactReport {
         groups: groups
@@ -161,7 +208,7 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
                 producers: g
                     .members
                     .iter()
-                    .filter(|m| m.axis == 0)
+                    .filter(|m| m.axis == 0 || g.head_dim.is_some())
                     .map(|m| m.tensor.clone())
                     .collect(),
                 channels: g.channels,
@@ -176,6 +223,7 @@ pub fn compact(model: &Model, masks: &MaskSet) -> Result<Compacted, CompactError
     Ok(Compacted {
         model: small,
         report,
+        onnx_only: graph.is_none(),
     })
 }
 
@@ -217,6 +265,12 @@ pub fn write(
 ) -> Result<(), CompactError> {
     if super::onnx_path(path) {
         write_onnx(original, masks, c, path)
+    } else if c.onnx_only {
+        Err(CompactError::Onnx(format!(
+            "only {}'s ONNX graph runs the smaller model (prunescope cannot describe it in \
+             safetensors): write it as .onnx",
+            original.display_name()
+        )))
     } else {
         Ok(super::export_pruned(
             &c.model,

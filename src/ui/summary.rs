@@ -73,19 +73,22 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
         };
         if let Some(c) = a.structured {
             ui.separator();
-            if state.settings.pattern == crate::prune::Pattern::Head {
+            let heads = state.settings.pattern == crate::prune::Pattern::Head;
+            if heads {
                 ui.label(format!("Heads removed {} of {}", c.removed, c.channels)).on_hover_text(
-                    "Whole attention heads removed over all attention blocks; a smaller model without them is not written yet (the graph's Reshapes fix the head count), so they stay as zeros.",
+                    "Whole attention heads removed over all attention blocks: each head's query, key and value features and the output projection's matching inputs.",
                 );
             } else {
                 ui.label(format!("Channels removed {} of {}", c.removed, c.channels)).on_hover_text(
                     "Whole channels (conv filters, Linear neurons) removed over all dependency groups; kept widths are rounded up to the multiple set under Pattern.",
                 );
-                let cut = 100.0 * (1.0 - c.compacted_params as f64 / total.max(1) as f64);
-                ui.label(format!("· compacted {} (−{cut:.1}%)", group_digits(c.compacted_params))).on_hover_text(
-                    "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it).",
-                );
             }
+            let cut = 100.0 * (1.0 - c.compacted_params as f64 / total.max(1) as f64);
+            ui.label(format!("· compacted {} (−{cut:.1}%)", group_digits(c.compacted_params))).on_hover_text(if heads {
+                "Parameters of the smaller model without the removed heads. prunescope compact MODEL --masks MASKS --out SMALL.onnx writes it where the graph's Reshapes leave the head count free (a -1 entry, as newer exports write); where a Reshape holds the count as a constant it refuses and says which."
+            } else {
+                "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it)."
+            });
         }
         ui.separator();
         let s = &p.sizes;
