@@ -958,6 +958,8 @@ fn head_pruning_in_the_app_cuts_what_the_library_cuts_and_shows_the_heads() {
         .alloc;
     assert_eq!(preview.layers, lib.alloc.layers);
     h.get_by_label("Heads removed 2 of 4");
+    // Head counts are not widths: no rounding control.
+    assert!(h.query_by_label("Round widths to").is_none());
     h.get_by_label("Attention heads: 4 of 2 features, with 6 other tensor(s)");
 }
 

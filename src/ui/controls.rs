@@ -13,6 +13,7 @@ pub const TIP_GLOBAL: &str = "Global: one score threshold across all prunable la
 pub const TIP_LAYER: &str =
     "Layer-wise: each layer gets its own target sparsity and is cut by its own threshold.";
 pub const TIP_SPARSITY_STRUCTURED: &str = "Fraction of the channels every dependency group loses, its lowest-scoring ones; the kept width is rounded up to the multiple set under Pattern, so small steps may remove nothing.";
+pub const TIP_SPARSITY_HEADS: &str = "Fraction of the heads every attention block loses, its lowest-scoring ones, rounded down (12 heads at 30 % lose 3), and at least one head stays in each block.";
 pub const TIP_SPARSITY: &str = "Fraction of all prunable weights to remove. Exactly round(S·N) of the N prunable weights go, lowest scores first.";
 pub const TIP_MIN_KEEP: &str = "Minimum-threshold refinement: every layer keeps at least this fraction of its weights, so no layer collapses; the others prune more to hold the global target.";
 pub const TIP_PATTERN: &str = "Unstructured removes any weights; N:M keeps the N highest-scoring of every M consecutive weights along the input dimension, a layout sparse tensor cores run fast (2:4 on NVIDIA Ampere and later).";
@@ -110,7 +111,9 @@ impl ControlsPanel {
         match s.scope {
             Scope::Global => {
                 let label = ui.label(RichText::new("Global sparsity").strong());
-                let tip = if s.pattern.structured() {
+                let tip = if s.pattern == Pattern::Head {
+                    TIP_SPARSITY_HEADS
+                } else if s.pattern.structured() {
                     TIP_SPARSITY_STRUCTURED
                 } else {
                     TIP_SPARSITY
@@ -229,7 +232,15 @@ impl ControlsPanel {
                     .on_hover_text(TIP_BLOCKS);
             });
         }
-        if s.pattern.structured() {
+        if s.pattern == Pattern::Head {
+            ui.label(
+                RichText::new(
+                    "The sparsity is the fraction of heads each attention block loses (rounded \
+                     down, one kept); the weights lost include the output projection's inputs.",
+                )
+                .weak(),
+            );
+        } else if s.pattern.structured() {
             ui.horizontal(|ui| {
                 let label = ui.label("Round widths to");
                 ui.add(DragValue::new(&mut s.round_width).range(1..=256))
