@@ -1,6 +1,8 @@
 use clap::Parser;
 
 fn main() {
+    // SAFETY: first thing in main, before any thread is started.
+    unsafe { prunescope::util::settle_thread_count() };
     // A panic is a bug, but the user still gets one line, not a backtrace; the worker thread
     // catches its own panics and reports them in the app.
     std::panic::set_hook(Box::new(|info| {

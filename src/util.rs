@@ -370,6 +370,21 @@ pub fn group_digits(n: u64) -> String {
     out
 }
 
+/// Sets `RAYON_NUM_THREADS` to the count rayon picks anyway (the logical CPUs), where the user
+/// has not set it. candle 0.11 asks for its thread count on every CPU matrix product, and
+/// without the variable that parses /proc/cpuinfo (`num_cpus::get_physical`), about 30 µs a
+/// call: most of a small model's evaluation, and a share of every candle training step.
+///
+/// # Safety
+/// It sets an environment variable: call it before any other thread exists.
+pub unsafe fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

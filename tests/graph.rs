@@ -581,3 +581,79 @@ fn the_bundled_cnn_samples_are_what_train_produces() {
         assert_ne!(sample.to_f32_vec(t), init.to_f32_vec(ti));
     }
 }
+
+#[test]
+fn a_flattened_image_reaches_linear_norm_and_add_in_logical_order_on_the_native_engine() {
+    // The native engine keeps a flattened image channels-last; every reader must still see
+    // PyTorch's (c, h, w) order. Checked against sums written out over the logical input.
+    let mut rng = SplitMix64::new(7);
+    let (n, c, h, w) = (5, 3, 2, 2);
+    let f = c * h * w;
+    let x = randn(&mut rng, n * f);
+    let (w1, b1) = (randn(&mut rng, 2 * f), randn(&mut rng, 2));
+    let w2 = randn(&mut rng, 8 * f);
+    let (gamma, beta, mean) = (randn(&mut rng, f), randn(&mut rng, f), randn(&mut rng, f));
+    let var: Vec<f32> = (0..f).map(|i| 0.5 + i as f32 / 4.0).collect();
+    let model = Model::from_f32_tensors(
+        "flat",
+        vec![
+            ("w1".into(), vec![2, f], w1.clone()),
+            ("b1".into(), vec![2], b1.clone()),
+            ("w2".into(), vec![8, f], w2.clone()),
+            ("g".into(), vec![f], gamma.clone()),
+            ("b".into(), vec![f], beta.clone()),
+            ("m".into(), vec![f], mean.clone()),
+            ("v".into(), vec![f], var.clone()),
+        ],
+    );
+    // Fewer outputs than samples (the weight is reordered), more (the batch is), a ReLU that
+    // keeps the layout, a BatchNorm over features and an Add of the two layouts.
+    let g = graph(
+        r#"{"kind": "graph", "inputs": [{"name": "x", "shape": [3, 2, 2]}],
+            "nodes": [
+              {"name": "flat", "op": "flatten", "inputs": ["x"], "output": "f"},
+              {"name": "narrow", "op": "linear", "weight": "w1", "bias": "b1",
+               "inputs": ["f"], "output": "y1"},
+              {"name": "wide", "op": "linear", "weight": "w2", "inputs": ["f"], "output": "y2"},
+              {"name": "relu", "op": "relu", "inputs": ["f"], "output": "r"},
+              {"name": "bn", "op": "batch_norm", "weight": "g", "bias": "b",
+               "running_mean": "m", "running_var": "v", "eps": 0.001,
+               "inputs": ["r"], "output": "bn"},
+              {"name": "sum", "op": "add", "inputs": ["f", "bn"], "output": "s"}
+            ],
+            "output": "s"}"#,
+    );
+    g.check(&model).unwrap();
+    let fast = fast_params(&g, &model);
+    let run = |out: &str| {
+        let mut g2 = g.clone();
+        g2.output = out.into();
+        prunescope::graph::fast::forward(&g2, &[(vec![n, c, h, w], &x)], &fast).unwrap()
+    };
+    let linear = |wt: &[f32], b: Option<&[f32]>, outs: usize| -> Vec<f32> {
+        let mut y = Vec::new();
+        for s in 0..n {
+            for o in 0..outs {
+                let dot: f32 = (0..f).map(|k| wt[o * f + k] * x[s * f + k]).sum();
+                y.push(dot + b.map_or(0.0, |b| b[o]));
+            }
+        }
+        y
+    };
+    let (shape, y1) = run("y1");
+    assert_eq!(shape, [n, 2]);
+    close(&y1, &linear(&w1, Some(&b1), 2), 1e-4, "narrow linear");
+    close(&run("y2").1, &linear(&w2, None, 8), 1e-4, "wide linear");
+    close(&run("f").1, &x, 0.0, "flatten");
+    let bn: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let k = i % f;
+            (v.max(0.0) - mean[k]) / (var[k] + 0.001).sqrt() * gamma[k] + beta[k]
+        })
+        .collect();
+    close(&run("bn").1, &bn, 1e-5, "relu + batch norm");
+    let sum: Vec<f32> = x.iter().zip(&bn).map(|(a, b)| a + b).collect();
+    close(&run("s").1, &sum, 1e-5, "add");
+}

@@ -15,6 +15,25 @@ thread_local! {
     static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Set while [`forward_serial`] runs: every loop and product stays on this thread.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f(i, chunk)` for every `size`-long chunk of `data`: across the pool, or on this thread
+/// inside [`forward_serial`].
+fn chunks_each<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if SERIAL.get() {
+        data.chunks_mut(size.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.par_chunks_mut(size.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// A zeroed buffer of `len` floats, recycled where one is free.
 fn buffer(len: usize) -> Vec<f32> {
     let recycled = POOL.with_borrow_mut(|p| {
@@ -45,6 +64,9 @@ fn recycle(b: Vec<f32>) {
 struct Act {
     shape: Vec<usize>,
     data: Vec<f32>,
+    /// A flattened image kept channels-last: logical shape `[N, C·H·W]`, each sample stored
+    /// `(h, w, c)`. A Linear reading it permutes its (smaller) weight instead of the batch.
+    chw: Option<[usize; 3]>,
 }
 
 impl Act {
@@ -54,44 +76,69 @@ impl Act {
 
     /// The data in logical (NCHW) order.
     fn logical(&self) -> Vec<f32> {
-        if !self.nhwc() {
-            return self.data.clone();
+        let [c, h, w] = match self.chw {
+            Some(chw) => chw,
+            None if self.nhwc() => [self.shape[1], self.shape[2], self.shape[3]],
+            None => [1, 1, 1],
+        };
+        // One channel (or not an image): channels-last is logical order already.
+        if c == 1 {
+            let mut out = buffer(self.data.len());
+            out.copy_from_slice(&self.data);
+            return out;
         }
-        let [_, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
         let mut out = buffer(self.data.len());
-        out.par_chunks_mut(c * h * w)
-            .enumerate()
-            .for_each(|(b, dst)| {
-                let src = &self.data[b * h * w * c..(b + 1) * h * w * c];
-                for p in 0..h * w {
-                    for ch in 0..c {
-                        dst[ch * h * w + p] = src[p * c + ch];
-                    }
+        chunks_each(&mut out, c * h * w, |b, dst| {
+            let src = &self.data[b * h * w * c..(b + 1) * h * w * c];
+            for p in 0..h * w {
+                for ch in 0..c {
+                    dst[ch * h * w + p] = src[p * c + ch];
                 }
-            });
+            }
+        });
         out
     }
 
     /// An activation from logical-order data.
     fn from_logical(shape: Vec<usize>, data: Vec<f32>) -> Act {
-        if shape.len() != 4 {
-            return Act { shape, data };
+        if shape.len() != 4 || shape[1] == 1 {
+            return Act {
+                shape,
+                data,
+                chw: None,
+            };
         }
         let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
         let mut out = buffer(data.len());
-        out.par_chunks_mut(c * h * w)
-            .enumerate()
-            .for_each(|(b, dst)| {
-                let src = &data[b * c * h * w..(b + 1) * c * h * w];
-                for ch in 0..c {
-                    for p in 0..h * w {
-                        dst[p * c + ch] = src[ch * h * w + p];
-                    }
+        chunks_each(&mut out, c * h * w, |b, dst| {
+            let src = &data[b * c * h * w..(b + 1) * c * h * w];
+            for ch in 0..c {
+                for p in 0..h * w {
+                    dst[p * c + ch] = src[ch * h * w + p];
                 }
-            });
+            }
+        });
         debug_assert_eq!(out.len(), n * c * h * w);
         recycle(data);
-        Act { shape, data: out }
+        Act {
+            shape,
+            data: out,
+            chw: None,
+        }
+    }
+
+    /// This value in logical order, unless it already is.
+    fn into_logical(self) -> Act {
+        if self.chw.is_none() {
+            return self;
+        }
+        let data = self.logical();
+        recycle(self.data);
+        Act {
+            shape: self.shape,
+            data,
+            chw: None,
+        }
     }
 }
 
@@ -161,7 +208,7 @@ fn matmul_threads(
     }
     // Already on a pool thread (points of a sensitivity sweep run side by side): one thread
     // per product, since splitting it again only adds synchronisation.
-    let threads = if !parallel || rayon::current_thread_index().is_some() {
+    let threads = if !parallel || SERIAL.get() || rayon::current_thread_index().is_some() {
         1
     } else {
         rayon::current_num_threads()
@@ -216,7 +263,7 @@ const PATCH_BUDGET: usize = 16 << 20;
 /// pixel's outputs accumulate in a local array the compiler keeps in vector registers, the
 /// weight rows laid out `[(i, j, c)][o]`.
 macro_rules! direct_row {
-    ($name:ident, $fma:expr $(, $attr:meta)?) => {
+    ($name:ident, $fma:ident $(, $attr:meta)?) => {
         $(#[$attr])?
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name<const O: usize>(
@@ -255,16 +302,20 @@ macro_rules! direct_row {
                         let wbase = (i * kw + j) * c * O;
                         let wrows = &wt[wbase..wbase + c * O];
                         if ok(0) && ok(3) {
-                            let px: [&[f32]; 4] =
-                                std::array::from_fn(|p| &line[ix(p) as usize * c..][..c]);
+                            let px: [&[f32]; 4] = [
+                                &line[ix(0) as usize * c..][..c],
+                                &line[ix(1) as usize * c..][..c],
+                                &line[ix(2) as usize * c..][..c],
+                                &line[ix(3) as usize * c..][..c],
+                            ];
                             for (ci, wr) in wrows.chunks_exact(O).enumerate() {
                                 let a = [px[0][ci], px[1][ci], px[2][ci], px[3][ci]];
                                 for k in 0..O {
                                     let w = wr[k];
-                                    acc[0][k] = $fma(a[0], w, acc[0][k]);
-                                    acc[1][k] = $fma(a[1], w, acc[1][k]);
-                                    acc[2][k] = $fma(a[2], w, acc[2][k]);
-                                    acc[3][k] = $fma(a[3], w, acc[3][k]);
+                                    acc[0][k] = $fma!(a[0], w, acc[0][k]);
+                                    acc[1][k] = $fma!(a[1], w, acc[1][k]);
+                                    acc[2][k] = $fma!(a[2], w, acc[2][k]);
+                                    acc[3][k] = $fma!(a[3], w, acc[3][k]);
                                 }
                             }
                         } else {
@@ -275,7 +326,7 @@ macro_rules! direct_row {
                                 let px = &line[ix(p) as usize * c..][..c];
                                 for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
                                     for k in 0..O {
-                                        accp[k] = $fma(a, wr[k], accp[k]);
+                                        accp[k] = $fma!(a, wr[k], accp[k]);
                                     }
                                 }
                             }
@@ -310,7 +361,7 @@ macro_rules! direct_row {
                         let wrows = &wt[wbase..wbase + c * O];
                         for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
                             for k in 0..O {
-                                acc[k] = $fma(a, wr[k], acc[k]);
+                                acc[k] = $fma!(a, wr[k], acc[k]);
                             }
                         }
                     }
@@ -324,11 +375,26 @@ macro_rules! direct_row {
     };
 }
 
-direct_row!(direct_row_generic, |a: f32, w: f32, s: f32| s + a * w);
+// Macros, not closures: a closure is a function of its own, compiled without the kernel's
+// target features, so `mul_add` there became a call to the C library's fmaf per multiply-add.
+macro_rules! plain_madd {
+    ($a:expr, $w:expr, $s:expr) => {{
+        let product = $a * $w;
+        $s + product
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+macro_rules! fused_madd {
+    ($a:expr, $w:expr, $s:expr) => {
+        $a.mul_add($w, $s)
+    };
+}
+
+direct_row!(direct_row_generic, plain_madd);
 #[cfg(target_arch = "x86_64")]
 direct_row!(
     direct_row_avx2,
-    |a: f32, w: f32, s: f32| a.mul_add(w, s),
+    fused_madd,
     target_feature(enable = "avx2,fma")
 );
 
@@ -345,14 +411,38 @@ fn direct_rows<const O: usize>(
     out_hw: [usize; 2],
     relu: bool,
 ) {
-    let [_, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [n, c, h0, w0] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let [oh, ow] = out_hw;
     #[cfg(target_arch = "x86_64")]
     let fast =
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    out.par_chunks_mut(ow * O).enumerate().for_each(|(r, row)| {
+    // The images with their zero border written out: every tap of the kernel then reads
+    // inside the image, so no pixel takes the bounds-checked path at the edges.
+    let worth = c < 8;
+    let (h, wd) = if worth {
+        (h0 + 2 * pad[0], w0 + 2 * pad[1])
+    } else {
+        (h0, w0)
+    };
+    // Worth its copy where the channels are few (each tap is then a few FMAs) or the image is
+    // narrow (most 4-pixel blocks touch an edge); otherwise the copy costs more than the
+    // checks it saves.
+    let padded = (pad != [0, 0] && worth).then(|| {
+        let mut p = buffer(n * h * wd * c);
+        chunks_each(&mut p, h * wd * c, |b, dst| {
+            let src = &x.data[b * h0 * w0 * c..(b + 1) * h0 * w0 * c];
+            for (y, line) in src.chunks_exact(w0 * c).enumerate() {
+                let at = ((y + pad[0]) * wd + pad[1]) * c;
+                dst[at..at + w0 * c].copy_from_slice(line);
+            }
+        });
+        p
+    });
+    let data = padded.as_deref().unwrap_or(&x.data);
+    let pad = if padded.is_some() { [0, 0] } else { pad };
+    chunks_each(out, ow * O, |r, row| {
         let (b, y) = (r / oh, r % oh);
-        let img = &x.data[b * h * wd * c..(b + 1) * h * wd * c];
+        let img = &data[b * h * wd * c..(b + 1) * h * wd * c];
         let dims = [h, wd, c, k[0], k[1], ow];
         #[cfg(target_arch = "x86_64")]
         if fast {
@@ -363,6 +453,9 @@ fn direct_rows<const O: usize>(
         // SAFETY: no target features are assumed; the body is safe Rust.
         unsafe { direct_row_generic::<O>(row, img, wk, bias, y, dims, stride, pad, dil, relu) };
     });
+    if let Some(p) = padded {
+        recycle(p);
+    }
 }
 
 /// Direct convolution for one group and 8, 16 or 32 output channels: no im2col buffer, a
@@ -454,6 +547,7 @@ fn conv2d(
         return Act {
             shape: vec![n, o, oh, ow],
             data,
+            chw: None,
         };
     }
     let per_image = oh * ow;
@@ -466,10 +560,10 @@ fn conv2d(
     for start in (0..n).step_by(chunk) {
         let imgs = chunk.min(n - start);
         for g in 0..groups {
-            patches[..imgs * per_image * k]
-                .par_chunks_mut(per_image * k)
-                .enumerate()
-                .for_each(|(b, dst)| {
+            chunks_each(
+                &mut patches[..imgs * per_image * k],
+                per_image * k,
+                |b, dst| {
                     let img = &x.data[(start + b) * h * wd * c..(start + b + 1) * h * wd * c];
                     for y in 0..oh {
                         for xo in 0..ow {
@@ -490,7 +584,8 @@ fn conv2d(
                             }
                         }
                     }
-                });
+                },
+            );
             let rows = imgs * per_image;
             matmul(
                 rows,
@@ -509,7 +604,7 @@ fn conv2d(
     PATCHES.with_borrow_mut(|p| *p = patches);
     let zero = vec![0f32; o];
     let b = bias.map_or(&zero, |b| &b.1);
-    out.par_chunks_mut(o * 64).for_each(|block| {
+    chunks_each(&mut out, o * 64, |_, block| {
         for px in block.chunks_exact_mut(o) {
             for (v, bb) in px.iter_mut().zip(b) {
                 let y = *v + bb;
@@ -520,6 +615,7 @@ fn conv2d(
     Act {
         shape: vec![n, o, oh, ow],
         data: out,
+        chw: None,
     }
 }
 
@@ -529,39 +625,54 @@ fn pool(x: &Act, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Act {
     let ow = (w - kernel[1]) / stride[1] + 1;
     let mut out = buffer(n * oh * ow * c);
     let area = (kernel[0] * kernel[1]) as f32;
-    out.par_chunks_mut(oh * ow * c)
-        .enumerate()
-        .for_each(|(b, dst)| {
-            let img = &x.data[b * h * w * c..(b + 1) * h * w * c];
-            for y in 0..oh {
-                for xo in 0..ow {
-                    let cell = &mut dst[(y * ow + xo) * c..(y * ow + xo + 1) * c];
-                    cell.fill(if max { f32::NEG_INFINITY } else { 0.0 });
-                    for i in 0..kernel[0] {
-                        for j in 0..kernel[1] {
-                            let at = ((y * stride[0] + i) * w + xo * stride[1] + j) * c;
-                            for (d, &v) in cell.iter_mut().zip(&img[at..at + c]) {
-                                if max {
-                                    // NaN propagates, as in candle and PyTorch.
-                                    if v > *d || v.is_nan() {
-                                        *d = v;
-                                    }
-                                } else {
-                                    *d += v;
-                                }
+    chunks_each(&mut out, oh * ow * c, |b, dst| {
+        let img = &x.data[b * h * w * c..(b + 1) * h * w * c];
+        for y in 0..oh {
+            for xo in 0..ow {
+                let cell = &mut dst[(y * ow + xo) * c..(y * ow + xo + 1) * c];
+                cell.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                for i in 0..kernel[0] {
+                    for j in 0..kernel[1] {
+                        let at = ((y * stride[0] + i) * w + xo * stride[1] + j) * c;
+                        let src = &img[at..at + c];
+                        if max {
+                            // NaN propagates, as in candle and PyTorch; a select, not a
+                            // branch, so the loop vectorises.
+                            for (d, &v) in cell.iter_mut().zip(src) {
+                                let take = v > *d || v.is_nan();
+                                *d = if take { v } else { *d };
+                            }
+                        } else {
+                            for (d, &v) in cell.iter_mut().zip(src) {
+                                *d += v;
                             }
                         }
                     }
-                    if !max {
-                        cell.iter_mut().for_each(|v| *v /= area);
-                    }
+                }
+                if !max {
+                    cell.iter_mut().for_each(|v| *v /= area);
                 }
             }
-        });
+        }
+    });
     Act {
         shape: vec![n, c, oh, ow],
         data: out,
+        chw: None,
     }
+}
+
+/// [`forward`] entirely on the calling thread: for runs so small that waking the pool's
+/// threads costs more than they save.
+pub fn forward_serial(
+    graph: &Graph,
+    inputs: &[(Vec<usize>, &[f32])],
+    params: &FastParams,
+) -> Result<(Vec<usize>, Vec<f32>), GraphError> {
+    let before = SERIAL.replace(true);
+    let out = forward(graph, inputs, params);
+    SERIAL.set(before);
+    out
 }
 
 /// Runs the graph in inference mode on batched logical-order inputs; returns the output in
@@ -618,6 +729,7 @@ pub fn forward(
                     Act {
                         shape: a.shape.clone(),
                         data,
+                        chw: a.chw,
                     }
                 })
             }
@@ -693,8 +805,10 @@ pub fn forward(
                     .collect();
                 let c = scale.len();
                 let relu = fused_relu.is_some();
-                let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
-                a.data.par_chunks_mut(c * 256).for_each(|block| {
+                let mut a = owned_first(&mut values)
+                    .ok_or_else(|| err("an input has no value"))?
+                    .into_logical();
+                chunks_each(&mut a.data, c * 256, |_, block| {
                     for px in block.chunks_exact_mut(c) {
                         for ((v, s), t) in px.iter_mut().zip(&scale).zip(&shift) {
                             let y = *v * s + t;
@@ -705,16 +819,40 @@ pub fn forward(
                 a
             }
             Op::Linear { weight, bias } => {
-                let logical = x.logical();
                 let (ws, wv) = p(weight)?;
                 let (out_f, in_f) = (ws[0], ws[1]);
-                let rows = logical.len() / in_f;
+                let rows = x.data.len() / in_f.max(1);
+                // A flattened image stays channels-last when the weight is the smaller one to
+                // reorder: its columns follow the activation's (h, w, c) order instead.
+                let permuted: Option<Vec<f32>> = match x.chw {
+                    Some([c, h, w]) if out_f < rows && c * h * w == in_f => {
+                        let hw = h * w;
+                        let mut pw = vec![0f32; wv.len()];
+                        for (dst, src) in pw.chunks_exact_mut(in_f).zip(wv.chunks_exact(in_f)) {
+                            for p in 0..hw {
+                                for ch in 0..c {
+                                    dst[p * c + ch] = src[ch * hw + p];
+                                }
+                            }
+                        }
+                        Some(pw)
+                    }
+                    _ => None,
+                };
+                let logical = match (&permuted, x.chw.is_some() || x.nhwc()) {
+                    (None, true) => std::borrow::Cow::Owned(x.logical()),
+                    _ => std::borrow::Cow::Borrowed(x.data.as_slice()),
+                };
+                let wv = permuted.as_deref().unwrap_or(wv);
                 let mut out = vec![0f32; rows * out_f];
                 // Wᵀ without a copy: element (k, j) of Wᵀ is W[j][k].
                 matmul(rows, out_f, in_f, &logical, wv, 1, in_f, &mut out, 0, out_f);
+                if let std::borrow::Cow::Owned(v) = logical {
+                    recycle(v);
+                }
                 if let Some(b) = bias {
                     let b = &p(b)?.1;
-                    out.par_chunks_mut(out_f).for_each(|r| {
+                    chunks_each(&mut out, out_f, |_, r| {
                         for (v, bb) in r.iter_mut().zip(b) {
                             *v += bb;
                         }
@@ -729,7 +867,7 @@ pub fn forward(
                 let g = &p(weight)?.1;
                 let b = bias.as_deref().map(p).transpose()?.map(|t| &t.1);
                 let d = *x.shape.last().expect("rank ≥ 1");
-                data.par_chunks_mut(d).for_each(|r| {
+                chunks_each(&mut data, d, |_, r| {
                     let mean = r.iter().sum::<f32>() / d as f32;
                     let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
                     let inv = 1.0 / (var + *eps as f32).sqrt();
@@ -742,7 +880,7 @@ pub fn forward(
             Op::Softmax => {
                 let mut data = x.logical();
                 let d = *x.shape.last().expect("rank ≥ 1");
-                data.par_chunks_mut(d).for_each(|r| {
+                chunks_each(&mut data, d, |_, r| {
                     let max = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
                     for v in r.iter_mut() {
@@ -763,9 +901,9 @@ pub fn forward(
                     _ => |v| 1.0 / (1.0 + (-v).exp()),
                 };
                 let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
-                a.data
-                    .par_chunks_mut(4096)
-                    .for_each(|b| b.iter_mut().for_each(|v| *v = f(*v)));
+                chunks_each(&mut a.data, 4096, |_, b| {
+                    b.iter_mut().for_each(|v| *v = f(*v))
+                });
                 a
             }
             Op::Dropout { .. } => {
@@ -783,7 +921,7 @@ pub fn forward(
                 }
                 let [b, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
                 let mut data = vec![0f32; b * c];
-                data.par_chunks_mut(c).enumerate().for_each(|(i, dst)| {
+                chunks_each(&mut data, c, |i, dst| {
                     for px in x.data[i * h * w * c..(i + 1) * h * w * c].chunks(c) {
                         for (d, v) in dst.iter_mut().zip(px) {
                             *d += v;
@@ -797,13 +935,23 @@ pub fn forward(
                 } else {
                     vec![b, c]
                 };
-                Act { shape, data }
+                Act {
+                    shape,
+                    data,
+                    chw: None,
+                }
             }
             Op::Flatten => {
                 let rest: usize = x.shape[1..].iter().product();
+                let chw = match (x.nhwc(), x.chw) {
+                    (true, _) => Some([x.shape[1], x.shape[2], x.shape[3]]),
+                    (false, kept) => kept,
+                };
+                let a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
                 Act {
-                    shape: vec![x.shape[0], rest],
-                    data: x.logical(),
+                    shape: vec![a.shape[0], rest],
+                    data: a.data,
+                    chw,
                 }
             }
             Op::Reshape { shape } => {
@@ -818,19 +966,25 @@ pub fn forward(
                 if y.shape != x.shape {
                     return Err(err("adds values of different shapes"));
                 }
-                let mut y_data = buffer(y.data.len());
-                y_data.copy_from_slice(&y.data);
+                // Both in one layout: a flattened image in logical order too.
+                let y_data = if y.chw.is_some() {
+                    y.logical()
+                } else {
+                    let mut d = buffer(y.data.len());
+                    d.copy_from_slice(&y.data);
+                    d
+                };
                 let relu = fused_relu.is_some();
-                let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
-                a.data
-                    .par_chunks_mut(4096)
-                    .zip(y_data.par_chunks(4096))
-                    .for_each(|(a, b)| {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            let s = *x + y;
-                            *x = if relu { s.max(0.0) } else { s };
-                        }
-                    });
+                let mut a = owned_first(&mut values)
+                    .ok_or_else(|| err("an input has no value"))?
+                    .into_logical();
+                chunks_each(&mut a.data, 4096, |i, a| {
+                    let b = &y_data[i * 4096..(i * 4096 + a.len())];
+                    for (x, y) in a.iter_mut().zip(b) {
+                        let s = *x + y;
+                        *x = if relu { s.max(0.0) } else { s };
+                    }
+                });
                 recycle(y_data);
                 a
             }
