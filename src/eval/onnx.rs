@@ -199,11 +199,18 @@ impl GraphInfo {
             if model.tensors[t].shape.len() != 2 || inits.contains(n.input[0].as_str()) {
                 continue;
             }
+            // A Gemm adds its bias itself: it belongs to the weight's output features.
+            let bias = n
+                .input
+                .get(2)
+                .filter(|b| gemm && inits.contains(b.as_str()))
+                .cloned();
             out.push(MatmulWeight {
                 tensor: t,
                 activation: n.input[0].clone(),
                 output: n.output.first().cloned().unwrap_or_default(),
                 in_on_columns,
+                bias,
             });
         }
         out
@@ -223,8 +230,9 @@ impl GraphInfo {
     }
 
     /// [`GraphInfo::attention_groups`], each with why the graph could not run with fewer
-    /// heads, if it could not: a Reshape on the heads' way whose target shape holds the head
-    /// count or the merged width as a constant (a `-1` or a run-time entry adapts).
+    /// heads, if it could not: a Reshape that splits the heads with anything but `-1` for
+    /// their count (a constant, or a value computed at run time, which prunescope cannot
+    /// follow), or one that merges them into a constant width.
     pub fn attention_blocks(&self, model: &Model) -> Vec<AttentionBlock> {
         use crate::graph::{Group, Member};
         let Some(g) = self.proto.graph.as_ref() else {
@@ -280,7 +288,15 @@ impl GraphInfo {
         for (i, w) in weights.iter().enumerate() {
             let out = out_features(w);
             let mut value = w.output.as_str();
-            let mut bias = None;
+            let mut bias = w.bias.clone().filter(|b| {
+                model
+                    .find(b)
+                    .is_some_and(|t| model.tensors[t].shape == [out])
+            });
+            if w.bias.is_some() && bias.is_none() {
+                // A Gemm bias of another shape (broadcast): its slices cannot follow the heads.
+                continue;
+            }
             // The one consumer that reads the values (Shape nodes read only the shape).
             let only = |v: &str| {
                 let mut readers = consumers.get(v)?.iter().filter(|n| n.op_type != "Shape");
@@ -294,8 +310,11 @@ impl GraphInfo {
                     &n.input[0]
                 };
                 match model.find(other) {
+                    // One bias a projection: a second (Gemm's and an Add's) would not be
+                    // sliced with the heads.
                     Some(b)
-                        if inits.contains_key(other.as_str())
+                        if bias.is_none()
+                            && inits.contains_key(other.as_str())
                             && model.tensors[b].shape == [out] =>
                     {
                         bias = Some(other.clone());
@@ -502,6 +521,8 @@ pub struct MatmulWeight {
     pub output: String,
     /// The weight is [out, in]: input features along its columns.
     pub in_on_columns: bool,
+    /// A Gemm's own bias (its third input), where it has one.
+    pub bias: Option<String>,
 }
 
 /// The entries of a Reshape's target shape, `None` where computed at run time: a constant, or a
@@ -915,10 +936,13 @@ impl OnnxRunner {
             let outlets = outputs
                 .iter()
                 .map(|name| {
-                    im.find_outlet_label(name).ok_or_else(|| {
-                        self.graph
-                            .gerr(format!("no value named '{name}' to observe in the graph"))
-                    })
+                    // Graph inputs are sources, named but not labelled.
+                    im.find_outlet_label(name)
+                        .or_else(|| im.node_by_name(name).ok().map(|n| OutletId::new(n.id, 0)))
+                        .ok_or_else(|| {
+                            self.graph
+                                .gerr(format!("no value named '{name}' to observe in the graph"))
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             im.select_output_outlets(&outlets).map_err(tract_err)?;

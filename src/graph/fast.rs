@@ -424,9 +424,8 @@ fn direct_rows<const O: usize>(
     } else {
         (h0, w0)
     };
-    // Worth its copy where the channels are few (each tap is then a few FMAs) or the image is
-    // narrow (most 4-pixel blocks touch an edge); otherwise the copy costs more than the
-    // checks it saves.
+    // Worth its copy where the channels are few (each tap is then a few FMAs); with 16
+    // channels on a 4-pixel-wide image the copy measured slower than the checks it saves.
     let padded = (pad != [0, 0] && worth).then(|| {
         let mut p = buffer(n * h * wd * c);
         chunks_each(&mut p, h * wd * c, |b, dst| {
@@ -669,10 +668,15 @@ pub fn forward_serial(
     inputs: &[(Vec<usize>, &[f32])],
     params: &FastParams,
 ) -> Result<(Vec<usize>, Vec<f32>), GraphError> {
-    let before = SERIAL.replace(true);
-    let out = forward(graph, inputs, params);
-    SERIAL.set(before);
-    out
+    // Restored on the way out, a panic included (the worker catches those and runs on).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    forward(graph, inputs, params)
 }
 
 /// Runs the graph in inference mode on batched logical-order inputs; returns the output in

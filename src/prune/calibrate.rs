@@ -618,9 +618,12 @@ pub(super) fn movement_raw(
     Ok(acc)
 }
 
-/// Movement's signed sums as the non-negative scores the index orders: every analysable
-/// tensor's sums shifted by the same amount (the lowest over the model), so the order within
-/// and across tensors is the sums' order. A tensor the graph does not read moved nowhere: 0.
+/// Movement's signed sums as the non-negative scores the index orders: each sum's rank among
+/// every analysable tensor's sums (equal sums share a rank), so the order within and across
+/// tensors is the sums' order. Shifting the sums by the lowest instead would round small
+/// differences away next to a large shift. Ranks are exact in f32 up to 2^24 distinct sums;
+/// beyond, neighbours may share a score, never swap. A tensor the graph does not read moved
+/// nowhere: 0. A NaN sum scores NaN (pruned first, as NaN weights are).
 pub fn movement_scores(model: &Model, raw: &HashMap<String, Vec<f64>>) -> Vec<Option<Vec<f32>>> {
     let sums: Vec<Option<Vec<f64>>> = model
         .tensors
@@ -633,15 +636,24 @@ pub fn movement_scores(model: &Model, raw: &HashMap<String, Vec<f64>>) -> Vec<Op
             })
         })
         .collect();
-    let low = sums
+    let mut sorted: Vec<f64> = sums
         .iter()
         .flatten()
         .flatten()
         .copied()
-        .filter(|v| v.is_finite())
-        .fold(0f64, f64::min);
+        .filter(|v| !v.is_nan())
+        .collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.dedup();
+    let rank = |v: f64| -> f32 {
+        if v.is_nan() {
+            f32::NAN
+        } else {
+            (sorted.partition_point(|x| *x < v) + 1) as f32
+        }
+    };
     sums.into_iter()
-        .map(|s| s.map(|s| s.into_iter().map(|v| (v - low) as f32).collect()))
+        .map(|s| s.map(|s| s.into_iter().map(rank).collect()))
         .collect()
 }
 

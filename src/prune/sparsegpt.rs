@@ -407,8 +407,9 @@ pub fn run(
         tensors.push((e.name.clone(), e.shape.clone(), v));
     }
     let mut updated = Model::from_f32_tensors("sparsegpt", tensors);
-    if let Some(graph) = graph {
-        graph.describe_in(&mut updated, model);
+    match graph {
+        Some(graph) => graph.describe_in(&mut updated, model),
+        None => updated.metadata = model.metadata.clone(),
     }
     Ok(SparseGpt {
         model: updated,

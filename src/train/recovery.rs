@@ -57,7 +57,10 @@ impl Net {
             for (l, mv) in self.layers.iter_mut().zip(mv) {
                 let keep = movement_keep(mv, l.mask.as_deref(), sparsity);
                 for (w, k) in l.w.iter_mut().zip(&keep) {
-                    *w *= k;
+                    // Assigned, not multiplied: an infinite weight times 0 would be NaN.
+                    if *k == 0.0 {
+                        *w = 0.0;
+                    }
                 }
                 l.mask = Some(keep);
             }
