@@ -1157,6 +1157,15 @@ fn neuron_pruning_shows_the_group_and_the_compacted_size_and_wanda_prunes_rows_a
     ));
     let removed: usize = c.report.groups.iter().map(|g| g.removed).sum();
     h.get_by_label(&format!("Channels removed {removed} of 192"));
+    // The compute it removes: the compacted model's multiply-adds, as compaction counts them.
+    let (before, after) = (c.report.macs_before.unwrap(), c.report.macs_after.unwrap());
+    assert!(after < before);
+    h.get_by_label(&format!(
+        "· {} of {} multiply-adds a sample (−{:.1}%)",
+        group_digits(after),
+        group_digits(before),
+        100.0 * (1.0 - after as f64 / before as f64)
+    ));
     // fc1's neurons: 128 channels tied to its bias and fc2's inputs.
     h.get_by_label("Dependency group of its output channels: 128 channels, with 2 other tensor(s)");
 

@@ -157,6 +157,12 @@ fn compacted_models_compute_the_masked_outputs_at_every_cut() {
             assert_eq!(cut.compacted_params, c.report.params_after);
             assert_eq!(cut.removed as usize, removed);
             assert!(c.report.macs_after.unwrap() < c.report.macs_before.unwrap());
+            // And its multiply-adds, counted from kept entries, agree with the smaller graph's.
+            assert_eq!(
+                cut.macs,
+                Some((c.report.macs_before.unwrap(), c.report.macs_after.unwrap())),
+                "{name} at {s}"
+            );
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct StructuredCut {
     /// Parameters of the model compacted to its kept channels (every tensor, biases and norms
     /// included).
     pub compacted_params: u64,
+    /// Multiply-adds a sample of the Linear and Conv2d layers, (dense, compacted); `None`
+    /// where only tract runs the model.
+    pub macs: Option<(u64, u64)>,
 }
 
 impl Allocation {

@@ -24,6 +24,9 @@ pub struct ChannelOrder {
     pub order: Vec<Vec<usize>>,
     /// Per group: the weights (≥ 2 dims) that make its channels, for the kind of cut and locks.
     pub producers: Vec<Vec<usize>>,
+    /// Each Linear or Conv2d weight (by tensor) with the multiply-adds one of its entries does
+    /// a sample, from prunescope's graph; empty where only tract runs the model.
+    pub uses: Vec<(usize, f64)>,
 }
 
 /// Whether a group's channels are Linear neurons (2-D producer), conv channels (4-D) or
@@ -157,10 +160,20 @@ pub fn channel_order(model: &Model, index: &ScoreIndex) -> Result<ChannelOrder, 
         o.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
         order.push(o);
     }
+    let uses = crate::train::Trainable::graph_of(model)
+        .ok()
+        .and_then(|g| g.weight_uses(model).ok())
+        .map(|u| {
+            u.into_iter()
+                .filter_map(|(w, k)| model.find(&w).map(|t| (t, k)))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(ChannelOrder {
         groups,
         order,
         producers,
+        uses,
     })
 }
 
@@ -321,15 +334,26 @@ pub fn allocate(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -
         });
     }
     let pruned = layers.iter().map(|l| l.pruned as u64).sum();
-    let compacted = model
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(t, e)| match gone.iter().find(|(x, _)| *x == t) {
+    let kept_of = |t: usize| {
+        let e = &model.tensors[t];
+        match gone.iter().find(|(x, _)| *x == t) {
             Some((_, g)) => kept_count(&e.shape, g) as u64,
             None => e.numel as u64,
-        })
-        .sum();
+        }
+    };
+    let compacted = (0..model.tensors.len()).map(kept_of).sum();
+    // The compacted layers keep their output sizes, so each weight entry left does as many
+    // multiply-adds as before.
+    let macs = (!order.uses.is_empty()).then(|| {
+        let sum = |n: &dyn Fn(usize) -> u64| -> u64 {
+            order
+                .uses
+                .iter()
+                .map(|&(t, k)| (k * n(t) as f64) as u64)
+                .sum()
+        };
+        (sum(&|t| model.tensors[t].numel as u64), sum(&kept_of))
+    });
     Allocation {
         layers,
         prunable,
@@ -339,6 +363,7 @@ pub fn allocate(model: &Model, order: &ChannelOrder, settings: &PruneSettings) -
             removed: removed.iter().sum::<usize>() as u64,
             channels: channels as u64,
             compacted_params: compacted,
+            macs,
         }),
     }
 }

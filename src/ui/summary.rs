@@ -89,6 +89,12 @@ pub fn ui(ui: &mut Ui, state: &AppState) {
             } else {
                 "Parameters of the smaller model this structured cut makes: every removed channel's slices leave its whole dependency group, biases and norms included (prunescope compact MODEL --masks MASKS writes it)."
             });
+            if let Some((before, after)) = c.macs {
+                let cut = 100.0 * (1.0 - after as f64 / before.max(1) as f64);
+                ui.label(format!("· {} of {} multiply-adds a sample (−{cut:.1}%)", group_digits(after), group_digits(before))).on_hover_text(
+                    "Multiply-adds one sample costs in the Linear and Conv2d layers of the compacted model, against the dense one: the compute the structured cut really removes, which masked zeros alone do not.",
+                );
+            }
         }
         ui.separator();
         let s = &p.sizes;
