@@ -78,29 +78,36 @@ pub fn check_groups(model: &Model, groups: &Groups, pattern: Pattern) -> Result<
 /// ONNX graph that prunescope's graph does not import (a transformer) has the attention heads
 /// tract-side analysis finds ([`crate::eval::GraphInfo::attention_groups`]).
 pub fn groups_of(model: &Model) -> Result<Groups, PruneError> {
-    let graph = crate::train::Trainable::graph_of(model).map_err(|e| {
-        let heads = (model.format == crate::model::ModelFormat::Onnx)
-            .then(|| crate::eval::GraphInfo::read(model).ok())
-            .flatten()
-            .map(|info| info.attention_groups(model))
-            .filter(|g| !g.is_empty());
-        match heads {
-            Some(groups) => Ok(Groups {
-                groups,
+    groups_in(model, &crate::train::Trainable::graph_of(model))
+}
+
+/// [`groups_of`] with the model's graph, or why it has none, already read.
+fn groups_in(
+    model: &Model,
+    graph: &Result<crate::graph::Graph, String>,
+) -> Result<Groups, PruneError> {
+    match graph {
+        Ok(graph) => graph
+            .dependency_groups(model)
+            .map_err(|e| PruneError::Structured(format!("dependency groups: {e}"))),
+        Err(e) => {
+            let heads = match model.format {
+                crate::model::ModelFormat::Onnx => crate::eval::GraphInfo::read(model)
+                    .map(|info| info.attention_groups(model))
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if heads.is_empty() {
+                return Err(PruneError::Structured(format!(
+                    "structured pruning follows the model's graph, and {e}"
+                )));
+            }
+            Ok(Groups {
+                groups: heads,
                 blocked: Vec::new(),
-            }),
-            None => Err(PruneError::Structured(format!(
-                "structured pruning follows the model's graph, and {e}"
-            ))),
+            })
         }
-    });
-    let graph = match graph {
-        Ok(g) => g,
-        Err(heads) => return heads,
-    };
-    graph
-        .dependency_groups(model)
-        .map_err(|e| PruneError::Structured(format!("dependency groups: {e}")))
+    }
 }
 
 /// Per group: the weights (≥ 2 dims) that make its channels (for heads: every weight sliced).
@@ -122,7 +129,9 @@ fn producers_of(model: &Model, groups: &Groups) -> Vec<Vec<usize>> {
 /// Ranks every group's channels under the index's criterion. `Err` says why the model has no
 /// groups (no graph prunescope can read).
 pub fn channel_order(model: &Model, index: &ScoreIndex) -> Result<ChannelOrder, PruneError> {
-    let groups = groups_of(model)?;
+    // Read once: the groups and the weights' multiply-adds both follow it.
+    let graph = crate::train::Trainable::graph_of(model);
+    let groups = groups_in(model, &graph)?;
     let producers = producers_of(model, &groups);
     let mut order = Vec::new();
     for g in &groups.groups {
@@ -160,7 +169,7 @@ pub fn channel_order(model: &Model, index: &ScoreIndex) -> Result<ChannelOrder, 
         o.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
         order.push(o);
     }
-    let uses = crate::train::Trainable::graph_of(model)
+    let uses = graph
         .ok()
         .and_then(|g| g.weight_uses(model).ok())
         .map(|u| {
