@@ -246,14 +246,10 @@ fn add_gram(h: &mut [f64], x: &[f32], cols: usize) {
 
 /// Magnitude pruning of one layer to `sparsity` (ties in flat order): the baseline.
 pub fn magnitude_layer(w: &[f32], sparsity: f64) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..w.len()).collect();
-    order.sort_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
-    let k = ((sparsity * w.len() as f64).round() as usize).min(w.len());
-    let mut kept = vec![true; w.len()];
-    for &i in &order[..k] {
-        kept[i] = false;
-    }
-    kept
+    crate::train::magnitude_keep(w, sparsity)
+        .iter()
+        .map(|k| *k != 0.0)
+        .collect()
 }
 
 /// Runs SparseGPT on every prunable Linear weight of `model` at its target sparsity (the global

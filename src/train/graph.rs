@@ -640,10 +640,21 @@ pub fn finetune_graph_with(
 
 /// 1 for the weights a layer keeps at `sparsity`, 0 for its smallest |w| (ties by index).
 pub fn magnitude_keep(values: &[f32], sparsity: f64) -> Vec<f32> {
-    let n = values.len();
+    keep_all_but_lowest(values.len(), sparsity, |a, b| {
+        values[a].abs().total_cmp(&values[b].abs())
+    })
+}
+
+/// 1 for the entries of `n` kept at `sparsity`, 0 for the round(sparsity·n) that come first
+/// under `lower` (ties by index).
+pub fn keep_all_but_lowest(
+    n: usize,
+    sparsity: f64,
+    lower: impl Fn(usize, usize) -> std::cmp::Ordering,
+) -> Vec<f32> {
     let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| lower(a, b).then(a.cmp(&b)));
     let mut keep = vec![1f32; n];
     for &i in &order[..k] {
         keep[i] = 0.0;

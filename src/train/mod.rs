@@ -6,7 +6,9 @@ mod graph;
 mod native;
 mod recovery;
 
-pub use graph::{GraphFinetune, SampleArch, finetune_graph, sample_graph, train_graph};
+pub use graph::{
+    GraphFinetune, SampleArch, finetune_graph, magnitude_keep, sample_graph, train_graph,
+};
 pub use native::{
     Distill, EpochStats, FinetuneConfig, FinetuneResult, Layer, LrSchedule, Net, Optim,
     TrainDevice, check_data, finetune, finetune_on, finetune_where, finetune_with, training_split,

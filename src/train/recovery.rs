@@ -32,51 +32,30 @@ pub fn iterative_sparsity(target: f64, r: usize, k: usize) -> f64 {
 /// `mask` already prunes first (pruned weights stay pruned), then the lowest movement (ties by
 /// flat index).
 pub fn movement_keep(movement: &[f64], mask: Option<&[f32]>, sparsity: f64) -> Vec<f32> {
-    let n = movement.len();
-    let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
     let kept = |i: usize| mask.is_none_or(|m| m[i] != 0.0);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| {
+    super::graph::keep_all_but_lowest(movement.len(), sparsity, |a, b| {
         kept(a)
             .cmp(&kept(b))
             .then(movement[a].total_cmp(&movement[b]))
-            .then(a.cmp(&b))
-    });
-    let mut keep = vec![1f32; n];
-    for &i in &order[..k] {
-        keep[i] = 0.0;
-    }
-    keep
+    })
 }
 
 impl Net {
     /// Prunes every layer's weights to `sparsity` by magnitude (smallest first, ties by flat
     /// index), or by movement while it is tracked; weights pruned before stay pruned.
     pub fn prune_layerwise(&mut self, sparsity: f64) {
-        if let Some(mv) = &self.movement {
-            for (l, mv) in self.layers.iter_mut().zip(mv) {
-                let keep = movement_keep(mv, l.mask.as_deref(), sparsity);
-                for (w, k) in l.w.iter_mut().zip(&keep) {
-                    // Assigned, not multiplied: an infinite weight times 0 would be NaN.
-                    if *k == 0.0 {
-                        *w = 0.0;
-                    }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let keep = match &self.movement {
+                Some(mv) => movement_keep(&mv[i], l.mask.as_deref(), sparsity),
+                None => super::graph::magnitude_keep(&l.w, sparsity),
+            };
+            for (w, k) in l.w.iter_mut().zip(&keep) {
+                // Assigned, not multiplied: an infinite weight times 0 would be NaN.
+                if *k == 0.0 {
+                    *w = 0.0;
                 }
-                l.mask = Some(keep);
             }
-            return;
-        }
-        for l in &mut self.layers {
-            let n = l.w.len();
-            let k = ((sparsity.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| l.w[a].abs().total_cmp(&l.w[b].abs()).then(a.cmp(&b)));
-            let mut mask = vec![1f32; n];
-            for &i in &order[..k] {
-                mask[i] = 0.0;
-                l.w[i] = 0.0;
-            }
-            l.mask = Some(mask);
+            l.mask = Some(keep);
         }
     }
 
