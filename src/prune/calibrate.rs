@@ -465,12 +465,9 @@ fn tract_wanda(
                         norms.len()
                     )));
                 }
-                (0..e.numel)
-                    .map(|i| {
-                        let j = if m.in_on_columns { i % cols } else { i / cols };
-                        w[i].abs() * norms[j]
-                    })
-                    .collect()
+                // The input feature is the column of an [out, in] weight, the row of [in, out].
+                let in_columns = m.in_on_columns;
+                wanda_scores(&w, rows, &|r, c| norms[if in_columns { c } else { r }])
             }
             None => w.iter().map(|v| v.abs()).collect(),
         };
