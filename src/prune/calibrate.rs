@@ -526,8 +526,9 @@ pub(super) fn observe_through_tract(
     Ok((weights, names))
 }
 
-pub(super) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
+/// `v` (`rows × cols`, row-major) transposed.
+pub(super) fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
     for r in 0..rows {
         for c in 0..cols {
             out[c * rows + r] = v[r * cols + c];
@@ -601,10 +602,7 @@ pub(super) fn movement_raw(
                 };
                 let gv: Vec<f32> = g.flatten_all()?.to_vec1()?;
                 let wv: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
-                let a = acc.get_mut(name).expect("same keys");
-                for ((a, w), g) in a.iter_mut().zip(wv).zip(gv) {
-                    *a -= w as f64 * g as f64;
-                }
+                crate::train::add_movement(acc.get_mut(name).expect("same keys"), &wv, &gv);
                 // In place: `run_params` holds the same storage, so the next batch sees it.
                 v.set(&(v.as_tensor() - (g * MOVEMENT_LR)?)?)?;
             }

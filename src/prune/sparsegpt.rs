@@ -375,11 +375,7 @@ pub fn run(
                     });
                     if *transposed {
                         w_hat = super::calibrate::transpose(&w_hat, rows, *cols);
-                        let k: Vec<f32> = kept.iter().map(|k| *k as u8 as f32).collect();
-                        kept = super::calibrate::transpose(&k, rows, *cols)
-                            .iter()
-                            .map(|k| *k != 0.0)
-                            .collect();
+                        kept = super::calibrate::transpose(&kept, rows, *cols);
                     }
                     v = w_hat;
                     kept

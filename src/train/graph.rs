@@ -554,9 +554,7 @@ pub fn finetune_graph_with(
                     };
                     let g = g.flatten_all()?.to_vec1::<f32>()?;
                     let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    for ((a, w), g) in acc.iter_mut().zip(w).zip(g) {
-                        *a -= w as f64 * g as f64;
-                    }
+                    super::recovery::add_movement(acc, &w, &g);
                 }
             }
             opt.apply(&grads, cfg, lr)?;

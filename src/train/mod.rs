@@ -16,8 +16,8 @@ pub use native::{
 };
 pub use recovery::{
     AnyTrainee, GraphNet, LotteryLevel, LotteryResult, Rewind, Schedule, ScheduleResult,
-    TimelinePoint, TrainRun, Trainee, agp_sparsity, iterative_sparsity, lottery, movement_keep,
-    run_schedule,
+    TimelinePoint, TrainRun, Trainee, add_movement, agp_sparsity, iterative_sparsity, lottery,
+    movement_keep, run_schedule,
 };
 
 use candle_core::{Device, Tensor, Var};

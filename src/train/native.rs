@@ -689,9 +689,7 @@ impl Trainer {
                 }
             }
             if let Some(mv) = net.movement.as_mut() {
-                for ((a, w), g) in mv[l].iter_mut().zip(&layer.w).zip(&self.gw[l]) {
-                    *a -= *w as f64 * *g as f64;
-                }
+                super::recovery::add_movement(&mut mv[l], &layer.w, &self.gw[l]);
             }
             let st = &mut self.states[l];
             let has_bias = layer.bias_name.is_some();

@@ -28,6 +28,14 @@ pub fn iterative_sparsity(target: f64, r: usize, k: usize) -> f64 {
     1.0 - (1.0 - target).powf(r as f64 / k.max(1) as f64)
 }
 
+/// One training step's movement, −w·∂L/∂w per weight, added to `acc`: the one formula the
+/// native and candle trainers and the movement criterion share.
+pub fn add_movement(acc: &mut [f64], w: &[f32], g: &[f32]) {
+    for ((a, w), g) in acc.iter_mut().zip(w).zip(g) {
+        *a -= *w as f64 * *g as f64;
+    }
+}
+
 /// 1 for the weights a tensor keeps at `sparsity` by movement, 0 for the rest: the weights
 /// `mask` already prunes first (pruned weights stay pruned), then the lowest movement (ties by
 /// flat index).
