@@ -674,6 +674,15 @@ fn the_cached_calibration_fingerprint_gives_the_same_index_key_as_the_data() {
     );
 }
 
+/// A data file of the ONNX fixtures, read for a model with these inputs.
+fn onnx_data(file: &str, inputs: &[&str]) -> EvalData {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/onnx")
+        .join(file);
+    let inputs: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
+    prunescope::data::load_eval_data(&path, &inputs, &Default::default()).unwrap()
+}
+
 /// The toy as a training split (the same five samples to train on and to test on).
 fn toy_split(data: &EvalData) -> prunescope::data::Split {
     let ArrayValues::F32(x) = &data.inputs[0].values else {
@@ -775,12 +784,7 @@ fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_ha
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx");
     let m = Model::open(&dir.join("encoder_two_inputs.onnx")).unwrap();
     assert!(prunescope::train::Trainable::graph_of(&m).is_err());
-    let data = prunescope::data::load_eval_data(
-        &dir.join("encoder_data.npz"),
-        &["input_ids".to_string(), "attention_mask".to_string()],
-        &Default::default(),
-    )
-    .unwrap();
+    let data = onnx_data("encoder_data.npz", &["input_ids", "attention_mask"]);
     let n = 16;
     let raw = calibrate::wanda_raw(&m, &data, n, &Progress::none()).unwrap();
     let ranked = calibrate::tensor_scores(
@@ -888,12 +892,7 @@ fn wanda_collects_a_transformers_inputs_through_tract_and_matches_a_gather_by_ha
 #[test]
 fn sparsegpt_runs_on_a_graph_only_tract_runs_in_both_weight_layouts() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx");
-    let data = prunescope::data::load_eval_data(
-        &dir.join("encoder_data.npz"),
-        &["input_ids".to_string(), "attention_mask".to_string()],
-        &Default::default(),
-    )
-    .unwrap();
+    let data = onnx_data("encoder_data.npz", &["input_ids", "attention_mask"]);
     let n = 16;
     let settings = PruneSettings {
         criterion: Criterion::SparseGpt,
@@ -973,12 +972,7 @@ fn wanda_observes_a_graph_input_that_a_projection_reads_directly_through_tract()
     // (tract names inputs but does not label them as it labels node outputs).
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx");
     let m = Model::open(&dir.join("attention_heads.onnx")).unwrap();
-    let data = prunescope::data::load_eval_data(
-        &dir.join("attention_data.npz"),
-        &["x".to_string()],
-        &Default::default(),
-    )
-    .unwrap();
+    let data = onnx_data("attention_data.npz", &["x"]);
     let raw = calibrate::wanda_raw(&m, &data, 5, &Progress::none()).unwrap();
     let ArrayValues::F32(x) = &data.inputs[0].values else {
         unreachable!()

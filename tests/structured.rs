@@ -406,6 +406,36 @@ fn a_locked_layer_keeps_every_weight_whichever_group_would_slice_it() {
     assert_eq!(fc2.count_kept(), 64 * 64);
 }
 
+/// The attention fixtures' data, and its inputs as one flat array.
+fn attention_data() -> (std::sync::Arc<prunescope::data::EvalData>, Vec<f32>) {
+    let data = prunescope::data::load_eval_data(
+        Path::new("tests/fixtures/onnx/attention_data.npz"),
+        &["x".to_string()],
+        &Default::default(),
+    )
+    .unwrap();
+    let prunescope::data::ArrayValues::F32(x) = &data.inputs[0].values else {
+        unreachable!()
+    };
+    let x = x.clone();
+    (std::sync::Arc::new(data), x)
+}
+
+/// `model`'s outputs on `data` through tract, `masks` applied.
+fn tract_outputs(
+    model: &Model,
+    data: &std::sync::Arc<prunescope::data::EvalData>,
+    masks: Option<&MaskSet>,
+) -> Vec<f32> {
+    use prunescope::eval::Runner;
+    let info = prunescope::eval::GraphInfo::read(model).unwrap();
+    prunescope::eval::OnnxRunner::new(model, info, data.clone())
+        .unwrap()
+        .run(model, masks)
+        .unwrap()
+        .values
+}
+
 /// The attention fixture's (E = 8, H = 4 heads of D = 2) output on its data, computed by hand
 /// in f64 with only the heads in `kept`: a smaller attention block, not a masked one.
 fn attention_by_hand(m: &Model, x: &[f32], kept: &[usize]) -> Vec<f64> {
@@ -546,21 +576,9 @@ fn attention_heads_are_found_in_an_exported_transformer_and_cut_whole() {
     }
     assert!(masks.get("out.bias").is_none());
     // The masked model through tract computes what the smaller block computes.
-    let data = prunescope::data::load_eval_data(
-        &dir.join("attention_data.npz"),
-        &["x".to_string()],
-        &Default::default(),
-    )
-    .unwrap();
-    let prunescope::data::ArrayValues::F32(x) = &data.inputs[0].values else {
-        unreachable!()
-    };
-    let x = x.clone();
-    let info = prunescope::eval::GraphInfo::read(&m).unwrap();
-    let runner = prunescope::eval::OnnxRunner::new(&m, info, std::sync::Arc::new(data)).unwrap();
-    use prunescope::eval::Runner;
+    let (data, x) = attention_data();
     for (masks, heads) in [(None, vec![0, 1, 2, 3]), (Some(&masks), kept.clone())] {
-        let got = runner.run(&m, masks).unwrap().values;
+        let got = tract_outputs(&m, &data, masks);
         let want = attention_by_hand(&m, &x, &heads);
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -579,7 +597,6 @@ fn attention_heads_are_found_in_an_exported_transformer_and_cut_whole() {
 
 #[test]
 fn a_head_cut_compacts_to_a_smaller_onnx_where_the_reshapes_leave_the_count_free() {
-    use prunescope::eval::Runner;
     let dir = Path::new("tests/fixtures/onnx");
     // view(*shape, -1, D) and reshape(B, T, -1), as newer transformers write them.
     let m = Model::open(&dir.join("attention_heads_flexible.onnx")).unwrap();
@@ -636,27 +653,10 @@ fn a_head_cut_compacts_to_a_smaller_onnx_where_the_reshapes_leave_the_count_free
         );
     }
     // The smaller graph computes the masked model's outputs and the kept heads' by hand.
-    let data = prunescope::data::load_eval_data(
-        &dir.join("attention_data.npz"),
-        &["x".to_string()],
-        &Default::default(),
-    )
-    .unwrap();
-    let prunescope::data::ArrayValues::F32(x) = &data.inputs[0].values else {
-        unreachable!()
-    };
-    let want = attention_by_hand(&m, x, &kept);
-    let data = std::sync::Arc::new(data.clone());
-    let run = |model: &Model, masks: Option<&MaskSet>| {
-        let info = prunescope::eval::GraphInfo::read(model).unwrap();
-        prunescope::eval::OnnxRunner::new(model, info, data.clone())
-            .unwrap()
-            .run(model, masks)
-            .unwrap()
-            .values
-    };
-    let masked = run(&m, Some(&masks));
-    let compacted = run(&small, None);
+    let (data, x) = attention_data();
+    let want = attention_by_hand(&m, &x, &kept);
+    let masked = tract_outputs(&m, &data, Some(&masks));
+    let compacted = tract_outputs(&small, &data, None);
     for (i, w) in want.iter().enumerate() {
         assert!((masked[i] as f64 - w).abs() < 1e-5, "masked #{i}");
         assert!((compacted[i] as f64 - w).abs() < 1e-5, "compacted #{i}");
