@@ -319,9 +319,17 @@ impl Runner for Fastest {
         let (k, times) = chosen.clone().unwrap_or((0, String::new()));
         let mut e = self.runners[k].engine();
         e.trainable = self.runners.iter().any(|r| r.engine().trainable);
+        // The last engine is tract where the graph does not train: its reason says why.
+        let base = if e.trainable {
+            "every operator is in prunescope's trainable graph, so it trains on candle".to_string()
+        } else {
+            self.runners
+                .last()
+                .map(|r| r.engine().why)
+                .unwrap_or_default()
+        };
         e.why = format!(
-            "every operator is in prunescope's trainable graph, so it trains on candle; it is \
-             evaluated by {}, the faster engine here ({times})",
+            "{base}; it is evaluated by {}, the faster engine here ({times})",
             e.name
         );
         e

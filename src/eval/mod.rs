@@ -7,6 +7,8 @@
 mod graph_runner;
 mod mlp;
 mod onnx;
+mod onnx_kernels;
+mod onnx_native;
 mod score;
 
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 pub use graph_runner::{FastRunner, Fastest, GraphRunner};
 pub use mlp::{ARCH_METADATA_KEY, Activation, MlpArch, MlpLayer, MlpRunner, metrics, mlp_forward};
 pub use onnx::{GraphInfo, MatmulWeight, OnnxRunner};
+pub use onnx_native::NativeOnnx;
 pub use score::{Fidelity, Metrics, Outputs, argmax, score};
 
 use crate::data::{DataSpec, EvalData};
@@ -598,20 +601,41 @@ fn evaluator_on(
             let (candle, _) = GraphRunner::new(model, graph, &data, why)?;
             choose(candle, Some(Box::new(tract)), engine)?
         }
-        (Err(why), EnginePref::Candle | EnginePref::Native) => {
+        (Err(why), EnginePref::Candle) => {
             return Err(EvalError::Input(format!(
-                "this graph cannot run on candle or prunescope's kernels: {why}"
+                "this graph cannot run on candle: {why}"
             )));
         }
-        (Err(why), _) => {
-            tract.set_untrainable_reason(if engine == EnginePref::Auto {
-                format!(
-                    "the graph runs through tract only: it does not import into prunescope's \
-                     trainable graph ({why})"
-                )
-            } else {
-                "evaluated by tract, as asked (whether it also trains was not checked)".into()
-            });
+        (Err(why), EnginePref::Native) => match tract.native(model) {
+            Ok(native) => Box::new(native),
+            Err(e) => {
+                return Err(EvalError::Input(format!(
+                    "this graph cannot run on prunescope's kernels: {why}; nor on its ONNX \
+                     interpreter: {e}"
+                )));
+            }
+        },
+        (Err(why), EnginePref::Auto) => {
+            let native = tract.native(model);
+            tract.set_untrainable_reason(format!(
+                "it evaluates only: it does not import into prunescope's trainable graph ({why})"
+            ));
+            match native {
+                Ok(native) => Box::new(Fastest::new(vec![Box::new(native), Box::new(tract)])),
+                Err(e) => {
+                    tract.set_untrainable_reason(format!(
+                        "the graph runs through tract only: it does not import into \
+                         prunescope's trainable graph ({why}), nor run on prunescope's ONNX \
+                         interpreter ({e})"
+                    ));
+                    Box::new(tract)
+                }
+            }
+        }
+        (Err(_), EnginePref::Tract) => {
+            tract.set_untrainable_reason(
+                "evaluated by tract, as asked (whether it also trains was not checked)".into(),
+            );
             Box::new(tract)
         }
     };

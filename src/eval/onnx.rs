@@ -579,10 +579,29 @@ fn shape_entries(
 }
 
 /// One data input, matched with its array and the per-sample shape the plan is built for.
-struct Feed {
-    array: usize,
-    sample_shape: Vec<usize>,
+#[derive(Clone)]
+pub(crate) struct Feed {
+    pub array: usize,
+    pub sample_shape: Vec<usize>,
     datum: DatumType,
+}
+
+/// Samples `start..start + real` of an array of `per` values each, the last one repeated up to
+/// `batch` (the outputs of that padding are dropped).
+pub(crate) fn batch_rows<T: Copy>(
+    v: &[T],
+    per: usize,
+    batch: usize,
+    start: usize,
+    real: usize,
+) -> Vec<T> {
+    let mut buf = Vec::with_capacity(batch * per);
+    buf.extend_from_slice(&v[start * per..(start + real) * per]);
+    let last = (start + real - 1) * per;
+    for _ in real..batch {
+        buf.extend_from_slice(&v[last..last + per]);
+    }
+    buf
 }
 
 enum Slot {
@@ -769,6 +788,24 @@ impl OnnxRunner {
             .map(|(i, f)| (i.name.clone(), f.sample_shape.clone()))
             .collect();
         self.graph.import(model, &shapes)
+    }
+
+    /// This graph compiled for prunescope's ONNX interpreter, or why it cannot be.
+    pub fn native(&self, model: &Model) -> Result<super::onnx_native::NativeOnnx, String> {
+        let names: Vec<(String, i32)> = self
+            .graph
+            .data_inputs
+            .iter()
+            .map(|d| (d.name.clone(), d.elem_type))
+            .collect();
+        super::onnx_native::NativeOnnx::new(
+            &self.graph.proto,
+            model,
+            &names,
+            self.feeds.clone(),
+            self.data.clone(),
+            self.batch,
+        )
     }
 
     pub fn set_untrainable_reason(&mut self, why: String) {
@@ -1020,24 +1057,12 @@ impl OnnxRunner {
         let per = a.sample_len();
         let mut shape = vec![self.batch];
         shape.extend(&f.sample_shape);
-        // The last batch is padded by repeating its last sample; those outputs are dropped.
-        let rows = |dst: &mut dyn FnMut(std::ops::Range<usize>)| {
-            dst(start * per..(start + real) * per);
-            let last = (start + real - 1) * per;
-            for _ in real..self.batch {
-                dst(last..last + per);
-            }
-        };
         let tensor = match &a.values {
             ArrayValues::F32(v) => {
-                let mut buf = Vec::with_capacity(self.batch * per);
-                rows(&mut |r| buf.extend_from_slice(&v[r]));
-                Tensor::from_shape(&shape, &buf)
+                Tensor::from_shape(&shape, &batch_rows(v, per, self.batch, start, real))
             }
             ArrayValues::I64(v) => {
-                let mut buf = Vec::with_capacity(self.batch * per);
-                rows(&mut |r| buf.extend_from_slice(&v[r]));
-                Tensor::from_shape(&shape, &buf)
+                Tensor::from_shape(&shape, &batch_rows(v, per, self.batch, start, real))
             }
         }
         .and_then(|t| Ok(t.cast_to_dt(f.datum)?.into_owned()))
@@ -1252,7 +1277,7 @@ impl Runner for OnnxRunner {
     }
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+pub(super) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| p.downcast_ref::<&str>().copied())
