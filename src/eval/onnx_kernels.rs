@@ -16,6 +16,24 @@ const PAR_MIN: usize = 1 << 15;
 
 pub(crate) type R<T> = Result<T, String>;
 
+/// An element type of [`Val`]. Float buffers come from the pool that prunescope's kernels
+/// share, and go back to it when a value is dropped: a transformer's activations are megabytes
+/// each, and fresh ones cost more in page faults than the arithmetic on them.
+pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
+    /// `n` elements, zeroed.
+    fn alloc(n: usize) -> Vec<Self> {
+        vec![Self::default(); n]
+    }
+}
+
+impl Elem for f32 {
+    fn alloc(n: usize) -> Vec<f32> {
+        crate::graph::fast::buffer(n)
+    }
+}
+impl Elem for i64 {}
+impl Elem for bool {}
+
 /// A tensor: float, integer (int32 and int64 both held as i64) or boolean, row-major. The data
 /// is shared, so that Reshape, Unsqueeze and their kind cost no copy.
 #[derive(Clone, Debug)]
@@ -213,10 +231,10 @@ pub(crate) fn zip_map<A, B, O>(
 where
     A: Copy + Sync,
     B: Copy + Sync,
-    O: Copy + Send + Default,
+    O: Elem,
 {
     let bc = Bcast::new(&[sa, sb])?;
-    let mut out = vec![O::default(); bc.numel()];
+    let mut out = O::alloc(bc.numel());
     let inner = bc.inner();
     let (ea, eb) = (bc.step(0), bc.step(1));
     rows_each(&mut out, inner, |first, chunk| {
@@ -248,7 +266,7 @@ where
 }
 
 /// `Where(cond, x, y)` with broadcasting.
-pub(crate) fn select<T: Copy + Send + Sync + Default>(
+pub(crate) fn select<T: Elem>(
     sc: &[usize],
     c: &[bool],
     sx: &[usize],
@@ -257,7 +275,7 @@ pub(crate) fn select<T: Copy + Send + Sync + Default>(
     y: &[T],
 ) -> R<(Vec<usize>, Vec<T>)> {
     let bc = Bcast::new(&[sc, sx, sy])?;
-    let mut out = vec![T::default(); bc.numel()];
+    let mut out = T::alloc(bc.numel());
     let inner = bc.inner();
     let steps = [bc.step(0), bc.step(1), bc.step(2)];
     rows_each(&mut out, inner, |first, chunk| {
@@ -276,13 +294,9 @@ pub(crate) fn select<T: Copy + Send + Sync + Default>(
 }
 
 /// `Expand`: `d` broadcast to `to` (numpy rules, both ways).
-pub(crate) fn expand<T: Copy + Send + Sync + Default>(
-    s: &[usize],
-    d: &[T],
-    to: &[usize],
-) -> R<(Vec<usize>, Vec<T>)> {
+pub(crate) fn expand<T: Elem>(s: &[usize], d: &[T], to: &[usize]) -> R<(Vec<usize>, Vec<T>)> {
     let bc = Bcast::new(&[s, to])?;
-    let mut out = vec![T::default(); bc.numel()];
+    let mut out = T::alloc(bc.numel());
     let inner = bc.inner();
     let e = bc.step(0);
     rows_each(&mut out, inner, |first, chunk| {
@@ -299,12 +313,14 @@ pub(crate) fn expand<T: Copy + Send + Sync + Default>(
 }
 
 /// `f` on every element, across the pool when large.
-pub(crate) fn map<T: Copy + Sync, O: Send>(d: &[T], f: impl Fn(T) -> O + Sync + Send) -> Vec<O> {
-    if d.len() >= PAR_MIN {
-        d.par_iter().map(|&x| f(x)).collect()
-    } else {
-        d.iter().map(|&x| f(x)).collect()
-    }
+pub(crate) fn map<T: Copy + Sync, O: Elem>(d: &[T], f: impl Fn(T) -> O + Sync + Send) -> Vec<O> {
+    let mut out = O::alloc(d.len());
+    rows_each(&mut out, 1, |first, chunk| {
+        for (o, &x) in chunk.iter_mut().zip(&d[first..]) {
+            *o = f(x);
+        }
+    });
+    out
 }
 
 /// Row-major strides of a shape.
@@ -317,11 +333,7 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 }
 
 /// `Transpose` by `perm`.
-pub(crate) fn transpose<T: Copy + Send + Sync + Default>(
-    s: &[usize],
-    d: &[T],
-    perm: &[usize],
-) -> R<(Vec<usize>, Vec<T>)> {
+pub(crate) fn transpose<T: Elem>(s: &[usize], d: &[T], perm: &[usize]) -> R<(Vec<usize>, Vec<T>)> {
     let mut seen = vec![false; s.len()];
     if perm.len() != s.len()
         || perm
@@ -336,7 +348,7 @@ pub(crate) fn transpose<T: Copy + Send + Sync + Default>(
     let out_shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
     let st = strides(s);
     let from: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    let mut out = vec![T::default(); d.len()];
+    let mut out = T::alloc(d.len());
     if d.is_empty() {
         return Ok((out_shape, out));
     }
@@ -351,8 +363,13 @@ pub(crate) fn transpose<T: Copy + Send + Sync + Default>(
                 base += (row % out_shape[ax]) * from[ax];
                 row /= out_shape[ax];
             }
-            for (j, v) in dst.iter_mut().enumerate() {
-                *v = d[base + j * last];
+            if last == 1 {
+                // The last axis stays last (heads split or merged): whole rows copy.
+                dst.copy_from_slice(&d[base..base + inner]);
+            } else {
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = d[base + j * last];
+                }
             }
         }
     });
@@ -563,7 +580,7 @@ pub(crate) fn matmul(
     let mut shape = bc.shape.clone();
     shape.extend([m, n]);
     let total = checked_numel(&shape)?;
-    let mut out = vec![0f32; total];
+    let mut out = f32::alloc(total);
     if rb == 2 {
         // One product: the batch folds into the rows.
         crate::graph::fast::matmul(batches * m, n, k, a, b, b_rs, b_cs, &mut out, 0, n);
@@ -650,7 +667,8 @@ pub(crate) fn softmax(s: &[usize], d: &[f32], ax: i64, legacy: bool) -> R<Vec<f3
     } else {
         (s[a], numel(&s[a + 1..]))
     };
-    let mut out = d.to_vec();
+    let mut out = f32::alloc(d.len());
+    out.copy_from_slice(d);
     if n == 0 || out.is_empty() {
         return Ok(out);
     }
@@ -701,22 +719,46 @@ pub(crate) fn layer_norm(
             &s[a..]
         ));
     }
-    let mut out = vec![0f32; d.len()];
+    let mut out = f32::alloc(d.len());
     if n == 0 {
         return Ok(out);
     }
     rows_each(&mut out, n, |first, chunk| {
         for (r, y) in chunk.chunks_mut(n).enumerate() {
             let x = &d[(first + r) * n..(first + r + 1) * n];
-            let mean = x.iter().sum::<f32>() / n as f32;
-            let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let mean = lanes_sum(x, |v| v) / n as f32;
+            let var = lanes_sum(x, |v| (v - mean) * (v - mean)) / n as f32;
             let inv = 1.0 / (var + eps).sqrt();
-            for (j, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-                *o = (v - mean) * inv * scale[j] + bias.map_or(0.0, |b| b[j]);
+            match bias {
+                Some(b) => {
+                    for (((o, &v), &g), &c) in y.iter_mut().zip(x).zip(scale).zip(b) {
+                        *o = (v - mean) * inv * g + c;
+                    }
+                }
+                None => {
+                    for ((o, &v), &g) in y.iter_mut().zip(x).zip(scale) {
+                        *o = (v - mean) * inv * g;
+                    }
+                }
             }
         }
     });
     Ok(out)
+}
+
+/// `Σ f(x)` in eight interleaved partial sums: one running sum is a chain of dependent adds
+/// the compiler may not reorder, eight are eight independent vector lanes.
+#[inline(always)]
+fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -382,8 +382,15 @@ pub struct NativeOnnx {
     float_inputs: Vec<bool>,
     data: Arc<EvalData>,
     batch: usize,
-    /// Masked weights by tensor, with the key of the mask they carry.
-    cache: Mutex<HashMap<usize, (u64, Val)>>,
+    /// Masked weights by tensor.
+    cache: Mutex<HashMap<usize, Cached>>,
+}
+
+/// A weight with its mask applied, and that mask (with the key that identifies it).
+struct Cached {
+    key: u64,
+    mask: Option<crate::prune::Mask>,
+    val: Val,
 }
 
 impl NativeOnnx {
@@ -627,22 +634,57 @@ impl NativeOnnx {
             .weights
             .iter()
             .zip(&keys)
-            .filter(|&(&(_, t), k)| cache.get(&t).is_none_or(|(old, _)| old != k))
+            .filter(|&(&(_, t), k)| cache.get(&t).is_none_or(|c| c.key != *k))
             .map(|(&(_, t), &k)| (t, k))
             .collect();
-        let fresh: Vec<(usize, u64, Val)> = stale
+        let stale: Vec<(usize, u64, Option<Cached>)> = stale
+            .into_iter()
+            .map(|(t, k)| (t, k, cache.remove(&t)))
+            .collect();
+        let fresh: Vec<(usize, Cached)> = stale
             .into_par_iter()
-            .map(|(t, k)| {
-                let v = crate::prune::masked_f32(model, t, masks);
-                (t, k, Val::f(model.tensors[t].shape.clone(), v))
+            .map(|(t, key, old)| {
+                let e = &model.tensors[t];
+                let mask = masks.and_then(|m| m.get(&e.name));
+                // The copy under the old mask, where no batch still holds it: only the entries
+                // whose bit changed are rewritten, in memory already faulted in.
+                let mut v = Vec::new();
+                if let Some(Cached {
+                    mask: was,
+                    val: Val::F(_, d),
+                    ..
+                }) = old
+                    && let Ok(mut d) = Arc::try_unwrap(d)
+                {
+                    if crate::prune::remask_f32(model, t, was.as_ref(), mask, &mut d) {
+                        let val = Val::f(e.shape.clone(), d);
+                        return (
+                            t,
+                            Cached {
+                                key,
+                                mask: mask.cloned(),
+                                val,
+                            },
+                        );
+                    }
+                    v = d;
+                }
+                crate::prune::masked_f32_into(model, t, masks, &mut v);
+                let val = Val::f(e.shape.clone(), v);
+                (
+                    t,
+                    Cached {
+                        key,
+                        mask: mask.cloned(),
+                        val,
+                    },
+                )
             })
             .collect();
-        for (t, k, v) in fresh {
-            cache.insert(t, (k, v));
-        }
+        cache.extend(fresh);
         self.weights
             .iter()
-            .map(|&(s, t)| (s, cache[&t].1.clone()))
+            .map(|&(s, t)| (s, cache[&t].val.clone()))
             .collect()
     }
 
@@ -688,7 +730,11 @@ impl NativeOnnx {
         for &(s, k) in &self.inputs {
             vals[s] = Some(self.input(k, start, real).map_err(EvalError::Input)?);
         }
+        let profile =
+            crate::graph::fast::env_flag(&crate::graph::fast::PROFILE, "PRUNESCOPE_PROFILE");
+        let mut times: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
         for step in &self.steps {
+            let t0 = std::time::Instant::now();
             let err = |e: String| {
                 EvalError::Compute(format!("node '{}' ({}): {e}", step.name, step.op_type))
             };
@@ -700,8 +746,23 @@ impl NativeOnnx {
             let v = eval(&step.op, &ins).map_err(err)?;
             vals[step.output] = Some(v);
             for &f in &step.free {
-                vals[f] = None;
+                // A float value no one else holds goes back to the buffer pool.
+                if let Some(Val::F(_, d)) = vals[f].take()
+                    && let Ok(d) = Arc::try_unwrap(d)
+                {
+                    crate::graph::fast::recycle(d);
+                }
             }
+            if profile {
+                let t = times
+                    .entry(format!("{:?}", step.op).chars().take(40).collect())
+                    .or_default();
+                t.0 += 1;
+                t.1 += t0.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        for (op, (n, ms)) in &times {
+            eprintln!("{op:<40} {n:>5} {ms:>9.3} ms");
         }
         let y = vals[self.output]
             .take()

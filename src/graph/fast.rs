@@ -34,10 +34,13 @@ fn chunks_each<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T])
     }
 }
 
-/// A zeroed buffer of `len` floats, recycled where one is free.
-fn buffer(len: usize) -> Vec<f32> {
+/// A zeroed buffer of `len` floats, recycled where one is free (the smallest that fits, so
+/// that a small value does not take a large buffer a later large one needed).
+pub(crate) fn buffer(len: usize) -> Vec<f32> {
     let recycled = POOL.with_borrow_mut(|p| {
-        let i = p.iter().position(|b| b.capacity() >= len)?;
+        let i = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity())?;
         Some(p.swap_remove(i))
     });
     match recycled {
@@ -50,7 +53,7 @@ fn buffer(len: usize) -> Vec<f32> {
     }
 }
 
-fn recycle(b: Vec<f32>) {
+pub(crate) fn recycle(b: Vec<f32>) {
     POOL.with_borrow_mut(|p| {
         if p.len() < 16 {
             p.push(b);
@@ -489,11 +492,11 @@ fn conv2d_direct(
 
 /// `PRUNESCOPE_NO_DIRECT=1` (im2col + GEMM for every convolution) and `PRUNESCOPE_PROFILE=1`
 /// (time per node on stderr), read once rather than on every convolution.
-fn env_flag(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+pub(crate) fn env_flag(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 static NO_DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+pub(crate) static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[allow(clippy::too_many_arguments)]
 fn conv2d(

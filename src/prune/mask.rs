@@ -285,16 +285,94 @@ fn nm_mask(model: &Model, index: &ScoreIndex, t: usize, n: usize, m: usize) -> M
 
 /// Tensor `t` decoded to f32, with its mask applied where `masks` holds one.
 pub fn masked_f32(model: &Model, t: usize, masks: Option<&MaskSet>) -> Vec<f32> {
-    let mut v = model.to_f32_vec(t);
-    if let Some(m) = masks.and_then(|m| m.get(&model.tensors[t].name)) {
-        m.apply(&mut v);
-    }
+    let mut v = Vec::new();
+    masked_f32_into(model, t, masks, &mut v);
     v
+}
+
+/// Turns `v`, tensor `t` under mask `old` (`None`: dense), into the tensor under `new`,
+/// writing only the entries whose bit differs: a zero where one is pruned now, the stored value
+/// where one is kept again. `false`, with `v` untouched, where the tensor is not stored as f32
+/// or the masks do not fit it.
+pub fn remask_f32(
+    model: &Model,
+    t: usize,
+    old: Option<&Mask>,
+    new: Option<&Mask>,
+    v: &mut [f32],
+) -> bool {
+    let e = &model.tensors[t];
+    let fits = |m: Option<&Mask>| m.is_none_or(|m| m.len() == e.numel);
+    if e.dtype != crate::model::DType::F32 || v.len() != e.numel || !fits(old) || !fits(new) {
+        return false;
+    }
+    let bytes = model.tensor_bytes(t);
+    let word = |m: Option<&Mask>, w: usize| m.map_or(u64::MAX, |m| m.words[w]);
+    for w in 0..e.numel.div_ceil(64) {
+        let now = word(new, w);
+        let mut diff = word(old, w) ^ now;
+        while diff != 0 {
+            let bit = diff.trailing_zeros() as usize;
+            diff &= diff - 1;
+            let i = w * 64 + bit;
+            if i >= v.len() {
+                break;
+            }
+            v[i] = if (now >> bit) & 1 == 1 {
+                f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+            } else {
+                0.0
+            };
+        }
+    }
+    true
+}
+
+/// [`masked_f32`] into `v`, reusing its memory (a multi-megabyte weight re-read on every mask
+/// change would otherwise fault its pages in afresh each time).
+pub fn masked_f32_into(model: &Model, t: usize, masks: Option<&MaskSet>, v: &mut Vec<f32>) {
+    v.resize(model.tensors[t].numel, 0.0);
+    model.read_f32(t, 0, v);
+    if let Some(m) = masks.and_then(|m| m.get(&model.tensors[t].name)) {
+        m.apply(v);
+    }
 }
 
 #[cfg(test)]
 mod apply_tests {
     use super::Mask;
+
+    #[test]
+    fn remasking_equals_masking_afresh() {
+        // Against the plain route (decode everything, apply the new mask), from dense, between
+        // two masks, back to dense, over word boundaries and with non-finite values kept.
+        let len = 200;
+        let mut w: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin()).collect();
+        w[3] = f32::NAN;
+        w[70] = f32::INFINITY;
+        let model =
+            crate::model::Model::from_f32_tensors("remask", vec![("w".into(), vec![len], w)]);
+        let a = Mask::from_kept(&(0..len).map(|i| i % 3 != 0).collect::<Vec<_>>());
+        let b = Mask::from_kept(&(0..len).map(|i| i % 5 != 1 && i < 150).collect::<Vec<_>>());
+        let mut v = model.to_f32_vec(0);
+        let fresh = |m: Option<&Mask>| {
+            let mut x = model.to_f32_vec(0);
+            if let Some(m) = m {
+                m.apply(&mut x);
+            }
+            x
+        };
+        let mut was = None;
+        for now in [Some(&a), Some(&b), None, Some(&b)] {
+            assert!(super::remask_f32(&model, 0, was, now, &mut v));
+            let want = fresh(now);
+            assert!(v.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+            was = now;
+        }
+        // A mask of another length is refused, the values left alone.
+        let short = Mask::from_kept(&[true; 10]);
+        assert!(!super::remask_f32(&model, 0, None, Some(&short), &mut v));
+    }
 
     #[test]
     fn apply_zeroes_exactly_the_pruned_entries() {

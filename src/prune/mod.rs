@@ -22,7 +22,9 @@ pub use alloc::{Allocation, LayerAlloc, StructuredCut, allocate};
 pub use calibrate::DEFAULT_CALIBRATION;
 pub use criterion::{Criterion, ScoreInputs, key_of_score, score_of_key};
 pub use index::{ScoreIndex, radix_sort_u32};
-pub use mask::{Mask, MaskSet, build_layer_mask, build_masks, masked_f32};
+pub use mask::{
+    Mask, MaskSet, build_layer_mask, build_masks, masked_f32, masked_f32_into, remask_f32,
+};
 pub use nm::{NmLines, nm_lines, nm_pruned_count};
 pub use settings::{LayerSettings, Pattern, PruneSettings, Rule, Scope};
 
