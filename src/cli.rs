@@ -431,6 +431,10 @@ pub enum BenchCommand {
         /// Timed runs of each kind.
         #[arg(long, default_value_t = 20)]
         runs: usize,
+        /// Time this engine only (auto: every engine that runs the model, then the one the
+        /// app picks).
+        #[arg(long, default_value = "auto")]
+        engine: String,
         /// Print only the JSON report.
         #[arg(long)]
         json: bool,
@@ -587,12 +591,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     x,
                     y,
                     runs,
+                    engine,
                     json,
                 },
         } => {
+            let engine = EnginePref::parse(&engine).with_context(|| {
+                format!("unknown engine '{engine}' (auto, tract, candle or native)")
+            })?;
             let m = Model::open(&model)?;
             let source = data_source(data.as_deref(), x, y);
-            let report = crate::bench::eval(&m, &source, runs.max(1), stderr_unless(json))?;
+            let report = crate::bench::eval(&m, &source, engine, runs.max(1), stderr_unless(json))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -213,12 +213,18 @@ pub struct EvalReport {
 pub fn eval(
     model: &Model,
     source: &crate::eval::DataSource,
+    engine: crate::eval::EnginePref,
     runs: usize,
     log: impl Fn(&str),
 ) -> anyhow::Result<EvalReport> {
     use crate::eval::{EnginePref, Evaluator};
     let mut engines = Vec::new();
-    for pref in [EnginePref::Tract, EnginePref::Candle, EnginePref::Native] {
+    let all = [EnginePref::Tract, EnginePref::Candle, EnginePref::Native];
+    let timed: &[EnginePref] = match engine {
+        EnginePref::Auto => &all,
+        _ => &[],
+    };
+    for &pref in timed {
         if let Ok(ev) = crate::eval::evaluator_with(model, source, pref) {
             let r = eval_one(model, &ev, runs)?;
             engines.push(EngineTiming {
@@ -230,8 +236,17 @@ pub fn eval(
             });
         }
     }
-    let ev = crate::eval::evaluator_with_data(model, source)?;
+    let ev = crate::eval::evaluator_with(model, source, engine)?;
     let mut report = eval_one(model, &ev, runs)?;
+    if engine != EnginePref::Auto {
+        engines.push(EngineTiming {
+            engine: report.engine,
+            detail: report.detail.clone(),
+            dense_ms: report.dense_ms,
+            eval_ms: report.eval_ms,
+            plan_builds: report.plan_builds,
+        });
+    }
     report.engines = engines;
     log(&format!(
         "{}: dense {:.3} ms, masked after a change {:.3} ms ({} runs each, {})",

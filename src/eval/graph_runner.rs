@@ -210,7 +210,13 @@ impl FastRunner {
             let v = crate::prune::masked_f32(model, t, masks);
             Ok((name.clone(), (model.tensors[t].shape.clone(), v)))
         };
-        let params: crate::graph::fast::FastParams = if serial {
+        // Small models read their weights on this thread: waking the pool costs more.
+        let weights: usize = names
+            .iter()
+            .filter_map(|n| model.find(n))
+            .map(|t| model.tensors[t].numel)
+            .sum();
+        let params: crate::graph::fast::FastParams = if serial || weights < 1 << 20 {
             names.iter().map(param).collect::<Result<_, EvalError>>()?
         } else {
             names
@@ -218,26 +224,66 @@ impl FastRunner {
                 .map(param)
                 .collect::<Result<_, EvalError>>()?
         };
-        Outputs::gather(self.samples, CHUNK, |start, len| {
-            let batch: Vec<(Vec<usize>, &[f32])> = self
-                .inputs
-                .iter()
-                .map(|(shape, v)| {
-                    let per: usize = shape[1..].iter().product();
-                    let mut s = shape.clone();
-                    s[0] = len;
-                    (s, &v[start * per..(start + len) * per])
+        let threads = rayon::current_num_threads();
+        if serial || threads < 2 || self.samples < SAMPLES_PER_THREAD * threads {
+            return Outputs::gather(self.samples, CHUNK, |start, len| {
+                self.forward_chunk(start, len, &params, serial)
+            });
+        }
+        // Each thread runs every layer on its own share of the samples: one hand-off per run
+        // instead of one per layer, whose wake-ups cost as much as a small layer's arithmetic.
+        let per = self.samples.div_ceil(threads);
+        let parts: Vec<Result<Outputs, EvalError>> = (0..threads)
+            .into_par_iter()
+            .map(|i| {
+                let first = (i * per).min(self.samples);
+                let len = per.min(self.samples - first);
+                Outputs::gather(len, CHUNK, |start, len| {
+                    self.forward_chunk(first + start, len, &params, true)
                 })
-                .collect();
-            let (shape, y) = if serial {
-                crate::graph::fast::forward_serial(&self.graph, &batch, &params)?
-            } else {
-                crate::graph::fast::forward(&self.graph, &batch, &params)?
-            };
-            Ok((shape[1..].to_vec(), y))
-        })
+            })
+            .collect();
+        let mut values = Vec::new();
+        let mut sample_shape = Vec::new();
+        for part in parts {
+            let part = part?;
+            if !part.values.is_empty() {
+                sample_shape = part.sample_shape;
+            }
+            values.extend(part.values);
+        }
+        Ok(Outputs::new(values, sample_shape))
+    }
+
+    /// Samples `start..start + len` through the graph, on this thread alone when `serial`.
+    fn forward_chunk(
+        &self,
+        start: usize,
+        len: usize,
+        params: &crate::graph::fast::FastParams,
+        serial: bool,
+    ) -> Result<(Vec<usize>, Vec<f32>), EvalError> {
+        let batch: Vec<(Vec<usize>, &[f32])> = self
+            .inputs
+            .iter()
+            .map(|(shape, v)| {
+                let per: usize = shape[1..].iter().product();
+                let mut s = shape.clone();
+                s[0] = len;
+                (s, &v[start * per..(start + len) * per])
+            })
+            .collect();
+        let (shape, y) = if serial {
+            crate::graph::fast::forward_serial(&self.graph, &batch, params)?
+        } else {
+            crate::graph::fast::forward(&self.graph, &batch, params)?
+        };
+        Ok((shape[1..].to_vec(), y))
     }
 }
+
+/// Samples each thread needs before the samples, not the layers, are split among threads.
+const SAMPLES_PER_THREAD: usize = 16;
 
 /// Two engines for one graph: the first run times both and keeps the faster.
 pub struct Fastest {

@@ -20,7 +20,7 @@ pub(crate) type R<T> = Result<T, String>;
 /// share, and go back to it when a value is dropped: a transformer's activations are megabytes
 /// each, and fresh ones cost more in page faults than the arithmetic on them.
 pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
-    /// `n` elements, zeroed.
+    /// `n` elements for an output the caller writes whole (a recycled buffer is not cleared).
     fn alloc(n: usize) -> Vec<Self> {
         vec![Self::default(); n]
     }
@@ -28,7 +28,7 @@ pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
 
 impl Elem for f32 {
     fn alloc(n: usize) -> Vec<f32> {
-        crate::graph::fast::buffer(n)
+        crate::graph::fast::scratch(n)
     }
 }
 impl Elem for i64 {}

@@ -53,6 +53,25 @@ pub(crate) fn buffer(len: usize) -> Vec<f32> {
     }
 }
 
+/// A buffer of `len` floats for an output that is written whole: a recycled one keeps what it
+/// held (no clearing pass; a megabyte memset costs as much as a small layer).
+pub(crate) fn scratch(len: usize) -> Vec<f32> {
+    let recycled = POOL.with_borrow_mut(|p| {
+        let i = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity())?;
+        Some(p.swap_remove(i))
+    });
+    match recycled {
+        Some(mut b) => {
+            b.truncate(len);
+            b.resize(len, 0.0);
+            b
+        }
+        None => vec![0f32; len],
+    }
+}
+
 pub(crate) fn recycle(b: Vec<f32>) {
     POOL.with_borrow_mut(|p| {
         if p.len() < 16 {
@@ -86,11 +105,11 @@ impl Act {
         };
         // One channel (or not an image): channels-last is logical order already.
         if c == 1 {
-            let mut out = buffer(self.data.len());
+            let mut out = scratch(self.data.len());
             out.copy_from_slice(&self.data);
             return out;
         }
-        let mut out = buffer(self.data.len());
+        let mut out = scratch(self.data.len());
         chunks_each(&mut out, c * h * w, |b, dst| {
             let src = &self.data[b * h * w * c..(b + 1) * h * w * c];
             for p in 0..h * w {
@@ -112,7 +131,7 @@ impl Act {
             };
         }
         let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
-        let mut out = buffer(data.len());
+        let mut out = scratch(data.len());
         chunks_each(&mut out, c * h * w, |b, dst| {
             let src = &data[b * c * h * w..(b + 1) * c * h * w];
             for ch in 0..c {
@@ -259,17 +278,34 @@ pub fn supports(graph: &Graph) -> bool {
         .all(|n| !matches!(n.op, Op::Concat { .. } | Op::MatMul))
 }
 
+/// BatchNorm at inference as `y = scale·x + shift`, per channel.
+fn bn_affine(g: &[f32], b: &[f32], m: &[f32], v: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = g
+        .iter()
+        .zip(v)
+        .map(|(g, v)| g / (v + eps as f32).sqrt())
+        .collect();
+    let shift = b
+        .iter()
+        .zip(m)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
+}
+
 /// Most floats an im2col buffer may take before the batch is split (64 MB).
 const PATCH_BUDGET: usize = 16 << 20;
 
-/// One output row of a direct convolution (channels-last) with `O` output channels: each
-/// pixel's outputs accumulate in a local array the compiler keeps in vector registers, the
-/// weight rows laid out `[(i, j, c)][o]`.
+/// One output row of a direct convolution (channels-last, on an image whose zero border is
+/// written out, so that no tap needs a bounds test) with `O` output channels, `P` pixels at a
+/// time: their outputs accumulate in a local array the compiler keeps in vector registers, and
+/// each weight load feeds `P` multiply-adds. The weight rows are laid out `[(i, j, c)][o]`.
 macro_rules! direct_row {
     ($name:ident, $fma:ident $(, $attr:meta)?) => {
         $(#[$attr])?
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const O: usize>(
+        unsafe fn $name<const O: usize, const P: usize>(
             row: &mut [f32],
             img: &[f32],
             wt: &[f32],
@@ -277,102 +313,61 @@ macro_rules! direct_row {
             y: usize,
             dims: [usize; 6],
             stride: [usize; 2],
-            pad: [usize; 2],
             dil: [usize; 2],
             relu: bool,
         ) {
-            let [h, wd, c, kh, kw, ow] = dims;
+            let [_, wd, c, kh, kw, ow] = dims;
+            let step = stride[1] * c;
             let mut xo = 0;
-            // Four pixels at a time: each weight load then feeds four FMAs per lane.
-            while xo + 4 <= ow {
-                let mut acc = [[0f32; O]; 4];
+            while xo < ow {
+                // P pixels where P fit, then one at a time.
+                let block = if xo + P <= ow { P } else { 1 };
+                let mut acc = [[0f32; O]; P];
                 if let Some(b) = bias {
-                    for a in acc.iter_mut() {
+                    for a in acc.iter_mut().take(block) {
                         a.copy_from_slice(&b[..O]);
                     }
                 }
                 for i in 0..kh {
-                    let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let line = &img[iy as usize * wd * c..(iy as usize + 1) * wd * c];
+                    let line = &img[(y * stride[0] + i * dil[0]) * wd * c..][..wd * c];
                     for j in 0..kw {
-                        let ix = |p: usize| {
-                            ((xo + p) * stride[1] + j * dil[1]) as isize - pad[1] as isize
-                        };
-                        let ok = |p: usize| ix(p) >= 0 && ix(p) < wd as isize;
-                        let wbase = (i * kw + j) * c * O;
-                        let wrows = &wt[wbase..wbase + c * O];
-                        if ok(0) && ok(3) {
-                            let px: [&[f32]; 4] = [
-                                &line[ix(0) as usize * c..][..c],
-                                &line[ix(1) as usize * c..][..c],
-                                &line[ix(2) as usize * c..][..c],
-                                &line[ix(3) as usize * c..][..c],
-                            ];
+                        let x0 = (xo * stride[1] + j * dil[1]) * c;
+                        let wrows = &wt[(i * kw + j) * c * O..][..c * O];
+                        if block == P {
+                            // Every read below lies inside `line` (the border is written out):
+                            // checked once here rather than at each of the c·P loads.
+                            assert!(x0 + (P - 1) * step + c <= line.len());
                             for (ci, wr) in wrows.chunks_exact(O).enumerate() {
-                                let a = [px[0][ci], px[1][ci], px[2][ci], px[3][ci]];
+                                let mut a = [0f32; P];
+                                for p in 0..P {
+                                    // SAFETY: ci < c, so x0 + p·step + ci < x0 + (P − 1)·step + c,
+                                    // which the assert above bounds by line.len().
+                                    a[p] = unsafe { *line.get_unchecked(x0 + p * step + ci) };
+                                }
                                 for k in 0..O {
                                     let w = wr[k];
-                                    acc[0][k] = $fma!(a[0], w, acc[0][k]);
-                                    acc[1][k] = $fma!(a[1], w, acc[1][k]);
-                                    acc[2][k] = $fma!(a[2], w, acc[2][k]);
-                                    acc[3][k] = $fma!(a[3], w, acc[3][k]);
+                                    for p in 0..P {
+                                        acc[p][k] = $fma!(a[p], w, acc[p][k]);
+                                    }
                                 }
                             }
                         } else {
-                            for (p, accp) in acc.iter_mut().enumerate() {
-                                if !ok(p) {
-                                    continue;
-                                }
-                                let px = &line[ix(p) as usize * c..][..c];
-                                for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
-                                    for k in 0..O {
-                                        accp[k] = $fma!(a, wr[k], accp[k]);
-                                    }
+                            for (ci, wr) in wrows.chunks_exact(O).enumerate() {
+                                let a = line[x0 + ci];
+                                for k in 0..O {
+                                    acc[0][k] = $fma!(a, wr[k], acc[0][k]);
                                 }
                             }
                         }
                     }
                 }
-                for (p, a) in acc.iter().enumerate() {
+                for (p, a) in acc.iter().take(block).enumerate() {
                     let dst = &mut row[(xo + p) * O..(xo + p + 1) * O];
                     for (d, &v) in dst.iter_mut().zip(a) {
                         *d = if relu { v.max(0.0) } else { v };
                     }
                 }
-                xo += 4;
-            }
-            while xo < ow {
-                let mut acc = [0f32; O];
-                if let Some(b) = bias {
-                    acc.copy_from_slice(&b[..O]);
-                }
-                for i in 0..kh {
-                    let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for j in 0..kw {
-                        let ix = (xo * stride[1] + j * dil[1]) as isize - pad[1] as isize;
-                        if ix < 0 || ix >= wd as isize {
-                            continue;
-                        }
-                        let px = &img[(iy as usize * wd + ix as usize) * c..][..c];
-                        let wbase = (i * kw + j) * c * O;
-                        let wrows = &wt[wbase..wbase + c * O];
-                        for (&a, wr) in px.iter().zip(wrows.chunks_exact(O)) {
-                            for k in 0..O {
-                                acc[k] = $fma!(a, wr[k], acc[k]);
-                            }
-                        }
-                    }
-                }
-                for (d, &v) in row[xo * O..(xo + 1) * O].iter_mut().zip(&acc) {
-                    *d = if relu { v.max(0.0) } else { v };
-                }
-                xo += 1;
+                xo += block;
             }
         }
     };
@@ -400,9 +395,17 @@ direct_row!(
     fused_madd,
     target_feature(enable = "avx2,fma")
 );
+// The same body where the CPU has AVX-512: 32 vector registers of 16 floats, so 32 output
+// channels of four pixels are eight registers, not sixteen spilling ones.
+#[cfg(target_arch = "x86_64")]
+direct_row!(
+    direct_row_avx512,
+    fused_madd,
+    target_feature(enable = "avx512f,avx2,fma")
+);
 
 #[allow(clippy::too_many_arguments)]
-fn direct_rows<const O: usize>(
+fn direct_rows<const O: usize, const P: usize>(
     out: &mut [f32],
     x: &Act,
     wk: &[f32],
@@ -416,20 +419,10 @@ fn direct_rows<const O: usize>(
 ) {
     let [n, c, h0, w0] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let [oh, ow] = out_hw;
-    #[cfg(target_arch = "x86_64")]
-    let fast =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    // The images with their zero border written out: every tap of the kernel then reads
-    // inside the image, so no pixel takes the bounds-checked path at the edges.
-    let worth = c < 8;
-    let (h, wd) = if worth {
-        (h0 + 2 * pad[0], w0 + 2 * pad[1])
-    } else {
-        (h0, w0)
-    };
-    // Worth its copy where the channels are few (each tap is then a few FMAs); with 16
-    // channels on a 4-pixel-wide image the copy measured slower than the checks it saves.
-    let padded = (pad != [0, 0] && worth).then(|| {
+    let isa = Isa::get();
+    // The images with their zero border written out: every tap then reads inside the image.
+    let (h, wd) = (h0 + 2 * pad[0], w0 + 2 * pad[1]);
+    let padded = (pad != [0, 0]).then(|| {
         let mut p = buffer(n * h * wd * c);
         chunks_each(&mut p, h * wd * c, |b, dst| {
             let src = &x.data[b * h0 * w0 * c..(b + 1) * h0 * w0 * c];
@@ -441,22 +434,53 @@ fn direct_rows<const O: usize>(
         p
     });
     let data = padded.as_deref().unwrap_or(&x.data);
-    let pad = if padded.is_some() { [0, 0] } else { pad };
     chunks_each(out, ow * O, |r, row| {
         let (b, y) = (r / oh, r % oh);
         let img = &data[b * h * wd * c..(b + 1) * h * wd * c];
         let dims = [h, wd, c, k[0], k[1], ow];
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); the body is safe Rust.
-            unsafe { direct_row_avx2::<O>(row, img, wk, bias, y, dims, stride, pad, dil, relu) };
-            return;
+        match isa {
+            // SAFETY: the CPU has these features (Isa::get checked); the body is safe Rust.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe {
+                direct_row_avx512::<O, P>(row, img, wk, bias, y, dims, stride, dil, relu)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe {
+                direct_row_avx2::<O, P>(row, img, wk, bias, y, dims, stride, dil, relu)
+            },
+            // SAFETY: no target features are assumed; the body is safe Rust.
+            _ => unsafe {
+                direct_row_generic::<O, P>(row, img, wk, bias, y, dims, stride, dil, relu)
+            },
         }
-        // SAFETY: no target features are assumed; the body is safe Rust.
-        unsafe { direct_row_generic::<O>(row, img, wk, bias, y, dims, stride, pad, dil, relu) };
     });
     if let Some(p) = padded {
         recycle(p);
+    }
+}
+
+/// The widest vector extension the direct kernels can use here (x86-64 only; elsewhere the
+/// compiler's own vectorization of the plain body).
+#[derive(Clone, Copy, PartialEq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Plain,
+}
+
+impl Isa {
+    fn get() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx2") && has!("fma") {
+                return Isa::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Plain
     }
 }
 
@@ -476,12 +500,17 @@ fn conv2d_direct(
     relu: bool,
 ) -> Option<Vec<f32>> {
     let n = x.shape[0];
-    let mut out = buffer(n * out_hw[0] * out_hw[1] * o);
+    let mut out = scratch(n * out_hw[0] * out_hw[1] * o);
     let a = (x, wk, bias, k, stride, pad, dil, out_hw, relu);
-    match o {
-        8 => direct_rows::<8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        16 => direct_rows::<16>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        32 => direct_rows::<32>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+    // Pixels per step: as many as keep the accumulators in half the vector registers (32 of
+    // 16 floats with AVX-512, 16 of 8 without).
+    match (o, Isa::get() == Isa::Avx512) {
+        (8, true) => direct_rows::<8, 16>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        (16, true) => direct_rows::<16, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        (32, true) => direct_rows::<32, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        (8, false) => direct_rows::<8, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        (16, false) => direct_rows::<16, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+        (32, false) => direct_rows::<32, 2>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
         _ => {
             recycle(out);
             return None;
@@ -498,6 +527,42 @@ pub(crate) fn env_flag(cell: &'static std::sync::OnceLock<bool>, name: &str) -> 
 static NO_DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 pub(crate) static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
+/// Where a convolution's taps fall.
+struct Geometry {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+    out_hw: [usize; 2],
+}
+
+/// im2col for image `b` of channels-last `x`: for every output pixel, its taps `(i, j)` each
+/// with channels `c0..c0 + cg` (zeros where a tap falls in the padding), into `dst`.
+fn gather_patches(x: &Act, b: usize, c0: usize, cg: usize, g: &Geometry, dst: &mut [f32]) {
+    let [c, h, wd] = [x.shape[1], x.shape[2], x.shape[3]];
+    let ([kh, kw], [oh, ow]) = (g.kernel, g.out_hw);
+    let k = kh * kw * cg;
+    let img = &x.data[b * h * wd * c..(b + 1) * h * wd * c];
+    for y in 0..oh {
+        for xo in 0..ow {
+            let row = &mut dst[(y * ow + xo) * k..(y * ow + xo + 1) * k];
+            for i in 0..kh {
+                let iy = (y * g.stride[0] + i * g.dil[0]) as isize - g.pad[0] as isize;
+                for j in 0..kw {
+                    let ix = (xo * g.stride[1] + j * g.dil[1]) as isize - g.pad[1] as isize;
+                    let seg = &mut row[(i * kw + j) * cg..(i * kw + j + 1) * cg];
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                        seg.fill(0.0);
+                    } else {
+                        let at = (iy as usize * wd + ix as usize) * c + c0;
+                        seg.copy_from_slice(&img[at..at + cg]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn conv2d(
     x: &Act,
@@ -509,7 +574,7 @@ fn conv2d(
     groups: usize,
     relu: bool,
 ) -> Act {
-    let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [n, h, wd] = [x.shape[0], x.shape[2], x.shape[3]];
     let (ws, wv) = w;
     let [o, cg, kh, kw] = [ws[0], ws[1], ws[2], ws[3]];
     let og = o / groups;
@@ -531,8 +596,15 @@ fn conv2d(
             }
         }
     }
-    if groups == 1
-        && !env_flag(&NO_DIRECT, "PRUNESCOPE_NO_DIRECT")
+    let geometry = Geometry {
+        kernel: [kh, kw],
+        stride,
+        pad,
+        dil,
+        out_hw: [oh, ow],
+    };
+    let direct = groups == 1 && !env_flag(&NO_DIRECT, "PRUNESCOPE_NO_DIRECT");
+    if direct
         && let Some(data) = conv2d_direct(
             x,
             &wk,
@@ -553,7 +625,7 @@ fn conv2d(
         };
     }
     let per_image = oh * ow;
-    let mut out = buffer(n * per_image * o);
+    let mut out = scratch(n * per_image * o);
     let chunk = (PATCH_BUDGET / (per_image * k).max(1)).clamp(1, n.max(1));
     let mut patches = PATCHES.with_borrow_mut(std::mem::take);
     if patches.len() < chunk * per_image * k {
@@ -565,28 +637,7 @@ fn conv2d(
             chunks_each(
                 &mut patches[..imgs * per_image * k],
                 per_image * k,
-                |b, dst| {
-                    let img = &x.data[(start + b) * h * wd * c..(start + b + 1) * h * wd * c];
-                    for y in 0..oh {
-                        for xo in 0..ow {
-                            let row = &mut dst[(y * ow + xo) * k..(y * ow + xo + 1) * k];
-                            for i in 0..kh {
-                                let iy = (y * stride[0] + i * dil[0]) as isize - pad[0] as isize;
-                                for j in 0..kw {
-                                    let ix =
-                                        (xo * stride[1] + j * dil[1]) as isize - pad[1] as isize;
-                                    let seg = &mut row[(i * kw + j) * cg..(i * kw + j + 1) * cg];
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                        seg.fill(0.0);
-                                    } else {
-                                        let at = (iy as usize * wd + ix as usize) * c + g * cg;
-                                        seg.copy_from_slice(&img[at..at + cg]);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                },
+                |b, dst| gather_patches(x, start + b, g * cg, cg, &geometry, dst),
             );
             let rows = imgs * per_image;
             matmul(
@@ -625,7 +676,7 @@ fn pool(x: &Act, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Act {
     let [n, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let oh = (h - kernel[0]) / stride[0] + 1;
     let ow = (w - kernel[1]) / stride[1] + 1;
-    let mut out = buffer(n * oh * ow * c);
+    let mut out = scratch(n * oh * ow * c);
     let area = (kernel[0] * kernel[1]) as f32;
     chunks_each(&mut out, oh * ow * c, |b, dst| {
         let img = &x.data[b * h * w * c..(b + 1) * h * w * c];
@@ -702,10 +753,12 @@ pub fn forward(
         }
     }
     *uses.entry(graph.output.as_str()).or_default() += 1;
-    let mut skip = false;
+    // Nodes already run as part of an earlier one (a BatchNorm folded into its convolution, a
+    // ReLU applied in the same pass).
+    let mut skip = 0;
     for (k, n) in graph.nodes.iter().enumerate() {
-        if skip {
-            skip = false;
+        if skip > 0 {
+            skip -= 1;
             continue;
         }
         for i in &n.inputs {
@@ -713,13 +766,25 @@ pub fn forward(
                 *u -= 1;
             }
         }
-        // A ReLU that is the only reader of this node's output runs in the same pass.
-        let fused_relu = graph.nodes.get(k + 1).filter(|next| {
-            matches!(next.op, Op::Relu)
+        // A BatchNorm that is the only reader of a convolution's output is folded into its
+        // weights and bias (inference: a fixed per-channel affine map).
+        let folded_bn = graph.nodes.get(k + 1).filter(|next| {
+            matches!(n.op, Op::Conv2d { .. })
+                && matches!(next.op, Op::BatchNorm { .. })
                 && next.inputs[0] == n.output
                 && uses.get(n.output.as_str()).copied() == Some(1)
-                && matches!(n.op, Op::BatchNorm { .. } | Op::Add | Op::Conv2d { .. })
         });
+        let tail = folded_bn.unwrap_or(n);
+        // A ReLU that is the only reader of this step's output runs in the same pass.
+        let fused_relu = graph
+            .nodes
+            .get(k + 1 + folded_bn.is_some() as usize)
+            .filter(|next| {
+                matches!(next.op, Op::Relu)
+                    && next.inputs[0] == tail.output
+                    && uses.get(tail.output.as_str()).copied() == Some(1)
+                    && matches!(tail.op, Op::BatchNorm { .. } | Op::Add | Op::Conv2d { .. })
+            });
         let last_use = |v: &str, uses: &std::collections::HashMap<&str, usize>| {
             uses.get(v).copied() == Some(0)
         };
@@ -731,7 +796,7 @@ pub fn forward(
                 values.remove(n.inputs[0].as_str())
             } else {
                 values.get(n.inputs[0].as_str()).map(|a| {
-                    let mut data = buffer(a.data.len());
+                    let mut data = scratch(a.data.len());
                     data.copy_from_slice(&a.data);
                     Act {
                         shape: a.shape.clone(),
@@ -770,16 +835,52 @@ pub fn forward(
                 }
                 let b = bias.as_deref().map(p).transpose()?;
                 let relu = fused_relu.is_some();
-                conv2d(
-                    x,
-                    p(weight)?,
-                    b,
-                    *stride,
-                    *padding,
-                    *dilation,
-                    *groups,
-                    relu,
-                )
+                let folded = match folded_bn.map(|bn| &bn.op) {
+                    Some(Op::BatchNorm {
+                        weight: g,
+                        bias: beta,
+                        running_mean,
+                        running_var,
+                        eps,
+                        ..
+                    }) => {
+                        let (scale, shift) = bn_affine(
+                            &p(g)?.1,
+                            &p(beta)?.1,
+                            &p(running_mean)?.1,
+                            &p(running_var)?.1,
+                            *eps,
+                        );
+                        let (ws, wv) = p(weight)?;
+                        let per = wv.len() / scale.len().max(1);
+                        let w: Vec<f32> = wv
+                            .chunks(per.max(1))
+                            .zip(&scale)
+                            .flat_map(|(row, &s)| row.iter().map(move |v| v * s))
+                            .collect();
+                        // BN(conv + b) = s·conv + (s·b + t).
+                        let bias: Vec<f32> = (0..scale.len())
+                            .map(|o| b.map_or(0.0, |b| b.1[o]) * scale[o] + shift[o])
+                            .collect();
+                        Some(((ws.clone(), w), (vec![bias.len()], bias)))
+                    }
+                    _ => None,
+                };
+                match &folded {
+                    Some((w, b)) => {
+                        conv2d(x, w, Some(b), *stride, *padding, *dilation, *groups, relu)
+                    }
+                    None => conv2d(
+                        x,
+                        p(weight)?,
+                        b,
+                        *stride,
+                        *padding,
+                        *dilation,
+                        *groups,
+                        relu,
+                    ),
+                }
             }
             Op::BatchNorm {
                 weight,
@@ -799,17 +900,7 @@ pub fn forward(
                     &p(running_mean)?.1,
                     &p(running_var)?.1,
                 );
-                let scale: Vec<f32> = g
-                    .iter()
-                    .zip(v)
-                    .map(|(g, v)| g / (v + *eps as f32).sqrt())
-                    .collect();
-                let shift: Vec<f32> = b
-                    .iter()
-                    .zip(m)
-                    .zip(&scale)
-                    .map(|((b, m), s)| b - m * s)
-                    .collect();
+                let (scale, shift) = bn_affine(g, b, m, v, *eps);
                 let c = scale.len();
                 let relu = fused_relu.is_some();
                 let mut a = owned_first(&mut values)
@@ -851,7 +942,7 @@ pub fn forward(
                     _ => std::borrow::Cow::Borrowed(x.data.as_slice()),
                 };
                 let wv = permuted.as_deref().unwrap_or(wv);
-                let mut out = vec![0f32; rows * out_f];
+                let mut out = scratch(rows * out_f);
                 // Wᵀ without a copy: element (k, j) of Wᵀ is W[j][k].
                 matmul(rows, out_f, in_f, &logical, wv, 1, in_f, &mut out, 0, out_f);
                 if let std::borrow::Cow::Owned(v) = logical {
@@ -977,7 +1068,7 @@ pub fn forward(
                 let y_data = if y.chw.is_some() {
                     y.logical()
                 } else {
-                    let mut d = buffer(y.data.len());
+                    let mut d = scratch(y.data.len());
                     d.copy_from_slice(&y.data);
                     d
                 };
@@ -1013,18 +1104,17 @@ pub fn forward(
                 t0.elapsed().as_secs_f64() * 1e3
             );
         }
-        match fused_relu {
-            Some(next) => {
-                if let Some(u) = uses.get_mut(next.inputs[0].as_str()) {
-                    *u -= 1;
-                }
-                values.insert(&next.output, out);
-                skip = true;
+        // The value goes under the name of the last node this step ran; the nodes it ran
+        // along the way have read their input.
+        let mut last = n;
+        for next in folded_bn.into_iter().chain(fused_relu) {
+            if let Some(u) = uses.get_mut(next.inputs[0].as_str()) {
+                *u -= 1;
             }
-            None => {
-                values.insert(&n.output, out);
-            }
+            last = next;
+            skip += 1;
         }
+        values.insert(&last.output, out);
     }
     let out = values
         .remove(graph.output.as_str())
