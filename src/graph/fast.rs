@@ -34,27 +34,10 @@ fn chunks_each<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T])
     }
 }
 
-/// A zeroed buffer of `len` floats, recycled where one is free (the smallest that fits, so
-/// that a small value does not take a large buffer a later large one needed).
-pub(crate) fn buffer(len: usize) -> Vec<f32> {
-    let recycled = POOL.with_borrow_mut(|p| {
-        let i = (0..p.len())
-            .filter(|&i| p[i].capacity() >= len)
-            .min_by_key(|&i| p[i].capacity())?;
-        Some(p.swap_remove(i))
-    });
-    match recycled {
-        Some(mut b) => {
-            b.clear();
-            b.resize(len, 0.0);
-            b
-        }
-        None => vec![0f32; len],
-    }
-}
-
-/// A buffer of `len` floats for an output that is written whole: a recycled one keeps what it
-/// held (no clearing pass; a megabyte memset costs as much as a small layer).
+/// A buffer of `len` floats for an output that is written whole, recycled where one is free
+/// (the smallest that fits, so that a small value does not take a large buffer a later large
+/// one needed). A recycled one keeps what it held: a megabyte memset costs as much as a small
+/// layer.
 pub(crate) fn scratch(len: usize) -> Vec<f32> {
     let recycled = POOL.with_borrow_mut(|p| {
         let i = (0..p.len())
@@ -423,12 +406,20 @@ fn direct_rows<const O: usize, const P: usize>(
     // The images with their zero border written out: every tap then reads inside the image.
     let (h, wd) = (h0 + 2 * pad[0], w0 + 2 * pad[1]);
     let padded = (pad != [0, 0]).then(|| {
-        let mut p = buffer(n * h * wd * c);
+        let mut p = scratch(n * h * wd * c);
         chunks_each(&mut p, h * wd * c, |b, dst| {
             let src = &x.data[b * h0 * w0 * c..(b + 1) * h0 * w0 * c];
+            // Top and bottom border rows, then each line's left and right border with the
+            // line between them: every float written once.
+            dst[..pad[0] * wd * c].fill(0.0);
+            dst[(pad[0] + h0) * wd * c..].fill(0.0);
             for (y, line) in src.chunks_exact(w0 * c).enumerate() {
-                let at = ((y + pad[0]) * wd + pad[1]) * c;
-                dst[at..at + w0 * c].copy_from_slice(line);
+                let row = &mut dst[(y + pad[0]) * wd * c..(y + pad[0] + 1) * wd * c];
+                let (left, rest) = row.split_at_mut(pad[1] * c);
+                let (mid, right) = rest.split_at_mut(w0 * c);
+                left.fill(0.0);
+                mid.copy_from_slice(line);
+                right.fill(0.0);
             }
         });
         p
@@ -683,27 +674,31 @@ fn pool(x: &Act, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Act {
         for y in 0..oh {
             for xo in 0..ow {
                 let cell = &mut dst[(y * ow + xo) * c..(y * ow + xo + 1) * c];
-                cell.fill(if max { f32::NEG_INFINITY } else { 0.0 });
-                for i in 0..kernel[0] {
-                    for j in 0..kernel[1] {
-                        let at = ((y * stride[0] + i) * w + xo * stride[1] + j) * c;
-                        let src = &img[at..at + c];
-                        if max {
-                            // NaN propagates, as in candle and PyTorch; a select, not a
-                            // branch, so the loop vectorises.
-                            for (d, &v) in cell.iter_mut().zip(src) {
-                                let take = v > *d || v.is_nan();
-                                *d = if take { v } else { *d };
-                            }
-                        } else {
-                            for (d, &v) in cell.iter_mut().zip(src) {
-                                *d += v;
+                // Sixteen channels at a time in a local array (a vector register): the taps
+                // fold into it without a store between them.
+                for (k, part) in cell.chunks_mut(16).enumerate() {
+                    let mut acc = [if max { f32::NEG_INFINITY } else { 0.0 }; 16];
+                    for i in 0..kernel[0] {
+                        for j in 0..kernel[1] {
+                            let at = ((y * stride[0] + i) * w + xo * stride[1] + j) * c + k * 16;
+                            let src = &img[at..at + part.len()];
+                            if max {
+                                // NaN propagates, as in candle and PyTorch; a select, not a
+                                // branch, so the loop vectorises.
+                                for (d, &v) in acc.iter_mut().zip(src) {
+                                    let take = v > *d || v.is_nan();
+                                    *d = if take { v } else { *d };
+                                }
+                            } else {
+                                for (d, &v) in acc.iter_mut().zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
-                }
-                if !max {
-                    cell.iter_mut().for_each(|v| *v /= area);
+                    for (d, &a) in part.iter_mut().zip(&acc) {
+                        *d = if max { a } else { a / area };
+                    }
                 }
             }
         }
@@ -783,7 +778,10 @@ pub fn forward(
                 matches!(next.op, Op::Relu)
                     && next.inputs[0] == tail.output
                     && uses.get(tail.output.as_str()).copied() == Some(1)
-                    && matches!(tail.op, Op::BatchNorm { .. } | Op::Add | Op::Conv2d { .. })
+                    && matches!(
+                        tail.op,
+                        Op::BatchNorm { .. } | Op::Add | Op::Conv2d { .. } | Op::Linear { .. }
+                    )
             });
         let last_use = |v: &str, uses: &std::collections::HashMap<&str, usize>| {
             uses.get(v).copied() == Some(0)
@@ -948,11 +946,19 @@ pub fn forward(
                 if let std::borrow::Cow::Owned(v) = logical {
                     recycle(v);
                 }
-                if let Some(b) = bias {
-                    let b = &p(b)?.1;
-                    chunks_each(&mut out, out_f, |_, r| {
-                        for (v, bb) in r.iter_mut().zip(b) {
-                            *v += bb;
+                let relu = fused_relu.is_some();
+                let b = bias.as_deref().map(p).transpose()?.map(|b| b.1.as_slice());
+                if b.is_some() || relu {
+                    chunks_each(&mut out, out_f * 64, |_, rows| {
+                        for r in rows.chunks_exact_mut(out_f) {
+                            if let Some(b) = b {
+                                for (v, bb) in r.iter_mut().zip(b) {
+                                    *v += bb;
+                                }
+                            }
+                            if relu {
+                                r.iter_mut().for_each(|v| *v = v.max(0.0));
+                            }
                         }
                     });
                 }
@@ -990,17 +996,18 @@ pub fn forward(
                 Act::from_logical(x.shape.clone(), data)
             }
             Op::Relu | Op::Gelu | Op::Tanh | Op::Sigmoid => {
-                let f: fn(f32) -> f32 = match n.op {
-                    Op::Relu => |v| v.max(0.0),
-                    Op::Gelu => {
-                        |v| 0.5 * v * (1.0 + libm::erf(v as f64 / std::f64::consts::SQRT_2) as f32)
-                    }
-                    Op::Tanh => f32::tanh,
-                    _ => |v| 1.0 / (1.0 + (-v).exp()),
-                };
                 let mut a = owned_first(&mut values).ok_or_else(|| err("an input has no value"))?;
-                chunks_each(&mut a.data, 4096, |_, b| {
-                    b.iter_mut().for_each(|v| *v = f(*v))
+                // One loop per function, not a call through a pointer per element.
+                let op = &n.op;
+                chunks_each(&mut a.data, 4096, |_, b| match op {
+                    Op::Relu => b.iter_mut().for_each(|v| *v = v.max(0.0)),
+                    Op::Gelu => b.iter_mut().for_each(|v| {
+                        *v = 0.5
+                            * *v
+                            * (1.0 + libm::erf(*v as f64 / std::f64::consts::SQRT_2) as f32)
+                    }),
+                    Op::Tanh => b.iter_mut().for_each(|v| *v = v.tanh()),
+                    _ => b.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
                 });
                 a
             }
