@@ -783,6 +783,46 @@ fn the_onnx_interpreter_scores_what_onnxruntime_scores() {
 }
 
 #[test]
+fn a_torch_transformer_encoder_runs_on_the_interpreter_as_onnxruntime_runs_it() {
+    // nn.TransformerEncoder as torch.nn exports it (tools/make_torch_encoder_fixture.py): the
+    // fused in-projection sliced apart (Slice, Mod, Squeeze), the out-projection a Gemm.
+    let model = Model::open(&fixture("torch_encoder.onnx")).unwrap();
+    let data = DataSource::File {
+        path: fixture("torch_encoder_data.npz"),
+        spec: DataSpec {
+            x: Some("ids".into()),
+            ..DataSpec::default()
+        },
+    };
+    let native = evaluator_with(&model, &data, EnginePref::Native).unwrap();
+    assert_eq!(native.detail(), "prunescope's ONNX interpreter");
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("torch_encoder.json")).unwrap())
+            .unwrap();
+    let want: Vec<f64> = want["dense_outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .collect();
+    let out = native.dense_outputs(&model).unwrap();
+    assert_eq!(out.values.len(), want.len());
+    for (a, b) in out.values.iter().zip(&want) {
+        assert!((*a as f64 - b).abs() < 1e-5, "ours {a}, onnxruntime {b}");
+    }
+    let tract = evaluator_with(&model, &data, EnginePref::Tract).unwrap();
+    let masks = half(&model);
+    let d = max_rel_diff(
+        &native.run(&model, Some(&masks)).unwrap(),
+        &tract.run(&model, Some(&masks)).unwrap(),
+    );
+    assert!(
+        d < 1e-5,
+        "pruned outputs differ from tract's by {d} of the largest"
+    );
+}
+
+#[test]
 fn graphs_the_interpreter_cannot_run_say_which_node_stops_it() {
     for (name, says) in [
         ("bad_unknown_op.onnx", "NoSuchOperator"),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-/// Most elements one value may hold.
-pub(crate) const MAX_ELEMENTS: usize = 1 << 31;
+/// Most elements one value may hold (a gigabyte of floats): more is a hostile or broken graph.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 28;
 
 /// Elements below which a loop stays on the calling thread: waking the pool costs more.
 const PAR_MIN: usize = 1 << 15;

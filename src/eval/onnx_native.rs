@@ -28,6 +28,8 @@ enum Bin {
     Mul,
     Div,
     Pow,
+    /// The remainder with the divisor's sign (ONNX Mod, fmod = 0).
+    Mod,
     Max,
     Min,
     Equal,
@@ -133,6 +135,8 @@ fn parse(n: &pb::NodeProto, opset: i64) -> R<Op> {
         "Mul" => Op::Bin(Bin::Mul),
         "Div" => Op::Bin(Bin::Div),
         "Pow" => Op::Bin(Bin::Pow),
+        // fmod = 1 (the dividend's sign, C's fmod) is what floats need; integers take either.
+        "Mod" if ai("fmod", 0) == 0 => Op::Bin(Bin::Mod),
         "Max" if n.input.len() == 2 => Op::Bin(Bin::Max),
         "Min" if n.input.len() == 2 => Op::Bin(Bin::Min),
         "Equal" => Op::Bin(Bin::Equal),
@@ -1384,7 +1388,7 @@ fn binary(b: Bin, x: &Val, y: &Val) -> R<Val> {
                 Bin::Greater => zip!(sa, a, sb, c, bv, |p, q| p > q),
                 Bin::LessEq => zip!(sa, a, sb, c, bv, |p, q| p <= q),
                 Bin::GreaterEq => zip!(sa, a, sb, c, bv, |p, q| p >= q),
-                Bin::And | Bin::Or => return Err(unsupported()),
+                Bin::And | Bin::Or | Bin::Mod => return Err(unsupported()),
             }
         }
         (Val::I(sa, a), Val::I(sb, c)) => {
@@ -1396,6 +1400,11 @@ fn binary(b: Bin, x: &Val, y: &Val) -> R<Val> {
                 // Integer division by zero is undefined in ONNX; 0 here rather than a panic.
                 Bin::Div => zip!(sa, a, sb, c, iv, |p, q| p.checked_div(q).unwrap_or(0)),
                 Bin::Pow => zip!(sa, a, sb, c, iv, |p, q| (p as f64).powf(q as f64) as i64),
+                Bin::Mod => zip!(sa, a, sb, c, iv, |p, q| match p.checked_rem(q) {
+                    Some(r) if r != 0 && (r < 0) != (q < 0) => r + q,
+                    Some(r) => r,
+                    None => 0,
+                }),
                 Bin::Max => zip!(sa, a, sb, c, iv, |p, q| p.max(q)),
                 Bin::Min => zip!(sa, a, sb, c, iv, |p, q| p.min(q)),
                 Bin::Equal => zip!(sa, a, sb, c, bv, |p, q| p == q),
@@ -1464,4 +1473,20 @@ fn cast(x: &Val, to: i32) -> R<Val> {
             ));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_mod_takes_the_divisors_sign() {
+        // ONNX Mod with fmod = 0 is Python's %, worked by hand: 7 % 3, -7 % 3, 7 % -3, -7 % -3.
+        let a = Val::I(vec![4], Arc::new(vec![7, -7, 7, -7]));
+        let b = Val::I(vec![4], Arc::new(vec![3, 3, -3, -3]));
+        let Val::I(_, r) = binary(Bin::Mod, &a, &b).unwrap() else {
+            panic!("an integer result")
+        };
+        assert_eq!(&r[..], &[1, 2, -2, -1]);
+    }
 }
