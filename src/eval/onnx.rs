@@ -798,14 +798,19 @@ impl OnnxRunner {
             .iter()
             .map(|d| (d.name.clone(), d.elem_type))
             .collect();
-        super::onnx_native::NativeOnnx::new(
-            &self.graph.proto,
-            model,
-            &names,
-            self.feeds.clone(),
-            self.data.clone(),
-            self.batch,
-        )
+        // Reading the graph folds its constants through the kernels: a panic there (a bug,
+        // or a graph no test foresaw) leaves tract to run the model.
+        catch_unwind(AssertUnwindSafe(|| {
+            super::onnx_native::NativeOnnx::new(
+                &self.graph.proto,
+                model,
+                &names,
+                self.feeds.clone(),
+                self.data.clone(),
+                self.batch,
+            )
+        }))
+        .unwrap_or_else(|p| Err(format!("the interpreter panicked: {}", panic_text(&p))))
     }
 
     pub fn set_untrainable_reason(&mut self, why: String) {
@@ -1015,12 +1020,26 @@ impl OnnxRunner {
                 })
         };
         let keys: Vec<u64> = ts.par_iter().map(|&t| key_of(t)).collect();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The lock is not held across the parallel work below: a pool thread waiting on it may
+        // run another sweep point's evaluation, which would lock it again.
+        let mut out: Vec<Option<TValue>> = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            ts.iter()
+                .zip(&keys)
+                .map(|(t, k)| {
+                    cache
+                        .get(t)
+                        .filter(|(old, _)| old == k)
+                        .map(|c| c.1.clone())
+                })
+                .collect()
+        };
         let stale: Vec<(usize, u64)> = ts
             .iter()
             .zip(&keys)
-            .filter(|&(t, k)| cache.get(t).is_none_or(|(old, _)| old != k))
-            .map(|(&t, &k)| (t, k))
+            .zip(&out)
+            .filter(|(_, o)| o.is_none())
+            .map(|((&t, &k), _)| (t, k))
             .collect();
         let fresh: Vec<(usize, u64, TValue)> = stale
             .par_iter()
@@ -1045,10 +1064,21 @@ impl OnnxRunner {
                 Ok((t, k, tensor.into_tvalue()))
             })
             .collect::<Result<_, EvalError>>()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         for (t, k, v) in fresh {
+            for (slot, _) in out
+                .iter_mut()
+                .zip(ts)
+                .filter(|(o, x)| o.is_none() && **x == t)
+            {
+                *slot = Some(v.clone());
+            }
             cache.insert(t, (k, v));
         }
-        Ok(ts.iter().map(|t| cache[t].1.clone()).collect())
+        Ok(out
+            .into_iter()
+            .map(|v| v.expect("every weight is cached or fresh"))
+            .collect())
     }
 
     fn data_tensor(&self, k: usize, start: usize, real: usize) -> Result<TValue, EvalError> {

@@ -131,7 +131,7 @@ pub(crate) fn checked_numel(shape: &[usize]) -> R<usize> {
 /// An axis attribute (negative counts from the end) checked against a rank.
 pub(crate) fn axis(a: i64, rank: usize) -> R<usize> {
     let r = rank as i64;
-    if a < -r || a >= r.max(1) {
+    if a < -r || a >= r {
         return Err(format!("axis {a} is out of range for rank {rank}"));
     }
     Ok(if a < 0 { (a + r) as usize } else { a as usize })
@@ -475,18 +475,19 @@ pub(crate) fn slice<T: Copy>(
         let dim = s[a] as i64;
         let fix = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
         let (b, e) = (fix(starts[k]), fix(ends[k]));
-        let (b, e) = if st > 0 {
-            (b.clamp(0, dim), e.clamp(0, dim))
+        // In i128: a step near ±2⁶³ must not overflow the count.
+        let (b, e, st) = (b as i128, e as i128, st as i128);
+        let (b, n) = if dim == 0 {
+            (0, 0)
+        } else if st > 0 {
+            let (b, e) = (b.clamp(0, dim as i128), e.clamp(0, dim as i128));
+            (b, ((e - b).max(0) + st - 1) / st)
         } else {
-            (b.clamp(0, dim - 1), e.clamp(-1, dim - 1))
+            let (b, e) = (b.clamp(0, dim as i128 - 1), e.clamp(-1, dim as i128 - 1));
+            (b, ((b - e).max(0) + (-st) - 1) / (-st))
         };
-        let n = if st > 0 {
-            (e - b + st - 1).div_euclid(st).max(0)
-        } else {
-            (b - e + (-st) - 1).div_euclid(-st).max(0)
-        };
-        lo[a] = b;
-        step[a] = st;
+        lo[a] = b as i64;
+        step[a] = st as i64;
         count[a] = n as usize;
     }
     let total = checked_numel(&count)?;
@@ -901,6 +902,13 @@ mod tests {
         .unwrap();
         assert_eq!(s, vec![2, 2, 2]);
         assert_eq!(v, vec![8, 10, 4, 6, 20, 22, 16, 18]);
+        // Edges: an empty axis walked backwards, a step of 2⁶³ − 1, an axis a scalar lacks.
+        let empty: [i64; 0] = [];
+        let (s, v) = slice(&[0], &empty, &[-1], &[i64::MIN], None, Some(&[-1])).unwrap();
+        assert_eq!((s, v.len()), (vec![0], 0));
+        let (s, v) = slice(&[5], &d[..5], &[0], &[5], None, Some(&[i64::MAX])).unwrap();
+        assert_eq!((s, v), (vec![1], vec![0]));
+        assert!(concat(&[(&[][..], &[1][..]), (&[][..], &[2][..])], 0).is_err());
         let (s, c) = concat(
             &[(&[2, 1][..], &[1, 2][..]), (&[2, 2][..], &[3, 4, 5, 6][..])],
             1,

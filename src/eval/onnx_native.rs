@@ -382,8 +382,8 @@ pub struct NativeOnnx {
     output: usize,
     slots: usize,
     feeds: Vec<Feed>,
-    /// Whether each data input takes floats (else integers).
-    float_inputs: Vec<bool>,
+    /// Each data input's ONNX element type.
+    input_types: Vec<i32>,
     data: Arc<EvalData>,
     batch: usize,
     /// Masked weights by tensor.
@@ -610,10 +610,7 @@ impl NativeOnnx {
             output,
             slots: last.len(),
             feeds,
-            float_inputs: input_names
-                .iter()
-                .map(|(_, e)| matches!(e, 1 | 10 | 11 | 16))
-                .collect(),
+            input_types: input_names.iter().map(|(_, e)| *e).collect(),
             data,
             batch,
             cache: Mutex::new(HashMap::new()),
@@ -633,18 +630,23 @@ impl NativeOnnx {
                 })
         };
         let keys: Vec<u64> = self.weights.par_iter().map(|&(_, t)| key(t)).collect();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<(usize, u64)> = self
-            .weights
-            .iter()
-            .zip(&keys)
-            .filter(|&(&(_, t), k)| cache.get(&t).is_none_or(|c| c.key != *k))
-            .map(|(&(_, t), &k)| (t, k))
-            .collect();
-        let stale: Vec<(usize, u64, Option<Cached>)> = stale
-            .into_iter()
-            .map(|(t, k)| (t, k, cache.remove(&t)))
-            .collect();
+        // Stale entries are taken out under the lock and rebuilt without it: a pool thread
+        // waiting on it may run another sweep point's evaluation, which would lock it again.
+        let (mut out, stale) = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out: Vec<Option<Val>> = Vec::with_capacity(self.weights.len());
+            let mut stale: Vec<(usize, u64, Option<Cached>)> = Vec::new();
+            for (&(_, t), &k) in self.weights.iter().zip(&keys) {
+                match cache.get(&t) {
+                    Some(c) if c.key == k => out.push(Some(c.val.clone())),
+                    _ => {
+                        out.push(None);
+                        stale.push((t, k, cache.remove(&t)));
+                    }
+                }
+            }
+            (out, stale)
+        };
         let fresh: Vec<(usize, Cached)> = stale
             .into_par_iter()
             .map(|(t, key, old)| {
@@ -685,10 +687,21 @@ impl NativeOnnx {
                 )
             })
             .collect();
-        cache.extend(fresh);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, c) in fresh {
+            for (slot, _) in out
+                .iter_mut()
+                .zip(&self.weights)
+                .filter(|(o, w)| o.is_none() && w.1 == t)
+            {
+                *slot = Some(c.val.clone());
+            }
+            cache.insert(t, c);
+        }
         self.weights
             .iter()
-            .map(|&(s, t)| (s, cache[&t].val.clone()))
+            .zip(out)
+            .map(|(&(s, _), v)| (s, v.expect("every weight is cached or fresh")))
             .collect()
     }
 
@@ -698,7 +711,18 @@ impl NativeOnnx {
         let per = a.sample_len();
         let mut shape = vec![self.batch];
         shape.extend(&f.sample_shape);
-        Ok(match (&a.values, self.float_inputs[k]) {
+        let float = matches!(self.input_types[k], 1 | 10 | 11 | 16);
+        Ok(match (&a.values, float) {
+            // A boolean input (a mask, say) from its 0/1 array.
+            (ArrayValues::I64(v), false) if self.input_types[k] == 9 => Val::B(
+                shape,
+                Arc::new(
+                    batch_rows(v, per, self.batch, start, real)
+                        .into_iter()
+                        .map(|x| x != 0)
+                        .collect(),
+                ),
+            ),
             (ArrayValues::F32(v), true) => {
                 Val::f(shape, batch_rows(v, per, self.batch, start, real))
             }
@@ -848,9 +872,11 @@ fn fuse(steps: &mut [Option<Step>], slots: &[Slot], model: &Model, output: usize
             _ => None,
         }
     };
+    // A one-element constant of rank 0 or 1: broadcasting it never changes another value's
+    // shape, so folding it into a fused step keeps the graph's shapes.
     let scalar = |v: Option<usize>| -> Option<f64> {
         match &slots[v?] {
-            Slot::Const(c) => c.scalar().ok(),
+            Slot::Const(c) if c.shape().len() <= 1 => c.scalar().ok(),
             _ => None,
         }
     };
@@ -869,7 +895,8 @@ fn fuse(steps: &mut [Option<Step>], slots: &[Slot], model: &Model, output: usize
             continue;
         };
         let w = *w;
-        if p != &[1, 0] || !matches!(slots[w], Slot::Weight(_)) {
+        let two_d = matches!(slots[w], Slot::Weight(t) if model.tensors[t].shape.len() == 2);
+        if p != &[1, 0] || !two_d {
             continue;
         }
         let u = uses(steps, s.output);
@@ -1455,14 +1482,32 @@ fn unary(u: Un, x: &Val) -> R<Val> {
     })
 }
 
-/// `Cast` to an ONNX element type: floats (f32, f64 kept as f32), integers, booleans.
+/// An integer wrapped to ONNX integer type `to` (uint8 2, int8 3, uint16 4, int16 5, int32 6,
+/// int64 7, uint32 12, uint64 13), held as i64.
+fn narrow(v: i64, to: i32) -> i64 {
+    match to {
+        2 => v as u8 as i64,
+        3 => v as i8 as i64,
+        4 => v as u16 as i64,
+        5 => v as i16 as i64,
+        6 => v as i32 as i64,
+        12 => v as u32 as i64,
+        _ => v,
+    }
+}
+
+/// `Cast` to an ONNX element type: floats (f32, f64 kept as f32), integers (wrapped to the
+/// target's width), booleans.
 fn cast(x: &Val, to: i32) -> R<Val> {
     Ok(match (to, x) {
-        (1 | 11, Val::F(..)) | (2..=7 | 12 | 13, Val::I(..)) | (9, Val::B(..)) => x.clone(),
+        (1 | 11, Val::F(..)) | (7 | 13, Val::I(..)) | (9, Val::B(..)) => x.clone(),
+        (2..=6 | 12, Val::I(s, d)) => Val::I(s.clone(), Arc::new(k::map(d, |v| narrow(v, to)))),
         (1 | 11, Val::I(s, d)) => Val::f(s.clone(), k::map(d, |v| v as f32)),
         (1 | 11, Val::B(s, d)) => Val::f(s.clone(), k::map(d, |v| v as u8 as f32)),
         // Rust's `as` saturates and sends NaN to 0, where C leaves them undefined.
-        (2..=7 | 12 | 13, Val::F(s, d)) => Val::I(s.clone(), Arc::new(k::map(d, |v| v as i64))),
+        (2..=7 | 12 | 13, Val::F(s, d)) => {
+            Val::I(s.clone(), Arc::new(k::map(d, |v| narrow(v as i64, to))))
+        }
         (2..=7 | 12 | 13, Val::B(s, d)) => Val::I(s.clone(), Arc::new(k::map(d, |v| v as i64))),
         (9, Val::F(s, d)) => Val::B(s.clone(), Arc::new(k::map(d, |v| v != 0.0))),
         (9, Val::I(s, d)) => Val::B(s.clone(), Arc::new(k::map(d, |v| v != 0))),
@@ -1488,5 +1533,24 @@ mod tests {
             panic!("an integer result")
         };
         assert_eq!(&r[..], &[1, 2, -2, -1]);
+    }
+
+    #[test]
+    fn casts_wrap_to_the_target_width() {
+        // Two's-complement wrapping, as C casts and onnxruntime do: 3e9 → int32, 300 → uint8,
+        // 200 → int8.
+        let a = Val::I(vec![3], Arc::new(vec![3_000_000_000, 300, 200]));
+        let Val::I(_, r) = cast(&a, 6).unwrap() else {
+            panic!("integers")
+        };
+        assert_eq!(r[0], -1_294_967_296);
+        let Val::I(_, r) = cast(&a, 2).unwrap() else {
+            panic!("integers")
+        };
+        assert_eq!(r[1], 44);
+        let Val::I(_, r) = cast(&Val::f(vec![1], vec![200.0]), 3).unwrap() else {
+            panic!("integers")
+        };
+        assert_eq!(r[0], -56);
     }
 }

@@ -56,6 +56,11 @@ pub(crate) fn scratch(len: usize) -> Vec<f32> {
 }
 
 pub(crate) fn recycle(b: Vec<f32>) {
+    // Buffers past 64 MB go back to the allocator: a pool of sixteen on every thread of a
+    // parallel sweep must not hold gigabytes.
+    if b.capacity() > 16 << 20 {
+        return;
+    }
     POOL.with_borrow_mut(|p| {
         if p.len() < 16 {
             p.push(b);
