@@ -586,6 +586,18 @@ pub(crate) struct Feed {
     datum: DatumType,
 }
 
+/// Identifies the mask `masks` holds for tensor `t` (0: none, the tensor dense), so that a
+/// weight masked once is reused until its mask changes.
+pub(crate) fn mask_key(model: &Model, t: usize, masks: Option<&MaskSet>) -> u64 {
+    masks
+        .and_then(|m| m.get(&model.tensors[t].name))
+        .map_or(0, |m| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.words().hash(&mut h);
+            h.finish() | 1
+        })
+}
+
 /// Samples `start..start + real` of an array of `per` values each, the last one repeated up to
 /// `batch` (the outputs of that padding are dropped).
 pub(crate) fn batch_rows<T: Copy>(
@@ -1010,16 +1022,7 @@ impl OnnxRunner {
         masks: Option<&MaskSet>,
     ) -> Result<Vec<TValue>, EvalError> {
         use rayon::prelude::*;
-        let key_of = |t: usize| {
-            masks
-                .and_then(|m| m.get(&model.tensors[t].name))
-                .map_or(0, |m| {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    m.words().hash(&mut h);
-                    h.finish() | 1
-                })
-        };
-        let keys: Vec<u64> = ts.par_iter().map(|&t| key_of(t)).collect();
+        let keys: Vec<u64> = ts.par_iter().map(|&t| mask_key(model, t, masks)).collect();
         // The lock is not held across the parallel work below: a pool thread waiting on it may
         // run another sweep point's evaluation, which would lock it again.
         let mut out: Vec<Option<TValue>> = {

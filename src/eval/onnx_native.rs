@@ -8,13 +8,12 @@
 //! when the graph is read; the rest runs on every batch and costs microseconds.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use tract_onnx::pb;
 
-use super::onnx::{Feed, batch_rows};
+use super::onnx::{Feed, batch_rows, mask_key};
 use super::onnx_kernels::{self as k, R, Val};
 use super::{Engine, EvalError, Outputs, Runner};
 use crate::data::{ArrayValues, EvalData};
@@ -620,16 +619,11 @@ impl NativeOnnx {
     /// Every weight with its mask, reusing those whose mask is unchanged.
     fn weights(&self, model: &Model, masks: Option<&MaskSet>) -> Vec<(usize, Val)> {
         use rayon::prelude::*;
-        let key = |t: usize| {
-            masks
-                .and_then(|m| m.get(&model.tensors[t].name))
-                .map_or(0, |m| {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    m.words().hash(&mut h);
-                    h.finish() | 1
-                })
-        };
-        let keys: Vec<u64> = self.weights.par_iter().map(|&(_, t)| key(t)).collect();
+        let keys: Vec<u64> = self
+            .weights
+            .par_iter()
+            .map(|&(_, t)| mask_key(model, t, masks))
+            .collect();
         // Stale entries are taken out under the lock and rebuilt without it: a pool thread
         // waiting on it may run another sweep point's evaluation, which would lock it again.
         let (mut out, stale) = {
