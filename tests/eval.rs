@@ -156,9 +156,7 @@ fn a_graph_outside_the_trainable_set_says_which_node_stops_it() {
 
 #[test]
 fn a_two_input_encoder_without_labels_gives_fidelity() {
-    let r = reference();
-    let name = "encoder_two_inputs.onnx";
-    let model = Model::open(&fixture(name)).unwrap();
+    let model = Model::open(&fixture("encoder_two_inputs.onnx")).unwrap();
     let ev = evaluator_with_data(&model, &file_data("encoder_data.npz")).unwrap();
     assert!(
         ev.describe().contains("without labels"),
@@ -167,22 +165,24 @@ fn a_two_input_encoder_without_labels_gives_fidelity() {
     );
     let dense = ev.evaluate(&model, &MaskSet::new()).unwrap();
     assert_eq!((dense.accuracy, dense.loss), (None, None));
-    // The dense outputs themselves match onnxruntime's.
-    let out = ev.dense_outputs(&model).unwrap();
+    scores_the_encoder_as_onnxruntime(&ev, &model);
+}
+
+/// The two-input encoder's dense embedding and its fidelity at 50 % against onnxruntime's
+/// figures for the same file (tools/make_onnx_fixtures.py).
+fn scores_the_encoder_as_onnxruntime(ev: &prunescope::eval::DataEvaluator, model: &Model) {
+    let r = reference();
+    let want = &r["encoder_two_inputs.onnx"];
+    let out = ev.dense_outputs(model).unwrap();
     for (a, b) in out
         .row(0)
         .iter()
-        .zip(r[name]["dense_output_first_row"].as_array().unwrap())
+        .zip(want["dense_output_first_row"].as_array().unwrap())
     {
         close(*a as f64, b, 1e-5, "embedding");
     }
-    let f = ev
-        .evaluate(&model, &half(&model))
-        .unwrap()
-        .fidelity
-        .unwrap();
-    let wf = &r[name]["pruned50"]["fidelity"];
-    close_fidelity(&f, wf);
+    let f = ev.evaluate(model, &half(model)).unwrap().fidelity.unwrap();
+    close_fidelity(&f, &want["pruned50"]["fidelity"]);
 }
 
 #[test]
@@ -752,23 +752,9 @@ fn the_onnx_interpreter_scores_what_onnxruntime_scores() {
     // Against onnxruntime's figures for the same file (tools/make_onnx_fixtures.py): the
     // dense embedding and the fidelity of the file pruned to 50 % in NumPy.
     let r = reference();
-    let name = "encoder_two_inputs.onnx";
-    let model = Model::open(&fixture(name)).unwrap();
+    let model = Model::open(&fixture("encoder_two_inputs.onnx")).unwrap();
     let ev = evaluator_with(&model, &file_data("encoder_data.npz"), EnginePref::Native).unwrap();
-    let out = ev.dense_outputs(&model).unwrap();
-    for (a, b) in out
-        .row(0)
-        .iter()
-        .zip(r[name]["dense_output_first_row"].as_array().unwrap())
-    {
-        close(*a as f64, b, 1e-5, "embedding");
-    }
-    let f = ev
-        .evaluate(&model, &half(&model))
-        .unwrap()
-        .fidelity
-        .unwrap();
-    close_fidelity(&f, &r[name]["pruned50"]["fidelity"]);
+    scores_the_encoder_as_onnxruntime(&ev, &model);
     for name in ["digits_mlp_opset13.onnx", "digits_mlp_opset17.onnx"] {
         let model = Model::open(&fixture(name)).unwrap();
         let ev = evaluator_with(&model, &file_data("digits_test.npz"), EnginePref::Native).unwrap();

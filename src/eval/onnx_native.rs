@@ -1141,38 +1141,37 @@ fn eval(op: &Op, ins: &[Option<&Val>]) -> R<Val> {
         Op::Concat(axis) => {
             let vs: Vec<&Val> = ins.iter().flatten().copied().collect();
             let first = vs.first().ok_or("Concat of nothing")?;
-            let mixed = || {
-                format!(
-                    "Concat of tensors of different element types ({})",
-                    first.kind()
-                )
-            };
+            // Every part must hold the first one's element type.
+            fn parts<'a, T>(
+                vs: &[&'a Val],
+                pick: impl Fn(&'a Val) -> Option<(&'a [usize], &'a [T])>,
+            ) -> R<Vec<(&'a [usize], &'a [T])>> {
+                vs.iter()
+                    .map(|v| {
+                        pick(v).ok_or_else(|| "Concat of tensors of different element types".into())
+                    })
+                    .collect()
+            }
             match first {
                 Val::F(..) => {
-                    let parts = vs.iter().map(|v| v.floats()).collect::<R<Vec<_>>>()?;
-                    let (s, d) = k::concat(&parts, *axis)?;
+                    let p = parts(&vs, |v| v.floats().ok())?;
+                    let (s, d) = k::concat(&p, *axis)?;
                     Val::f(s, d)
                 }
                 Val::I(..) => {
-                    let parts = vs
-                        .iter()
-                        .map(|v| match v {
-                            Val::I(s, d) => Ok((&s[..], &d[..])),
-                            _ => Err(mixed()),
-                        })
-                        .collect::<R<Vec<_>>>()?;
-                    let (s, d) = k::concat(&parts, *axis)?;
+                    let p = parts(&vs, |v| match v {
+                        Val::I(s, d) => Some((&s[..], &d[..])),
+                        _ => None,
+                    })?;
+                    let (s, d) = k::concat(&p, *axis)?;
                     Val::I(s, Arc::new(d))
                 }
                 Val::B(..) => {
-                    let parts = vs
-                        .iter()
-                        .map(|v| match v {
-                            Val::B(s, d) => Ok((&s[..], &d[..])),
-                            _ => Err(mixed()),
-                        })
-                        .collect::<R<Vec<_>>>()?;
-                    let (s, d) = k::concat(&parts, *axis)?;
+                    let p = parts(&vs, |v| match v {
+                        Val::B(s, d) => Some((&s[..], &d[..])),
+                        _ => None,
+                    })?;
+                    let (s, d) = k::concat(&p, *axis)?;
                     Val::B(s, Arc::new(d))
                 }
             }
