@@ -17,6 +17,7 @@ use super::onnx::{Feed, batch_rows, mask_key};
 use super::onnx_kernels::{self as k, R, Val};
 use super::{Engine, EvalError, Outputs, Runner};
 use crate::data::{ArrayValues, EvalData};
+use crate::graph::onnx_import::{attr, attr_f, attr_i, attr_ints, tensor_ints};
 use crate::model::{DType, Model};
 use crate::prune::MaskSet;
 
@@ -114,14 +115,10 @@ enum Op {
     },
 }
 
-fn attr<'a>(n: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
-    n.attribute.iter().find(|a| a.name == name)
-}
-
 fn parse(n: &pb::NodeProto, opset: i64) -> R<Op> {
-    let ai = |name: &str, d: i64| attr(n, name).map_or(d, |a| a.i);
-    let af = |name: &str, d: f32| attr(n, name).map_or(d, |a| a.f);
-    let ints = |name: &str| attr(n, name).map(|a| a.ints.clone());
+    let ai = |name: &str, d: i64| attr_i(n, name, d);
+    let af = |name: &str, d: f32| attr_f(n, name, d);
+    let ints = |name: &str| attr_ints(n, name);
     let reduce = |kind| Op::Reduce {
         kind,
         axes: ints("axes"),
@@ -257,33 +254,13 @@ fn tensor_val(t: &pb::TensorProto) -> R<Val> {
             )
         }
         11 => Val::f(shape, t.double_data.iter().map(|&v| v as f32).collect()),
-        7 if !raw.is_empty() => {
-            fixed(8)?;
-            Val::I(
-                shape,
-                Arc::new(
-                    raw.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-                        .collect(),
-                ),
-            )
+        // Integers as the graph importer reads them, the byte count checked first.
+        6 | 7 => {
+            if !raw.is_empty() {
+                fixed(if t.data_type == 7 { 8 } else { 4 })?;
+            }
+            Val::I(shape, Arc::new(tensor_ints(t).expect("int32 or int64")))
         }
-        7 => Val::I(shape, Arc::new(t.int64_data.clone())),
-        6 if !raw.is_empty() => {
-            fixed(4)?;
-            Val::I(
-                shape,
-                Arc::new(
-                    raw.chunks_exact(4)
-                        .map(|c| i32::from_le_bytes(c.try_into().expect("4")) as i64)
-                        .collect(),
-                ),
-            )
-        }
-        6 => Val::I(
-            shape,
-            Arc::new(t.int32_data.iter().map(|&v| v as i64).collect()),
-        ),
         9 if !raw.is_empty() => {
             fixed(1)?;
             Val::B(shape, Arc::new(raw.iter().map(|&b| b != 0).collect()))

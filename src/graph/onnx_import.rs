@@ -13,24 +13,24 @@ use tract_onnx::pb;
 use super::{GRAPH_KIND, Graph, InputSpec, Node, Op};
 use crate::model::Model;
 
-fn attr<'a>(n: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
+pub(crate) fn attr<'a>(n: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
 }
 
-fn attr_i(n: &pb::NodeProto, name: &str, default: i64) -> i64 {
+pub(crate) fn attr_i(n: &pb::NodeProto, name: &str, default: i64) -> i64 {
     attr(n, name).map_or(default, |a| a.i)
 }
 
-fn attr_f(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
+pub(crate) fn attr_f(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
     attr(n, name).map_or(default, |a| a.f)
 }
 
-fn attr_ints(n: &pb::NodeProto, name: &str) -> Option<Vec<i64>> {
+pub(crate) fn attr_ints(n: &pb::NodeProto, name: &str) -> Option<Vec<i64>> {
     attr(n, name).map(|a| a.ints.clone())
 }
 
 /// Integer values of a constant tensor (int64 or int32), from any of its encodings.
-fn tensor_ints(t: &pb::TensorProto) -> Option<Vec<i64>> {
+pub(crate) fn tensor_ints(t: &pb::TensorProto) -> Option<Vec<i64>> {
     match t.data_type {
         7 if !t.raw_data.is_empty() => Some(
             t.raw_data
