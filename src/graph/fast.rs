@@ -392,22 +392,18 @@ direct_row!(
     target_feature(enable = "avx512f,avx2,fma")
 );
 
-#[allow(clippy::too_many_arguments)]
 fn direct_rows<const O: usize, const P: usize>(
     out: &mut [f32],
     x: &Act,
     wk: &[f32],
     bias: Option<&[f32]>,
-    k: [usize; 2],
-    stride: [usize; 2],
-    pad: [usize; 2],
-    dil: [usize; 2],
-    out_hw: [usize; 2],
+    g: &Geometry,
+    isa: Isa,
     relu: bool,
 ) {
     let [n, c, h0, w0] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
-    let [oh, ow] = out_hw;
-    let isa = Isa::get();
+    let [oh, ow] = g.out_hw;
+    let (k, stride, pad, dil) = (g.kernel, g.stride, g.pad, g.dil);
     // The images with their zero border written out: every tap then reads inside the image.
     let (h, wd) = (h0 + 2 * pad[0], w0 + 2 * pad[1]);
     let padded = (pad != [0, 0]).then(|| {
@@ -482,31 +478,27 @@ impl Isa {
 
 /// Direct convolution for one group and 8, 16 or 32 output channels: no im2col buffer, a
 /// pixel's outputs stay in registers. `None` for other channel counts.
-#[allow(clippy::too_many_arguments)]
 fn conv2d_direct(
     x: &Act,
     wk: &[f32],
     bias: Option<&[f32]>,
     o: usize,
-    k: [usize; 2],
-    stride: [usize; 2],
-    pad: [usize; 2],
-    dil: [usize; 2],
-    out_hw: [usize; 2],
+    g: &Geometry,
     relu: bool,
 ) -> Option<Vec<f32>> {
     let n = x.shape[0];
-    let mut out = scratch(n * out_hw[0] * out_hw[1] * o);
-    let a = (x, wk, bias, k, stride, pad, dil, out_hw, relu);
+    let mut out = scratch(n * g.out_hw[0] * g.out_hw[1] * o);
+    let isa = Isa::get();
+    let a = (x, wk, bias, g, isa, relu);
     // Pixels per step: as many as keep the accumulators in half the vector registers (32 of
     // 16 floats with AVX-512, 16 of 8 without).
-    match (o, Isa::get() == Isa::Avx512) {
-        (8, true) => direct_rows::<8, 16>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        (16, true) => direct_rows::<16, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        (32, true) => direct_rows::<32, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        (8, false) => direct_rows::<8, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        (16, false) => direct_rows::<16, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
-        (32, false) => direct_rows::<32, 2>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8),
+    match (o, isa == Isa::Avx512) {
+        (8, true) => direct_rows::<8, 16>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
+        (16, true) => direct_rows::<16, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
+        (32, true) => direct_rows::<32, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
+        (8, false) => direct_rows::<8, 8>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
+        (16, false) => direct_rows::<16, 4>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
+        (32, false) => direct_rows::<32, 2>(&mut out, a.0, a.1, a.2, a.3, a.4, a.5),
         _ => {
             recycle(out);
             return None;
@@ -601,18 +593,7 @@ fn conv2d(
     };
     let direct = groups == 1 && !env_flag(&NO_DIRECT, "PRUNESCOPE_NO_DIRECT");
     if direct
-        && let Some(data) = conv2d_direct(
-            x,
-            &wk,
-            bias.map(|b| b.1.as_slice()),
-            o,
-            [kh, kw],
-            stride,
-            pad,
-            dil,
-            [oh, ow],
-            relu,
-        )
+        && let Some(data) = conv2d_direct(x, &wk, bias.map(|b| b.1.as_slice()), o, &geometry, relu)
     {
         return Act {
             shape: vec![n, o, oh, ow],
