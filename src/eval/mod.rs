@@ -615,23 +615,23 @@ fn evaluator_on(
                 )));
             }
         },
-        (Err(why), EnginePref::Auto) => {
-            let native = tract.native(model);
-            tract.set_untrainable_reason(format!(
-                "it evaluates only: it does not import into prunescope's trainable graph ({why})"
-            ));
-            match native {
-                Ok(native) => Box::new(Fastest::new(vec![Box::new(native), Box::new(tract)])),
-                Err(e) => {
-                    tract.set_untrainable_reason(format!(
-                        "the graph runs through tract only: it does not import into \
+        (Err(why), EnginePref::Auto) => match tract.native(model) {
+            Ok(native) => {
+                tract.set_untrainable_reason(format!(
+                    "it evaluates only: it does not import into prunescope's trainable \
+                         graph ({why})"
+                ));
+                Box::new(Fastest::new(vec![Box::new(native), Box::new(tract)]))
+            }
+            Err(e) => {
+                tract.set_untrainable_reason(format!(
+                    "the graph runs through tract only: it does not import into \
                          prunescope's trainable graph ({why}), nor run on prunescope's ONNX \
                          interpreter ({e})"
-                    ));
-                    Box::new(tract)
-                }
+                ));
+                Box::new(tract)
             }
-        }
+        },
         (Err(_), EnginePref::Tract) => {
             tract.set_untrainable_reason(
                 "evaluated by tract, as asked (whether it also trains was not checked)".into(),
